@@ -1,0 +1,196 @@
+"""LoraConfig: the fields of PEFT's adapter_config.json that define a LoRA adapter, validated on construction.
+
+Serialized with `to_dict()` it is a valid PEFT `adapter_config.json`; `from_dict()` reads PEFT's files and
+refuses keys whose semantics loraplex does not implement (DoRA, LoRA bias, layer replication, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import ConfigError, UnsupportedFeatureError
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_MODES = (True, False, "gaussian")
+
+# PEFT config keys loraplex understands but which carry no semantics for it (bookkeeping).
+_IGNORED_KEYS = {
+    "peft_type", "auto_mapping", "revision", "peft_version", "megatron_core", "runtime_config",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "velora_config",
+    "monteclora_config", "kasa_config", "ensure_weight_tying", "direction", "scale", "stable_gamma",
+    "num_samples", "use_entropy", "dirichlet_prior", "sample_scaler", "kl_loss_weight", "buffer_size",
+}
+# PEFT keys that change what the adapter computes: accepted only at their "off" value.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "use_dora": (False, None),
+    "lora_bias": (False, None),
+    "layer_replication": (None, []),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, {}, []),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "megatron_config": (None, {}),
+    "arrow_config": (None, {}),
+    "use_bdlora": (False, None),
+}
+
+StrList = Union[list[str], str, None]
+
+
+@dataclass
+class LoraConfig:
+    """A LoRA adapter's definition (PEFT field names and meanings).
+
+    r: rank of the update B @ A.  lora_alpha: numerator of the scale (scale = alpha / r, or alpha / sqrt(r)
+    with use_rslora).  target_modules: module names (list: exact name or name suffix after a dot), a regex
+    matched against the full module name (str), or "all-linear" (every Linear/Conv1D but the output head).
+    rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for modules whose name ends with a
+    match (PEFT's `(.*\\.)?(pattern)$` rule).
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: StrList = None
+    exclude_modules: StrList = None
+    layers_to_transform: Union[list[int], int, None] = None
+    layers_pattern: StrList = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    modules_to_save: Union[list[str], None] = None
+    init_lora_weights: Union[bool, str] = True
+    base_model_name_or_path: Union[str, None] = None
+    task_type: Union[str, None] = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _check_rank("r", self.r)
+        _check_alpha("lora_alpha", self.lora_alpha)
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
+        self.target_modules = _check_str_list("target_modules", self.target_modules)
+        if self.target_modules is None:
+            raise ConfigError(
+                "target_modules is required: a list of module names, a regex, or 'all-linear' "
+                "(e.g. ['q_proj', 'v_proj'])"
+            )
+        self.exclude_modules = _check_str_list("exclude_modules", self.exclude_modules)
+        self.layers_pattern = _check_str_list("layers_pattern", self.layers_pattern)
+        if isinstance(self.target_modules, str):
+            _check_regex("target_modules", self.target_modules)
+            if self.layers_to_transform is not None:
+                raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
+        if isinstance(self.exclude_modules, str):
+            _check_regex("exclude_modules", self.exclude_modules)
+        if self.layers_to_transform is not None:
+            ltt = self.layers_to_transform
+            items = [ltt] if isinstance(ltt, int) else ltt
+            if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                      for i in items):
+                raise ConfigError(f"layers_to_transform must be a non-negative int or a list of them, got {ltt!r}")
+        for name, value in self.rank_pattern.items():
+            _check_regex("rank_pattern key", name)
+            _check_rank(f"rank_pattern[{name!r}]", value)
+        for name, value in self.alpha_pattern.items():
+            _check_regex("alpha_pattern key", name)
+            _check_alpha(f"alpha_pattern[{name!r}]", value)
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        if self.init_lora_weights not in INIT_MODES or (
+            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
+        ):
+            raise UnsupportedFeatureError(
+                f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r} "
+                "(PiSSA/OLoRA/LoftQ/EVA initializations are not supported)"
+            )
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            _check_str_list("modules_to_save", self.modules_to_save)
+
+    # -- per-module values -------------------------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        """r for `module_name`, after rank_pattern."""
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        """lora_alpha for `module_name`, after alpha_pattern."""
+        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
+
+    # -- serialization -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A PEFT-compatible adapter_config.json mapping."""
+        d = dataclasses.asdict(self)
+        if isinstance(d["target_modules"], list):
+            d["target_modules"] = sorted(d["target_modules"])
+        d.update(peft_type="LORA", use_dora=False, lora_bias=False, layer_replication=None, revision=None)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+        """Read a PEFT adapter_config.json mapping; refuse keys that change semantics we do not implement."""
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise UnsupportedFeatureError(f"adapter is of peft_type {peft_type!r}; loraplex reads only 'LORA'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in _OFF_VALUES:
+                if value not in _OFF_VALUES[key]:
+                    raise UnsupportedFeatureError(
+                        f"adapter config sets {key}={value!r}, which loraplex does not implement; "
+                        f"expected {key} to be one of {_OFF_VALUES[key]}"
+                    )
+            elif key not in _IGNORED_KEYS:
+                raise UnsupportedFeatureError(
+                    f"unknown adapter config key {key!r}={value!r}: its meaning is unknown to loraplex, "
+                    "so the adapter cannot be applied faithfully"
+                )
+        if isinstance(kwargs.get("target_modules"), (set, tuple)):
+            kwargs["target_modules"] = list(kwargs["target_modules"])
+        kwargs["rank_pattern"] = kwargs.get("rank_pattern") or {}
+        kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
+        return cls(**kwargs)
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """The first pattern whose regex matches the end of `module_name` at a dot boundary (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _check_rank(what: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _check_alpha(what: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive finite number, got {value!r}")
+
+
+def _check_regex(what: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def _check_str_list(what: str, value: Any) -> StrList:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(f"{what} must be a string or a list of non-empty strings, got {value!r}")

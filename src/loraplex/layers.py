@@ -1,0 +1,363 @@
+"""LoRA wrappers. Each wraps (never subclasses) a base layer and holds any number of named adapters.
+
+Module layout mirrors PEFT so state-dict keys interoperate:
+    <path>.base_layer            the original module (frozen)
+    <path>.lora_A.<name>.weight  (r, in)            Linear / Conv1D / Conv: an nn.Linear or nn.ConvNd
+    <path>.lora_B.<name>.weight  (out, r)
+    <path>.lora_embedding_A.<name>  (r, num_embeddings)   Embedding: bare parameters
+    <path>.lora_embedding_B.<name>  (embedding_dim, r)
+
+Forward: y = base(x) + sum over active (name, w) not merged of  w * scale[name] * B[name](A[name](dropout(x))).
+Merging is explicit (`merge`/`unmerge`), never a side effect of train()/eval().
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import functional as LF
+from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedModuleError
+
+try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, kept optional for plain torch users
+    Conv1D = None  # type: ignore[assignment,misc]
+
+InitMode = Union[bool, str]
+
+
+@dataclass
+class MergeRecord:
+    """What `merge` did to a layer, enough for `unmerge` to undo it.
+
+    weight: the factor the delta was merged with.  restore_error: max |W - unmerge(merge(W))| that a plain
+    unmerge leaves (computed at merge time with the same arithmetic).  residual: kept when an exact restore was
+    requested, else None: (flat indices, original values) of the elements a plain unmerge would get wrong.
+    versions: the in-place version counters of the adapter's tensors, so a changed adapter cannot be unmerged.
+    """
+
+    weight: float
+    restore_error: float
+    residual: Optional[tuple[torch.Tensor, torch.Tensor]]
+    versions: tuple[int, ...]
+
+
+class LoraLayer(nn.Module):
+    """Common state and logic of all LoRA wrappers; subclasses define how A/B are built and applied."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
+        self.merged: dict[str, MergeRecord] = {}
+        self.disabled = False
+
+    # -- adapters --------------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(
+        self, name: str, r: int, lora_alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
+        init: InitMode = True, generator: Optional[torch.Generator] = None,
+    ) -> None:
+        """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
+        "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op)."""
+        if name in self.r:
+            raise ConfigError(f"adapter {name!r} already exists on this layer")
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create(name, r)
+        with torch.no_grad():
+            self._init(name, init, generator)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.merged:
+            raise MergeStateError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        for store in self._stores():
+            del store[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            del table[name]
+        del self.lora_dropout[name]
+        self.active = [(n, w) for n, w in self.active if n != name]
+
+    def adapter_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of adapter `name` as stored (PEFT layout)."""
+        a, b = self._stores()
+        return _tensor(a[name]), _tensor(b[name])
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name, weight in self.active:
+            if name in self.merged:
+                continue  # already inside the base weight
+            delta = self._lora(name, self.lora_dropout[name](x))
+            result = result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
+        return result
+
+    # -- merge -----------------------------------------------------------------------------------------
+    def delta(self, name: str) -> torch.Tensor:
+        """scale * B @ A in the layout of the base weight (fp32 or wider)."""
+        raise NotImplementedError
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight that merges write into (float layers: the weight tensor itself)."""
+        return self.base_layer.weight.data
+
+    def set_base_weight(self, weight: torch.Tensor) -> None:
+        self.base_layer.weight.data.copy_(weight)
+
+    @torch.no_grad()
+    def merge(self, name: str, weight: float = 1.0, *, safe: bool = True, exact: bool = False) -> MergeRecord:
+        """W <- W + weight * delta(name). `safe` refuses a result with NaN/Inf (nothing is written);
+        `exact` keeps the tiny residual that makes `unmerge` restore W bit for bit."""
+        if name not in self.r:
+            raise MergeStateError(f"no adapter {name!r} on this layer; have {self.adapter_names}")
+        if name in self.merged:
+            raise MergeStateError(f"adapter {name!r} is already merged")
+        w = self.get_base_weight()
+        compute = torch.promote_types(w.dtype, torch.float32)
+        d = weight * self.delta(name).to(compute)
+        merged = (w.to(compute) + d).to(w.dtype)
+        if safe and not torch.isfinite(merged).all():
+            raise NonFiniteError(f"merging adapter {name!r} would write NaN/Inf into the base weight; nothing changed")
+        restored = (merged.to(compute) - d).to(w.dtype)
+        diff = w.to(compute) - restored.to(compute)
+        err = float(diff.abs().max()) if diff.numel() else 0.0
+        residual = None
+        if exact and err > 0:
+            idx = (restored != w).flatten().nonzero().squeeze(1)  # usually a small fraction of the elements
+            residual = (idx, w.flatten()[idx].clone())
+        self.set_base_weight(merged)
+        record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name))
+        self.merged[name] = record
+        return record
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> MergeRecord:
+        """Undo `merge(name)`: W <- W - weight * delta(name) (+ residual if the merge kept one)."""
+        record = self.merged.get(name)
+        if record is None:
+            raise MergeStateError(f"adapter {name!r} is not merged; merged: {list(self.merged)}")
+        if record.versions != self._versions(name):
+            raise MergeStateError(f"adapter {name!r} changed since it was merged; unmerge would not restore the base")
+        w = self.get_base_weight()
+        compute = torch.promote_types(w.dtype, torch.float32)
+        restored = (w.to(compute) - record.weight * self.delta(name).to(compute)).to(w.dtype)
+        if record.residual is not None:
+            idx, values = record.residual
+            restored.view(-1)[idx] = values
+        self.set_base_weight(restored)
+        del self.merged[name]
+        return record
+
+    # -- subclass hooks --------------------------------------------------------------------------------
+    def _stores(self) -> tuple[Any, Any]:
+        return self.lora_A, self.lora_B
+
+    def _versions(self, name: str) -> tuple[int, ...]:
+        return tuple(t._version for t in self.adapter_tensors(name))
+
+    def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
+        a, b = self.adapter_tensors(name)
+        if init is True:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            nn.init.zeros_(b)
+        elif init == "gaussian":
+            nn.init.normal_(a, std=1.0 / self.r[name], generator=generator)
+            nn.init.zeros_(b)
+        elif init is False:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+        else:
+            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _lora_dtype(self) -> torch.dtype:
+        """Adapters train in fp32 even over a bf16/fp16 base (PEFT's default autocast)."""
+        w = self.get_base_weight()
+        return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.r}, active={self.active}, merged={list(self.merged)}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA over nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out): fan_in_fan_out by type)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        kw = dict(bias=False, device=self.get_base_weight().device, dtype=self._lora_dtype())
+        self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, **kw)
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
+
+    def delta(self, name: str) -> torch.Tensor:
+        d = LF.delta_weight(*self.adapter_tensors(name), self.scaling[name])
+        return d.T if self.fan_in_fan_out else d
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA over nn.Embedding: y = E[ids] + scale * A.T[ids] @ B.T."""
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _stores(self) -> tuple[Any, Any]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def _create(self, name: str, r: int) -> None:
+        base = self.base_layer
+        kw = dict(device=self.get_base_weight().device, dtype=self._lora_dtype())
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, base.num_embeddings, **kw))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(base.embedding_dim, r, **kw))
+
+    def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
+        # Embedding roles are swapped (PEFT): A starts at zero, B random, so the adapter starts as a no-op.
+        a, b = self.adapter_tensors(name)
+        if init is False:
+            nn.init.normal_(a, generator=generator)
+            nn.init.normal_(b, generator=generator)
+            return
+        if init not in (True, "gaussian"):
+            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+        nn.init.zeros_(a)
+        nn.init.normal_(b, std=1.0 if init is True else 1.0 / self.r[name], generator=generator)
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        a, b = self.adapter_tensors(name)
+        return LF.lora_embedding(
+            x, a, b, self.scaling[name], padding_idx=base.padding_idx, max_norm=base.max_norm,
+            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # dropout on token ids is meaningless; PEFT applies none to embeddings either
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name, weight in self.active:
+            if name not in self.merged:
+                result = result + (weight * self._lora(name, x)).to(result.dtype)
+        return result
+
+    def delta(self, name: str) -> torch.Tensor:
+        return LF.delta_weight(*self.adapter_tensors(name), self.scaling[name]).T  # (num_embeddings, dim)
+
+
+class LoraConv(LoraLayer):
+    """LoRA over nn.Conv1d/nn.Conv2d: A is a conv with the base's kernel/stride/padding/dilation into r
+    channels, B a 1x1 conv back to out channels; merged kernel = scale * B·A."""
+
+    def __init__(self, base_layer: Union[nn.Conv1d, nn.Conv2d]) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise UnsupportedModuleError(f"LoRA on grouped convolutions is not supported (groups={base_layer.groups})")
+        if base_layer.padding_mode != "zeros":
+            raise UnsupportedModuleError(f"LoRA needs padding_mode='zeros', got {base_layer.padding_mode!r}")
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        base = self.base_layer
+        conv = type(base)
+        kw = dict(bias=False, device=self.get_base_weight().device, dtype=self._lora_dtype())
+        self.lora_A[name] = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, **kw)
+        self.lora_B[name] = conv(r, base.out_channels, 1, 1, **kw)
+
+    def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(x.to(a.weight.dtype))) * self.scaling[name]
+
+    def delta(self, name: str) -> torch.Tensor:
+        return LF.conv_delta_weight(*self.adapter_tensors(name), self.scaling[name])
+
+
+class ModulesToSave(nn.Module):
+    """A fully trainable copy of a module per adapter (PEFT's modules_to_save), e.g. a new classifier head.
+
+    Keys: <path>.original_module.* (frozen) and <path>.modules_to_save.<name>.*; the copy of the active
+    adapter is used, the original otherwise.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_name: Optional[str] = None
+        self.merged_name: Optional[str] = None  # set by merge: this copy stands in for the original until unmerge
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def remove_adapter(self, name: str) -> None:
+        if self.merged_name == name:
+            raise MergeStateError(f"adapter {name!r} is merged; unmerge it first")
+        del self.modules_to_save[name]
+        if self.active_name == name:
+            self.active_name = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        name = self.merged_name or (None if self.disabled else self.active_name)
+        module = self.original_module if name is None else self.modules_to_save[name]
+        return module(*args, **kwargs)
+
+
+def lora_layer_for(module: nn.Module) -> LoraLayer:
+    """Build the LoRA wrapper matching `module`'s type (chosen once here, never by branching in forward)."""
+    if isinstance(module, nn.Linear):
+        return LoraLinear(module)
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return LoraConv(module)
+    raise UnsupportedModuleError(
+        f"cannot put LoRA on a {type(module).__name__}; supported: nn.Linear, nn.Embedding, nn.Conv1d, "
+        "nn.Conv2d, transformers Conv1D"
+    )
+
+
+def _tensor(p: Any) -> torch.Tensor:
+    """The weight tensor of an A/B entry (a module with .weight, or a bare Parameter)."""
+    return p.weight if isinstance(p, nn.Module) else p

@@ -1,0 +1,330 @@
+"""Batched multi-adapter LoRA: every row of a batch gets its own adapter, or a weighted mix of several.
+
+Semantics, for one target layer (in -> out features), x: (B, L, in) (B rows = requests, L tokens), the
+base layer's output y: (B, L, out), and row b's assignment ((s_1, w_1), ..., (s_k, w_k)), written into y
+in place:
+
+    y[b] += sum_k w_k * scale[s_k] * (x[b] @ A[s_k].T) @ B[s_k].T     # A[s]: (r_s, in), B[s]: (out, r_s)
+
+A plain slot index s means ((s, 1.0),); -1 (or an empty mix) means base only: y[b] is left untouched.
+For one adapter per row this is `y[b] += scale[idx[b]] * (x[b] @ A[idx[b]].T) @ B[idx[b]].T`.
+
+How: a `BatchPlan` is built once per batch composition (the tuple of per-row assignments). It turns every
+distinct assignment into one "virtual adapter" per layer -- the A's of its slots concatenated along r and
+the B's concatenated along r with w_k * scale[s_k] folded in, which is exact:
+
+    sum_k c_k (x @ A_k.T) @ B_k.T == (x @ cat_k(A_k).T) @ cat_k(c_k B_k).T
+
+and stores, per layer, the tensors its strategy needs (chosen once per plan, see `choose_strategy`):
+  - "gather":  per active row, its virtual adapter zero-padded to the batch's largest rank R, as
+               A: (n, R, in) and Bt: (n, R, out); a layer costs two `bmm`s (zero padding is exact).
+  - "segment": rows grouped by virtual adapter; a layer costs two matmuls per distinct virtual adapter
+               over its rows (a slice when the rows are contiguous, e.g. a batch sorted by adapter).
+Rows whose assignment is base-only (or whose slots do not target a layer) are never read or written.
+Adapter storage keeps each adapter at its own rank; padding exists only inside a plan, for its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+
+from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
+
+# One row's adapters: ((slot, weight), ...); () = base only.
+Assignment = tuple[tuple[int, float], ...]
+# What a caller may pass for one row: a slot index (-1 = base only) or an iterable of (slot, weight).
+AssignmentLike = Union[int, Iterable[tuple[int, float]]]
+# Where a plan reads adapter tensors: (slot, layer_key) -> (A (r, in), B (out, r), scale), or None when
+# that slot has no LoRA on that layer.
+AdapterSource = Callable[[int, str], Union[tuple[torch.Tensor, torch.Tensor, float], None]]
+Strategy = Literal["auto", "gather", "segment"]
+
+# Rule measured by bench/bench_runtime_ops.py (2 CPU threads, hidden 512, r 8): the segment path wins while
+# every distinct assignment covers several rows (its per-adapter Python overhead is amortised and it does
+# no padding / per-row copies); the gather path wins once rows per distinct assignment drop below this.
+SEGMENT_MIN_ROWS_PER_ADAPTER = 4
+
+
+def normalize_assignment(a: AssignmentLike) -> Assignment:
+    """One row's assignment as ((slot, weight), ...): -1 -> (), s -> ((s, 1.0),); zero weights dropped."""
+    if isinstance(a, numbers.Integral) and not isinstance(a, bool):
+        if a < -1:
+            raise ConfigError(f"slot index must be >= 0 or -1 (base only), got {a}")
+        return () if a == -1 else ((int(a), 1.0),)
+    if isinstance(a, bool) or not isinstance(a, Iterable):
+        raise ConfigError(f"a row assignment is a slot index or a list of (slot, weight) pairs; got {a!r}")
+    out = []
+    for pair in a:
+        try:
+            s, w = pair
+        except (TypeError, ValueError):
+            raise ConfigError(f"a weighted mix is a list of (slot, weight) pairs; got item {pair!r}") from None
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0:
+            raise ConfigError(f"a slot in a weighted mix must be an int >= 0, got {s!r}")
+        w = float(w)
+        if not math.isfinite(w):
+            raise ConfigError(f"mix weight for slot {s} must be finite, got {w}")
+        if w != 0.0:
+            out.append((int(s), w))
+    return tuple(out)
+
+
+def choose_strategy(num_active_rows: int, num_distinct: int) -> Literal["gather", "segment"]:
+    """The measured rule: segments when each distinct assignment covers enough rows, else gather + bmm."""
+    if num_distinct == 0 or num_active_rows >= SEGMENT_MIN_ROWS_PER_ADAPTER * num_distinct:
+        return "segment"
+    return "gather"
+
+
+@dataclass
+class _GatherLayer:
+    """One layer of a gather plan: per active row, its virtual adapter padded to rank R."""
+
+    rows: torch.Tensor | None  # (n,) int64 active rows of the batch; None = every row is active
+    A: torch.Tensor  # (n, R, in)   each row's virtual A, zero rows past its rank
+    Bt: torch.Tensor  # (n, R, out)  each row's (w * scale * B).T, zero rows past its rank
+    # (A used through a transposed view and Bt stored transposed: the fastest bmm layouts measured on CPU)
+
+    def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.rows is None:
+            h = torch.bmm(x, self.A.transpose(1, 2))  # (B, L, R)
+            y.baddbmm_(h, self.Bt)  # (B, L, out)
+        else:
+            h = torch.bmm(x.index_select(0, self.rows), self.A.transpose(1, 2))  # (n, L, R)
+            y.index_add_(0, self.rows, torch.bmm(h, self.Bt))  # (n, L, out) into the active rows
+
+
+@dataclass
+class _Segment:
+    rows: slice | torch.Tensor  # contiguous rows as a slice, else an (n_u,) int64 index
+    A: torch.Tensor  # (r_u, in)  the virtual adapter's A, at its own rank
+    Bt: torch.Tensor  # (r_u, out) its (w * scale * B).T
+
+
+@dataclass
+class _SegmentLayer:
+    """One layer of a segment plan: one pair of matmuls per distinct virtual adapter."""
+
+    segments: tuple[_Segment, ...]
+
+    def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        L = x.shape[1]
+        for seg in self.segments:
+            if isinstance(seg.rows, slice):
+                xs, ys = x[seg.rows], y[seg.rows]  # views: (n_u, L, in), (n_u, L, out)
+                h = xs.reshape(-1, xs.shape[-1]) @ seg.A.T  # (n_u * L, r_u)
+                if ys.is_contiguous():
+                    ys.view(-1, ys.shape[-1]).addmm_(h, seg.Bt)
+                else:
+                    ys.add_((h @ seg.Bt).view(ys.shape))
+            else:
+                xs = x.index_select(0, seg.rows)  # (n_u, L, in)
+                h = xs.view(-1, xs.shape[-1]) @ seg.A.T  # (n_u * L, r_u)
+                y.index_add_(0, seg.rows, (h @ seg.Bt).view(-1, L, seg.Bt.shape[-1]))
+
+
+@dataclass
+class BatchPlan:
+    """Per-batch tensors for every layer; build once per batch composition, apply at every layer and step.
+
+    `apply_(key, x, y)` does, for every row b of the batch, in place:
+        y[b] += sum_k w_k * scale[s_k] * (x[b] @ A[s_k].T) @ B[s_k].T   over assignments[b] = ((s_k, w_k), ...)
+    The plan holds copies of the adapter tensors it needs, so evicting or removing an adapter afterwards
+    does not change its results; `versions` records which content of each slot it was built from.
+    """
+
+    assignments: tuple[Assignment, ...]  # one per batch row
+    strategy: Literal["gather", "segment"]
+    dtype: torch.dtype
+    layers: dict[str, _GatherLayer | _SegmentLayer | None]  # None: no active row at that layer
+    in_out: dict[str, tuple[int, int]]  # layer key -> (in_features, out_features)
+    versions: dict[int, int] = field(default_factory=dict)  # slot -> content version it was built from
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.assignments)
+
+    @property
+    def slots(self) -> frozenset[int]:
+        return frozenset(s for a in self.assignments for s, _ in a)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the plan's gathered / padded stacks."""
+        total = 0
+        for lay in self.layers.values():
+            if isinstance(lay, _GatherLayer):
+                total += _nbytes(lay.A) + _nbytes(lay.Bt)
+            elif isinstance(lay, _SegmentLayer):
+                total += sum(_nbytes(s.A) + _nbytes(s.Bt) for s in lay.segments)
+        return total
+
+    def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Add each row's LoRA output for layer `key` into y in place; x: (B, L, in) or (B, in); returns y."""
+        if key not in self.layers:
+            raise TargetNotFoundError(
+                f"layer {key!r} is not in this batch plan (plan layers: {sorted(self.layers)}); "
+                "register the layer before building the plan"
+            )
+        lay = self.layers[key]
+        if x.dim() == 2:  # (B, in): one token per row
+            x, y = x.unsqueeze(1), y.unsqueeze(1)
+        fin, fout = self.in_out[key]
+        B = self.num_rows
+        if x.dim() != 3 or y.dim() != 3 or x.shape[0] != B or y.shape[:2] != x.shape[:2]:
+            raise ShapeMismatchError(
+                f"layer {key!r}: expected x (B={B}, L, {fin}) and y (B={B}, L, {fout}), "
+                f"got x {tuple(x.shape)} and y {tuple(y.shape)}; build the plan for this batch's rows"
+            )
+        if x.shape[-1] != fin or y.shape[-1] != fout:
+            raise ShapeMismatchError(
+                f"layer {key!r} is ({fin} -> {fout}) features, got x {tuple(x.shape)} and y {tuple(y.shape)}"
+            )
+        if lay is None or x.shape[1] == 0:
+            return y
+        if x.dtype != self.dtype or y.dtype != self.dtype:
+            raise ShapeMismatchError(
+                f"layer {key!r}: plan tensors are {self.dtype}, got x {x.dtype} and y {y.dtype}; "
+                "keep the adapter pool in the model's dtype"
+            )
+        lay.apply_(x, y)
+        return y
+
+
+def build_plan(
+    get: AdapterSource,
+    assignments: Sequence[AssignmentLike],
+    layers: Mapping[str, tuple[int, int]],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    strategy: Strategy = "auto",
+) -> BatchPlan:
+    """Build the batch plan for `assignments` (one per row) over `layers` {key: (in_features, out_features)}.
+
+    `get(slot, key)` returns that slot's (A (r, in), B (out, r), scale) at layer `key`, or None if the slot
+    has no LoRA there (its rows then get no update at that layer). The strategy is picked once for the whole
+    plan by `choose_strategy` unless given.
+    """
+    rows_a = tuple(normalize_assignment(a) for a in assignments)
+    distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
+    uid = {a: u for u, a in enumerate(distinct)}
+    row_u = [uid.get(a, -1) for a in rows_a]  # row -> distinct assignment, -1 = base only
+    if strategy == "auto":
+        strategy = choose_strategy(sum(u >= 0 for u in row_u), len(distinct))
+    if strategy not in ("gather", "segment"):
+        raise ConfigError(f"strategy must be 'auto', 'gather' or 'segment', got {strategy!r}")
+    device = torch.device(device)
+    built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
+    for key, (fin, fout) in layers.items():
+        virt = [_virtual(get, a, key, fin, fout, dtype, device) for a in distinct]  # (A, Bt) | None per u
+        if strategy == "gather":
+            built[key] = _gather_layer(virt, row_u, fin, fout, dtype, device)
+        else:
+            built[key] = _segment_layer(virt, row_u, device)
+    return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()})
+
+
+def lora_batched_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    adapters: Mapping[int, tuple[torch.Tensor, torch.Tensor, float]],
+    assignments: Sequence[AssignmentLike],
+    *,
+    strategy: Strategy = "auto",
+) -> torch.Tensor:
+    """One layer, no pool: y[b] += sum_k w_k * scale[s_k] * (x[b] @ A[s_k].T) @ B[s_k].T, in place.
+
+    `adapters` maps slot -> (A (r, in), B (out, r), scale). For a loop over layers or steps, build a
+    `BatchPlan` once instead: this rebuilds it on every call.
+    """
+    fin, fout = x.shape[-1], y.shape[-1]
+
+    def get(slot: int, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if slot not in adapters:
+            raise TargetNotFoundError(f"slot {slot} has no adapter; known slots: {sorted(adapters)}")
+        return adapters[slot]
+
+    plan = build_plan(get, assignments, {"": (fin, fout)}, dtype=x.dtype, device=x.device, strategy=strategy)
+    return plan.apply_("", x, y)
+
+
+def _virtual(
+    get: AdapterSource, a: Assignment, key: str, fin: int, fout: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One assignment's virtual adapter at layer `key`: A = cat(A_k) (R, in), Bt = cat(c_k B_k).T (R, out).
+
+    c_k = w_k * scale_k is folded into B in float32 (at least), then cast to `dtype` once.
+    """
+    As, Bs = [], []
+    for slot, w in a:
+        t = get(slot, key)
+        if t is None:
+            continue
+        A, B, scale = t
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
+            raise ShapeMismatchError(
+                f"slot {slot} at layer {key!r}: expected A (r, {fin}) and B ({fout}, r), "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+        compute = torch.promote_types(B.dtype, torch.float32)
+        As.append(A.to(device=device, dtype=dtype))
+        Bs.append((B.to(device=device, dtype=compute) * (w * scale)).to(dtype))
+    if not As:
+        return None
+    A = torch.cat(As, dim=0)  # (R, in), a new tensor: the plan never aliases the pool's storage
+    Bt = torch.cat(Bs, dim=1).T.contiguous()  # (R, out)
+    return A, Bt
+
+
+def _gather_layer(
+    virt: list[tuple[torch.Tensor, torch.Tensor] | None],
+    row_u: list[int],
+    fin: int,
+    fout: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _GatherLayer | None:
+    active = [b for b, u in enumerate(row_u) if u >= 0 and virt[u] is not None]
+    if not active:
+        return None
+    present = sorted({row_u[b] for b in active})
+    R = max(virt[u][0].shape[0] for u in present)
+    A_u = torch.zeros(len(virt), R, fin, dtype=dtype, device=device)  # (U, R, in)
+    Bt_u = torch.zeros(len(virt), R, fout, dtype=dtype, device=device)  # (U, R, out)
+    for u in present:
+        A, Bt = virt[u]
+        A_u[u, : A.shape[0]] = A
+        Bt_u[u, : Bt.shape[0]] = Bt
+    rows = None if len(active) == len(row_u) else torch.tensor(active, dtype=torch.long, device=device)
+    sel = [row_u[b] for b in active]
+    if sel == list(range(len(virt))):  # every row its own assignment, in order: the stacks are the rows
+        return _GatherLayer(rows, A_u, Bt_u)
+    idx = torch.tensor(sel, dtype=torch.long, device=device)
+    return _GatherLayer(rows, A_u.index_select(0, idx), Bt_u.index_select(0, idx))  # (n, R, in), (n, R, out)
+
+
+def _segment_layer(
+    virt: list[tuple[torch.Tensor, torch.Tensor] | None], row_u: list[int], device: torch.device
+) -> _SegmentLayer | None:
+    segs = []
+    for u, v in enumerate(virt):
+        if v is None:
+            continue
+        rows = [b for b, ub in enumerate(row_u) if ub == u]
+        if rows[-1] - rows[0] + 1 == len(rows):
+            sel: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
+        else:
+            sel = torch.tensor(rows, dtype=torch.long, device=device)
+        segs.append(_Segment(sel, v[0], v[1]))
+    return _SegmentLayer(tuple(segs)) if segs else None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -1,0 +1,483 @@
+"""Slot storage for the LoRA adapters of ONE model, under a memory budget in bytes.
+
+In the API an adapter is a `name`; here it lives in a `slot` (an int; -1 in an assignment = base only).
+Identity is (name, content_hash): adding a name again with another hash puts the new content in a NEW slot
+and retires the old one, which keeps serving the requests that leased it until they release it; new
+leases get the new slot. A slot's `version` (unique over the pool's life) changes whenever the slot holds
+new content, so a cached `BatchPlan` built from old content is never reused.
+
+Tiers. The fast tier holds the tensors that plans read: CUDA when `device="cuda"` is given and available,
+else CPU RAM. Its size is capped by `budget_bytes`; when an add or a reload needs room, the least recently
+used adapters that nobody leases are evicted from it. Where an evicted adapter goes back from:
+  - `loader(name, content_hash) -> {layer_key: (A, B)}` when one is given (e.g. read from an adapter store);
+  - otherwise a CPU copy, when the fast tier is not CPU;
+  - otherwise nowhere: a CPU pool without a loader never evicts and raises PoolFullError when full.
+Reloaded content is checked against a fingerprint taken at `add`, so a loader that returns another version
+(a replaced file on disk) fails loudly instead of serving stale weights.
+
+Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
+costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
+
+Example:
+    pool = AdapterPool({"layers.0.q_proj": (512, 512)}, budget_bytes=64 << 20)
+    pool.add("legal", "sha256:ab12..", {"layers.0.q_proj": (A, B)}, {"layers.0.q_proj": 2.0})
+    with pool.acquire("legal") as lease:
+        plan = pool.plan([lease.slot, -1])  # row 0 uses "legal", row 1 the base only
+        plan.apply_("layers.0.q_proj", x, y)  # y[0] += 2.0 * (x[0] @ A.T) @ B.T
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import (
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    LeaseError,
+    NonFiniteError,
+    PoolFullError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+)
+from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, normalize_assignment
+
+LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
+Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
+
+
+@dataclass
+class _Entry:
+    name: str
+    content_hash: str
+    version: int
+    scales: dict[str, float]  # layer key -> scale
+    shapes: dict[str, tuple[int, int, int]]  # layer key -> (r, in, out)
+    fingerprint: dict[str, tuple[int, int]]  # layer key -> (hash(A), hash(B)) in the pool dtype
+    nbytes: int  # fast-tier bytes when resident
+    fast: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # None = evicted
+    slow: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # CPU copy (fast tier off-CPU, no loader)
+    refs: int = 0  # outstanding leases
+    retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A hold on one version of an adapter: its slot keeps that content until released (also `with`)."""
+
+    name: str
+    slot: int
+    version: int
+    content_hash: str
+    pool: AdapterPool = field(repr=False, compare=False)
+    lease_id: int = field(repr=False)
+
+    def release(self) -> None:
+        self.pool.release(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    hits: int  # an adapter needed by acquire/plan was already in the fast tier
+    misses: int  # it had to be reloaded into the fast tier
+    evictions: int  # adapters dropped from the fast tier to make room
+    adapters: int  # slots in use (names + retired versions still leased)
+    resident: int  # of which in the fast tier
+    resident_bytes: int
+    budget_bytes: int | None
+    plan_builds: int
+    plan_hits: int  # plan() answered from the cache
+
+
+class AdapterPool:
+    """LoRA tensors for one model's target layers, one slot per adapter version, under a byte budget.
+
+    layers: {layer_key: (in_features, out_features)} (more via `register_layer`).
+    dtype: storage and compute dtype of the fast tier (the model's dtype).
+    max_plans: how many batch plans to cache (each holds copies of its batch's adapters).
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, tuple[int, int]] | None = None,
+        *,
+        budget_bytes: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        loader: Loader | None = None,
+        max_plans: int = 8,
+    ) -> None:
+        if budget_bytes is not None and budget_bytes < 0:
+            raise ConfigError(f"budget_bytes must be >= 0 or None (no limit), got {budget_bytes}")
+        if max_plans < 0:
+            raise ConfigError(f"max_plans must be >= 0, got {max_plans}")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            warnings.warn("AdapterPool: CUDA is not available; the fast tier is CPU RAM", stacklevel=2)
+            device = torch.device("cpu")
+        self.device = device
+        self.dtype = dtype
+        self.budget_bytes = budget_bytes
+        self.loader = loader
+        self.max_plans = max_plans
+        self._layers: dict[str, tuple[int, int]] = {}
+        self._entries: dict[int, _Entry] = {}  # slot -> entry
+        self._by_name: dict[str, int] = {}  # name -> current slot
+        self._free: list[int] = []  # heap of freed slot indices, reused smallest first
+        self._next_slot = 0
+        self._versions = itertools.count(1)
+        self._lease_ids = itertools.count(1)
+        self._leases: dict[int, int] = {}  # outstanding lease id -> slot
+        self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
+        self._resident_bytes = 0
+        self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        self._counts = dict(hits=0, misses=0, evictions=0, plan_builds=0, plan_hits=0)
+        self._lock = threading.RLock()
+        for key, (fin, fout) in (layers or {}).items():
+            self.register_layer(key, fin, fout)
+
+    # ---- layers -------------------------------------------------------------------------------------------
+    def register_layer(self, key: str, in_features: int, out_features: int) -> None:
+        """Declare a target layer; re-registering the same shape is a no-op."""
+        with self._lock:
+            shape = (int(in_features), int(out_features))
+            if min(shape) <= 0:
+                raise ConfigError(f"layer {key!r}: features must be positive, got {shape}")
+            old = self._layers.get(key)
+            if old is not None and old != shape:
+                raise ShapeMismatchError(f"layer {key!r} is registered as (in, out) = {old}, got {shape}")
+            if old is None:
+                self._layers[key] = shape
+                self._plans.clear()  # plans cover the layers registered when they were built
+
+    @property
+    def layers(self) -> dict[str, tuple[int, int]]:
+        return dict(self._layers)
+
+    # ---- names and slots ----------------------------------------------------------------------------------
+    def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float]) -> int:
+        """Store an adapter (copies of `tensors`, in the pool's dtype and device) and return its slot.
+
+        tensors: {layer_key: (A (r, in), B (out, r))}; scales: {layer_key: scale} for the same keys. Layers not
+        listed get no update from this adapter. Same name and hash again: returns the existing slot.
+        Same name, new hash: a new slot; the old one serves its leases until released, then is freed.
+        """
+        with self._lock:
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"adapter name must be a non-empty string, got {name!r}")
+            if not isinstance(content_hash, str) or not content_hash:
+                raise ConfigError(f"content_hash must be a non-empty string, got {content_hash!r}")
+            cur = self._by_name.get(name)
+            if cur is not None and self._entries[cur].content_hash == content_hash:
+                self._touch(cur)
+                return cur
+            shapes, scl = self._check(name, tensors, scales)
+            nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
+            old = self._entries[cur] if cur is not None else None
+            # an unleased old version is freed right after: its bytes count as available
+            credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
+            keep = frozenset([cur]) if credit else frozenset()
+            self._make_room(max(0, nbytes - credit), what=f"adapter {name!r}", keep=keep)
+            fast = self._to_fast(tensors)
+            slow = None
+            if self.loader is None and self.device.type != "cpu":
+                pin = torch.cuda.is_available()
+                slow = {k: (A.to("cpu").pin_memory() if pin else A.to("cpu"),
+                            B.to("cpu").pin_memory() if pin else B.to("cpu")) for k, (A, B) in fast.items()}
+            slot = heapq.heappop(self._free) if self._free else self._new_slot()
+            self._entries[slot] = _Entry(
+                name, content_hash, next(self._versions), scl, shapes, _fingerprint(fast), nbytes, fast, slow
+            )
+            self._resident_bytes += nbytes
+            self._lru[slot] = None
+            self._by_name[name] = slot
+            if cur is not None:
+                self._retire(cur)
+            return slot
+
+    def remove(self, name: str) -> None:
+        """Forget `name`; its slot is freed now, or when its last lease is released."""
+        with self._lock:
+            self._retire(self._slot_of(name))
+            del self._by_name[name]
+
+    def slot(self, name: str) -> int:
+        """The slot currently holding `name` (new requests should `acquire` instead, to pin it)."""
+        with self._lock:
+            return self._slot_of(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def content_hash(self, name: str) -> str:
+        with self._lock:
+            return self._entries[self._slot_of(name)].content_hash
+
+    def version(self, slot: int) -> int:
+        """The content version held by `slot` (changes whenever the slot is reused for other content)."""
+        with self._lock:
+            return self._live(slot).version
+
+    # ---- leases -------------------------------------------------------------------------------------------
+    def acquire(self, name: str) -> Lease:
+        """Pin the current version of `name` in the fast tier (reloading it if evicted) until released."""
+        with self._lock:
+            slot = self._slot_of(name)
+            e = self._entries[slot]
+            self._ensure_resident([slot])
+            e.refs += 1
+            lid = next(self._lease_ids)
+            self._leases[lid] = slot
+            return Lease(name, slot, e.version, e.content_hash, self, lid)
+
+    def release(self, lease: Lease) -> None:
+        with self._lock:
+            if lease.pool is not self or self._leases.get(lease.lease_id) != lease.slot:
+                raise LeaseError(f"lease on {lease.name!r} (slot {lease.slot}) was already released "
+                                 "or belongs to another pool")
+            del self._leases[lease.lease_id]
+            e = self._entries[lease.slot]
+            e.refs -= 1
+            if e.retired and e.refs == 0:
+                self._free_slot(lease.slot)
+
+    # ---- batch plans --------------------------------------------------------------------------------------
+    def plan(self, assignments: Sequence[AssignmentLike], *, strategy: Strategy = "auto") -> BatchPlan:
+        """The `BatchPlan` for one batch: assignments[b] is row b's slot (-1 = base only) or [(slot, weight)].
+
+        Cached by the tuple of assignments; a cached plan is reused only while every slot it reads still
+        holds the same content version. See `loraplex.runtime.ops` for the math.
+        """
+        rows = tuple(normalize_assignment(a) for a in assignments)
+        key = (rows, strategy)
+        with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None and all(
+                s in self._entries and self._entries[s].version == v for s, v in cached.versions.items()
+            ):
+                self._plans.move_to_end(key)
+                self._counts["plan_hits"] += 1
+                for s in cached.versions:
+                    self._touch(s)
+                return cached
+            slots = sorted({s for a in rows for s, _ in a})
+            for s in slots:
+                self._live(s)
+            self._ensure_resident(slots)
+            plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
+                              strategy=strategy)
+            plan.versions.update({s: self._entries[s].version for s in slots})
+            self._counts["plan_builds"] += 1
+            if self.max_plans:
+                self._plans[key] = plan
+                while len(self._plans) > self.max_plans:
+                    self._plans.popitem(last=False)
+            return plan
+
+    def tensors(self, slot: int, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, in), B (out, r), scale) of a resident slot at layer `key`, or None if it has no LoRA there.
+
+        The pool's own storage: read it, never write to it.
+        """
+        with self._lock:
+            e = self._live(slot)
+            if e.fast is None:
+                raise PoolFullError(f"slot {slot} ({e.name!r}) is evicted; acquire it to bring it back")
+            return self._get(slot, key)
+
+    # ---- stats --------------------------------------------------------------------------------------------
+    @property
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(
+                adapters=len(self._entries), resident=len(self._lru), resident_bytes=self._resident_bytes,
+                budget_bytes=self.budget_bytes, **self._counts,
+            )
+
+    @property
+    def resident_bytes(self) -> int:
+        return self._resident_bytes
+
+    def is_resident(self, name: str) -> bool:
+        with self._lock:
+            return self._entries[self._slot_of(name)].fast is not None
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _get(self, slot: int, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        e = self._entries[slot]
+        if key not in e.shapes:
+            return None
+        A, B = e.fast[key]
+        return A, B, e.scales[key]
+
+    def _slot_of(self, name: str) -> int:
+        slot = self._by_name.get(name)
+        if slot is None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not in the pool; loaded: {sorted(self._by_name)}")
+        return slot
+
+    def _live(self, slot: int) -> _Entry:
+        e = self._entries.get(slot)
+        if e is None:
+            raise AdapterNotFoundError(
+                f"slot {slot} holds no adapter (freed or never used); acquire a name to get a live slot"
+            )
+        return e
+
+    def _new_slot(self) -> int:
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _nbytes(self, r: int, fin: int, fout: int) -> int:
+        return r * (fin + fout) * self.dtype.itemsize
+
+    def _check(
+        self, name: str, tensors: LayerTensors, scales: Mapping[str, float]
+    ) -> tuple[dict[str, tuple[int, int, int]], dict[str, float]]:
+        if not tensors:
+            raise ConfigError(f"adapter {name!r} has no tensors")
+        if set(scales) != set(tensors):
+            raise ConfigError(
+                f"adapter {name!r}: scales must have exactly the layer keys of tensors; "
+                f"missing {sorted(set(tensors) - set(scales))}, extra {sorted(set(scales) - set(tensors))}"
+            )
+        shapes, scl = {}, {}
+        for key, (A, B) in tensors.items():
+            if key not in self._layers:
+                raise TargetNotFoundError(
+                    f"adapter {name!r} targets layer {key!r}, which is not registered; "
+                    f"registered: {sorted(self._layers)[:8]}{'...' if len(self._layers) > 8 else ''}"
+                )
+            fin, fout = self._layers[key]
+            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
+                raise ShapeMismatchError(
+                    f"adapter {name!r} layer {key!r}: expected lora_A (r, {fin}) and lora_B ({fout}, r), "
+                    f"got {tuple(A.shape)} and {tuple(B.shape)}"
+                )
+            if A.shape[0] == 0:
+                raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: rank must be >= 1, got 0")
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise NonFiniteError(f"adapter {name!r} layer {key!r}: lora_A or lora_B holds NaN/Inf")
+            s = float(scales[key])
+            if not math.isfinite(s):
+                raise NonFiniteError(f"adapter {name!r} layer {key!r}: scale must be finite, got {s}")
+            shapes[key], scl[key] = (A.shape[0], fin, fout), s
+        return shapes, scl
+
+    def _to_fast(self, tensors: LayerTensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        # copy=True: never alias (or later see mutations of) the caller's tensors
+        return {
+            k: (A.detach().to(self.device, self.dtype, copy=True).contiguous(),
+                B.detach().to(self.device, self.dtype, copy=True).contiguous())
+            for k, (A, B) in tensors.items()
+        }
+
+    def _can_evict(self) -> bool:
+        return self.loader is not None or self.device.type != "cpu"
+
+    def _make_room(self, nbytes: int, *, what: str, keep: frozenset[int] = frozenset()) -> None:
+        """Evict least recently used, unleased adapters (not in `keep`) until `nbytes` more fit the budget."""
+        if self.budget_bytes is None or self._resident_bytes + nbytes <= self.budget_bytes:
+            return
+        if nbytes > self.budget_bytes:
+            raise PoolFullError(f"{what} needs {nbytes} bytes; the pool budget is {self.budget_bytes} bytes")
+        if self._can_evict():
+            for slot in list(self._lru):
+                if self._resident_bytes + nbytes <= self.budget_bytes:
+                    return
+                e = self._entries[slot]
+                if e.refs == 0 and slot not in keep:
+                    self._evict(slot)
+        if self._resident_bytes + nbytes > self.budget_bytes:
+            why = ("the rest is leased or needed by this batch" if self._can_evict()
+                   else "a CPU pool without a loader cannot evict (pass loader=...)")
+            raise PoolFullError(
+                f"{what} needs {nbytes} bytes; {self._resident_bytes} of {self.budget_bytes} are in use and "
+                f"{why}; raise budget_bytes or release leases"
+            )
+
+    def _evict(self, slot: int) -> None:
+        e = self._entries[slot]
+        e.fast = None
+        self._resident_bytes -= e.nbytes
+        del self._lru[slot]
+        self._counts["evictions"] += 1
+
+    def _ensure_resident(self, slots: Sequence[int]) -> None:
+        keep = frozenset(slots)
+        for slot in slots:
+            e = self._entries[slot]
+            if e.fast is not None:
+                self._counts["hits"] += 1
+                self._touch(slot)
+                continue
+            self._counts["misses"] += 1
+            self._make_room(e.nbytes, what=f"reloading adapter {e.name!r}", keep=keep)
+            if e.slow is not None:
+                fast = self._to_fast(e.slow)
+            else:
+                try:
+                    loaded = self.loader(e.name, e.content_hash)
+                except (OSError, KeyError, ValueError) as err:
+                    raise AdapterFileError(f"reloading adapter {e.name!r} ({e.content_hash}) failed: {err}") from err
+                if set(loaded) != set(e.shapes):
+                    raise AdapterFileError(
+                        f"loader returned layers {sorted(loaded)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
+                    )
+                fast = self._to_fast(loaded)
+            if {k: (A.shape[0], A.shape[1], B.shape[0]) for k, (A, B) in fast.items()} != e.shapes or (
+                _fingerprint(fast) != e.fingerprint
+            ):
+                raise AdapterFileError(
+                    f"reloaded adapter {e.name!r} does not match the content {e.content_hash} it was added with "
+                    "(the loader must return the tensors of that exact content hash, not the latest file)"
+                )
+            e.fast = fast
+            self._resident_bytes += e.nbytes
+            self._lru[slot] = None
+
+    def _touch(self, slot: int) -> None:
+        if slot in self._lru:
+            self._lru.move_to_end(slot)
+
+    def _retire(self, slot: int) -> None:
+        e = self._entries[slot]
+        e.retired = True
+        if e.refs == 0:
+            self._free_slot(slot)
+
+    def _free_slot(self, slot: int) -> None:
+        e = self._entries.pop(slot)
+        if e.fast is not None:
+            self._resident_bytes -= e.nbytes
+            del self._lru[slot]
+        heapq.heappush(self._free, slot)
+        for k in [k for k, p in self._plans.items() if slot in p.versions]:
+            del self._plans[k]
+
+
+def _fingerprint(fast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[int, int]]:
+    """Per layer, an xor-hash of A's and B's bits (in the pool dtype): a cheap check that a reload is the same."""
+    return {k: (int(torch.hash_tensor(A)), int(torch.hash_tensor(B))) for k, (A, B) in fast.items()}

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random models, each a fresh instance built with a fixed seed (eval mode).
+
+    tiny_llama  LlamaForCausalLM, vocab 128, hidden 64, 2 layers      ids (B, T) -> logits (B, T, 128)
+    tiny_gpt2   GPT2LMHeadModel (transformers Conv1D), same sizes     ids (B, T) -> logits (B, T, 128)
+    tiny_mlp    Linear layers with/without bias: net.0, net.2, head   x (B, 16) -> (B, 8)
+    tiny_conv   Embedding, Conv1d, Conv2d, Linear head                ids (B, T) in [0, 32) -> (B, T, 32)
+    smollm2_dir the cached transformers directory of the embedded default (converted once; session-scoped)
+"""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from loraplex import models
+
+
+@pytest.fixture
+def tiny_llama() -> nn.Module:
+    return models.tiny_llama(seed=0)
+
+
+@pytest.fixture
+def tiny_gpt2() -> nn.Module:
+    return models.tiny_gpt2(seed=0)
+
+
+@pytest.fixture
+def tiny_mlp() -> nn.Module:
+    return models.tiny_mlp(seed=0)
+
+
+@pytest.fixture
+def tiny_conv() -> nn.Module:
+    return models.tiny_conv(seed=0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    return models.smollm2_path()

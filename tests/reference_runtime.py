@@ -1,0 +1,36 @@
+"""The obvious slow multi-adapter LoRA: a Python loop over rows and their (slot, weight) pairs.
+
+The oracle for loraplex.runtime.ops; it calls the single-adapter math in loraplex.functional and nothing else:
+    y[b] += sum_k w_k * lora_linear(x[b], A[s_k], B[s_k], scale[s_k])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from loraplex.functional import lora_linear
+
+
+def lora_rows_ref(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    adapters: Mapping[int, tuple[torch.Tensor, torch.Tensor, float] | None],
+    assignments: Sequence[int | Sequence[tuple[int, float]]],
+) -> torch.Tensor:
+    """Return a new y: y_out[b] = y[b] + sum over row b's (slot, weight) of w * lora_linear(x[b], A, B, scale).
+
+    x: (B, L, in), y: (B, L, out); assignments[b] is a slot (-1 = base only) or a list of (slot, weight);
+    adapters[slot] = (A (r, in), B (out, r), scale), or None when that slot has no LoRA on this layer.
+    """
+    out = y.clone()
+    for b, a in enumerate(assignments):
+        pairs = ([] if a == -1 else [(a, 1.0)]) if isinstance(a, int) else list(a)
+        for slot, w in pairs:
+            t = adapters[slot]
+            if t is None:
+                continue
+            A, B, scale = t
+            out[b] = out[b] + w * lora_linear(x[b], A, B, scale)
+    return out

