@@ -258,3 +258,36 @@ def test_remove_adapter_unwraps():
     lp.remove_adapter(model, "a")
     assert not list(lp.lora_layers(model))
     torch.testing.assert_close(_out(model, IDS), base, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama", "gpt2", "conv"])
+def test_route_rows_equals_each_row_alone_and_trains(case):
+    build, kw, x = CASES[case]
+    model = build(seed=0)
+    cfg = lp.LoraConfig(r=2, init_lora_weights=False, **kw)
+    for name, seed in (("a", 1), ("b", 2)):
+        lp.inject(model, cfg, name, seed=seed)
+    xs = torch.cat([x, x.flip(0)], 0)  # 4 rows
+    assignment = ["b", None, "a", "b"]
+    with lp.route_rows(model, assignment):
+        routed = _out(model, xs)
+    for row, name in enumerate(assignment):
+        if name is None:
+            with lp.disable_adapters(model):
+                alone = _out(model, xs[row:row + 1])
+        else:
+            lp.set_active(model, name)
+            alone = _out(model, xs[row:row + 1])
+        torch.testing.assert_close(routed[row:row + 1], alone, atol=1e-5, rtol=1e-4)
+    # gradients reach exactly the adapters that served some row
+    lp.freeze_base(model, None)
+    for _, layer in lp.lora_layers(model):
+        for n in ("a", "b"):
+            for t in layer.adapter_tensors(n):
+                t.requires_grad_(True)
+    with lp.route_rows(model, ["a", None, "a", None]):
+        out = model(xs)
+        (out.logits if hasattr(out, "logits") else out).sum().backward()
+    grads = {n: sum(float(t.grad.abs().sum()) for _, l in lp.lora_layers(model) for t in l.adapter_tensors(n)
+                    if t.grad is not None) for n in ("a", "b")}
+    assert grads["a"] > 0 and grads["b"] == 0

@@ -77,7 +77,9 @@ def test_plan_matches_reference(ranks, rows, L, dtype, strategy, absent, seed):
     for key, (fin, fout) in shapes.items():
         x = torch.randn(B, L, fin, generator=gen).to(dtype)
         y = torch.randn(B, L, fout, generator=gen).to(dtype)
-        want = ref.lora_rows_ref(y, x, adapters[key], rows)
+        # the oracle: the reference in float32 on the same (rounded) inputs, rounded once to `dtype`
+        ad32 = {s: None if t is None else (t[0].float(), t[1].float(), t[2]) for s, t in adapters[key].items()}
+        want = ref.lora_rows_ref(y.float(), x.float(), ad32, rows).to(dtype)
         got = y.clone()
         assert plan.apply_(key, x, got) is got
         close(got, want)
@@ -302,12 +304,15 @@ def test_plan_cache_reuse_and_invalidation():
     assert pool.plan([a, -1, a]) is not p1  # evicted from the 2-plan cache
     p2 = pool.plan([a])
     t2, _ = adapter(21)
-    pool.add("a", "h2", t2, s)  # unleased: the old slot is freed and reused at once
-    assert pool.slot("a") == a
+    a2 = pool.add("a", "h2", t2, s)  # unleased: the old slot is freed at once
+    assert a2 != a and pool.stats.adapters == 1
+    close(run(pool, [a2]), expect({a2: t2}, 2.0, [a2]))
+    t3, _ = adapter(22)
+    assert pool.add("b", "h3", t3, s) == a  # the freed slot number now holds other content
     p3 = pool.plan([a])
     assert p3 is not p2 and p3.versions[a] != p2.versions[a]
-    close(run(pool, [a]), expect({a: t2}, 2.0, [a]))
-    assert pool.stats.plan_builds == 5
+    close(run(pool, [a]), expect({a: t3}, 2.0, [a]))
+    assert pool.stats.plan_builds == 7  # p1, [a], [-1, a], p1 again, p2, [a2], p3
 
 
 def test_plan_holds_copies_so_eviction_and_removal_do_not_change_it():

@@ -117,10 +117,16 @@ def test_source_errors(tmp_path):
         Record(prompt="p")
 
 
-def test_chatterbot_not_installed(monkeypatch):
+def fake_corpus(monkeypatch, spec):
+    """Make importlib find `spec` (None: not installed) for chatterbot_corpus, and the real thing otherwise."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "chatterbot_corpus" else real(name, *a))
-    with pytest.raises(DataError, match="pip install chatterbot-corpus"):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: spec if name == "chatterbot_corpus" else real(name, *a))
+
+
+def test_chatterbot_not_installed(monkeypatch):
+    fake_corpus(monkeypatch, None)
+    with pytest.raises(DataError, match="pip install --no-deps chatterbot-corpus"):
         load_records("chatterbot:coding")
 
 
@@ -157,8 +163,7 @@ def test_chatterbot_bad_entries(tmp_path, monkeypatch):
         "- - 42\n  - yes\n", encoding="utf-8")  # line 12: scalars keep their text
     spec = importlib.machinery.ModuleSpec("chatterbot_corpus", None, is_package=True)
     spec.submodule_search_locations = [str(tmp_path)]
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "chatterbot_corpus" else real(name, *a))
+    fake_corpus(monkeypatch, spec)
     with pytest.raises(DataError, match=r"mini\.yml:8: expected a string in the conversation, got a list of 1"):
         load_records("chatterbot:mini")
     rs = load_records("chatterbot:mini", skip_bad=True)
@@ -224,7 +229,8 @@ def test_chat_template_labels_only_the_completion(chat_tok):
     full = chat_tok.decode(ex.input_ids)
     assert full == chat_tok.apply_chat_template(rs[0].chat(), tokenize=False)
     first = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX)
-    assert chat_tok.decode(ex.input_ids[:first]).endswith("My system is overheating.<|im_end|>\n<|im_start|>assistant\n")
+    prompt_part = chat_tok.decode(ex.input_ids[:first])
+    assert prompt_part.endswith("My system is overheating.<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_chat_messages_label_every_assistant_turn(chat_tok):
@@ -419,7 +425,7 @@ def test_resume_yields_the_same_remaining_batches(packing):
         make(exs[:-1]).load_state_dict(state)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=25), batch_size=st.integers(1, 6),
        packing=st.booleans(), max_length=st.integers(1, 16), seed=st.integers(0, 2**31), cut=st.integers(0, 40))
 def test_batching_properties(lengths, batch_size, packing, max_length, seed, cut):

@@ -12,7 +12,8 @@ from .layers import LoraLayer  # noqa: E402
 from .functional import delta_weight, lora_linear, scaling, tolerance  # noqa: E402
 from .identity import base_fingerprint, content_hash  # noqa: E402
 from .inject import (  # noqa: E402
-    active_adapters, configs, disable_adapters, eject, find_targets, inject, lora_layers, remove_adapter, set_active,
+    active_adapters, configs, disable_adapters, eject, find_targets, freeze_base, inject, lora_layers, remove_adapter, route_rows,
+    set_active,
 )
 from .merge import MergeReport, merge, merge_and_unload, merged_adapters, unmerge  # noqa: E402
 from .report import ParameterReport, WeightArithmetic, parameter_report  # noqa: E402

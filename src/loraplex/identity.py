@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BaseMismatchError
+from .layers import LoraLayer
 
 _SEMANTIC_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
                     "modules_to_save", "bias")
@@ -38,17 +39,25 @@ def content_hash(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     return h.hexdigest()
 
 
-def _logical_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) for weight-bearing base modules, named as in the bare base (LoRA wrappers seen through)."""
+def _logical_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of the bare base's weight-bearing modules: LoRA wrappers are seen through and merged
+    adapters subtracted, so the fingerprint of a base does not change when adapters are injected or merged."""
     out = []
+    inside_lora: list[str] = []
     for name, module in model.named_modules():
         parts = name.split(".")
         if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):
             continue
         clean = ".".join(p for p in parts if p not in ("base_layer", "original_module"))
-        w = getattr(module, "weight", None)
-        if _is_quantized_leaf(module) or (isinstance(w, torch.Tensor) and w.ndim >= 2):
-            out.append((clean, module))
+        if isinstance(module, LoraLayer):
+            out.append((clean, module.unmerged_base_weight()))
+            inside_lora.append(name + ".")
+        elif any(name.startswith(p) for p in inside_lora):
+            continue
+        elif _is_quantized_leaf(module):
+            out.append((clean, module.dequantize()))
+        elif isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.ndim >= 2:
+            out.append((clean, module.weight))
     return sorted(out, key=lambda kv: kv[0])
 
 
@@ -57,20 +66,16 @@ def _is_quantized_leaf(module: nn.Module) -> bool:
     return callable(getattr(module, "dequantize", None)) and next(module.children(), None) is None
 
 
-def _weight_of(module: nn.Module) -> torch.Tensor:
-    return module.dequantize() if _is_quantized_leaf(module) else module.weight
-
-
 def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Fingerprint of the base under any adapters (see module docstring)."""
-    mods = _logical_modules(model)
-    shapes = [(n, list(_weight_of(m).shape)) for n, m in mods]
-    structure = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:32]
-    step = max(1, len(mods) // PROBE_MODULES)
-    probe = []
     with torch.no_grad():
-        for _, m in mods[::step][:PROBE_MODULES]:
-            probe.extend(float(v) for v in _weight_of(m).detach().flatten()[:PROBE_VALUES].float().cpu())
+        weights = _logical_weights(model)
+        shapes = [(n, list(w.shape)) for n, w in weights]
+        structure = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:32]
+        step = max(1, len(weights) // PROBE_MODULES)
+        probe = []
+        for _, w in weights[::step][:PROBE_MODULES]:
+            probe.extend(float(v) for v in w.detach().flatten()[:PROBE_VALUES].float().cpu())
     return {"structure": structure, "probe": probe}
 
 
@@ -83,7 +88,7 @@ def check_base(expected: Optional[Mapping[str, Any]], model: nn.Module, what: st
         raise BaseMismatchError(
             f"{what} was made for a different base model: its architecture fingerprint is "
             f"{expected.get('structure')}, this base's is {got['structure']} (different layers or shapes). "
-            "Load it on the base it was trained on, or pass check_base=False to skip this check."
+            "Load it on the base it was trained on, or pass check_base_model=False (CLI: --no-check-base) to skip this check."
         )
     p, q = expected.get("probe", []), got["probe"]
     num = math.sqrt(sum((a - b) ** 2 for a, b in zip(p, q)))
@@ -92,5 +97,5 @@ def check_base(expected: Optional[Mapping[str, Any]], model: nn.Module, what: st
         raise BaseMismatchError(
             f"{what} was made for a base with the same architecture but different weights (relative probe "
             f"distance {num / den:.3g} > {PROBE_RTOL}). Load it on the base it was trained on, or pass "
-            "check_base=False to skip this check."
+            "check_base_model=False (CLI: --no-check-base) to skip this check."
         )

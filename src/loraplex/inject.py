@@ -63,8 +63,10 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    from .quant.linear import QuantLinear  # lazy: loraplex.quant imports store, which imports this module
+
     base = module.base_layer if isinstance(module, LoraLayer) else module
-    return isinstance(base, nn.Linear) or (Conv1D is not None and isinstance(base, Conv1D))
+    return isinstance(base, (nn.Linear, QuantLinear)) or (Conv1D is not None and isinstance(base, Conv1D))
 
 
 def _layer_index(key: str, layers_pattern: Optional[list[str]]) -> Optional[int]:
@@ -283,3 +285,29 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(mods, previous):
             m.disabled = was
+
+
+@contextlib.contextmanager
+def route_rows(model: nn.Module, adapters: Sequence[Optional[str]]) -> Iterator[torch.Tensor]:
+    """Inside the block, batch row b uses adapter `adapters[b]` (None = base only), whatever is active:
+    y[b] = base(x[b]) + lora_{adapters[b]}(x[b]). Works with autograd (training several adapters in one
+    batch). Yields the row index tensor (B,). Refuses merged adapters and modules_to_save owners."""
+    names = list(dict.fromkeys(a for a in adapters if a is not None))
+    for n in names:
+        _require(model, n)
+    merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged} & set(names))
+    if merged:
+        raise MergeStateError(f"adapters {merged} are merged; per-row routing needs them unmerged")
+    owners = [n for n in names if any(n in w.modules_to_save for _, w in _wrappers(model))]
+    if owners:
+        raise ConfigError(f"adapters {owners} replace whole modules (modules_to_save) and cannot be routed per row")
+    device = next(model.parameters()).device
+    idx = torch.tensor([-1 if a is None else names.index(a) for a in adapters], dtype=torch.long, device=device)
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.row_routing = (names, idx)
+    try:
+        yield idx
+    finally:
+        for layer in layers:
+            layer.row_routing = None

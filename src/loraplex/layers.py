@@ -61,6 +61,8 @@ class LoraLayer(nn.Module):
         self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
         self.merged: dict[str, MergeRecord] = {}
         self.disabled = False
+        # per-row routing (set by inject.route_rows): (adapter names, row -> index into names, -1 = base only)
+        self.row_routing: Optional[tuple[list[str], torch.Tensor]] = None
 
     # -- adapters --------------------------------------------------------------------------------------
     @property
@@ -103,11 +105,26 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.row_routing is not None:
+            return self._routed(x, result)
         for name, weight in self.active:
             if name in self.merged:
                 continue  # already inside the base weight
             delta = self._lora(name, self.lora_dropout[name](x))
             result = result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
+        return result
+
+    def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result[b] += lora_{names[idx[b]]}(x[b]) for rows with idx[b] >= 0 (one segment per adapter; autograd-safe).
+        The training path for several adapters in one batch, and the slow reference for the runtime."""
+        names, idx = self.row_routing
+        for slot, name in enumerate(names):
+            if name not in self.r:
+                continue
+            rows = (idx == slot).nonzero().squeeze(1)  # (n_rows,)
+            if rows.numel():
+                d = self._lora(name, self.lora_dropout[name](x.index_select(0, rows)))
+                result = result.index_add(0, rows, d.to(result.dtype))
         return result
 
     # -- merge -----------------------------------------------------------------------------------------
@@ -121,6 +138,13 @@ class LoraLayer(nn.Module):
 
     def set_base_weight(self, weight: torch.Tensor) -> None:
         self.base_layer.weight.data.copy_(weight)
+
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight without the merged adapters (up to rounding); the weight itself when none is merged."""
+        w = self.get_base_weight()
+        for name, rec in self.merged.items():
+            w = w - rec.weight * self.delta(name).to(w.dtype)
+        return w
 
     @torch.no_grad()
     def merge(self, name: str, weight: float = 1.0, *, safe: bool = True, exact: bool = False) -> MergeRecord:
@@ -271,6 +295,8 @@ class LoraEmbedding(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        if self.row_routing is not None:
+            return self._routed(x, result)
         for name, weight in self.active:
             if name not in self.merged:
                 result = result + (weight * self._lora(name, x)).to(result.dtype)
@@ -344,6 +370,12 @@ class ModulesToSave(nn.Module):
 
 def lora_layer_for(module: nn.Module) -> LoraLayer:
     """Build the LoRA wrapper matching `module`'s type (chosen once here, never by branching in forward)."""
+    from .quant.linear import QuantLinear  # lazy: loraplex.quant imports store -> inject -> this module
+
+    if isinstance(module, QuantLinear):
+        from .quant.lora import LoraQuantLinear
+
+        return LoraQuantLinear(module)
     if isinstance(module, nn.Linear):
         return LoraLinear(module)
     if Conv1D is not None and isinstance(module, Conv1D):
@@ -354,7 +386,7 @@ def lora_layer_for(module: nn.Module) -> LoraLayer:
         return LoraConv(module)
     raise UnsupportedModuleError(
         f"cannot put LoRA on a {type(module).__name__}; supported: nn.Linear, nn.Embedding, nn.Conv1d, "
-        "nn.Conv2d, transformers Conv1D"
+        "nn.Conv2d, transformers Conv1D, loraplex QuantLinear"
     )
 
 

@@ -303,8 +303,9 @@ def _is_current(target: Path, facts: dict) -> bool:
         return False
 
 
-def load_smollm2_gguf(num_layers: int | None = None) -> tuple[nn.Module, object]:
-    """SmolLM2 straight from the GGUF (dequantized to fp32; slow: 20-60 s). Used to build and check the cache."""
+def load_smollm2_gguf(num_layers: int | None = None, *, tokenizer: bool = True) -> tuple[nn.Module, object | None]:
+    """SmolLM2 straight from the GGUF, dequantized to fp32 (slow: each of model and tokenizer re-reads the
+    file's metadata, 20-60 s in all). Used to build the cache, and by tests to check it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf()
@@ -312,8 +313,8 @@ def load_smollm2_gguf(num_layers: int | None = None) -> tuple[nn.Module, object]
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True, **overrides
     )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-    return model.eval(), tokenizer
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True) if tokenizer else None
+    return model.eval(), tok
 
 
 def smollm2_path() -> Path:
@@ -329,7 +330,7 @@ def smollm2_path() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"loraplex: converting {gguf.name} to a transformers checkpoint in {target} "
-          "(once; under a minute)...", file=sys.stderr, flush=True)  # fmt: skip
+          "(once; about a minute)...", file=sys.stderr, flush=True)  # fmt: skip
     start = time.perf_counter()
     model, tokenizer = load_smollm2_gguf()
     # A GGUF-loaded model carries its quantizer; the dequantized copy is a plain fp32 checkpoint.
@@ -339,17 +340,19 @@ def smollm2_path() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_SUBDIR}.", suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary readable directory
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp)  # model.safetensors
         tokenizer.save_pretrained(tmp)
         (tmp / _SOURCE_FILE).write_text(json.dumps(facts, indent=2) + "\n")
+        if _is_current(target, facts):  # a concurrent converter finished first: keep its copy
+            return target
         if target.exists():  # stale (other wheel/transformers) or incomplete: only loraplex writes here
-            stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
-            os.replace(target, stale)
+            stale = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_SUBDIR}.", suffix=".stale", dir=target.parent))
+            os.replace(target, stale)  # renaming onto an empty directory is allowed
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, target)
         except OSError:
-            if not _is_current(target, facts):  # a concurrent converter finished first: keep its copy
+            if not _is_current(target, facts):  # lost a race to a concurrent converter: keep its copy
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

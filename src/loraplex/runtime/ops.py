@@ -173,7 +173,8 @@ class BatchPlan:
                 "register the layer before building the plan"
             )
         lay = self.layers[key]
-        if x.dim() == 2:  # (B, in): one token per row
+        out = y
+        if x.dim() == 2 and y.dim() == 2:  # (B, in): one token per row
             x, y = x.unsqueeze(1), y.unsqueeze(1)
         fin, fout = self.in_out[key]
         B = self.num_rows
@@ -187,14 +188,14 @@ class BatchPlan:
                 f"layer {key!r} is ({fin} -> {fout}) features, got x {tuple(x.shape)} and y {tuple(y.shape)}"
             )
         if lay is None or x.shape[1] == 0:
-            return y
+            return out
         if x.dtype != self.dtype or y.dtype != self.dtype:
             raise ShapeMismatchError(
                 f"layer {key!r}: plan tensors are {self.dtype}, got x {x.dtype} and y {y.dtype}; "
                 "keep the adapter pool in the model's dtype"
             )
         lay.apply_(x, y)
-        return y
+        return out
 
 
 def build_plan(

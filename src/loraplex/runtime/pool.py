@@ -480,4 +480,7 @@ class AdapterPool:
 
 def _fingerprint(fast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[int, int]]:
     """Per layer, an xor-hash of A's and B's bits (in the pool dtype): a cheap check that a reload is the same."""
-    return {k: (int(torch.hash_tensor(A)), int(torch.hash_tensor(B))) for k, (A, B) in fast.items()}
+    def h(t: torch.Tensor) -> int:
+        return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
+
+    return {k: (h(A), h(B)) for k, (A, B) in fast.items()}

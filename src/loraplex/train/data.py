@@ -8,9 +8,10 @@ inside its loss) and holds IGNORE_INDEX (-100) where no loss is taken. What `tok
     messages, chat template           every assistant turn (content + end-of-turn token)
     prompt/completion, no template    [BOS?] prompt | completion EOS   (loss right of the bar)
 
-Worked example (SmolLM2's template, prompt "Hi", completion "Hello"):
-    <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n | Hello<|im_end|> \\n
-loss only on "Hello<|im_end|>": the template's trailing newline after the end-of-turn token is not a target.
+Worked example (SmolLM2's template, prompt "Hi", completion "Hello"; loss between the bars):
+    <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n
+    | Hello<|im_end|> | \\n
+the template's newline after the end-of-turn token (the tokenizer's eos) is not a target.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ def tokenize(records: Iterable[Record], tokenizer: Any, *, max_length: int) -> E
     Chat templates are rendered to text and tokenized without adding special tokens (the template has them).
     The prompt/assistant boundary is the tokenized render of the turns before it with add_generation_prompt=
     True, which must be a token prefix of the full render; if it is not (the template rewrites earlier turns,
-    or tokens merge across the boundary) a DataError names the record.
+    or tokens merge across the boundary) a DataError names the record. An assistant turn's labels stop
+    after the tokenizer's eos token when the turn holds one (SmolLM2: <|im_end|>); a template whose
+    end-of-turn token is not the eos gets the whole rendered turn labelled, trailing template text included.
     """
     if not isinstance(max_length, int) or max_length < 1:
         raise DataError(f"tokenize: expected max_length to be a positive int, got {max_length!r}")
@@ -207,6 +210,8 @@ class Batcher:
             raise DataError(f"Batcher: expected batch_size to be a positive int, got {batch_size!r}")
         if packing and (not isinstance(max_length, int) or max_length < 1):
             raise DataError(f"Batcher: packing needs max_length (a positive int, the row length), got {max_length!r}")
+        if not isinstance(pad_id, int):
+            raise DataError(f"Batcher: expected pad_id to be an int (the tokenizer's pad_token_id), got {pad_id!r}")
         if not packing and max_length is not None:
             longest = max(len(e) for e in examples)
             if longest > max_length:

@@ -231,7 +231,7 @@ def chatterbot_topics() -> dict[str, Path]:
     spec = importlib.util.find_spec("chatterbot_corpus")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("chatterbot: expected the chatterbot-corpus package, got none installed; "
-                        "install it with `pip install chatterbot-corpus==1.3.3`")
+                        "install it with `pip install --no-deps chatterbot-corpus==1.3.3`")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
     return {p.stem: p for p in sorted(folder.glob("*.yml"))}
 

@@ -1,0 +1,91 @@
+"""The CLI mirrors the API: `info` and `merge` end to end, `--help` everywhere, clean errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import loraplex as lp
+from loraplex.cli import COMMANDS, build_parser, main
+from loraplex.functional import tolerance
+from loraplex.models import tiny_llama
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def base_and_adapter(tmp_path):
+    base = tiny_llama(seed=5)
+    base.save_pretrained(tmp_path / "base")
+    model = tiny_llama(seed=5)
+    lp.inject(model, lp.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "a")
+    lp.save_adapter(model, "a", tmp_path / "adapter")
+    return tmp_path, model
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(command + ["--help"])
+    assert exc.value.code == 0
+    assert "usage: loraplex" in capsys.readouterr().out
+
+
+def test_info_with_adapter(base_and_adapter, capsys):
+    tmp, model = base_and_adapter
+    assert main(["info", str(tmp / "base"), str(tmp / "adapter"), "--modules"]) == 0
+    out = capsys.readouterr().out
+    rep = lp.parameter_report(model)
+    assert f"{rep.trainable:,}" in out and "bytes on disk" in out and "q_proj" in out
+
+
+def test_info_without_adapter(base_and_adapter, capsys):
+    tmp, _ = base_and_adapter
+    assert main(["info", str(tmp / "base"), "--rank", "8"]) == 0
+    assert "65,536" in capsys.readouterr().out  # the 4096x4096 r=8 example
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_merge_writes_a_plain_transformers_model(base_and_adapter, capsys, dtype):
+    tmp, model = base_and_adapter
+    want = model(IDS).logits.detach()
+    out = tmp / f"merged-{dtype}"
+    assert main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--out", str(out),
+                 "--dtype", dtype]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    got = merged(IDS).logits.detach().float()
+    atol, rtol = tolerance(merged.dtype)
+    torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol * 10)
+    assert (out / "loraplex_merge.json").exists()
+
+
+def test_merge_two_adapters_with_weights(base_and_adapter, tmp_path):
+    tmp, model = base_and_adapter
+    other = tiny_llama(seed=5)
+    lp.inject(other, lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "b", seed=9)
+    lp.save_adapter(other, "b", tmp / "b")
+    lp.load_adapter(model, tmp / "b", "b", activate=False)
+    lp.set_active(model, {"a": 0.6, "b": -0.4})
+    want = model(IDS).logits.detach()
+    assert main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--adapter",
+                 str(tmp / "b"), "--weights", "0.6", "-0.4", "--out", str(tmp / "m")]) == 0
+    got = AutoModelForCausalLM.from_pretrained(tmp / "m")(IDS).logits.detach()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_errors_are_one_clean_line(base_and_adapter, capsys):
+    tmp, _ = base_and_adapter
+    code = main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "nope"), "--out", str(tmp / "x")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("loraplex merge: error:") and "not a directory" in err
+    assert not (tmp / "x").exists()
+    assert main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--weights", "1", "2",
+                 "--out", str(tmp / "x")]) == 2
+    assert "one weight per adapter" in capsys.readouterr().err
+
+
+def test_parser_builds_all_commands():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(COMMANDS) <= set(sub.choices)
