@@ -86,3 +86,8 @@ class PoolFullError(LoraplexError, MemoryError):
 
 class LeaseError(LoraplexError, RuntimeError):
     """A lease on a pooled adapter was released twice, or does not belong to this pool."""
+
+
+class IncompatibleAdaptersError(LoraplexError, ValueError):
+    """Adapters cannot be combined as asked: they target different modules (without union), or the method
+    needs something they do not share (e.g. 'linear' needs equal ranks per module)."""

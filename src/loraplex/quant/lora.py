@@ -105,6 +105,14 @@ class LoraQuantLinear(LoraLinear):
         """W_q <- Q(weight); weight is float (out, in)."""
         self.base_layer.requantize(weight)
 
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """deQ of the packed tensors from before the first merge (exact, no delta is subtracted)."""
+        if not self.merged:
+            return self.get_base_weight()
+        first = next(iter(self.merged.values()))
+        spec, shape = self.base_layer.spec, (self.out_features, self.in_features)
+        return spec.from_tensors(first.previous, shape).dequantize(torch.float32)
+
     # -- merge ------------------------------------------------------------------------------------------
     def set_merge_strategy(self, strategy: Optional[str]) -> None:
         if strategy is not None and strategy not in STRATEGIES:
@@ -113,7 +121,6 @@ class LoraQuantLinear(LoraLinear):
             raise QuantConfigError(_NO_ORIGINAL)
         self.merge_strategy = strategy
 
-    @torch.no_grad()
     def merge(self, name: str, weight: float = 1.0, *, safe: bool = True, exact: bool = False) -> QuantMergeRecord:
         """Quantize the merged weight per `merge_strategy` (module docstring). Unmerge is always bit-exact,
         so `exact` changes nothing; `safe` refuses a NaN/Inf merged weight (nothing is written)."""
@@ -133,9 +140,10 @@ class LoraQuantLinear(LoraLinear):
                 "leave it active (merge_quantized(..., strategy='separate') does exactly that)"
             )
         if self.merge_strategy == "requantize":
-            warnings.warn(REQUANTIZE_WARNING, QuantizedMergeWarning, stacklevel=2)
+            warnings.warn(REQUANTIZE_WARNING, QuantizedMergeWarning, stacklevel=3)  # the caller of loraplex.merge
         return self._merge(name, weight, self.merge_strategy, safe)
 
+    @torch.no_grad()
     def _merge(self, name: str, weight: float, strategy: str, safe: bool) -> QuantMergeRecord:
         before = self.get_base_weight()  # (out, in) fp32
         d = weight * self.delta(name).to(device=before.device, dtype=torch.float32)  # (out, in)

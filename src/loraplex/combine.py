@@ -1,0 +1,447 @@
+"""Combine several LoRA adapters into one new adapter. Works on the files alone: no base model is loaded.
+
+Per target module, adapter i contributes its delta in LoRA layout, with its own r, alpha, rsLoRA,
+rank_pattern and alpha_pattern folded into its scale s_i (`config.rank_for/alpha_for` + `functional.scaling`):
+    A_i: (r_i, in[, *k])    B_i: (out, r_i[, 1, 1])    D_i = s_i * B_i @ A_i : (out, in * prod(k))
+Embeddings are combined as B @ A, i.e. (dim, vocab), the transpose of the embedding layout; every method below
+is elementwise or an SVD, so the layout does not change the result. The new adapter has scale 1 in every
+module (lora_alpha = r, no rsLoRA), so its delta is B_out @ A_out. With weights w_i:
+
+    cat      A_out = [A_1; A_2; ...] (rows)      B_out = [w_1 s_1 B_1, w_2 s_2 B_2, ...] (columns)
+             => B_out @ A_out == sum_i w_i D_i exactly; rank = sum_i r_i. A negative w_i only flips B_i.
+    linear   (PEFT's "linear"; ranks must be equal)       c_i = sqrt(|w_i| * s_i)
+             A_out = sum_i c_i A_i                        B_out = sum_i sign(w_i) c_i B_i
+             => B_out @ A_out = sum_i w_i D_i + sum_{i != j} sign(w_i) c_i c_j B_i @ A_j: NOT the sum of deltas
+             (the cross terms vanish only when all but one weight are 0). Report error = its distance from it.
+    svd      truncated SVD of sum_i w_i D_i, computed from the cat factors by QR (never formed densely):
+             U S V^T -> B_out = U[:, :r] * S[:r], A_out = V^T[:r] (all of S in B, A has orthonormal rows)
+    magnitude_prune  sum_i w_i * P_i(D_i)        P_i keeps the k = ceil(density * numel) largest |values|
+    dare_linear      sum_i w_i * D_i * M_i / density     M_i ~ Bernoulli(density), see `dare_mask`
+    ties             T_i = w_i * P_i(D_i); e = +1 where sum_i T_i >= 0 else -1 (the elected sign);
+                     out = sum_i T_i * [sign(T_i) == e] / max(1, #{i : sign(T_i) == e})   (disjoint mean)
+    dare_ties        as ties with T_i = w_i * D_i * M_i / density
+    The four pruning methods then go through the same truncated SVD. For svd and these, `rank` (default: the
+    largest input rank at the module) is an upper bound: a module gets min(rank, out, in * prod(k)) and for
+    svd at most sum_i r_i, the rank of the exact sum. Report error = relative Frobenius truncation error.
+
+modules_to_save copies are whole weights, not deltas: they are combined as sum_i w_i M_i, and only when every
+adapter carries the same copies and the weights sum to 1 (a weighted average); otherwise refused.
+With union=True a module some adapters do not target counts as a zero delta for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from . import __version__
+from .config import LoraConfig
+from .errors import (AdapterFileError, BaseMismatchError, ConfigError, IncompatibleAdaptersError, NonFiniteError,
+                     ShapeMismatchError, UnsupportedFeatureError)
+from .functional import delta_weight, scaling
+from .identity import PROBE_RTOL, content_hash
+from .report import format_table
+from .store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, read_adapter, write_json
+
+METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMPUTE = torch.float64  # all combination arithmetic; results are cast back to the inputs' dtype
+PathLike = Union[str, os.PathLike]
+_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
+             ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}  # suffix -> (factor, embedding?)
+_ERROR_MEANING = {"cat": "exact by construction", "linear": "relative distance from sum_i w_i D_i",
+                  "svd": "relative truncation error vs sum_i w_i D_i"}
+
+
+@dataclass
+class ModuleRow:
+    module: str
+    kind: str  # "linear" | "embedding" | "conv"
+    rank: int
+    error: float  # relative Frobenius error, meaning per method (CombineReport.error_meaning)
+
+
+@dataclass
+class CombineReport:
+    """What `combine` did: inputs, options, and per module the rank written and the error made."""
+
+    method: str
+    weights: list[float]
+    sources: list[dict[str, Any]]  # [{"path", "content_hash"}] in input order
+    density: Optional[float] = None
+    rank: Optional[int] = None
+    seed: int = 0
+    union: bool = False
+    modules: list[ModuleRow] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)  # averaged copy tensors
+
+    @property
+    def error_meaning(self) -> str:
+        return _ERROR_MEANING.get(self.method, "relative truncation error of the final SVD vs the merged delta")
+
+    @property
+    def max_error(self) -> float:
+        return max((m.error for m in self.modules), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "max_error": self.max_error, "error_meaning": self.error_meaning}
+
+    def table(self, per_module: bool = False) -> str:
+        """Modules grouped by name with layer numbers as '*' (or one row each), rank and error."""
+        groups: dict[str, list[ModuleRow]] = {}
+        for m in self.modules:
+            groups.setdefault(m.module if per_module else re.sub(r"\.\d+(?=\.|$)", ".*", m.module), []).append(m)
+        rows = []
+        for name, ms in groups.items():
+            lo, hi = min(m.rank for m in ms), max(m.rank for m in ms)
+            rows.append([name, len(ms), ms[0].kind, lo if lo == hi else f"{lo}-{hi}", f"{max(m.error for m in ms):.3g}"])
+        head = (f"method {self.method}, weights {self.weights}"
+                + (f", density {self.density}" if self.density is not None else "")
+                + (f", rank {self.rank}" if self.rank is not None else "") + (", union" if self.union else ""))
+        tail = f"max error {self.max_error:.3g} ({self.error_meaning})"
+        if self.modules_to_save:
+            tail += f"; modules_to_save averaged: {self.modules_to_save}"
+        return "\n".join([head, format_table(rows, ["modules", "count", "kind", "rank", "error"]), tail])
+
+
+@dataclass
+class CombineResult(AdapterFile):
+    """The new adapter (an AdapterFile: `load_adapter(model, result)` works before saving) plus its report.
+    `path` is a label like '<combined:cat>' until `save_combined` writes it."""
+
+    report: Optional[CombineReport] = None
+
+
+@dataclass
+class _Lora:
+    """One adapter's LoRA at one module; delta = scale * B @ A (factors flattened to 2-D)."""
+
+    kind: str
+    a: torch.Tensor  # (r, in[, *k]) as stored
+    b: torch.Tensor  # (out, r[, 1, 1]) as stored
+    scale: float
+
+    @property
+    def a2(self) -> torch.Tensor:
+        return self.a.to(COMPUTE).flatten(1)  # (r, in * prod(k))
+
+    @property
+    def b2(self) -> torch.Tensor:
+        return self.b.to(COMPUTE).flatten(1)  # (out, r)
+
+    def delta(self) -> torch.Tensor:
+        return delta_weight(self.a2, self.b2, self.scale)  # (out, in * prod(k))
+
+
+# -- the combination ------------------------------------------------------------------------------------------
+def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[float], method: str = "cat", *,
+            density: Optional[float] = None, rank: Optional[int] = None, seed: int = 0,
+            union: bool = False) -> CombineResult:
+    """A new adapter from `adapters` (directories or AdapterFiles) with `weights`, by `method` (module docstring).
+
+    density: fraction kept, in (0, 1], required by ties/dare_linear/dare_ties/magnitude_prune and refused by
+    the others. rank: output rank bound for svd and the pruning methods. seed: DARE's masks. union: combine
+    over the union of target modules instead of refusing adapters that target different modules.
+    """
+    afs = [a if isinstance(a, AdapterFile) else read_adapter(a) for a in adapters]
+    weights = _check_args(afs, weights, method, density, rank)
+    fingerprint = _common_base(afs)
+    parsed = [_split(af) for af in afs]
+    loras = [p[0] for p in parsed]
+    tensors: dict[str, torch.Tensor] = {}
+    rows = []
+    for module in _module_plan(afs, loras, union):
+        present = [(i, lr[module]) for i, lr in enumerate(loras) if module in lr]
+        _check_shapes(module, present, afs)
+        mods, ws = [x for _, x in present], [weights[i] for i, _ in present]
+        a_cat, b_cat = _cat(mods, ws)
+        if method == "cat":
+            a, b, err = a_cat, b_cat, 0.0
+        elif method == "linear":
+            a, b, err = _linear(module, present, ws, afs, a_cat, b_cat)
+        else:
+            r = rank or max(x.a.shape[0] for x in mods)
+            if method == "svd":
+                a, b, err = _truncate(*_svd_lowrank(b_cat, a_cat), r)
+            else:
+                a, b, err = _truncate(*torch.linalg.svd(_pruned_sum(method, module, present, ws, density, seed),
+                                                        full_matrices=False), r)
+        first = mods[0]
+        dtype = _promote([t.dtype for x in mods for t in (x.a, x.b)])
+        a = a.reshape(a.shape[0], *first.a.shape[1:]).to(dtype).contiguous()  # (r_out, in[, *k])
+        b = b.reshape(b.shape[0], b.shape[1], *first.b.shape[2:]).to(dtype).contiguous()  # (out, r_out[, 1, 1])
+        ka, kb = ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if first.kind == "embedding"
+                  else (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
+        tensors[ka], tensors[kb] = a, b
+        rows.append(ModuleRow(module, first.kind, a.shape[0], float(err)))
+    copies = _average_copies(afs, [p[1] for p in parsed], weights)
+    tensors.update(copies)
+    config = adapter_config(
+        {row.module: row.rank for row in rows}, fan_in_fan_out=any(af.config.fan_in_fan_out for af in afs),
+        modules_to_save=sorted({m for af in afs for m in af.config.modules_to_save or []}) if copies else None,
+        task_type=_common([af.config.task_type for af in afs]),
+        base_model_name_or_path=_common([af.config.base_model_name_or_path for af in afs]))
+    report = CombineReport(method, weights, [{"path": str(af.path), "content_hash": af.content_hash} for af in afs],
+                           density, rank, seed, union, rows, sorted(copies))
+    af = new_adapter(config, tensors, fingerprint, f"<combined:{method}>")
+    return CombineResult(**{f.name: getattr(af, f.name) for f in dataclasses.fields(AdapterFile)}, report=report)
+
+
+def _cat(mods: list[_Lora], ws: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.cat([x.a2 for x in mods], dim=0)  # (sum r_i, in')
+    b = torch.cat([(w * x.scale) * x.b2 for x, w in zip(mods, ws)], dim=1)  # (out, sum r_i)
+    return a, b
+
+
+def _linear(module: str, present: list[tuple[int, _Lora]], ws: list[float], afs: list[AdapterFile],
+            a_cat: torch.Tensor, b_cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ranks = {str(afs[i].path): x.a.shape[0] for i, x in present}
+    if len(set(ranks.values())) > 1:
+        raise IncompatibleAdaptersError(
+            f"method 'linear' adds the A's and the B's, so it needs equal ranks, but module {module!r} has ranks "
+            f"{ranks}; use 'cat' (exact, rank = sum of ranks) or 'svd' (exact sum truncated to the rank you choose)")
+    cs = [math.sqrt(abs(w) * x.scale) for w, (_, x) in zip(ws, present)]
+    a = sum(c * x.a2 for c, (_, x) in zip(cs, present))  # (r, in')
+    b = sum(math.copysign(c, w) * x.b2 for c, w, (_, x) in zip(cs, ws, present))  # (out, r)
+    target = _fro(b_cat, a_cat)
+    err = _fro(torch.cat([b, -b_cat], 1), torch.cat([a, a_cat], 0)) / target if target > 0 else 0.0
+    return a, b, err
+
+
+def _fro(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||b @ a||_F without forming the product: trace((b^T b)(a a^T)), both (R, R) and symmetric."""
+    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
+
+
+def _svd_lowrank(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of b @ a from its factors: b (out, R), a (R, in) -> U (out, k), S (k,), Vh (k, in), k = min(out, in, R)."""
+    qb, rb = torch.linalg.qr(b)  # (out, k1), (k1, R)
+    qa, ra = torch.linalg.qr(a.T)  # (in, k2), (k2, R)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # (k1, k), (k,), (k, k2)
+    return qb @ u, s, vh @ qa.T
+
+
+def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Keep the top r (at most len(s)) components: A = Vh[:r], B = U[:, :r] * S[:r]; relative Frobenius error."""
+    r = min(r, s.shape[0])
+    total = float(s.pow(2).sum())
+    err = math.sqrt(float(s[r:].pow(2).sum()) / total) if total > 0 else 0.0
+    return vh[:r], u[:, :r] * s[:r], err
+
+
+def magnitude_mask(d: torch.Tensor, density: float) -> torch.Tensor:
+    """Boolean mask of the k = ceil(density * numel) entries of largest |d| (at least one)."""
+    k = max(1, math.ceil(density * d.numel() - 1e-9))  # the epsilon keeps 0.3 * 10 at 3, not 4
+    mask = torch.zeros(d.numel(), dtype=torch.bool)
+    mask[d.abs().flatten().topk(k).indices] = True
+    return mask.view(d.shape)
+
+
+def dare_mask(shape: Sequence[int], density: float, seed: int, module: str, index: int) -> torch.Tensor:
+    """DARE's keep-mask for input adapter `index` at `module`: True with probability `density`, drawn from a
+    generator seeded by sha256(seed|module|index), so it depends on neither the order nor the set of modules."""
+    digest = hashlib.sha256(f"{seed}|{module}|{index}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
+    return torch.rand(tuple(shape), generator=gen, dtype=COMPUTE) < density
+
+
+def _pruned_sum(method: str, module: str, present: list[tuple[int, _Lora]], ws: list[float], density: float,
+                seed: int) -> torch.Tensor:
+    """The merged dense delta of a pruning method (module docstring), (out, in * prod(k))."""
+    kept = []
+    for (i, x), w in zip(present, ws):
+        d = x.delta()
+        if method in ("magnitude_prune", "ties"):
+            d = d * magnitude_mask(d, density)
+        else:
+            d = d * dare_mask(d.shape, density, seed, module, i) / density
+        kept.append(w * d)
+    t = torch.stack(kept)  # (n, out, in')
+    if method in ("magnitude_prune", "dare_linear"):
+        return t.sum(0)
+    elected = torch.where(t.sum(0) >= 0, 1.0, -1.0).to(t.dtype)  # (out, in')
+    agree = torch.sign(t) == elected  # zeros never agree
+    return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+# -- checks and bookkeeping -----------------------------------------------------------------------------------
+def _check_args(afs: list[AdapterFile], weights: Sequence[float], method: str, density: Optional[float],
+                rank: Optional[int]) -> list[float]:
+    if method not in METHODS:
+        raise ConfigError(f"unknown combine method {method!r}; expected one of {METHODS}")
+    if not afs:
+        raise ConfigError("no adapter given to combine")
+    weights = list(weights)
+    if len(weights) != len(afs):
+        raise ConfigError(f"got {len(afs)} adapters but {len(weights)} weights; give one weight per adapter")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ConfigError(f"weights must be finite numbers, got {weights}")
+    if method in PRUNING:
+        if density is None or isinstance(density, bool) or not isinstance(density, (int, float)) \
+                or not 0 < density <= 1:
+            raise ConfigError(f"method {method!r} needs density in (0, 1] (the fraction of each delta kept), "
+                              f"got {density!r}")
+    elif density is not None:
+        raise ConfigError(f"density applies only to {PRUNING}, not to method {method!r}")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+        if method in ("cat", "linear"):
+            raise ConfigError(f"method {method!r} takes its rank from the inputs; rank applies to svd and {PRUNING}")
+    return [float(w) for w in weights]
+
+
+def _common_base(afs: list[AdapterFile]) -> Optional[dict[str, Any]]:
+    """The base fingerprint the inputs agree on (inputs without one, e.g. written by PEFT, are not checked)."""
+    known = [af for af in afs if af.base_fingerprint]
+    for af in known[1:]:
+        ref, fp = known[0].base_fingerprint, af.base_fingerprint
+        p, q = ref.get("probe", []), fp.get("probe", [])
+        dist = math.sqrt(sum((x - y) ** 2 for x, y in zip(p, q))) / (math.sqrt(sum(x * x for x in p)) or 1.0)
+        if fp.get("structure") != ref.get("structure") or len(p) != len(q) or dist > PROBE_RTOL:
+            raise BaseMismatchError(
+                f"adapters {str(known[0].path)!r} and {str(af.path)!r} were made for different base models "
+                f"(structure {ref.get('structure')} vs {fp.get('structure')}, probe distance {dist:.3g}); "
+                "their deltas apply to unrelated weights. Combine adapters of one base only.")
+    return known[0].base_fingerprint if known else None
+
+
+def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor]]:
+    """({module: _Lora}, {key: modules_to_save copy tensor}) of one adapter; refuses tensors of unknown role."""
+    cfg = af.config
+    if cfg.bias != "none":
+        raise UnsupportedFeatureError(f"adapter {str(af.path)!r} trains biases (bias={cfg.bias!r}); combine handles "
+                                      "LoRA factors and modules_to_save copies only")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    embedding: dict[str, bool] = {}
+    copies = {}
+    for key, t in af.tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            if any(key.startswith(m + ".") or f".{m}." in key for m in cfg.modules_to_save or []):
+                copies[key] = t
+                continue
+            raise UnsupportedFeatureError(f"adapter {str(af.path)!r} holds {key!r}, neither a LoRA factor nor a "
+                                          "modules_to_save copy; combine cannot tell what it means")
+        factor, embedding[key[: -len(suffix)]] = _SUFFIXES[suffix]
+        parts.setdefault(key[: -len(suffix)], {})[factor] = t
+    loras = {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterFileError(f"adapter {str(af.path)!r} has lora_{set(ab).pop()} but not its partner for {module!r}")
+        a, b, r = ab["A"], ab["B"], cfg.rank_for(module)
+        if a.shape[0] != r or b.ndim < 2 or b.shape[1] != r:
+            raise ShapeMismatchError(f"adapter {str(af.path)!r}: {module!r} has A {tuple(a.shape)} and B "
+                                     f"{tuple(b.shape)}, but its config gives rank {r} (wrong rank_pattern?)")
+        kind = "embedding" if embedding[module] else "conv" if a.ndim > 2 else "linear"
+        loras[module] = _Lora(kind, a, b, scaling(r, cfg.alpha_for(module), cfg.use_rslora))
+    return loras, copies
+
+
+def _module_plan(afs: list[AdapterFile], loras: list[dict[str, _Lora]], union: bool) -> list[str]:
+    every = set().union(*loras)
+    if not union:
+        lacking = [(af, sorted(every - set(lr))) for af, lr in zip(afs, loras) if every - set(lr)]
+        if lacking:
+            detail = "; ".join(f"{str(af.path)!r} lacks {len(ms)}, e.g. {ms[:4]}" for af, ms in lacking)
+            raise IncompatibleAdaptersError(f"the adapters target different modules: {detail}. Pass union=True "
+                                            "(CLI --union) to combine over the union, a missing delta counting as 0")
+    return sorted(every)
+
+
+def _check_shapes(module: str, present: list[tuple[int, _Lora]], afs: list[AdapterFile]) -> None:
+    def sig(x: _Lora) -> tuple:
+        return x.kind, tuple(x.a.shape[1:]), x.b.shape[0], tuple(x.b.shape[2:])
+
+    sigs = {str(afs[i].path): sig(x) for i, x in present}
+    if len(set(sigs.values())) > 1:
+        raise ShapeMismatchError(f"module {module!r} differs between adapters as (kind, A shape after rank, "
+                                 f"out, B kernel): {sigs}; were they made for the same base?")
+
+
+def _average_copies(afs: list[AdapterFile], copies: list[dict[str, torch.Tensor]],
+                    weights: list[float]) -> dict[str, torch.Tensor]:
+    """modules_to_save copies: sum_i w_i M_i when every adapter has the same copies and sum_i w_i == 1."""
+    if not any(copies):
+        return {}
+    keys = [sorted(c) for c in copies]
+    if any(k != keys[0] for k in keys):
+        detail = {str(af.path): k for af, k in zip(afs, keys)}
+        raise UnsupportedFeatureError(f"the adapters replace different modules (modules_to_save copies {detail}); a "
+                                      "missing copy stands for the base's own module, which combine does not read")
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise UnsupportedFeatureError(f"modules_to_save copies {keys[0]} are whole weights, not deltas, so they are "
+                                      f"averaged: the weights must sum to 1, got {weights} (sum {sum(weights):g})")
+    out = {}
+    for key in keys[0]:
+        ts = [c[key] for c in copies]
+        if len({tuple(t.shape) for t in ts}) > 1:
+            raise ShapeMismatchError(f"modules_to_save copy {key!r} has shapes {[tuple(t.shape) for t in ts]}")
+        out[key] = sum(w * t.to(COMPUTE) for w, t in zip(weights, ts)).to(ts[0].dtype)
+    return out
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def _common(values: list[Any]) -> Any:
+    return values[0] if len(set(map(str, values))) == 1 else None
+
+
+# -- new adapters and their files (shared with extract.py) ----------------------------------------------------
+def adapter_config(ranks: dict[str, int], **fields: Any) -> LoraConfig:
+    """Config of a scale-1 adapter with per-module `ranks`: target_modules = the exact module names, lora_alpha
+    = r in every module (alpha / r = 1, no rsLoRA); the most common rank is `r`, the others go to rank_pattern and
+    alpha_pattern under the escaped module name, e.g. {'model\\.layers\\.0\\.self_attn\\.q_proj': 16}."""
+    counts = Counter(ranks.values())
+    r0 = max(counts, key=lambda r: (counts[r], r))
+    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != r0}
+    return LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=pattern,
+                      alpha_pattern=dict(pattern), **fields)
+
+
+def new_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], fingerprint: Optional[dict[str, Any]],
+                label: str) -> AdapterFile:
+    """An in-memory AdapterFile (model-relative keys) with the content hash `read_adapter` will compute."""
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"the new adapter would hold NaN/Inf in {bad[:3]}; nothing was written")
+    raw = json.loads(json.dumps(config.to_dict(), default=str))
+    digest = content_hash(raw, {PREFIX + k: t for k, t in tensors.items()})
+    return AdapterFile(Path(label), config, tensors, digest, fingerprint, __version__, raw)
+
+
+def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: dict[str, Any]) -> Path:
+    """Write `af` in PEFT's layout, atomically, with loraplex's metadata (version, content hash, base
+    fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json."""
+    meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": af.content_hash,
+            f"loraplex.{record_name}": json.dumps({k: v for k, v in record.items() if k != "modules"}, default=str)}
+    if af.base_fingerprint:
+        meta["loraplex.base_fingerprint"] = json.dumps(af.base_fingerprint)
+    with atomic_directory(out_dir) as tmp:
+        save_file({PREFIX + k: t.contiguous() for k, t in af.tensors.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
+        write_json(tmp / CONFIG_NAME, af.raw_config)
+        write_json(tmp / f"loraplex_{record_name}.json", record)
+    return Path(out_dir)
+
+
+def save_combined(result: CombineResult, out_dir: PathLike) -> CombineResult:
+    """Write a combined adapter (PEFT-loadable) plus loraplex_combine.json; returns it with `path` = out_dir."""
+    path = write_adapter(result, out_dir, "combine", result.report.to_dict() if result.report else {})
+    return dataclasses.replace(result, path=path)
