@@ -20,6 +20,10 @@ from .errors import LoraplexError
 COMMANDS = {
     "info": "loraplex.commands",
     "merge": "loraplex.commands",
+    "verify": "loraplex.verify",
+    "train": "loraplex.train.cli",
+    "combine": "loraplex.combine_cli",
+    "extract": "loraplex.combine_cli",
 }
 
 

@@ -159,6 +159,12 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
     weights = _check_args(afs, weights, method, density, rank)
     fingerprint = _common_base(afs)
     parsed = [_split(af) for af in afs]
+    seen: dict[str, torch.Tensor] = {}
+    for af, (_, _, base_copies) in zip(afs, parsed):
+        for key, t in base_copies.items():
+            if not torch.equal(seen.setdefault(key, t), t):
+                raise BaseMismatchError(f"adapters carry different copies of the base weight {key!r} (different bases, "
+                                        f"or a resized vocabulary?); {str(af.path)!r} differs from an earlier input")
     loras = [p[0] for p in parsed]
     tensors: dict[str, torch.Tensor] = {}
     rows = []
@@ -180,8 +186,8 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
                                                         full_matrices=False), r)
         first = mods[0]
         dtype = _promote([t.dtype for x in mods for t in (x.a, x.b)])
-        a = a.reshape(a.shape[0], *first.a.shape[1:]).to(dtype).contiguous()  # (r_out, in[, *k])
-        b = b.reshape(b.shape[0], b.shape[1], *first.b.shape[2:]).to(dtype).contiguous()  # (out, r_out[, 1, 1])
+        a = a.reshape(a.shape[0], *first.a.shape[1:]).to(dtype)  # (r_out, in[, *k])
+        b = b.reshape(b.shape[0], b.shape[1], *first.b.shape[2:]).to(dtype)  # (out, r_out[, 1, 1])
         ka, kb = ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if first.kind == "embedding"
                   else (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
         tensors[ka], tensors[kb] = a, b
@@ -273,7 +279,7 @@ def _pruned_sum(method: str, module: str, present: list[tuple[int, _Lora]], ws: 
         return t.sum(0)
     elected = torch.where(t.sum(0) >= 0, 1.0, -1.0).to(t.dtype)  # (out, in')
     agree = torch.sign(t) == elected  # zeros never agree
-    return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return (t * agree).sum(0) / len(kept)
 
 
 # -- checks and bookkeeping -----------------------------------------------------------------------------------
@@ -318,25 +324,30 @@ def _common_base(afs: list[AdapterFile]) -> Optional[dict[str, Any]]:
     return known[0].base_fingerprint if known else None
 
 
-def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor]]:
-    """({module: _Lora}, {key: modules_to_save copy tensor}) of one adapter; refuses tensors of unknown role."""
+def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({module: _Lora}, {key: modules_to_save copy}, {key: base weight copy}) of one adapter; refuses tensors of
+    unknown role. Base weight copies (PEFT's save_embedding_layers) must agree between inputs and are not written."""
     cfg = af.config
     if cfg.bias != "none":
         raise UnsupportedFeatureError(f"adapter {str(af.path)!r} trains biases (bias={cfg.bias!r}); combine handles "
                                       "LoRA factors and modules_to_save copies only")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     embedding: dict[str, bool] = {}
-    copies = {}
+    copies, base_copies = {}, {}
     for key, t in af.tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             if any(key.startswith(m + ".") or f".{m}." in key for m in cfg.modules_to_save or []):
                 copies[key] = t
                 continue
+            if key.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: a copy of the base weight
+                base_copies[key] = t
+                continue
             raise UnsupportedFeatureError(f"adapter {str(af.path)!r} holds {key!r}, neither a LoRA factor nor a "
                                           "modules_to_save copy; combine cannot tell what it means")
-        factor, embedding[key[: -len(suffix)]] = _SUFFIXES[suffix]
-        parts.setdefault(key[: -len(suffix)], {})[factor] = t
+        module, (factor, is_embedding) = key[: -len(suffix)], _SUFFIXES[suffix]
+        parts.setdefault(module, {})[factor] = t
+        embedding[module] = is_embedding
     loras = {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
@@ -347,7 +358,7 @@ def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor]]:
                                      f"{tuple(b.shape)}, but its config gives rank {r} (wrong rank_pattern?)")
         kind = "embedding" if embedding[module] else "conv" if a.ndim > 2 else "linear"
         loras[module] = _Lora(kind, a, b, scaling(r, cfg.alpha_for(module), cfg.use_rslora))
-    return loras, copies
+    return loras, copies, base_copies
 
 
 def _module_plan(afs: list[AdapterFile], loras: list[dict[str, _Lora]], union: bool) -> list[str]:
@@ -419,6 +430,8 @@ def adapter_config(ranks: dict[str, int], **fields: Any) -> LoraConfig:
 def new_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], fingerprint: Optional[dict[str, Any]],
                 label: str) -> AdapterFile:
     """An in-memory AdapterFile (model-relative keys) with the content hash `read_adapter` will compute."""
+    # canonical strides: slices of SVD factors can be "contiguous" with a size-1 dim of stride != 1
+    tensors = {k: t.clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteError(f"the new adapter would hold NaN/Inf in {bad[:3]}; nothing was written")
@@ -435,7 +448,7 @@ def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: 
     if af.base_fingerprint:
         meta["loraplex.base_fingerprint"] = json.dumps(af.base_fingerprint)
     with atomic_directory(out_dir) as tmp:
-        save_file({PREFIX + k: t.contiguous() for k, t in af.tensors.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
+        save_file({PREFIX + k: t for k, t in af.tensors.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
         write_json(tmp / CONFIG_NAME, af.raw_config)
         write_json(tmp / f"loraplex_{record_name}.json", record)
     return Path(out_dir)

@@ -91,3 +91,7 @@ class LeaseError(LoraplexError, RuntimeError):
 class IncompatibleAdaptersError(LoraplexError, ValueError):
     """Adapters cannot be combined as asked: they target different modules (without union), or the method
     needs something they do not share (e.g. 'linear' needs equal ranks per module)."""
+
+
+class CheckpointError(LoraplexError, OSError):
+    """A training checkpoint is unreadable, incomplete, or was made by a run with other settings."""

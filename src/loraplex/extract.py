@@ -122,7 +122,7 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
         b = (u[:, :r] * s[:r]).reshape(delta.shape[0], r, *([1] * (delta.ndim - 2)))  # (out, r[, 1, 1])
         ka, kb = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if kind == "embedding"
                   else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
-        tensors[ka], tensors[kb] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        tensors[ka], tensors[kb] = a.to(dtype), b.to(dtype)
         ranks[key] = r
         kept = float(power[:r].sum()) / total
         report.modules.append(ExtractRow(key, kind, r, math.sqrt(max(1.0 - kept, 0.0)), kept))

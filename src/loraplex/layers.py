@@ -51,6 +51,8 @@ class MergeRecord:
 class LoraLayer(nn.Module):
     """Common state and logic of all LoRA wrappers; subclasses define how A/B are built and applied."""
 
+    supports_dropout = True  # False where inputs are ids (embeddings): dropout on ids is meaningless
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -80,7 +82,7 @@ class LoraLayer(nn.Module):
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
         with torch.no_grad():
             self._init(name, init, generator)
@@ -254,7 +256,9 @@ class LoraLinear(LoraLayer):
 
 
 class LoraEmbedding(LoraLayer):
-    """LoRA over nn.Embedding: y = E[ids] + scale * A.T[ids] @ B.T."""
+    """LoRA over nn.Embedding: y = E[ids] + scale * A.T[ids] @ B.T (no dropout on ids, as in PEFT)."""
+
+    supports_dropout = False
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
@@ -289,18 +293,6 @@ class LoraEmbedding(LoraLayer):
             x, a, b, self.scaling[name], padding_idx=base.padding_idx, max_norm=base.max_norm,
             norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
         )
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # dropout on token ids is meaningless; PEFT applies none to embeddings either
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
-            return result
-        if self.row_routing is not None:
-            return self._routed(x, result)
-        for name, weight in self.active:
-            if name not in self.merged:
-                result = result + (weight * self._lora(name, x)).to(result.dtype)
-        return result
 
     def delta(self, name: str) -> torch.Tensor:
         return LF.delta_weight(*self.adapter_tensors(name), self.scaling[name]).T  # (num_embeddings, dim)

@@ -1,5 +1,6 @@
-"""Training: data sources, tokenization with loss masks, splitting and batching (the loop lives beside them)."""
+"""Training: data sources, tokenization with loss masks, splitting and batching; the loop, checkpoints, DDP."""
 
+from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, Batcher, Example, Examples, split, tokenize
 from .sources import (
     Message,
@@ -10,8 +11,16 @@ from .sources import (
     load_records,
     write_jsonl,
 )
+from .distributed import DistInfo, init_distributed
+from .loop import Job, Trainer, TrainConfig, adapter_params, lr_factor, row_losses, row_losses_reference
+from .plot import plot_losses
+from .run import TrainResult, train
 
 __all__ = [
     "IGNORE_INDEX", "Batcher", "Example", "Examples", "Message", "Record", "RecordSet", "chatterbot_topics",
     "fortune_categories", "load_records", "split", "tokenize", "write_jsonl",
+    # the loop
+    "Checkpoint", "DistInfo", "Job", "TrainConfig", "TrainResult", "Trainer", "adapter_params", "find_checkpoint",
+    "init_distributed", "load_checkpoint", "lr_factor", "plot_losses", "row_losses", "row_losses_reference",
+    "save_checkpoint", "train",
 ]

@@ -1,0 +1,419 @@
+"""The training loop: AdamW over the adapters' tensors, warmup + cosine, accumulation, clipping, eval, resume.
+
+One optimizer step of one adapter ("job") consumes `grad_accum` micro-batches of its own Batcher
+(each micro-batch holds batch_size * world_size rows: the global micro-batch, split across ranks), and
+    loss_job = sum over the step's target tokens of -log p(token) / (target tokens of the whole step)
+so accumulation, data parallelism and several adapters in one batch all give the gradient of the same
+per-token mean (see distributed.py). Several jobs train in ONE forward/backward: their rows are
+concatenated and `route_rows` sends each row through its own adapter; the summed loss is sum_j loss_j, and
+since adapter j's tensors only touch j's rows, d(sum)/d(theta_j) = d(loss_j)/d(theta_j). With its own
+AdamW, schedule, clipping norm and Batcher per job, each adapter gets exactly the updates it would get if
+trained alone with the same settings (up to float summation order; with dropout 0, since masks are
+drawn from one RNG stream).
+
+The loss never builds the full (B, T, vocab) logits: for the model types in FAST_LOSS_TYPES it runs the
+decoder, keeps the hidden states of target positions and applies the output head to those only
+(`row_losses`; `row_losses_reference` is the plain full-logits version it is tested against).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..inject import lora_layers, route_rows
+from . import checkpoint as ckpt_mod
+from ..config import ALL_LINEAR
+from ..errors import ConfigError
+from .data import IGNORE_INDEX, Batcher, Example
+from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, shard, wrap
+
+FAST_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo2", "phi3", "smollm3"})
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs; the CLI flags of `loraplex train` map one to one (--grad-accum -> grad_accum).
+
+    Batches: batch_size rows per process per micro-batch; an optimizer step sees
+    batch_size * world_size * grad_accum rows. epochs counts passes over each adapter's training split;
+    max_steps (when set) overrides it and the data repeats as needed.
+    """
+
+    base: str  # load_base spec: "smollm2", a transformers directory, ...
+    data: Union[list[str], str]  # sources: x.jsonl, chatterbot:TOPIC, fortunes:CATEGORY
+    out: Union[str, Path]
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: Union[str, list[str]] = ALL_LINEAR  # "all-linear", a regex, or module names
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # of the optimizer steps
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512  # tokens per example (padding) or per packed row
+    eval_split: float = 0.1  # fraction of distinct examples held out per source
+    eval_every: Optional[int] = None  # steps; None: 4 evaluations over the run; 0: before and at the end only
+    log_every: int = 1
+    seed: int = 0
+    packing: bool = False
+    save_every: int = 0  # steps between checkpoints; 0: none
+    resume: bool = False  # continue from out/checkpoint when there is one
+    overwrite: bool = False  # start over in an out directory that holds an earlier run
+    skip_bad: bool = False
+    quantize: str = "none"  # "none" | "int8" | "nf4": QLoRA over a quantized frozen base
+    num_layers: Optional[int] = None
+    out_per_data: bool = False  # one adapter per data source, all trained in one pass: out/<name>/
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    progress: Optional[bool] = None  # progress bar on stderr; None: only when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        if not self.data:
+            raise ConfigError("TrainConfig.data: expected at least one data source, got none")
+        positive = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
+                    "grad_accum": self.grad_accum, "max_length": self.max_length, "log_every": self.log_every}
+        for key, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TrainConfig.{key}: expected a positive int, got {value!r}")
+        for key in ("max_steps", "save_every", "eval_every", "num_layers"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"TrainConfig.{key}: expected a non-negative int or None, got {value!r}")
+        if not (self.lr > 0 and self.alpha > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise ConfigError(f"TrainConfig: expected lr > 0, alpha > 0, weight_decay >= 0, max_grad_norm >= 0, got "
+                              f"{self.lr}, {self.alpha}, {self.weight_decay}, {self.max_grad_norm}")
+        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_split < 1:
+            raise ConfigError(f"TrainConfig: expected 0 <= warmup_ratio < 1 and 0 <= eval_split < 1, got "
+                              f"{self.warmup_ratio}, {self.eval_split}")
+        if self.quantize not in ("none", "int8", "nf4"):
+            raise ConfigError(f"TrainConfig.quantize: expected 'none', 'int8' or 'nf4', got {self.quantize!r}")
+        self.out = Path(self.out)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with its checkpoint (all that change the result)."""
+        keep = {"out", "resume", "overwrite", "progress", "save_every", "log_every", "eval_every", "device"}
+        return {k: v for k, v in asdict(self).items() if k not in keep}
+
+
+# ---- schedule and optimizer ------------------------------------------------------------------------------
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup (s+1)/(warmup+1) for
+    s < warmup, then cosine from 1 towards 0 that never reaches it (every step still learns)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig, total_steps: int):
+    """AdamW over `params` (the adapter's tensors only) and its LambdaLR warmup + cosine schedule."""
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    warmup = round(config.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
+    return opt, sched
+
+
+# ---- loss --------------------------------------------------------------------------------------------------
+
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss: labels[:, 1:] != -100 (token t+1 is predicted at position t)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def row_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy of each row: (B,) fp32. The output head runs on target positions only."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if getattr(getattr(model, "config", None), "model_type", None) not in FAST_LOSS_TYPES or head is None:
+        return row_losses_reference(model, batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    mask = labels != IGNORE_INDEX
+    logits = head(hidden[:, :-1][mask])  # (N, V): only the N target positions
+    ce = F.cross_entropy(logits.float(), labels[mask], reduction="none")  # (N,)
+    rows = mask.nonzero()[:, 0]  # (N,) row of each target, in the same row-major order as the mask
+    return torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+
+
+def row_losses_reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The obvious version of `row_losses`: full logits (B, T, V), then masked cross-entropy per row."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], reduction="none",
+                         ignore_index=IGNORE_INDEX)  # (B, T-1), 0 where ignored
+    return ce.sum(1)
+
+
+class _LossModule(nn.Module):
+    """What DDP wraps: forward(batch) -> per-row loss sums (B,)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return row_losses(self.model, batch)
+
+
+def concat_batches(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack batches along rows, right-padding shorter ones (pad_id / attention 0 / label -100)."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p["input_ids"].shape[1] for p in parts)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+    return {k: torch.cat([F.pad(p[k], (0, width - p[k].shape[1]), value=fill[k]) for p in parts]) for k in parts[0]}
+
+
+# ---- one adapter's training state ----------------------------------------------------------------------
+
+def adapter_params(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """Adapter `name`'s A/B tensors in module order (the order optimizer states are saved in)."""
+    return [t for _, layer in lora_layers(model) if name in layer.r for t in layer.adapter_tensors(name)]
+
+
+class Job:
+    """One adapter being trained: its tensors, data, optimizer, schedule and progress."""
+
+    def __init__(self, name: str, params: Sequence[nn.Parameter], train: Sequence[Example],
+                 held_out: Sequence[Example], config: TrainConfig, world_size: int, pad_id: int) -> None:
+        self.name, self.params, self.config = name, list(params), config
+        self.batcher = Batcher(train, config.batch_size * world_size, seed=config.seed, packing=config.packing,
+                               max_length=config.max_length, pad_id=pad_id)
+        self.total_micro = config.epochs * len(self.batcher)
+        self.total_steps = config.max_steps or math.ceil(self.total_micro / config.grad_accum)
+        self.optimizer, self.scheduler = make_optimizer(self.params, config, self.total_steps)
+        self.steps_done = 0
+        self._it: Optional[Any] = None
+        self.train_examples, self.eval_examples = len(train), len(held_out)
+        # eval: each distinct example once, weighted by how often it occurs (same mean, less work)
+        counts: dict[tuple, list] = {}
+        for e in held_out:
+            counts.setdefault((tuple(e.input_ids), tuple(e.labels)), [e, 0])[1] += 1
+        self.eval_unique = [e for e, _ in counts.values()]
+        self.eval_weights = [float(n) for _, n in counts.values()]
+        self.eval_before: Optional[float] = None
+        self.eval_after: Optional[float] = None
+
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.total_steps
+
+    def micro_in_step(self) -> int:
+        if self.config.max_steps:
+            return self.config.grad_accum
+        return min(self.config.grad_accum, self.total_micro - self.steps_done * self.config.grad_accum)
+
+    def next_micro(self) -> dict[str, torch.Tensor]:
+        for _ in range(2):  # the iterator ends with the epoch; a new one starts the next epoch
+            if self._it is None:
+                self._it = iter(self.batcher)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("Batcher yielded an empty epoch")  # impossible: Batcher refuses empty data
+
+    def state(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "batcher": self.batcher.state_dict(),
+                "eval_before": self.eval_before}
+
+    def restore(self, state: dict[str, Any], optimizer: dict, scheduler: dict) -> None:
+        self.batcher.load_state_dict(state["batcher"])
+        self._it = None
+        self.steps_done, self.eval_before = state["steps_done"], state["eval_before"]
+        self.optimizer.load_state_dict(optimizer)
+        self.scheduler.load_state_dict(scheduler)
+
+
+# ---- the loop --------------------------------------------------------------------------------------------
+
+class Trainer:
+    """Runs jobs to completion over one model; rank 0 writes metrics/checkpoints under `out` (if given)."""
+
+    def __init__(self, model: nn.Module, jobs: Sequence[Job], config: TrainConfig, info: DistInfo = DistInfo(),
+                 out: Optional[Path] = None, *, identity: Optional[dict] = None, base_name: Optional[str] = None,
+                 pad_id: int = 0) -> None:
+        self.model, self.jobs, self.config, self.info, self.out = model, list(jobs), config, info, out
+        self.routed = len(self.jobs) > 1  # several adapters: route rows; otherwise the active adapter runs
+        # several adapters: a finished adapter (or a short last step) leaves tensors without gradients
+        self.module = wrap(_LossModule(model), info, find_unused_parameters=self.routed)
+        self.identity, self.base_name, self.pad_id = identity or {}, base_name, pad_id
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
+        self.rows: list[dict[str, Any]] = []
+        self.total_steps = max(j.total_steps for j in self.jobs)
+        every = config.eval_every
+        self.eval_every = max(1, math.ceil(self.total_steps / 4)) if every is None else every
+
+    def _route(self, names: list[str]):
+        return route_rows(self.model, names) if self.routed else contextlib.nullcontext()
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, job: Job) -> Optional[float]:
+        """Mean next-token loss over the job's held-out examples (whole batches split across ranks)."""
+        if not job.eval_unique:
+            return None
+        self.model.eval()
+        bs = self.config.batch_size
+        total = torch.zeros(2, dtype=torch.float64)  # (weighted loss sum, weighted target count)
+        batches = Batcher(job.eval_unique, bs, seed=0, shuffle=False, pad_id=self.pad_id)
+        for k, batch in enumerate(batches):
+            if k % self.info.world_size != self.info.rank:
+                continue
+            w = torch.tensor(job.eval_weights[k * bs:(k + 1) * bs], dtype=torch.float64)
+            batch = {key: v.to(self.info.device) for key, v in batch.items()}
+            with self._route([job.name] * len(w)):
+                losses = row_losses(self.model, batch).double().cpu()
+            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu()
+            total += torch.stack([(losses * w).sum(), (n * w).sum()])
+        self.model.train()
+        total = all_reduce_sum(total.to(self.info.device), self.info).cpu()
+        return float(total[0] / total[1])
+
+    # -- one optimizer step for every unfinished job -------------------------------------------------------
+    def train_step(self) -> dict[str, dict[str, float]]:
+        info, world, bs = self.info, self.info.world_size, self.config.batch_size
+        active = [j for j in self.jobs if not j.done]
+        micro = {j.name: [j.next_micro() for _ in range(j.micro_in_step())] for j in active}
+        targets = {n: max(1, sum(target_count(b) for b in bs_)) for n, bs_ in micro.items()}  # global counts
+        tokens = {n: sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                         for b in bs_) for n, bs_ in micro.items()}
+        n_micro = max(len(b) for b in micro.values())
+        for job in self.jobs:
+            for p in job.params:
+                p.grad = None
+        self.model.train()
+        sums = torch.zeros(len(active), dtype=torch.float64)
+        for m in range(n_micro):
+            parts, names, spans = [], [], []
+            for j in active:
+                if m < len(micro[j.name]):
+                    part = {k: v.to(info.device) for k, v in shard(micro[j.name][m], info, bs).items()}
+                    spans.append((len(names), len(names) + part["input_ids"].shape[0], active.index(j)))
+                    names += [j.name] * part["input_ids"].shape[0]
+                    parts.append(part)
+            batch = concat_batches(parts, self.pad_id)
+            sync = m == n_micro - 1 or not info.enabled
+            with (contextlib.nullcontext() if sync else self.module.no_sync()), self._route(names):
+                losses = self.module(batch)  # (B,) per-row sums
+                loss = sum(losses[a:b].sum() * (world / targets[active[k].name]) for a, b, k in spans)
+                loss.backward()
+            for a, b, k in spans:
+                sums[k] += float(losses[a:b].detach().double().sum())
+        sums = all_reduce_sum(sums.to(info.device), info).cpu()
+        out = {}
+        max_norm = self.config.max_grad_norm or float("inf")
+        for k, job in enumerate(active):
+            norm = torch.nn.utils.clip_grad_norm_(job.params, max_norm)  # per adapter, after the all-reduce
+            lr = job.optimizer.param_groups[0]["lr"]
+            job.optimizer.step()
+            job.scheduler.step()
+            job.steps_done += 1
+            out[job.name] = {"loss": float(sums[k]) / targets[job.name], "lr": lr, "grad_norm": float(norm),
+                             "tokens": tokens[job.name], "target_tokens": targets[job.name]}
+        return out
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    def _record(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.out is not None and self.info.is_main:
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+
+    def restore(self, ckpt: "ckpt_mod.Checkpoint") -> None:
+        """Continue from a checkpoint: jobs, step, counters, this rank's RNG and the metrics so far."""
+        ckpt_mod.check_compatible(ckpt, self.identity, self.info.world_size)
+        state, trainer = ckpt.state, ckpt.trainer
+        for job in self.jobs:
+            job.restore(state["jobs"][job.name], trainer["optimizers"][job.name], trainer["schedulers"][job.name])
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        ckpt_mod.set_rng_state(trainer["rng"][self.info.rank])
+        lines = state["metrics_lines"]
+        if self.out is not None:
+            path = self.out / METRICS_FILE
+            kept = path.read_text(encoding="utf-8").splitlines()[:lines] if path.exists() else []
+            self.rows = [json.loads(line) for line in kept]
+            barrier(self.info)  # everyone has read before rank 0 rewrites
+            if self.info.is_main:
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def save_checkpoint(self) -> None:
+        rng = gather_objects(ckpt_mod.rng_state(), self.info)
+        if self.info.is_main and self.out is not None:
+            state = {"step": self.step, "world_size": self.info.world_size, "metrics_lines": len(self.rows),
+                     "identity": self.identity, "tokens": self.tokens, "elapsed": self.elapsed,
+                     "jobs": {j.name: j.state() for j in self.jobs}}
+            ckpt_mod.save_checkpoint(self.out, model=self.model, adapters=[j.name for j in self.jobs], state=state,
+                                     optimizers={j.name: j.optimizer for j in self.jobs},
+                                     schedulers={j.name: j.scheduler for j in self.jobs}, rng=rng,
+                                     base_name=self.base_name)
+        barrier(self.info)
+
+    def run(self, *, progress: Optional[bool] = None) -> list[dict[str, Any]]:
+        """Train every job to its last step; returns the metrics rows (also appended to out/metrics.jsonl)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if self.step == 0:
+            torch.manual_seed(cfg.seed + self.info.rank)  # dropout masks; a resumed run restores the state
+            for job in self.jobs:
+                job.eval_before = self.evaluate(job)
+                self._record({"step": 0, "adapter": job.name, "eval_loss": job.eval_before})
+        show = self.info.is_main and (sys.stderr.isatty() if progress is None else progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, file=sys.stderr, unit="step",
+                   dynamic_ncols=True, desc="train")
+        pending: dict[str, list[dict[str, float]]] = {}
+        try:
+            while not all(j.done for j in self.jobs):
+                start = time.perf_counter()
+                stats = self.train_step()
+                took = time.perf_counter() - start
+                self.step += 1
+                self.elapsed += took
+                step_tokens = sum(s["tokens"] for s in stats.values())
+                self.tokens += step_tokens
+                for name, s in stats.items():
+                    pending.setdefault(name, []).append({**s, "seconds": took, "step_tokens": step_tokens})
+                for job in self.jobs:
+                    if job.name not in stats:
+                        continue
+                    last = job.done
+                    evaluate = last or (self.eval_every > 0 and self.step % self.eval_every == 0)
+                    if not (last or evaluate or self.step % cfg.log_every == 0):
+                        continue
+                    got = pending.pop(job.name)
+                    row = {"step": self.step, "adapter": job.name,
+                           "loss": sum(g["loss"] for g in got) / len(got), "lr": got[-1]["lr"],
+                           "grad_norm": got[-1]["grad_norm"], "tokens": sum(g["tokens"] for g in got),
+                           "tokens_per_s": sum(g["step_tokens"] for g in got) / max(sum(g["seconds"] for g in got), 1e-9),
+                           "elapsed_s": round(self.elapsed, 3)}
+                    if evaluate:
+                        row["eval_loss"] = self.evaluate(job)
+                        if last:
+                            job.eval_after = row["eval_loss"]
+                    self._record(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        return self.rows

@@ -1,0 +1,191 @@
+"""`train(TrainConfig) -> TrainResult`: load the base and data, inject adapters, run the loop, write outputs.
+
+Output directory (rank 0 writes; each file replaced atomically):
+    DIR/adapter_config.json + adapter_model.safetensors   the adapter (one adapter), PEFT-loadable
+    DIR/<name>/...                                        one adapter directory per source (out_per_data)
+    DIR/metrics.jsonl    one JSON row per logged step and adapter (flushed as written)
+    DIR/loss.png         train and eval loss curves
+    DIR/train_summary.json   params, peak memory, tokens, time, eval loss before/after
+    DIR/checkpoint/      the last checkpoint (with save_every); `resume` continues from it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..config import LoraConfig
+from ..errors import ConfigError, DataError
+from ..inject import freeze_base, inject, set_active
+from ..models import load_base
+from ..report import parameter_report
+from ..store import load_adapter, save_adapter
+from . import checkpoint as ckpt_mod
+from .data import Examples, split, tokenize
+from .distributed import barrier, gather_objects, init_distributed, shutdown
+from .loop import METRICS_FILE, Job, Trainer, TrainConfig, adapter_params
+from .plot import plot_losses
+from .sources import load_records
+
+SUMMARY_FILE = "train_summary.json"
+LOSS_PNG = "loss.png"
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    adapters: dict[str, Path]  # adapter name -> its directory
+    steps: int
+    eval_loss_before: dict[str, Optional[float]]
+    eval_loss_after: dict[str, Optional[float]]
+    summary: dict[str, Any] = field(default_factory=dict)  # what train_summary.json holds
+    resumed_from: Optional[int] = None  # the checkpoint step this run continued from
+
+
+def source_name(source: str) -> str:
+    """Adapter name of a data source: the file stem (a.jsonl -> a) or the topic (chatterbot:tech_support ->
+    tech_support), with characters outside [A-Za-z0-9_-] replaced by '_'."""
+    stem = source.partition(":")[2] if source.startswith(("chatterbot:", "fortunes:")) else Path(source).stem
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:64] or "data"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _prepare_out(config: TrainConfig, is_main: bool) -> None:
+    out = config.out
+    earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
+    if earlier and not (config.resume or config.overwrite):
+        raise ConfigError(f"--out {str(out)!r} holds an earlier run ({earlier[0].name}); pass --resume to continue "
+                          "it, --overwrite to start over, or choose another directory")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if config.overwrite and not config.resume:
+            for p in earlier:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _load_data(config: TrainConfig, tokenizer) -> tuple[dict[str, tuple[list, list]], dict[str, Any]]:
+    """{adapter name: (train examples, eval examples)} and per-source facts for the summary."""
+    groups = ({source_name(s): [s] for s in config.data} if config.out_per_data else {"default": list(config.data)})
+    if config.out_per_data and len(groups) != len(config.data):
+        raise ConfigError(f"--out-per-data: expected data sources with distinct names, got {config.data} "
+                          f"-> {[source_name(s) for s in config.data]}; rename the files")
+    facts: dict[str, Any] = {}
+    out = {}
+    for name, sources in groups.items():
+        examples = Examples()
+        for source in sources:
+            records = load_records(source, skip_bad=config.skip_bad)
+            tok = tokenize(records, tokenizer, max_length=config.max_length)
+            facts[source] = {"records": len(records), "skipped": records.skipped, "examples": len(tok),
+                             "truncated": tok.truncated, "dropped": tok.dropped}
+            examples.extend(tok)
+        if not examples:
+            raise DataError(f"data {sources}: no usable example (every record was skipped or had no target token)")
+        out[name] = split(examples, config.eval_split, config.seed)
+    return out, facts
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train one adapter (or one per source with out_per_data) on `config.base`; see the module doc."""
+    info = init_distributed(config.device)
+    try:
+        return _train(config, info)
+    finally:
+        shutdown(info)
+
+
+def _train(config: TrainConfig, info) -> TrainResult:
+    _prepare_out(config, info.is_main)
+    barrier(info)
+    model, tokenizer = load_base(config.base, num_layers=config.num_layers)
+    if tokenizer is None:
+        raise ConfigError(f"base {config.base!r} has no tokenizer; training needs a model directory with one "
+                          "(e.g. 'smollm2', or a directory saved with model and tokenizer)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if config.quantize != "none":
+        from ..quant import quantize_model
+
+        quantize_model(model, config.quantize)  # before inject: LoRA then wraps the QuantLinear layers
+    model.to(info.device)
+    data, facts = _load_data(config, tokenizer)
+    found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
+    ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                      target_modules=config.targets, base_model_name_or_path=config.base)
+    for name in data:
+        if ckpt is not None and ckpt.adapter_dir(name).is_dir():
+            load_adapter(model, ckpt.adapter_dir(name), name, activate=False)
+        else:  # every adapter starts from the same seed: as if each were trained alone
+            inject(model, lora, name, seed=config.seed, activate=False)
+    freeze_base(model, None)
+    jobs = []
+    for name, (train_set, eval_set) in data.items():
+        params = adapter_params(model, name)
+        for p in params:
+            p.requires_grad_(True)
+        jobs.append(Job(name, params, train_set, eval_set, config, info.world_size, pad_id))
+    set_active(model, next(iter(data)) if len(data) == 1 else [])
+    trainer = Trainer(model, jobs, config, info, config.out, identity=config.identity(), base_name=config.base,
+                      pad_id=pad_id)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    rows = trainer.run(progress=config.progress)
+    peak = max(gather_objects(peak_rss_bytes(), info))
+    result = _finish(config, model, trainer, facts, peak, info.is_main, ckpt)
+    barrier(info)
+    return result
+
+
+def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -> TrainResult:
+    out = config.out
+    adapters = {j.name: (out if len(trainer.jobs) == 1 else out / j.name) for j in trainer.jobs}
+    report = parameter_report(model)
+    summary = {
+        "adapters": {j.name: {"path": str(adapters[j.name]), "trainable_params": sum(p.numel() for p in j.params),
+                              "train_examples": j.train_examples, "eval_examples": j.eval_examples,
+                              "steps": j.steps_done, "eval_loss_before": j.eval_before,
+                              "eval_loss_after": j.eval_after} for j in trainer.jobs},
+        "trainable_params": report.trainable, "frozen_params": report.frozen, "peak_rss_bytes": peak,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "steps": trainer.step, "tokens": trainer.tokens, "train_seconds": round(trainer.elapsed, 3),
+        "tokens_per_s": trainer.tokens / max(trainer.elapsed, 1e-9), "world_size": trainer.info.world_size,
+        "resumed_from_step": ckpt.state["step"] if ckpt is not None else None, "data": facts,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    }
+    if is_main:
+        for job in trainer.jobs:
+            _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out)
+        plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}")
+        tmp = out / f".{SUMMARY_FILE}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, out / SUMMARY_FILE)
+    return TrainResult(out, adapters, trainer.step, {j.name: j.eval_before for j in trainer.jobs},
+                       {j.name: j.eval_after for j in trainer.jobs}, summary,
+                       ckpt.state["step"] if ckpt is not None else None)
+
+
+def _save_into(model, name: str, directory: Path, base: str, *, shared: bool) -> None:
+    """save_adapter replaces its whole directory; a `shared` DIR also holds metrics and checkpoints, so the
+    adapter is written beside and its files moved in (each os.replace is atomic; weights first, config last)."""
+    if not shared:
+        save_adapter(model, name, directory, base_name=base)
+        return
+    staging = directory / ".adapter.tmp"
+    save_adapter(model, name, staging, base_name=base)
+    for f in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):
+        os.replace(f, directory / f.name)
+    staging.rmdir()
