@@ -12,7 +12,7 @@ Per scenario (rows x tokens) and number of distinct adapters (row b uses adapter
 Numbers are throughput ratios t_base / t_variant (1.00 = as fast as the base; build: t_base / t_build),
 medians of interleaved repeats. A second table times add + remove of one adapter with N already loaded.
 
-    .venv/bin/python bench/bench_runtime_ops.py [--reps 15]
+    .venv/bin/python bench/bench_runtime_ops.py [--reps 9]
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def bench_add(reps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=9)
     args = ap.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ratios = t_base / t_variant "

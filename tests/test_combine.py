@@ -276,7 +276,8 @@ def test_modules_to_save_copies_are_averaged_or_refused(tmp_path):
     with torch.no_grad():
         ra.tensors["lm_head.weight"] += 1.0
     out = save_combined(combine([ra, rb], [0.25, 0.75], "cat"), tmp_path / "out")
-    assert_close(out.tensors["lm_head.weight"], 0.25 * ra.tensors["lm_head.weight"] + 0.75 * rb.tensors["lm_head.weight"])
+    head = "lm_head.weight"
+    assert_close(out.tensors[head], 0.25 * ra.tensors[head] + 0.75 * rb.tensors[head])
     theirs = peft.PeftModel.from_pretrained(tiny_llama(seed=0), out.path).eval()
     ours = tiny_llama(seed=0)
     lp.load_adapter(ours, out.path)
@@ -328,7 +329,8 @@ def test_refusals(tmp_path):
         args = dict(weights=[1, 1], method="cat") | kwargs
         with pytest.raises(ConfigError, match=match):
             combine([x, x], args.pop("weights"), args.pop("method"), **args)
-    biased = mem_adapter({"x.q": (x.tensors["x.q.lora_A.weight"], x.tensors["x.q.lora_B.weight"])}, "b", r=2, bias="all")
+    ab = (x.tensors["x.q.lora_A.weight"], x.tensors["x.q.lora_B.weight"])
+    biased = mem_adapter({"x.q": ab}, "b", r=2, bias="all")
     with pytest.raises(UnsupportedFeatureError, match="bias"):
         combine([biased], [1])
 

@@ -27,7 +27,7 @@ from loraplex.errors import (
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool, build_plan, choose_strategy, lora_batched_, normalize_assignment
 
-PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 STRATEGIES = ("gather", "segment", "auto")
 
 
@@ -149,6 +149,7 @@ def test_strategy_rule_and_plan_shape():
     assert choose_strategy(64, 64) == "gather"  # decode, every row its own adapter
     assert choose_strategy(16, 1) == "segment"  # one adapter for the whole batch
     assert choose_strategy(0, 0) == "segment"
+    assert choose_strategy(64, 2) == "gather" and choose_strategy(64, 2, contiguous=True) == "segment"
     gen = torch.Generator().manual_seed(3)
     ad = {s: make_adapter(gen, r, 8, 8, torch.float32) for s, r in enumerate([2, 8])}
     plan = build_plan(lambda s, k: ad[s], [0, 1, -1, 1], {"l": (8, 8)}, dtype=torch.float32, strategy="gather")
@@ -438,3 +439,70 @@ def test_pool_dtype_and_cuda_fallback():
     slot = pool.add("a", "h", t, s)
     assert pool.tensors(slot, "q")[0].dtype == torch.bfloat16
     assert pool.resident_bytes == nbytes(4) // 2
+
+
+def test_plan_memory_single_slot_segments_copy_nothing_and_eviction_drops_cached_plans():
+    store = Store()
+    pool = AdapterPool(SHAPES, budget_bytes=2 * nbytes(4), loader=store)
+    for name in "abc":
+        store.files[(name, "h")] = adapter(ord(name))[0]
+    for name in "ab":
+        pool.add(name, "h", store.files[(name, "h")], {"q": 2.0, "v": 2.0})
+    a, b = pool.slot("a"), pool.slot("b")
+    assert pool.plan([a, a, -1], strategy="segment").nbytes == 0  # reads the pool's tensors
+    assert pool.plan([[(a, 0.5), (b, 0.5)]], strategy="segment").nbytes == 4 * nbytes(4) // 2  # a mix: a copy
+    assert pool.plan([a, b], strategy="gather").nbytes == nbytes(4) * 2
+    builds = pool.stats.plan_builds
+    pool.add("c", "h", store.files[("c", "h")], {"q": 2.0, "v": 2.0})  # evicts a (LRU)
+    assert not pool.is_resident("a")
+    pool.plan([b], strategy="gather")
+    assert pool.stats.plan_builds == builds + 1
+    pool.plan([a, a, -1], strategy="segment")  # its cached plan read a's tensors: dropped, rebuilt
+    assert pool.stats.plan_builds == builds + 2
+
+
+pool_ops = st.lists(
+    st.tuples(st.sampled_from(["add", "add", "acquire", "acquire", "release", "remove"]), st.integers(0, 3),
+              st.integers(0, 2)),
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=pool_ops)
+def test_random_pool_operations_keep_invariants_and_never_serve_stale(ops):
+    """Random add / replace / remove / acquire / release under a tight budget: the budget holds, leased
+    adapters stay resident, and every lease computes with exactly the content it acquired."""
+    store = Store()
+    budget = 3 * nbytes(4)
+    pool = AdapterPool(SHAPES, budget_bytes=budget, loader=store)
+    leases = []
+    for op, n, h in ops:
+        name, chash = f"n{n}", f"h{h}"
+        if op == "add":
+            if (name, chash) not in store.files:
+                store.files[(name, chash)] = adapter(10 * n + h, r=1 + 3 * h)[0]  # mixed ranks 1, 4, 7
+            try:
+                pool.add(name, chash, store.files[(name, chash)], {"q": 2.0, "v": 2.0})
+            except PoolFullError:  # only when everything else resident is leased
+                assert pool.resident_bytes + nbytes(1 + 3 * h) > budget
+        elif op == "acquire" and name in pool:
+            try:
+                leases.append(pool.acquire(name))
+                assert leases[-1].content_hash == pool.content_hash(name)  # a new lease gets the latest
+            except PoolFullError:
+                pass
+        elif op == "release" and leases:
+            leases.pop(n % len(leases)).release()
+        elif op == "remove" and name in pool:
+            pool.remove(name)
+        assert pool.resident_bytes <= budget
+        assert all(pool.tensors(lease.slot, "q") is not None for lease in leases)  # leased => resident
+    if leases:
+        slots = [lease.slot for lease in leases]
+        truth = {lease.slot: store.files[(lease.name, lease.content_hash)] for lease in leases}
+        close(run(pool, slots), expect(truth, 2.0, slots))
+        close(run(pool, slots, key="v"), expect(truth, 2.0, slots, key="v"))
+    for lease in leases:
+        lease.release()
+    assert pool.stats.adapters == len(pool)  # retired versions are freed with their last lease

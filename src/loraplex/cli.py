@@ -24,6 +24,11 @@ COMMANDS = {
     "train": "loraplex.train.cli",
     "combine": "loraplex.combine_cli",
     "extract": "loraplex.combine_cli",
+    "serve": "loraplex.serve.cli",
+    "eval": "loraplex.eval_cli",
+    "promote": "loraplex.eval_cli",
+    "quantize": "loraplex.quant.cli",
+    "quant-report": "loraplex.quant.cli",
 }
 
 

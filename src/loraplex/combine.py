@@ -20,44 +20,42 @@ module (lora_alpha = r, no rsLoRA), so its delta is B_out @ A_out. With weights 
     ties             T_i = w_i * P_i(D_i); e = +1 where sum_i T_i >= 0 else -1 (the elected sign);
                      out = sum_i T_i * [sign(T_i) == e] / max(1, #{i : sign(T_i) == e})   (disjoint mean)
     dare_ties        as ties with T_i = w_i * D_i * M_i / density
-    The four pruning methods then go through the same truncated SVD. For svd and these, `rank` (default: the
-    largest input rank at the module) is an upper bound: a module gets min(rank, out, in * prod(k)) and for
-    svd at most sum_i r_i, the rank of the exact sum. Report error = relative Frobenius truncation error.
+    The four pruning methods then keep the best rank-r approximation of that dense result (extract's
+    `best_low_rank`: eigenvectors of its smaller Gram matrix; the factor on the smaller side is orthonormal).
+    For svd and these, `rank` (default: the largest input rank at the module) is an upper bound: a module gets
+    min(rank, out, in * prod(k)) and for svd at most sum_i r_i, the rank of the exact sum.
+    Report error = relative Frobenius truncation error ||target - B_out @ A_out||_F / ||target||_F.
 
 modules_to_save copies are whole weights, not deltas: they are combined as sum_i w_i M_i, and only when every
 adapter carries the same copies and the weights sum to 1 (a weighted average); otherwise refused.
-With union=True a module some adapters do not target counts as a zero delta for them.
+With union=True a module some adapters do not target counts as a zero delta for them. Inputs must share one
+base: their loraplex base fingerprints must agree (inputs without one, e.g. written by PEFT, are not checked),
+and the full base-weight copies PEFT saves with embedding targets (`*.base_layer.weight`) must be equal; those
+copies are not written (the base has them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import os
-import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import save_file
 
-from . import __version__
-from .config import LoraConfig
-from .errors import (AdapterFileError, BaseMismatchError, ConfigError, IncompatibleAdaptersError, NonFiniteError,
-                     ShapeMismatchError, UnsupportedFeatureError)
+from .errors import (AdapterFileError, BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
+                     UnsupportedFeatureError)
+from .extract import COMPUTE, adapter_config, best_low_rank, grouped_rows, new_adapter, write_adapter
 from .functional import delta_weight, scaling
-from .identity import PROBE_RTOL, content_hash
+from .identity import PROBE_RTOL
 from .report import format_table
-from .store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, read_adapter, write_json
+from .store import AdapterFile, read_adapter
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-COMPUTE = torch.float64  # all combination arithmetic; results are cast back to the inputs' dtype
 PathLike = Union[str, os.PathLike]
 _SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
              ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}  # suffix -> (factor, embedding?)
@@ -100,13 +98,7 @@ class CombineReport:
 
     def table(self, per_module: bool = False) -> str:
         """Modules grouped by name with layer numbers as '*' (or one row each), rank and error."""
-        groups: dict[str, list[ModuleRow]] = {}
-        for m in self.modules:
-            groups.setdefault(m.module if per_module else re.sub(r"\.\d+(?=\.|$)", ".*", m.module), []).append(m)
-        rows = []
-        for name, ms in groups.items():
-            lo, hi = min(m.rank for m in ms), max(m.rank for m in ms)
-            rows.append([name, len(ms), ms[0].kind, lo if lo == hi else f"{lo}-{hi}", f"{max(m.error for m in ms):.3g}"])
+        rows = [row for row, _ in grouped_rows(self.modules, per_module)]
         head = (f"method {self.method}, weights {self.weights}"
                 + (f", density {self.density}" if self.density is not None else "")
                 + (f", rank {self.rank}" if self.rank is not None else "") + (", union" if self.union else ""))
@@ -182,8 +174,7 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
             if method == "svd":
                 a, b, err = _truncate(*_svd_lowrank(b_cat, a_cat), r)
             else:
-                a, b, err = _truncate(*torch.linalg.svd(_pruned_sum(method, module, present, ws, density, seed),
-                                                        full_matrices=False), r)
+                a, b, err = best_low_rank(_pruned_sum(method, module, present, ws, density, seed), r)
         first = mods[0]
         dtype = _promote([t.dtype for x in mods for t in (x.a, x.b)])
         a = a.reshape(a.shape[0], *first.a.shape[1:]).to(dtype)  # (r_out, in[, *k])
@@ -279,7 +270,7 @@ def _pruned_sum(method: str, module: str, present: list[tuple[int, _Lora]], ws: 
         return t.sum(0)
     elected = torch.where(t.sum(0) >= 0, 1.0, -1.0).to(t.dtype)  # (out, in')
     agree = torch.sign(t) == elected  # zeros never agree
-    return (t * agree).sum(0) / len(kept)
+    return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 # -- checks and bookkeeping -----------------------------------------------------------------------------------
@@ -351,7 +342,8 @@ def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor], 
     loras = {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:
-            raise AdapterFileError(f"adapter {str(af.path)!r} has lora_{set(ab).pop()} but not its partner for {module!r}")
+            raise AdapterFileError(f"adapter {str(af.path)!r} has lora_{set(ab).pop()} but not its partner "
+                                   f"for {module!r}")
         a, b, r = ab["A"], ab["B"], cfg.rank_for(module)
         if a.shape[0] != r or b.ndim < 2 or b.shape[1] != r:
             raise ShapeMismatchError(f"adapter {str(af.path)!r}: {module!r} has A {tuple(a.shape)} and B "
@@ -413,45 +405,6 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
 
 def _common(values: list[Any]) -> Any:
     return values[0] if len(set(map(str, values))) == 1 else None
-
-
-# -- new adapters and their files (shared with extract.py) ----------------------------------------------------
-def adapter_config(ranks: dict[str, int], **fields: Any) -> LoraConfig:
-    """Config of a scale-1 adapter with per-module `ranks`: target_modules = the exact module names, lora_alpha
-    = r in every module (alpha / r = 1, no rsLoRA); the most common rank is `r`, the others go to rank_pattern and
-    alpha_pattern under the escaped module name, e.g. {'model\\.layers\\.0\\.self_attn\\.q_proj': 16}."""
-    counts = Counter(ranks.values())
-    r0 = max(counts, key=lambda r: (counts[r], r))
-    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != r0}
-    return LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=pattern,
-                      alpha_pattern=dict(pattern), **fields)
-
-
-def new_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], fingerprint: Optional[dict[str, Any]],
-                label: str) -> AdapterFile:
-    """An in-memory AdapterFile (model-relative keys) with the content hash `read_adapter` will compute."""
-    # canonical strides: slices of SVD factors can be "contiguous" with a size-1 dim of stride != 1
-    tensors = {k: t.clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise NonFiniteError(f"the new adapter would hold NaN/Inf in {bad[:3]}; nothing was written")
-    raw = json.loads(json.dumps(config.to_dict(), default=str))
-    digest = content_hash(raw, {PREFIX + k: t for k, t in tensors.items()})
-    return AdapterFile(Path(label), config, tensors, digest, fingerprint, __version__, raw)
-
-
-def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: dict[str, Any]) -> Path:
-    """Write `af` in PEFT's layout, atomically, with loraplex's metadata (version, content hash, base
-    fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json."""
-    meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": af.content_hash,
-            f"loraplex.{record_name}": json.dumps({k: v for k, v in record.items() if k != "modules"}, default=str)}
-    if af.base_fingerprint:
-        meta["loraplex.base_fingerprint"] = json.dumps(af.base_fingerprint)
-    with atomic_directory(out_dir) as tmp:
-        save_file({PREFIX + k: t for k, t in af.tensors.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
-        write_json(tmp / CONFIG_NAME, af.raw_config)
-        write_json(tmp / f"loraplex_{record_name}.json", record)
-    return Path(out_dir)
 
 
 def save_combined(result: CombineResult, out_dir: PathLike) -> CombineResult:

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("adapters", nargs="+", help="adapter directories (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter (may be negative)")
     p.add_argument("--method", choices=METHODS, default="cat", help="how to combine (default: cat, exact)")
-    p.add_argument("--density", type=float, help="fraction kept, in (0, 1]: ties, dare_linear, dare_ties, magnitude_prune")
+    p.add_argument("--density", type=float,
+                   help="fraction kept, in (0, 1]: ties, dare_linear, dare_ties, magnitude_prune")
     p.add_argument("--rank", type=int, help="output rank bound: svd and the pruning methods (default: max input rank)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
     p.add_argument("--union", action="store_true", help="combine over the union of target modules (missing = 0)")

@@ -95,3 +95,24 @@ class IncompatibleAdaptersError(LoraplexError, ValueError):
 
 class CheckpointError(LoraplexError, OSError):
     """A training checkpoint is unreadable, incomplete, or was made by a run with other settings."""
+
+
+# -- serving (loraplex.serve maps every class here to an HTTP status in serve/errors.py) -------------------
+class RequestTooLargeError(LoraplexError, ValueError):
+    """A request or upload exceeds a configured size limit (prompt tokens, upload bytes)."""
+
+
+class QueueFullError(LoraplexError, RuntimeError):
+    """The serving engine's waiting queue is at its configured length; retry later."""
+
+
+class ShuttingDownError(LoraplexError, RuntimeError):
+    """The serving engine is draining for shutdown (or has stopped) and takes no new requests."""
+
+
+class RequestTimeoutError(LoraplexError, TimeoutError):
+    """A request did not finish within its time limit (queue wait included)."""
+
+
+class UnauthorizedError(LoraplexError, PermissionError):
+    """An admin operation was asked without the right API key (or with admin routes disabled)."""

@@ -5,9 +5,11 @@ Per target module, the delta in LoRA layout (as in combine.py):
     GPT-2 Conv1D   D = (W_ft - W_base).T                 weights are stored (in, out) -> (out, in)
     nn.Embedding   D = (W_ft - W_base).T                 (vocab, dim) -> (dim, vocab)
     nn.Conv1d/2d   D = (W_ft - W_base).flatten(1)        (out, in, *k) -> (out, in * prod(k))
-    D = U S V^T;  r = `rank`, or the smallest r with sum_{j<r} S_j^2 >= energy * sum_j S_j^2 (capped by `rank`)
-    B = U[:, :r] * S[:r]  (out, r)     A = V^T[:r]  (r, in)     error = sqrt(sum_{j>=r} S_j^2 / sum_j S_j^2)
-The adapter has scale 1 per module (lora_alpha = r) and rank_pattern where ranks differ (combine.adapter_config).
+    B @ A = the best rank-r approximation of D (truncated SVD D = U S V^T, see `best_low_rank`), B (out, r),
+    A (r, in); r = `rank`, or the smallest r with sum_{j<r} S_j^2 >= energy * sum_j S_j^2 (capped by `rank`)
+    error = ||D - B @ A||_F / ||D||_F  (= sqrt(sum_{j>=r} S_j^2 / sum_j S_j^2)), measured on the result
+The adapter has scale 1 per module (lora_alpha = r) and rank_pattern where ranks differ (`adapter_config`).
+The helpers at the end (new adapters from computed factors, and their files) also serve combine.py.
 Modules whose weights did not change are left out; other changed parameters (norms, biases, untargeted weights)
 cannot be expressed as LoRA and are listed in the report as `not_captured`.
 """
@@ -15,26 +17,33 @@ cannot be expressed as LoRA and are listed in the report as `not_captured`.
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
 import os
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 
-from .combine import COMPUTE, adapter_config, new_adapter, write_adapter
+from . import __version__
 from .config import LoraConfig
-from .errors import BaseMismatchError, ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedModuleError
-from .identity import base_fingerprint
+from .errors import (BaseMismatchError, ConfigError, NonFiniteError, ShapeMismatchError, TargetNotFoundError,
+                     UnsupportedModuleError)
+from .functional import delta_weight
+from .identity import base_fingerprint, content_hash
 from .inject import find_targets
 from .layers import Conv1D
 from .models import base_name
 from .report import format_table
-from .store import AdapterFile
+from .store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, write_json
 
 PathLike = Union[str, os.PathLike]
+COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back
 
 
 @dataclass
@@ -62,14 +71,7 @@ class ExtractReport:
         return {**dataclasses.asdict(self), "max_error": self.max_error}
 
     def table(self, per_module: bool = False) -> str:
-        groups: dict[str, list[ExtractRow]] = {}
-        for m in self.modules:
-            groups.setdefault(m.module if per_module else re.sub(r"\.\d+(?=\.|$)", ".*", m.module), []).append(m)
-        rows = []
-        for name, ms in groups.items():
-            lo, hi = min(m.rank for m in ms), max(m.rank for m in ms)
-            rows.append([name, len(ms), ms[0].kind, lo if lo == hi else f"{lo}-{hi}",
-                         f"{max(m.error for m in ms):.3g}", f"{min(m.energy for m in ms):.4f}"])
+        rows = [row + [f"{min(m.energy for m in ms):.4f}"] for row, ms in grouped_rows(self.modules, per_module)]
         lines = [format_table(rows, ["modules", "count", "kind", "rank", "max error", "min energy"]),
                  f"max relative error {self.max_error:.3g}"]
         if self.unchanged:
@@ -111,21 +113,16 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
             report.unchanged.append(key)
             continue
         conv1d = conv1d or (Conv1D is not None and isinstance(module, Conv1D))
-        u, s, vh = torch.linalg.svd(delta.flatten(1), full_matrices=False)  # (out, k), (k,), (k, in')
-        power = s.pow(2)
-        total = float(power.sum())
-        r = s.shape[0] if rank is None else min(rank, s.shape[0])
-        if energy is not None:
-            r = min(r, int((torch.cumsum(power, 0) / total < energy - 1e-12).sum()) + 1)
+        a, b, err = best_low_rank(delta.flatten(1), rank, energy)  # (r, in'), (out, r)
+        r = a.shape[0]
         dtype = torch.promote_types(module.weight.dtype, torch.float32)
-        a = vh[:r].reshape(r, *delta.shape[1:])  # (r, in[, *k])
-        b = (u[:, :r] * s[:r]).reshape(delta.shape[0], r, *([1] * (delta.ndim - 2)))  # (out, r[, 1, 1])
+        a = a.reshape(r, *delta.shape[1:])  # (r, in[, *k])
+        b = b.reshape(delta.shape[0], r, *([1] * (delta.ndim - 2)))  # (out, r[, 1, 1])
         ka, kb = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if kind == "embedding"
                   else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
         tensors[ka], tensors[kb] = a.to(dtype), b.to(dtype)
         ranks[key] = r
-        kept = float(power[:r].sum()) / total
-        report.modules.append(ExtractRow(key, kind, r, math.sqrt(max(1.0 - kept, 0.0)), kept))
+        report.modules.append(ExtractRow(key, kind, r, err, 1.0 - err * err))
     if not ranks:
         raise ConfigError(f"nothing to extract: every target ({len(keys)} modules) has the base's weights")
     targeted = {f"{k}.weight" for k in keys}
@@ -134,6 +131,26 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
                            if n not in targeted and n in ft_params and not torch.equal(p, ft_params[n])]
     config = adapter_config(ranks, fan_in_fan_out=conv1d, base_model_name_or_path=base_name(base_model))
     return new_adapter(config, tensors, fingerprint, "<extracted>"), report
+
+
+def best_low_rank(d: torch.Tensor, rank: Optional[int], energy: Optional[float] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-r approximation B @ A of a 2-D float64 `d` (out, in) and its relative Frobenius error
+    ||d - B @ A||_F / ||d||_F, measured on the result. r = min(rank, out, in), lowered to the smallest rank whose
+    top squared singular values reach `energy` of their sum. Computed from the eigenvectors Q of the Gram matrix of
+    the smaller side (cheaper than a full SVD): out <= in: d d^T = U S^2 U^T, B = U_r, A = U_r^T d (S rides in A);
+    else d^T d = V S^2 V^T, A = V_r^T, B = d V_r (S rides in B). Returns (A (r, in), B (out, r), error)."""
+    wide = d.shape[0] <= d.shape[1]
+    evals, q = torch.linalg.eigh(d @ d.T if wide else d.T @ d)  # ascending
+    evals, q = evals.flip(0).clamp(min=0), q.flip(1)
+    r = evals.shape[0] if rank is None else min(rank, evals.shape[0])
+    total = float(evals.sum())
+    if energy is not None and total > 0:
+        r = min(r, int((torch.cumsum(evals, 0) / total < energy - 1e-12).sum()) + 1)
+    q = q[:, :r]
+    a, b = (q.T @ d, q) if wide else (q.T, d @ q)
+    norm = float(d.norm())
+    return a, b, float((d - delta_weight(a, b, 1.0)).norm()) / norm if norm > 0 else 0.0
 
 
 def _delta(key: str, base: nn.Module, ft: nn.Module) -> tuple[str, torch.Tensor]:
@@ -152,6 +169,59 @@ def _delta(key: str, base: nn.Module, ft: nn.Module) -> tuple[str, torch.Tensor]
         return "conv", d
     raise UnsupportedModuleError(f"cannot extract LoRA for {key!r}, a {type(base).__name__}; supported: nn.Linear, "
                                  "transformers Conv1D, nn.Embedding, nn.Conv1d/2d (groups=1)")
+
+
+def grouped_rows(modules: Sequence[Any], per_module: bool) -> list[tuple[list[Any], list[Any]]]:
+    """Table rows [name, count, kind, rank or 'lo-hi', max error] over rows with .module/.kind/.rank/.error,
+    grouped by module name with layer numbers as '*' (unless per_module), each with its group's rows."""
+    groups: dict[str, list[Any]] = {}
+    for m in modules:
+        groups.setdefault(m.module if per_module else re.sub(r"\.\d+(?=\.|$)", ".*", m.module), []).append(m)
+    out = []
+    for name, ms in groups.items():
+        lo, hi = min(m.rank for m in ms), max(m.rank for m in ms)
+        rank = lo if lo == hi else f"{lo}-{hi}"
+        out.append(([name, len(ms), ms[0].kind, rank, f"{max(m.error for m in ms):.3g}"], ms))
+    return out
+
+
+# -- new adapters from computed factors, and their files (shared with combine.py) ------------------------------------
+def adapter_config(ranks: dict[str, int], **fields: Any) -> LoraConfig:
+    """Config of a scale-1 adapter with per-module `ranks`: target_modules = the exact module names, lora_alpha
+    = r in every module (alpha / r = 1, no rsLoRA); the most common rank is `r`, the others go to rank_pattern and
+    alpha_pattern under the escaped module name, e.g. {'model\\.layers\\.0\\.self_attn\\.q_proj': 16}."""
+    counts = Counter(ranks.values())
+    r0 = max(counts, key=lambda r: (counts[r], r))
+    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != r0}
+    return LoraConfig(r=r0, lora_alpha=r0, target_modules=sorted(ranks), rank_pattern=pattern,
+                      alpha_pattern=dict(pattern), **fields)
+
+
+def new_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], fingerprint: Optional[dict[str, Any]],
+                label: str) -> AdapterFile:
+    """An in-memory AdapterFile (model-relative keys) with the content hash `read_adapter` will compute."""
+    # canonical strides: slices of SVD factors can be "contiguous" with a size-1 dim of stride != 1
+    tensors = {k: t.clone(memory_format=torch.contiguous_format) for k, t in tensors.items()}
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteError(f"the new adapter would hold NaN/Inf in {bad[:3]}; nothing was written")
+    raw = json.loads(json.dumps(config.to_dict(), default=str))
+    digest = content_hash(raw, {PREFIX + k: t for k, t in tensors.items()})
+    return AdapterFile(Path(label), config, tensors, digest, fingerprint, __version__, raw)
+
+
+def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: dict[str, Any]) -> Path:
+    """Write `af` in PEFT's layout, atomically, with loraplex's metadata (version, content hash, base
+    fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json."""
+    meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": af.content_hash,
+            f"loraplex.{record_name}": json.dumps({k: v for k, v in record.items() if k != "modules"}, default=str)}
+    if af.base_fingerprint:
+        meta["loraplex.base_fingerprint"] = json.dumps(af.base_fingerprint)
+    with atomic_directory(out_dir) as tmp:
+        save_file({PREFIX + k: t for k, t in af.tensors.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
+        write_json(tmp / CONFIG_NAME, af.raw_config)
+        write_json(tmp / f"loraplex_{record_name}.json", record)
+    return Path(out_dir)
 
 
 def save_extracted(adapter: AdapterFile, report: ExtractReport, out_dir: PathLike) -> AdapterFile:

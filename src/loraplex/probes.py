@@ -6,7 +6,9 @@ the full logits (P, V) or the top-k logits (P, k) with their token ids and the f
 
 Metrics of variant logits v against reference logits r (both (P, V), v cast to fp32, KL in float64):
     max_abs     = max |v - r|                                      over compared entries
-    worst_ratio = max |v - r| / (atol + rtol * |r|)                <= 1 means "within tolerance"
+    worst_ratio = max |v - r| / (atol + rtol * max_j |r_j|)        <= 1 means "within tolerance"
+                  (normwise per position: the error of a logit row comes from the error of the hidden state
+                  times the output head, so it scales with the row's size, not with each logit's own size)
     kl          = mean over positions of KL(softmax r || softmax v)   in nats
     agree       = share of positions where argmax v == argmax r       (greedy next-token agreement)
 With a top-k reference, max_abs/worst_ratio cover the k stored tokens and KL is taken over k + 1 outcomes
@@ -15,20 +17,22 @@ With a top-k reference, max_abs/worst_ratio cover the k stored tokens and KL is 
 Golden files, written into an adapter directory beside PEFT's two files (which they never touch):
     golden.safetensors  input_ids (N, T) int64, attention_mask (N, T) int64, and either
                         logits (P, V) fp32                     when P * V * 4 bytes <= FULL_LOGITS_MAX_BYTES
-                        top_values (P, k) fp32, top_indices (P, k) int32, logsumexp (P,) fp64   otherwise
+                        top_values (P, k) fp32, top_indices (P, k) int32, logsumexp (P,) fp64,
+                        absmax (P,) fp32 (max_j |r_j| of the full row)                           otherwise
     golden.json         format, the adapter's content hash, base name + fingerprint, probe source, sha256 of
                         golden.safetensors (so a torn pair of writes is detected)
-Sizes: tiny-llama (8 probes x 32 tokens, V=128) stores full logits, ~130 KB; SmolLM2 (V=49152) stores
-top-64, ~36 bytes per position (~10 KB for the 8 built-in prompts).
+Sizes: tiny-llama (8 random rows of 18-32 tokens, 200 positions, V=128) stores full logits, ~100 KB; SmolLM2
+(V=49152) stores top-64, ~0.5 KB per position (63 KB for the 8 built-in prompts, 114 positions).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -102,6 +106,18 @@ def make_probes(tokenizer: Any, prompts: Optional[Sequence[str]], *, vocab_size:
     return _pad(rows, pad, f"{len(rows)} {origin} (up to {max_length} tokens)")
 
 
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a text file, one per line; blank lines are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompts file {path!r}: {exc}") from None
+    prompts = [ln for ln in lines if ln.strip()]
+    if not prompts:
+        raise ConfigError(f"prompts file {path!r} holds no non-empty line; write one prompt per line")
+    return prompts
+
+
 def _pad(rows: list[list[int]], pad_id: int, source: str) -> Probes:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -120,6 +136,28 @@ def run_logits(model: nn.Module, probes: Probes) -> torch.Tensor:
     return out.logits.cpu()
 
 
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' save/load progress bars off inside the block (restored after): one table, no noise."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def from_pretrained(directory: PathLike) -> nn.Module:
+    """The deployment as anyone would load it: plain AutoModelForCausalLM.from_pretrained, no loraplex."""
+    from transformers import AutoModelForCausalLM
+
+    with no_progress_bars():
+        return AutoModelForCausalLM.from_pretrained(directory).eval()
+
+
 def at_positions(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N, T, V) -> (P, V): the rows of real tokens, in row-major order."""
     return logits[mask.bool()]
@@ -131,6 +169,7 @@ class Reference:
 
     values: torch.Tensor  # (P, V) full, or (P, k) top-k logits, fp32
     logsumexp: torch.Tensor  # (P,) float64, over the full vocabulary (float64 so log p = r - lse is exact)
+    absmax: torch.Tensor  # (P,) fp32, max_j |r_j| over the full vocabulary: the scale of rtol
     vocab_size: int
     indices: Optional[torch.Tensor] = None  # (P, k) token ids of `values`, or None for full logits
 
@@ -138,11 +177,11 @@ class Reference:
     def from_logits(cls, logits: torch.Tensor, top_k: Optional[int] = None) -> "Reference":
         """From (P, V) logits: keep all of them (top_k None or >= V) or the top_k largest per position."""
         logits = logits.float()
-        lse = logits.double().logsumexp(-1)
+        lse, absmax = logits.double().logsumexp(-1), logits.abs().amax(-1)
         if top_k is None or top_k >= logits.shape[-1]:
-            return cls(logits, lse, logits.shape[-1])
+            return cls(logits, lse, absmax, logits.shape[-1])
         values, indices = logits.topk(top_k, dim=-1)  # (P, k), sorted descending
-        return cls(values, lse, logits.shape[-1], indices)
+        return cls(values, lse, absmax, logits.shape[-1], indices)
 
     @property
     def top1(self) -> torch.Tensor:
@@ -167,7 +206,7 @@ def compare(ref: Reference, logits: torch.Tensor, atol: float, rtol: float) -> M
     v = logits.float()
     picked = v if ref.indices is None else v.gather(-1, ref.indices.long())  # (P, V) or (P, k)
     diff = (picked - ref.values).abs()
-    ratio = diff / (atol + rtol * ref.values.abs())
+    ratio = diff / (atol + rtol * ref.absmax.unsqueeze(-1))
     kls = []
     for s in range(0, v.shape[0], KL_CHUNK):
         kls.append(_kl(ref, v[s:s + KL_CHUNK], slice(s, s + KL_CHUNK)))
@@ -204,20 +243,21 @@ class Golden:
 
 
 def write_golden(adapter_dir: PathLike, probes: Probes, logits: torch.Tensor, facts: dict[str, Any],
-                 top_k: int = TOP_K) -> dict[str, Any]:
+                 top_k: Optional[int] = None) -> dict[str, Any]:
     """Store `logits` (N, T, V) of `probes` in adapter_dir (module docstring), each file replaced atomically,
     the tensors first: a crash between the two renames leaves a json whose sha256 no longer matches. Returns
     the json written. Never touches adapter_config.json or adapter_model.safetensors."""
-    path = Path(adapter_dir)
+    path, top_k = Path(adapter_dir), TOP_K if top_k is None else top_k
     positions = at_positions(logits, probes.attention_mask)  # (P, V)
     full = positions.numel() * 4 <= FULL_LOGITS_MAX_BYTES
     ref = Reference.from_logits(positions, None if full else top_k)
-    tensors = {"input_ids": probes.input_ids.long().contiguous(), "attention_mask": probes.attention_mask.long().contiguous()}
+    tensors = {"input_ids": probes.input_ids.long().contiguous(),
+               "attention_mask": probes.attention_mask.long().contiguous()}
     if ref.indices is None:
         tensors["logits"] = ref.values.contiguous()
     else:
         tensors.update(top_values=ref.values.contiguous(), top_indices=ref.indices.to(torch.int32).contiguous(),
-                       logsumexp=ref.logsumexp.double().contiguous())
+                       logsumexp=ref.logsumexp.double().contiguous(), absmax=ref.absmax.contiguous())
     st_tmp = path / f".{GOLDEN_TENSORS}.tmp-{uuid.uuid4().hex[:8]}"
     js_tmp = path / f".{GOLDEN_JSON}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -263,7 +303,7 @@ def read_golden(adapter_dir: PathLike) -> Golden:
     if "logits" in t:
         ref = Reference.from_logits(t["logits"])
     else:
-        ref = Reference(t["top_values"], t["logsumexp"], int(facts["vocab_size"]), t["top_indices"])
+        ref = Reference(t["top_values"], t["logsumexp"], t["absmax"], int(facts["vocab_size"]), t["top_indices"])
     if ref.values.shape[0] != probes.positions:
         raise AdapterFileError(f"{st} holds {ref.values.shape[0]} positions but its probes have {probes.positions}")
     return Golden(probes, ref, facts)

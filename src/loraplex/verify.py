@@ -5,7 +5,8 @@ variants x dtypes  merged (in memory) | on_the_fly | mixed_batch (per-row routin
                    base rows) | quantized_int8 / quantized_nf4 (LoRA over a quantized base) | exported (a
                    merged transformers directory, loaded back with plain AutoModelForCausalLM.from_pretrained)
 Each row is compared with the reference (probes.compare) and judged by `tolerance_for`:
-    exact variants  |v - r| <= F*atol + F*rtol*|r| for every logit  and  mean KL <= (F*atol)^2 / 2
+    exact variants  |v_j - r_j| <= F*atol + F*rtol*max_k|r_k| for every logit of every position (normwise)
+                    and  mean KL <= (F*atol)^2 / 2
                     (atol, rtol) = functional.tolerance(dtype), F = END_TO_END_FACTOR; the KL bound is the
                     most a uniform logit error of F*atol can cause (Hoeffding's lemma), so KL is held to the
                     absolute part of the logit tolerance.
@@ -41,7 +42,10 @@ from .identity import base_fingerprint
 from .inject import disable_adapters, inject, lora_layers, route_rows
 from .merge import merge_and_unload
 from .models import base_name, load_base
-from .probes import Probes, Reference, at_positions, compare, make_probes, read_golden, run_logits, write_golden
+from .probes import (
+    Probes, Reference, at_positions, compare, from_pretrained, make_probes, no_progress_bars, read_golden, read_prompts,
+    run_logits, write_golden,
+)
 from .report import format_table
 from .store import AdapterFile, load_adapter, read_adapter
 
@@ -52,7 +56,8 @@ PathLike = Union[str, os.PathLike]
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass rule of one row: every logit within atol + rtol*|ref| and mean KL <= kl. required False = INFO."""
+    """Pass rule of one row: |v_j - r_j| <= atol + rtol * max_k |r_k| at every position, and mean KL <= kl.
+    required False: informational (INFO, never FAIL)."""
 
     atol: float
     rtol: float
@@ -60,7 +65,7 @@ class Tolerance:
     required: bool = True
 
     def text(self) -> str:
-        return f"|d|<={self.atol:.0e}+{self.rtol:.0e}|r|, KL<={self.kl:.0e}" if self.required else "informational"
+        return f"|d|<={self.atol:.2g}+{self.rtol:.2g}max|r|, KL<={self.kl:.2g}" if self.required else "informational"
 
 
 def tolerance_for(dtype: torch.dtype, required: bool = True) -> Tolerance:
@@ -79,7 +84,7 @@ class Row:
     status: str
     required: bool
     max_abs: float = math.nan
-    worst_ratio: float = math.nan  # max |d| / (atol + rtol|r|); <= 1 is within tolerance
+    worst_ratio: float = math.nan  # max |d| / (atol + rtol max|r|); <= 1 is within tolerance (NaN for INFO)
     kl: float = math.nan
     agree: float = math.nan  # fraction of positions
     tolerance: str = ""
@@ -134,7 +139,13 @@ class Context:
     tokenizer: Any
     adapter: AdapterFile
     probes: Probes
-    base_logits: Optional[torch.Tensor] = None  # bare fp32 base on the probes, computed on first use
+    _bare: Optional[Reference] = None  # the bare fp32 base on the probes, computed on first use
+
+    def bare_reference(self) -> Reference:
+        if self._bare is None:
+            logits = run_logits(self.base, self.probes)
+            self._bare = Reference.from_logits(at_positions(logits, self.probes.attention_mask))
+        return self._bare
 
     def fresh(self, dtype: torch.dtype) -> nn.Module:
         return copy.deepcopy(self.base).to(dtype)
@@ -172,8 +183,8 @@ def _mixed_batch(ctx: Context, dtype: torch.dtype) -> torch.Tensor:
     return logits[[3 * i + per_probe.index("verify") for i, per_probe in enumerate(order)]]
 
 
-def _quantized(scheme: str) -> Callable[[Context, torch.dtype], torch.Tensor]:
-    def run(ctx: Context, dtype: torch.dtype) -> torch.Tensor:
+def _quantized(scheme: str) -> Callable[[Context, torch.dtype], tuple[torch.Tensor, str]]:
+    def run(ctx: Context, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
         try:
             from .quant import quantize_model
 
@@ -184,28 +195,27 @@ def _quantized(scheme: str) -> Callable[[Context, torch.dtype], torch.Tensor]:
             load_adapter(model, ctx.adapter, "verify", check_base_model=False)
         except (LoraplexError, NotImplementedError, ImportError) as exc:
             raise Unavailable(f"LoRA over a {scheme} base: {exc}") from None
-        with disable_adapters(model):
-            bare = run_logits(model, ctx.probes)
-        return run_logits(model, ctx.probes), bare
+        with disable_adapters(model):  # context: how far quantization alone moves the bare base
+            bare = compare(ctx.bare_reference(), at_positions(run_logits(model, ctx.probes), ctx.probes.attention_mask),
+                           1.0, 0.0)
+        return run_logits(model, ctx.probes), f"bare quantized base: KL {bare.kl:.3g}, agree {100 * bare.agree:.1f}%"
 
     return run
 
 
 def _exported(ctx: Context, dtype: torch.dtype) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
     if not callable(getattr(ctx.base, "save_pretrained", None)):
         raise Unavailable(f"{type(ctx.base).__name__} is not a transformers model (no save_pretrained)")
     name = next(k for k, v in DTYPES.items() if v == dtype)
     with tempfile.TemporaryDirectory(prefix="loraplex-verify-") as tmp:
-        export_merged(copy.deepcopy(ctx.base), ctx.tokenizer, [ctx.adapter], Path(tmp) / "merged", dtype=name)
-        deployed = AutoModelForCausalLM.from_pretrained(Path(tmp) / "merged").eval()
-        return run_logits(deployed, ctx.probes)
+        with no_progress_bars():
+            export_merged(copy.deepcopy(ctx.base), ctx.tokenizer, [ctx.adapter], Path(tmp) / "merged", dtype=name)
+        return run_logits(from_pretrained(Path(tmp) / "merged"), ctx.probes)
 
 
 @dataclass(frozen=True)
 class Variant:
-    run: Callable[[Context, torch.dtype], Any]  # -> logits (N, T, V), or (logits, bare quantized base logits)
+    run: Callable[[Context, torch.dtype], Any]  # -> logits (N, T, V) on ctx.probes, or (logits, note for the row)
     required: bool  # False: informational (no PASS/FAIL)
     doc: str
 
@@ -240,7 +250,8 @@ def _vocab(model: nn.Module) -> int:
 
 def _judge(row: Row, ref: Reference, logits: torch.Tensor, mask: torch.Tensor, tol: Tolerance) -> Row:
     m = compare(ref, at_positions(logits, mask), tol.atol, tol.rtol)
-    row.max_abs, row.worst_ratio, row.kl, row.agree = m.max_abs, m.worst_ratio, m.kl, m.agree
+    row.max_abs, row.kl, row.agree = m.max_abs, m.kl, m.agree
+    row.worst_ratio = m.worst_ratio if tol.required else math.nan
     row.tolerance = tol.text()
     ok = m.worst_ratio <= 1 and m.kl <= tol.kl  # NaN compares False: a NaN logit fails
     row.status = "INFO" if not tol.required else ("PASS" if ok else "FAIL")
@@ -276,15 +287,8 @@ def verify(base: Union[str, PathLike, nn.Module], adapter: Union[PathLike, Adapt
                 row.note = str(exc)
                 report.rows.append(row)
                 continue
-            logits, bare = out if isinstance(out, tuple) else (out, None)
-            _judge(row, ref, logits, probes.attention_mask, tolerance_for(dtype, variant.required))
-            if bare is not None:
-                if ctx.base_logits is None:
-                    ctx.base_logits = run_logits(ctx.base, probes)
-                base_ref = Reference.from_logits(at_positions(ctx.base_logits, probes.attention_mask))
-                m = compare(base_ref, at_positions(bare, probes.attention_mask), 1.0, 0.0)
-                row.note = f"bare quantized base: KL {m.kl:.3g}, agree {100 * m.agree:.1f}%"
-            report.rows.append(row)
+            logits, row.note = out if isinstance(out, tuple) else (out, "")
+            report.rows.append(_judge(row, ref, logits, probes.attention_mask, tolerance_for(dtype, variant.required)))
     return report
 
 
@@ -334,9 +338,7 @@ def check_golden(deployment: Union[PathLike, nn.Module], adapter_dir: PathLike) 
             raise ConfigError("the deployment model is in training mode (dropout on); call model.eval() first")
         model, label = deployment, f"golden vs {base_name(deployment)}"
     else:
-        from transformers import AutoModelForCausalLM
-
-        model, label = AutoModelForCausalLM.from_pretrained(deployment).eval(), f"golden vs {Path(deployment).name}"
+        model, label = from_pretrained(deployment), f"golden vs {Path(deployment).name}"
     logits = run_logits(model, golden.probes)  # (N, T, V) in the deployment's dtype
     dname = next((k for k, v in DTYPES.items() if v == logits.dtype), str(logits.dtype))
     report = VerifyReport(str(golden.facts.get("base", "?")), str(adapter_dir))
@@ -355,15 +357,18 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                     "set: max |delta logit|, KL, greedy agreement, PASS/FAIL per dtype. Exit status 1 when a "
                     "required check fails. See docs/verify.md.")
     p.add_argument("--base", help="a local transformers model directory, or 'smollm2' / 'tiny-llama'")
-    p.add_argument("--adapter", required=True, help="adapter directory")
-    p.add_argument("--prompts", help="text file, one prompt per line (default: built-in prompts)")
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: built-in prompts)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES), metavar="DTYPE",
+                   help=f"dtypes to run each variant in, of {sorted(DTYPES)} (default: fp32 bf16)")
+    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"variants to compare, of {list(VARIANTS)} (default: all)")
     p.add_argument("--max-length", type=int, default=32, help="tokens per probe (default 32)")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
     p.add_argument("--record-golden", action="store_true",
                    help="store the reference logits in the adapter directory (golden.safetensors + golden.json)")
-    p.add_argument("--against", help="a deployed merged model directory to check against the stored golden logits")
+    p.add_argument("--against", metavar="DIR",
+                   help="a deployed merged model directory to check against the stored golden logits")
     p.set_defaults(func=run_verify)
     return ["verify"]
 
@@ -373,7 +378,7 @@ def run_verify(args: argparse.Namespace) -> int:
         raise ConfigError("--base is required (only --against alone checks a deployment without it)")
     lines, report = [], VerifyReport("", args.adapter)
     if args.base is not None:
-        prompts = _read_prompts(args.prompts) if args.prompts else None
+        prompts = read_prompts(args.prompts) if args.prompts else None
         report = verify(args.base, args.adapter, prompts=prompts, dtypes=args.dtypes, variants=args.variants,
                         max_length=args.max_length, num_layers=args.num_layers)
         print(f"base {report.base}  adapter {report.adapter} ({report.context.adapter.content_hash[:12]})  "
@@ -389,14 +394,3 @@ def run_verify(args: argparse.Namespace) -> int:
     for line in lines:
         print(line)
     return 0 if report.passed else 1
-
-
-def _read_prompts(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read prompts file {path!r}: {exc}") from None
-    prompts = [ln for ln in lines if ln.strip()]
-    if not prompts:
-        raise ConfigError(f"prompts file {path!r} holds no non-empty line; write one prompt per line")
-    return prompts

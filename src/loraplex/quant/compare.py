@@ -60,6 +60,22 @@ DEFAULT_PROBE_TEXTS = (
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
     "Small models answer quickly; larger ones usually answer better, and the trade-off depends on the task.",
     "She opened the window, listened to the birds for a while, and then went back to her book.",
+    "A good error message says what was expected, what was found instead, and how to fix it.",
+    "The recipe needs two eggs, a cup of flour, half a cup of milk and a pinch of salt.",
+    "In the winter the lake freezes over, and children from the village skate on it every afternoon.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves of plants.",
+    "User: Can you summarize this paragraph in one sentence?\nAssistant: Sure, here is a short summary.",
+    "The meeting was moved to Thursday because half of the team was travelling on Tuesday.",
+    "for i in range(10):\n    if i % 2 == 0:\n        print(i, 'is even')",
+    "Prices rose by three percent last year, mostly because energy and food became more expensive.",
+    "He forgot his umbrella at the office and walked home through the rain, humming a song.",
+    "The museum opens at nine in the morning and closes at six, except on Mondays.",
+    "To reset the device, hold the power button for ten seconds until the light blinks twice.",
+    "Most languages have words for colours, but they do not all divide the spectrum in the same places.",
+    "The old bridge was closed for repairs, so the bus took a long detour through the hills.",
+    "Water boils at one hundred degrees Celsius at sea level, and at a lower temperature on a mountain.",
+    "User: What is two plus two?\nAssistant: Two plus two is four.",
+    "The library closes early on Fridays, so students usually study in the cafe across the street.",
 )
 
 
@@ -153,23 +169,24 @@ def _effect_lost(row: VariantMetrics, base: VariantMetrics, separate: VariantMet
 
 
 def _recommend(scheme: str, rows: dict[str, VariantMetrics]) -> str:
-    sep = rows["separate"]
+    """Merge with the better of (a)/(b) when it stays within EFFECT_LOST_OK of the adapter's effect of (c)'s
+    KL, else keep the adapter separate; the sentence quotes the numbers it was decided on."""
+    sep, bare = rows["separate"], rows["base"]
     best = min((rows[m] for m in MERGES), key=lambda r: r.kl)
     worst = max((rows[m] for m in MERGES), key=lambda r: r.kl)
-    lost = best.effect_lost
-    if lost is None or math.isnan(lost):
-        return (f"{scheme}: merge with {best.variant} — the adapter changes the output less than quantization "
-                f"does (KL to the reference: no adapter {rows['base'].kl:.2e}, separate {sep.kl:.2e}), so merging "
-                "costs nothing measurable and saves the adapter matmul")  # fmt: skip
-    if lost <= EFFECT_LOST_OK:
-        return (f"{scheme}: merge with {best.variant} — it loses {100 * lost:.1f}% of the adapter's effect "
-                f"(KL {best.kl:.2e} vs {sep.kl:.2e} kept separate, greedy agreement {100 * best.agreement:.1f}% vs "
-                f"{100 * sep.agreement:.1f}%) and runs no adapter matmul; {worst.variant} loses "
-                f"{100 * worst.effect_lost:.1f}%")  # fmt: skip
-    return (f"{scheme}: keep the adapter separate — the best merge ({best.variant}) loses {100 * lost:.1f}% of the "
-            f"adapter's effect (KL {best.kl:.2e} vs {sep.kl:.2e} separate, greedy agreement "
-            f"{100 * best.agreement:.1f}% vs {100 * sep.agreement:.1f}%), {worst.variant} loses "
-            f"{100 * worst.effect_lost:.1f}%")  # fmt: skip
+    effect = bare.kl - sep.kl  # how much closer to the reference the adapter brings the quantized base
+    kls = (f"KL to the fp32 merge: {best.variant} {best.kl:.2e}, {worst.variant} {worst.kl:.2e}, separate "
+           f"{sep.kl:.2e}, no adapter {bare.kl:.2e}; greedy agreement {100 * best.agreement:.1f}% vs "
+           f"{100 * sep.agreement:.1f}% separate")  # fmt: skip
+    if best.kl <= sep.kl + EFFECT_LOST_OK * max(effect, 0.0):
+        how = ("is no further from it than keeping the adapter separate" if best.kl <= sep.kl else
+               f"loses {100 * (best.kl - sep.kl) / effect:.1f}% of the adapter's effect against keeping it separate "
+               f"(limit {100 * EFFECT_LOST_OK:.0f}%)")  # fmt: skip
+        return f"{scheme}: merge with {best.variant} — it {how}, and a merged model runs no adapter matmul ({kls})"
+    why = ("the base's own rounding already outweighs the adapter's effect, and a merge adds a second rounding"
+           if sep.kl > effect else f"even {best.variant} loses {100 * (best.kl - sep.kl) / effect:.0f}% of the "
+           "adapter's effect")  # fmt: skip
+    return f"{scheme}: keep the adapter separate — {why} ({kls})"
 
 
 # -- a synthetic adapter of a chosen size ----------------------------------------------------------------------

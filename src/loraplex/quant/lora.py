@@ -153,9 +153,10 @@ class LoraQuantLinear(LoraLinear):
             original = self.base_layer.original_weight
             if original is None:
                 raise QuantConfigError(_NO_ORIGINAL)
-            target = original.to(device=before.device, dtype=torch.float32) + d
-            for other, rec in self.merged.items():  # the merged weight holds every merged adapter
-                target += rec.weight * self.delta(other).to(device=before.device, dtype=torch.float32)
+            target = original.to(device=before.device, dtype=torch.float32)
+            for other, rec in self.merged.items():  # the merged weight holds every merged adapter, in merge order
+                target = target + rec.weight * self.delta(other).to(device=before.device, dtype=torch.float32)
+            target = target + d
         if safe and not torch.isfinite(target).all():
             raise NonFiniteError(f"merging adapter {name!r} would write NaN/Inf into the base weight; nothing changed")
         previous = {k: t.clone() for k, t in self.base_layer.quantized_weight().tensors().items()}
@@ -163,7 +164,8 @@ class LoraQuantLinear(LoraLinear):
         applied = self.get_base_weight() - before  # what the quantized merge really added
         record = QuantMergeRecord(
             weight=weight, restore_error=0.0, residual=None, versions=self._versions(name), strategy=strategy,
-            previous=previous, applied_error=float(torch.linalg.norm(applied - d)), delta_norm=float(torch.linalg.norm(d)),
+            previous=previous, applied_error=float(torch.linalg.norm(applied - d)),
+            delta_norm=float(torch.linalg.norm(d)),
         )
         self.merged[name] = record
         return record

@@ -29,3 +29,8 @@ __all__ = [
     "lora_batched_",
     "normalize_assignment",
 ]
+from .generate import Generation  # noqa: E402
+from .model import Batch, MultiLoraModel, RuntimeLinear  # noqa: E402
+from .store import AdapterStore  # noqa: E402
+
+__all__ += ["AdapterStore", "Batch", "Generation", "MultiLoraModel", "RuntimeLinear"]

@@ -19,7 +19,9 @@ and stores, per layer, the tensors its strategy needs (chosen once per plan, see
   - "gather":  per active row, its virtual adapter zero-padded to the batch's largest rank R, as
                A: (n, R, in) and Bt: (n, R, out); a layer costs two `bmm`s (zero padding is exact).
   - "segment": rows grouped by virtual adapter; a layer costs two matmuls per distinct virtual adapter
-               over its rows (a slice when the rows are contiguous, e.g. a batch sorted by adapter).
+               over its rows (a slice when the rows are contiguous, e.g. a batch sorted by adapter). A
+               single-slot assignment reads the pool's own tensors (w * scale goes in the matmul's alpha),
+               so a plan for one adapter copies nothing.
 Rows whose assignment is base-only (or whose slots do not target a layer) are never read or written.
 Adapter storage keeps each adapter at its own rank; padding exists only inside a plan, for its batch.
 """
@@ -45,10 +47,13 @@ AssignmentLike = Union[int, Iterable[tuple[int, float]]]
 AdapterSource = Callable[[int, str], Union[tuple[torch.Tensor, torch.Tensor, float], None]]
 Strategy = Literal["auto", "gather", "segment"]
 
-# Rule measured by bench/bench_runtime_ops.py (2 CPU threads, hidden 512, r 8): the segment path wins while
-# every distinct assignment covers several rows (its per-adapter Python overhead is amortised and it does
-# no padding / per-row copies); the gather path wins once rows per distinct assignment drop below this.
-SEGMENT_MIN_ROWS_PER_ADAPTER = 4
+# The rule, measured with bench/bench_runtime_ops.py-like sweeps (2 CPU threads, hidden 512, r 8, rows x L in
+# {16, 64} x {1, 8, 128}): gather + bmm is as fast as or faster than segments for every batch with 2 or more
+# distinct assignments (segments pay a Python-level matmul pair per distinct assignment, plus index copies
+# when its rows are scattered); segments tie with gather for one assignment, or for few large contiguous
+# groups, and copy nothing there -- while gather stores one padded copy per ROW. So: segments when there is a
+# single distinct assignment, or when every group is contiguous and holds at least this many rows.
+SEGMENT_MIN_ROWS_PER_ADAPTER = 32
 
 
 def normalize_assignment(a: AssignmentLike) -> Assignment:
@@ -75,9 +80,12 @@ def normalize_assignment(a: AssignmentLike) -> Assignment:
     return tuple(out)
 
 
-def choose_strategy(num_active_rows: int, num_distinct: int) -> Literal["gather", "segment"]:
-    """The measured rule: segments when each distinct assignment covers enough rows, else gather + bmm."""
-    if num_distinct == 0 or num_active_rows >= SEGMENT_MIN_ROWS_PER_ADAPTER * num_distinct:
+def choose_strategy(num_active_rows: int, num_distinct: int, contiguous: bool = False) -> Literal["gather", "segment"]:
+    """The measured rule (see SEGMENT_MIN_ROWS_PER_ADAPTER): "segment" for one distinct assignment, or for
+    contiguous groups of >= SEGMENT_MIN_ROWS_PER_ADAPTER rows each; "gather" otherwise."""
+    if num_distinct <= 1:
+        return "segment"
+    if contiguous and num_active_rows >= SEGMENT_MIN_ROWS_PER_ADAPTER * num_distinct:
         return "segment"
     return "gather"
 
@@ -104,7 +112,9 @@ class _GatherLayer:
 class _Segment:
     rows: slice | torch.Tensor  # contiguous rows as a slice, else an (n_u,) int64 index
     A: torch.Tensor  # (r_u, in)  the virtual adapter's A, at its own rank
-    Bt: torch.Tensor  # (r_u, out) its (w * scale * B).T
+    Bt: torch.Tensor  # (r_u, out) its B.T (for a mix: cat_k(c_k B_k).T)
+    alpha: float  # w * scale for a single slot (its tensors are then the pool's own, not copied); 1.0 for a mix
+    owned: bool  # A / Bt are copies made for this plan (counted in BatchPlan.nbytes)
 
 
 @dataclass
@@ -120,13 +130,13 @@ class _SegmentLayer:
                 xs, ys = x[seg.rows], y[seg.rows]  # views: (n_u, L, in), (n_u, L, out)
                 h = xs.reshape(-1, xs.shape[-1]) @ seg.A.T  # (n_u * L, r_u)
                 if ys.is_contiguous():
-                    ys.view(-1, ys.shape[-1]).addmm_(h, seg.Bt)
+                    ys.view(-1, ys.shape[-1]).addmm_(h, seg.Bt, alpha=seg.alpha)
                 else:
-                    ys.add_((h @ seg.Bt).view(ys.shape))
+                    ys.add_((h @ seg.Bt).view(ys.shape), alpha=seg.alpha)
             else:
                 xs = x.index_select(0, seg.rows)  # (n_u, L, in)
                 h = xs.view(-1, xs.shape[-1]) @ seg.A.T  # (n_u * L, r_u)
-                y.index_add_(0, seg.rows, (h @ seg.Bt).view(-1, L, seg.Bt.shape[-1]))
+                y.index_add_(0, seg.rows, (h @ seg.Bt).view(-1, L, seg.Bt.shape[-1]), alpha=seg.alpha)
 
 
 @dataclass
@@ -135,8 +145,9 @@ class BatchPlan:
 
     `apply_(key, x, y)` does, for every row b of the batch, in place:
         y[b] += sum_k w_k * scale[s_k] * (x[b] @ A[s_k].T) @ B[s_k].T   over assignments[b] = ((s_k, w_k), ...)
-    The plan holds copies of the adapter tensors it needs, so evicting or removing an adapter afterwards
-    does not change its results; `versions` records which content of each slot it was built from.
+    The plan keeps the tensors it reads alive (copies for stacks and mixes, the source's own tensors for a
+    single-slot segment), and a pool never writes into stored tensors, so evicting, replacing or removing an
+    adapter afterwards does not change a plan's results; `versions` records which content it was built from.
     """
 
     assignments: tuple[Assignment, ...]  # one per batch row
@@ -156,13 +167,13 @@ class BatchPlan:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the plan's gathered / padded stacks."""
+        """Bytes of the tensors the plan copied (stacks, mixes); single-slot segments read the source's own."""
         total = 0
         for lay in self.layers.values():
             if isinstance(lay, _GatherLayer):
                 total += _nbytes(lay.A) + _nbytes(lay.Bt)
             elif isinstance(lay, _SegmentLayer):
-                total += sum(_nbytes(s.A) + _nbytes(s.Bt) for s in lay.segments)
+                total += sum(_nbytes(s.A) + _nbytes(s.Bt) for s in lay.segments if s.owned)
         return total
 
     def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -217,18 +228,24 @@ def build_plan(
     distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
     uid = {a: u for u, a in enumerate(distinct)}
     row_u = [uid.get(a, -1) for a in rows_a]  # row -> distinct assignment, -1 = base only
+    rows_of: list[list[int]] = [[] for _ in distinct]  # distinct assignment -> its rows, ascending
+    for b, u in enumerate(row_u):
+        if u >= 0:
+            rows_of[u].append(b)
     if strategy == "auto":
-        strategy = choose_strategy(sum(u >= 0 for u in row_u), len(distinct))
+        contiguous = all(r[-1] - r[0] + 1 == len(r) for r in rows_of)
+        strategy = choose_strategy(sum(map(len, rows_of)), len(distinct), contiguous)
     if strategy not in ("gather", "segment"):
         raise ConfigError(f"strategy must be 'auto', 'gather' or 'segment', got {strategy!r}")
     device = torch.device(device)
+    rows = _RowIndex(rows_of, row_u, device)
     built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
     for key, (fin, fout) in layers.items():
-        virt = [_virtual(get, a, key, fin, fout, dtype, device) for a in distinct]  # (A, Bt) | None per u
+        virt = [_virtual(get, a, key, fin, fout, dtype, device) for a in distinct]  # per u: _Virtual | None
         if strategy == "gather":
-            built[key] = _gather_layer(virt, row_u, fin, fout, dtype, device)
+            built[key] = _gather_layer(virt, rows, fin, fout, dtype, device)
         else:
-            built[key] = _segment_layer(virt, row_u, device)
+            built[key] = _segment_layer(virt, rows)
     return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()})
 
 
@@ -256,14 +273,46 @@ def lora_batched_(
     return plan.apply_("", x, y)
 
 
+@dataclass
+class _Virtual:
+    """One distinct assignment at one layer: y_rows += alpha * (x_rows @ A.T) @ Bt."""
+
+    A: torch.Tensor  # (R, in)   cat_k A_k
+    Bt: torch.Tensor  # (R, out)  cat_k (c_k B_k).T for a mix; B.T for a single slot
+    alpha: float  # 1.0 for a mix (c_k = w_k * scale_k folded into Bt); w * scale for a single slot
+    owned: bool  # A / Bt were copied for the plan (False: they are the source's own tensors)
+
+
+class _RowIndex:
+    """Row bookkeeping shared by every layer of a plan (built once per plan)."""
+
+    def __init__(self, rows_of: list[list[int]], row_u: list[int], device: torch.device) -> None:
+        self.rows_of, self.row_u, self.device = rows_of, row_u, device
+        self.sel = [  # per distinct assignment: its rows as a slice when contiguous, else an index tensor
+            slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else torch.tensor(r, dtype=torch.long, device=device)
+            for r in rows_of
+        ]
+        self._active: dict[tuple[int, ...], tuple[torch.Tensor | None, list[int]]] = {}
+
+    def active(self, present: tuple[int, ...]) -> tuple[torch.Tensor | None, list[int]]:
+        """Rows whose assignment is in `present` (ascending; None = all rows) and each one's assignment."""
+        if present not in self._active:
+            keep = set(present)
+            act = [b for b, u in enumerate(self.row_u) if u in keep]
+            idx = None if len(act) == len(self.row_u) else torch.tensor(act, dtype=torch.long, device=self.device)
+            self._active[present] = (idx, [self.row_u[b] for b in act])
+        return self._active[present]
+
+
 def _virtual(
     get: AdapterSource, a: Assignment, key: str, fin: int, fout: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One assignment's virtual adapter at layer `key`: A = cat(A_k) (R, in), Bt = cat(c_k B_k).T (R, out).
+) -> _Virtual | None:
+    """One assignment's virtual adapter at layer `key`; None when none of its slots has LoRA there.
 
-    c_k = w_k * scale_k is folded into B in float32 (at least), then cast to `dtype` once.
+    A mix concatenates along r, exactly: sum_k c_k (x @ A_k.T) @ B_k.T == (x @ cat(A_k).T) @ cat(c_k B_k).T,
+    with c_k = w_k * scale_k folded into B in float32 (at least), then cast to `dtype` once.
     """
-    As, Bs = [], []
+    parts = []
     for slot, w in a:
         t = get(slot, key)
         if t is None:
@@ -274,57 +323,55 @@ def _virtual(
                 f"slot {slot} at layer {key!r}: expected A (r, {fin}) and B ({fout}, r), "
                 f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
             )
-        compute = torch.promote_types(B.dtype, torch.float32)
-        As.append(A.to(device=device, dtype=dtype))
-        Bs.append((B.to(device=device, dtype=compute) * (w * scale)).to(dtype))
-    if not As:
+        parts.append((A, B, w * scale))
+    if not parts:
         return None
-    A = torch.cat(As, dim=0)  # (R, in), a new tensor: the plan never aliases the pool's storage
-    Bt = torch.cat(Bs, dim=1).T.contiguous()  # (R, out)
-    return A, Bt
+    if len(parts) == 1:  # no copy when the source already has the plan's dtype and device
+        A, B, c = parts[0]
+        A2, Bt2 = A.to(device=device, dtype=dtype), B.T.to(device=device, dtype=dtype)
+        return _Virtual(A2, Bt2, c, owned=A2 is not A or Bt2.data_ptr() != B.data_ptr())
+    compute = torch.promote_types(dtype, torch.float32)
+    A = torch.cat([A.to(device=device, dtype=dtype) for A, _, _ in parts], dim=0)  # (R, in)
+    Bt = torch.cat([(B.T.to(device=device, dtype=compute) * c).to(dtype) for _, B, c in parts], dim=0)  # (R, out)
+    return _Virtual(A, Bt, 1.0, owned=True)
 
 
 def _gather_layer(
-    virt: list[tuple[torch.Tensor, torch.Tensor] | None],
-    row_u: list[int],
-    fin: int,
-    fout: int,
-    dtype: torch.dtype,
-    device: torch.device,
+    virt: list[_Virtual | None], rows: _RowIndex, fin: int, fout: int, dtype: torch.dtype, device: torch.device
 ) -> _GatherLayer | None:
-    active = [b for b, u in enumerate(row_u) if u >= 0 and virt[u] is not None]
-    if not active:
+    present = tuple(u for u, v in enumerate(virt) if v is not None)
+    if not present:
         return None
-    present = sorted({row_u[b] for b in active})
-    R = max(virt[u][0].shape[0] for u in present)
-    A_u = torch.zeros(len(virt), R, fin, dtype=dtype, device=device)  # (U, R, in)
-    Bt_u = torch.zeros(len(virt), R, fout, dtype=dtype, device=device)  # (U, R, out)
+    idx, sel = rows.active(present)  # active rows, and each one's distinct assignment
+    R = max(virt[u].A.shape[0] for u in present)
+    by_rank: dict[int, list[int]] = {}
     for u in present:
-        A, Bt = virt[u]
-        A_u[u, : A.shape[0]] = A
-        Bt_u[u, : Bt.shape[0]] = Bt
-    rows = None if len(active) == len(row_u) else torch.tensor(active, dtype=torch.long, device=device)
-    sel = [row_u[b] for b in active]
+        by_rank.setdefault(virt[u].A.shape[0], []).append(u)
+    alphas = [virt[u].alpha for u in range(len(virt)) if virt[u] is not None]
+    if len(present) == len(virt) and len(by_rank) == 1:  # one rank, all present: no padding, no zero fill
+        A_u = torch.stack([v.A for v in virt])  # (U, R, in)
+        Bt_u = torch.stack([v.Bt for v in virt])  # (U, R, out)
+        if any(a != 1.0 for a in alphas):
+            Bt_u.mul_(torch.tensor(alphas, dtype=torch.float32, device=device).view(-1, 1, 1))  # fold alpha
+    else:
+        A_u = torch.zeros(len(virt), R, fin, dtype=dtype, device=device)  # (U, R, in)
+        Bt_u = torch.zeros(len(virt), R, fout, dtype=dtype, device=device)  # (U, R, out)
+        for u in present:
+            v = virt[u]
+            r = v.A.shape[0]
+            A_u[u, :r] = v.A
+            torch.mul(v.Bt, v.alpha, out=Bt_u[u, :r])  # fold alpha: the stack's rows all use alpha 1
     if sel == list(range(len(virt))):  # every row its own assignment, in order: the stacks are the rows
-        return _GatherLayer(rows, A_u, Bt_u)
-    idx = torch.tensor(sel, dtype=torch.long, device=device)
-    return _GatherLayer(rows, A_u.index_select(0, idx), Bt_u.index_select(0, idx))  # (n, R, in), (n, R, out)
+        return _GatherLayer(idx, A_u, Bt_u)
+    u_idx = torch.tensor(sel, dtype=torch.long, device=device)
+    return _GatherLayer(idx, A_u.index_select(0, u_idx), Bt_u.index_select(0, u_idx))  # (n, R, in), (n, R, out)
 
 
-def _segment_layer(
-    virt: list[tuple[torch.Tensor, torch.Tensor] | None], row_u: list[int], device: torch.device
-) -> _SegmentLayer | None:
-    segs = []
-    for u, v in enumerate(virt):
-        if v is None:
-            continue
-        rows = [b for b, ub in enumerate(row_u) if ub == u]
-        if rows[-1] - rows[0] + 1 == len(rows):
-            sel: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
-        else:
-            sel = torch.tensor(rows, dtype=torch.long, device=device)
-        segs.append(_Segment(sel, v[0], v[1]))
-    return _SegmentLayer(tuple(segs)) if segs else None
+def _segment_layer(virt: list[_Virtual | None], rows: _RowIndex) -> _SegmentLayer | None:
+    segs = tuple(
+        _Segment(rows.sel[u], v.A, v.Bt, v.alpha, v.owned) for u, v in enumerate(virt) if v is not None
+    )
+    return _SegmentLayer(segs) if segs else None
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -64,6 +64,8 @@ class _Entry:
     shapes: dict[str, tuple[int, int, int]]  # layer key -> (r, in, out)
     fingerprint: dict[str, tuple[int, int]]  # layer key -> (hash(A), hash(B)) in the pool dtype
     nbytes: int  # fast-tier bytes when resident
+    # stored per layer as (A (r, in), Bt (r, out)), both contiguous: B is kept transposed, the layout the
+    # batched matmuls read fastest; `tensors()` hands B back as the (out, r) view Bt.T
     fast: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # None = evicted
     slow: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # CPU copy (fast tier off-CPU, no loader)
     refs: int = 0  # outstanding leases
@@ -197,8 +199,8 @@ class AdapterPool:
             slow = None
             if self.loader is None and self.device.type != "cpu":
                 pin = torch.cuda.is_available()
-                slow = {k: (A.to("cpu").pin_memory() if pin else A.to("cpu"),
-                            B.to("cpu").pin_memory() if pin else B.to("cpu")) for k, (A, B) in fast.items()}
+                slow = {k: tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in pair)
+                        for k, pair in fast.items()}
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
             self._entries[slot] = _Entry(
                 name, content_hash, next(self._versions), scl, shapes, _fingerprint(fast), nbytes, fast, slow
@@ -329,8 +331,8 @@ class AdapterPool:
         e = self._entries[slot]
         if key not in e.shapes:
             return None
-        A, B = e.fast[key]
-        return A, B, e.scales[key]
+        A, Bt = e.fast[key]
+        return A, Bt.T, e.scales[key]
 
     def _slot_of(self, name: str) -> int:
         slot = self._by_name.get(name)
@@ -387,12 +389,13 @@ class AdapterPool:
         return shapes, scl
 
     def _to_fast(self, tensors: LayerTensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        # copy=True: never alias (or later see mutations of) the caller's tensors
-        return {
-            k: (A.detach().to(self.device, self.dtype, copy=True).contiguous(),
-                B.detach().to(self.device, self.dtype, copy=True).contiguous())
-            for k, (A, B) in tensors.items()
-        }
+        """Caller's {key: (A, B)} -> fast-tier {key: (A, Bt)}: always copies, so later changes to the
+        caller's tensors never reach the pool."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(t.shape, dtype=self.dtype, device=self.device)
+            return out.copy_(t.detach())
+
+        return {k: (copy(A), copy(B.T)) for k, (A, B) in tensors.items()}
 
     def _can_evict(self) -> bool:
         return self.loader is not None or self.device.type != "cpu"
@@ -424,6 +427,11 @@ class AdapterPool:
         self._resident_bytes -= e.nbytes
         del self._lru[slot]
         self._counts["evictions"] += 1
+        self._drop_plans(slot)  # cached plans may read its tensors: let the memory go
+
+    def _drop_plans(self, slot: int) -> None:
+        for k in [k for k, p in self._plans.items() if slot in p.versions]:
+            del self._plans[k]
 
     def _ensure_resident(self, slots: Sequence[int]) -> None:
         keep = frozenset(slots)
@@ -436,7 +444,7 @@ class AdapterPool:
             self._counts["misses"] += 1
             self._make_room(e.nbytes, what=f"reloading adapter {e.name!r}", keep=keep)
             if e.slow is not None:
-                fast = self._to_fast(e.slow)
+                fast = {k: tuple(t.to(self.device, non_blocking=True) for t in pair) for k, pair in e.slow.items()}
             else:
                 try:
                     loaded = self.loader(e.name, e.content_hash)
@@ -447,7 +455,8 @@ class AdapterPool:
                         f"loader returned layers {sorted(loaded)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
                     )
                 fast = self._to_fast(loaded)
-            if {k: (A.shape[0], A.shape[1], B.shape[0]) for k, (A, B) in fast.items()} != e.shapes or (
+            got = {k: (tuple(A.shape), tuple(Bt.shape)) for k, (A, Bt) in fast.items()}
+            if got != {k: ((r, fin), (r, fout)) for k, (r, fin, fout) in e.shapes.items()} or (
                 _fingerprint(fast) != e.fingerprint
             ):
                 raise AdapterFileError(
@@ -474,12 +483,11 @@ class AdapterPool:
             self._resident_bytes -= e.nbytes
             del self._lru[slot]
         heapq.heappush(self._free, slot)
-        for k in [k for k, p in self._plans.items() if slot in p.versions]:
-            del self._plans[k]
+        self._drop_plans(slot)
 
 
 def _fingerprint(fast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[int, int]]:
-    """Per layer, an xor-hash of A's and B's bits (in the pool dtype): a cheap check that a reload is the same."""
+    """Per layer, an xor-hash of A's and B's bits (as stored): a cheap check that a reload is the same."""
     def h(t: torch.Tensor) -> int:
         return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
 

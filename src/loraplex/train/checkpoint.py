@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,8 @@ def save_checkpoint(out_dir: str | Path, *, model: torch.nn.Module, adapters: li
                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()}, "rng": rng}
         torch.save(trainer, tmp / TRAINER_FILE)
         write_json(tmp / STATE_FILE, state)  # last: a directory with state.json is complete
+    for stale in Path(out_dir).glob(f".{CHECKPOINT_DIR}.old-*"):  # left by a kill inside an earlier swap
+        shutil.rmtree(stale, ignore_errors=True)
     return target
 
 

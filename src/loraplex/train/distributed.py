@@ -98,7 +98,8 @@ def wrap(module: nn.Module, info: DistInfo, *, find_unused_parameters: bool) -> 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(module, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+    # buffers (rotary tables, quantized weights) are the same on every rank: no per-forward broadcast
+    return DDP(module, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""Training benchmark on SmolLM2-135M-Instruct + chatterbot:tech_support, r=8 on all linear layers.
+
+Three variants run through the SAME loop (loraplex.train.Trainer: same batches, loss, AdamW, schedule):
+    loraplex   loraplex.inject(...)                      the adapter under test
+    peft       peft.get_peft_model(...) with A/B copied from loraplex's initial adapter (same start)
+    full       full fine-tuning of the same model (every parameter trainable)
+Steps are interleaved (step i of every variant before step i+1 of any, the order rotating each round),
+so machine noise hits all alike; the table reports medians of the per-step times and their ratios.
+Peak RSS is measured in a fresh subprocess per variant (load + a few steps), since a process's peak
+never goes down.
+
+    .venv/bin/python bench/bench_train.py --steps 30 --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import loraplex as lp
+from loraplex.models import load_base
+from loraplex.report import format_table, human_bytes
+from loraplex.train import Job, Trainer, TrainConfig, adapter_params, load_records, split, tokenize
+from loraplex.train.run import peak_rss_bytes
+
+VARIANTS = ("loraplex", "peft", "full")
+DATA = "chatterbot:tech_support"
+
+
+def settings(args, variant: str) -> TrainConfig:
+    lr = args.full_lr if variant == "full" else args.lr
+    return TrainConfig(base="smollm2", data=[DATA], out=tempfile.gettempdir(), rank=8, alpha=16, dropout=0.0,
+                       lr=lr, max_steps=args.steps, batch_size=args.batch_size, max_length=256,
+                       eval_split=args.eval_split, seed=0, progress=False)
+
+
+def examples(tokenizer, cfg: TrainConfig):
+    return split(tokenize(load_records(DATA), tokenizer, max_length=cfg.max_length), cfg.eval_split, cfg.seed)
+
+
+def build(variant: str, args) -> tuple[Trainer, Job, int]:
+    """A Trainer over one Job for `variant`; also returns its trainable parameter count."""
+    cfg = settings(args, variant)
+    model, tok = load_base("smollm2")
+    train_set, eval_set = examples(tok, cfg)
+    lora = lp.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules="all-linear")
+    if variant == "loraplex":
+        lp.inject(model, lora, "default", seed=cfg.seed)
+        params = adapter_params(model, "default")
+    elif variant == "peft":
+        import peft
+
+        reference, _ = load_base("smollm2")  # the same initial A/B as the loraplex variant
+        lp.inject(reference, lora, "default", seed=cfg.seed)
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                        target_modules="all-linear"))
+        model = pm.get_base_model()  # PEFT injects in place; the loop drives the transformers model
+        copied = 0
+        with torch.no_grad():
+            for key, layer in lp.lora_layers(reference):
+                a, b = layer.adapter_tensors("default")
+                target = model.get_submodule(key)
+                target.lora_A["default"].weight.copy_(a)
+                target.lora_B["default"].weight.copy_(b)
+                copied += 1
+        del reference
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert copied * 2 == len(params), (copied, len(params))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    job = Job(variant, params, train_set, eval_set, cfg, 1, pad)
+    return Trainer(model, [job], cfg, pad_id=pad), job, sum(p.numel() for p in params)
+
+
+def rss_only(variant: str, args) -> None:
+    trainer, _, _ = build(variant, args)
+    loaded = peak_rss_bytes()
+    torch.manual_seed(0)
+    for _ in range(args.rss_steps):
+        trainer.train_step()
+    print(json.dumps({"variant": variant, "peak_rss": peak_rss_bytes(), "after_load": loaded}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--full-lr", type=float, default=2e-5)
+    ap.add_argument("--eval-split", type=float, default=0.2)
+    ap.add_argument("--rss-steps", type=int, default=4)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--rss-only", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    if args.rss_only:
+        return rss_only(args.rss_only, args)
+    names = args.variants.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {DATA}; r=8 all-linear, dropout 0; "
+          f"batch {args.batch_size}, {args.steps} steps", flush=True)
+    runs = {v: build(v, args) for v in names}
+    before = {v: t.evaluate(j) for v, (t, j, _) in runs.items()}
+    times: dict[str, list[float]] = {v: [] for v in names}
+    losses: dict[str, list[float]] = {v: [] for v in names}
+    tokens: dict[str, list[int]] = {v: [] for v in names}
+    for step in range(args.steps):
+        order = names[step % len(names):] + names[:step % len(names)]
+        for v in order:
+            trainer, job, _ = runs[v]
+            torch.manual_seed(step)
+            start = time.perf_counter()
+            stats = trainer.train_step()[job.name]
+            times[v].append(time.perf_counter() - start)
+            losses[v].append(stats["loss"])
+            tokens[v].append(stats["tokens"])
+        print(f"step {step + 1}: " + "  ".join(f"{v} {losses[v][-1]:.4f} ({times[v][-1]:.2f} s)" for v in names),
+              flush=True)
+    after = {v: t.evaluate(j) for v, (t, j, _) in runs.items()}
+    del runs
+    rss = {}
+    for v in names:  # one fresh process each: a peak RSS never goes down
+        out = subprocess.run([sys.executable, __file__, "--rss-only", v, "--batch-size", str(args.batch_size),
+                              "--rss-steps", str(args.rss_steps), "--eval-split", str(args.eval_split)],
+                             capture_output=True, text=True, check=True)
+        rss[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    skip = 2  # the first steps warm allocators and caches
+    med = {v: statistics.median(times[v][skip:]) for v in names}
+    ref = "loraplex" if "loraplex" in names else names[0]
+    rows = [[v, f"{med[v]:.3f}", f"{statistics.median(tokens[v]) / med[v]:,.0f}", f"{med[v] / med[ref]:.2f}x",
+             f"{before[v]:.4f}", f"{after[v]:.4f}", human_bytes(rss[v]["peak_rss"]),
+             f"{rss[v]['peak_rss'] / rss[ref]['peak_rss']:.2f}x"] for v in names]
+    print()
+    print(format_table(rows, ["variant", "median step s", "tokens/s", f"time / {ref}", "eval before", "eval after",
+                              "peak RSS", f"RSS / {ref}"]))
+    result = {"args": vars(args), "median_step_s": med, "eval_before": before, "eval_after": after, "rss": rss,
+              "losses": losses, "times": times}
+    if "loraplex" in names:
+        for v in names:
+            if v != "loraplex":
+                print(f"loraplex throughput vs {v}: {med[v] / med['loraplex']:.2f}x; peak RSS loraplex / {v}: "
+                      f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x")
+        if "peft" in names:
+            gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses["peft"]))
+            print(f"loss curves loraplex vs peft: max |difference| over {args.steps} steps = {gap:.2e}")
+            result["max_loss_gap_vs_peft"] = gap
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,540 @@
+"""MultiLoraModel: many LoRA adapters served over ONE loaded base, a different adapter (or mix) per batch row.
+
+    engine = MultiLoraModel(base, memory_budget_bytes=256 << 20, tokenizer=tok)
+    engine.load("legal", "adapters/legal")                   # -> content hash
+    logits = engine.forward(ids, mask, adapters=["legal", None, {"legal": 0.7, "tone": 0.3}])
+    out = engine.generate(["Hi", "Hello"], adapters=["legal", "tone"], max_new_tokens=32)
+
+Semantics, per wrapped layer (W the base weight) and batch row b with adapters {name_k: w_k}:
+    y[b] = base(x[b]) + sum_k w_k * scale_k * (x[b] @ A_k.T) @ B_k.T          (None / {} = base only)
+computed by `BatchPlan.apply_` (loraplex.runtime.ops) on the base layer's output, in place.
+
+How it works:
+  - Wrapping. Each target Linear (or GPT-2 Conv1D, or loraplex QuantLinear) is replaced, once, by a
+    `RuntimeLinear` that calls the base layer and then the current batch plan. The engine sets the plan once
+    per forward; a batch where every row is base only runs with no plan (one attribute test per layer).
+    The base model is modified in place (explicitly, at construction or load); `unwrap()` puts it back.
+  - Targets. `target_modules` (names, a regex, or "all-linear", as in LoraConfig) wraps those modules up
+    front and an adapter targeting any other module is refused with TargetNotFoundError. With
+    `target_modules=None` (the default) modules are wrapped lazily: loading an adapter wraps whatever it
+    targets that is not wrapped yet (a one-time change of the module tree; plans built before simply have
+    no entry for the new layers, which none of their adapters target).
+  - Adapters live in an `AdapterPool` slot each, unpadded, in the model's dtype and device, under
+    `memory_budget_bytes`; evicted ones are re-read from their directory (checked by content hash).
+    Identity is the content hash: `replace(name, dir)` puts the new version in a new slot; requests that
+    hold a lease on the old version (a `Batch`, or `lease(name)`) keep it until they finish.
+  - Switching adapters per call changes no module and no weight: only the plan (cached per batch
+    composition) differs.
+  - Merged mode: `merge(name)` adds scale * B @ A into the base weights (W' = W + dW). Every row then gets
+    `name` for free; a row asking for anything else is served by subtracting: its assignment becomes
+    {its adapters..., name: -1}, so None still means the bare base and other adapters stay exact up to
+    rounding. `unmerge()` restores W bit for bit (the merge keeps the few elements rounding would lose).
+
+One forward at a time runs through the model (an internal lock); batch rows are the unit of concurrency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import LoraConfig
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    LeaseError,
+    MergeStateError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnsupportedFeatureError,
+    UnsupportedModuleError,
+)
+from ..functional import delta_weight, scaling
+from ..identity import base_fingerprint, check_base
+from ..inject import check_name, find_targets
+from ..layers import Conv1D
+from ..store import AdapterFile, PathLike, read_adapter
+from .ops import Assignment, BatchPlan
+from .pool import AdapterPool, Lease, PoolStats
+from .store import AdapterStore
+
+# What a caller may pass for one row: a name, None (base only), a Lease (a pinned version), or a weighted mix.
+RowSpec = Union[str, None, Lease, Mapping[Union[str, Lease], float]]
+LayerTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
+
+
+@dataclass
+class _Current:
+    """The plan the wrappers apply during the forward in progress (None = every row base only)."""
+
+    plan: Optional[BatchPlan] = None
+
+
+class RuntimeLinear(nn.Module):
+    """y = base_layer(x), then y[b] += each row's LoRA for layer `key` from the engine's current plan.
+
+    Holds no adapter tensors. The base layer is any module mapping (..., in) -> (..., out): nn.Linear,
+    transformers Conv1D or loraplex QuantLinear (the choice was made when the engine wrapped it).
+    """
+
+    def __init__(self, base_layer: nn.Module, key: str, in_features: int, out_features: int,
+                 current: _Current) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.key = key
+        self.in_features, self.out_features = in_features, out_features
+        self._current = current  # shared with the engine; a plain attribute, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out)
+        plan = self._current.plan
+        if plan is not None and self.key in plan.layers:
+            plan.apply_(self.key, x, y)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"key={self.key!r}, in={self.in_features}, out={self.out_features}"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a module the runtime can wrap; UnsupportedModuleError otherwise."""
+    from ..quant.linear import QuantLinear  # lazy: loraplex.quant imports store, which imports inject
+
+    if isinstance(module, (nn.Linear, QuantLinear)):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        fin, fout = module.weight.shape  # Conv1D stores (in, out)
+        return fin, fout
+    raise UnsupportedModuleError(
+        f"the multi-adapter runtime wraps nn.Linear, transformers Conv1D and QuantLinear, got {type(module).__name__}"
+    )
+
+
+@dataclass
+class _Merged:
+    lease: Lease  # pins the merged version
+    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (flat indices, original values)
+
+
+class Batch:
+    """One batch composition held open across forwards (a generation's prefill and decode steps).
+
+    Holds a lease on every adapter version its rows use, so replacing or evicting an adapter meanwhile
+    changes nothing for it. Call it like the HF model (it returns the model output); `close()` (or `with`)
+    releases the leases.
+    """
+
+    def __init__(self, engine: MultiLoraModel, adapters: Sequence[RowSpec]) -> None:
+        self.engine = engine
+        self.leases: list[Lease] = []
+        self._own: dict[str, Lease] = {}  # name -> lease taken by this batch
+        self._epoch = -1
+        self.plan: Optional[BatchPlan] = None
+        try:
+            self.wanted = [self._resolve(a) for a in adapters]  # per row {slot: weight}, before merge
+            self._refresh()
+        except BaseException:
+            self.close()
+            raise
+
+    def _slot(self, ref: Union[str, Lease]) -> int:
+        if isinstance(ref, Lease):
+            if ref.pool is not self.engine.pool:
+                raise LeaseError(f"lease on {ref.name!r} belongs to another engine")
+            return ref.slot
+        if not isinstance(ref, str):
+            raise ConfigError(f"an adapter is named by a string (or a Lease), got {ref!r}")
+        lease = self._own.get(ref)
+        if lease is None:
+            lease = self._own[ref] = self.engine.pool.acquire(ref)
+            self.leases.append(lease)
+        return lease.slot
+
+    def _resolve(self, a: RowSpec) -> dict[int, float]:
+        if a is None:
+            return {}
+        if isinstance(a, (str, Lease)):
+            return {self._slot(a): 1.0}
+        if isinstance(a, Mapping):
+            out: dict[int, float] = {}
+            for ref, w in a.items():
+                s = self._slot(ref)
+                out[s] = out.get(s, 0.0) + float(w)
+            return out
+        raise ConfigError(
+            f"a row's adapter is a name, None, a Lease or a {{name: weight}} mix; got {type(a).__name__} {a!r}"
+        )
+
+    def _refresh(self) -> None:
+        """(Re)build the plan if the engine's merge state changed since it was built."""
+        eng = self.engine
+        if self._epoch == eng._merge_epoch:
+            return
+        rows: list[Assignment] = []
+        for want in self.wanted:
+            want = dict(want)
+            if eng._merged is not None:  # the merged adapter is in every row already: take it out where unwanted
+                m = eng._merged.lease.slot
+                want[m] = want.get(m, 0.0) - 1.0
+            rows.append(tuple((s, w) for s, w in want.items() if w != 0.0))
+        self.assignments = rows
+        self.plan = eng.pool.plan(rows) if any(rows) else None
+        self._epoch = eng._merge_epoch
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.wanted)
+
+    def __call__(self, **model_kwargs: Any) -> Any:
+        """model(**model_kwargs) with this batch's plan applied; batch size must equal the number of rows."""
+        eng = self.engine
+        if self.leases is None:
+            raise LeaseError("this batch is closed")
+        with eng._lock, torch.inference_mode():
+            self._refresh()
+            eng._current.plan = self.plan
+            try:
+                return eng.model(**model_kwargs)
+            finally:
+                eng._current.plan = None
+
+    def close(self) -> None:
+        if self.leases is None:
+            return
+        for lease in self.leases:
+            lease.release()
+        self.leases = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MultiLoraModel:
+    """The multi-adapter engine over one loaded base model (see the module docstring).
+
+    base_model: a torch model (HF causal LM for `generate`); modified in place: target layers are wrapped.
+    target_modules: modules to wrap now (LoraConfig syntax); None = wrap lazily what loaded adapters target.
+    memory_budget_bytes: cap on the adapter tensors kept in the fast tier (None = no cap).
+    device: where the model and the adapters live (default: the model's device; the model is moved if not).
+    store: an AdapterStore (or its folder) for `load_from_store`.
+    tokenizer: for string prompts and texts in `generate`.
+    max_plans: how many batch plans (per batch composition) to keep cached.
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        *,
+        target_modules: Union[list[str], str, None] = None,
+        memory_budget_bytes: Optional[int] = None,
+        device: Union[str, torch.device, None] = None,
+        store: Union[AdapterStore, PathLike, None] = None,
+        tokenizer: Any = None,
+        max_plans: int = 8,
+    ) -> None:
+        first = next(base_model.parameters(), None)
+        if first is None:
+            raise ConfigError("base_model has no parameters; pass a loaded model")
+        device = first.device if device is None else torch.device(device)
+        if first.device != device:
+            base_model.to(device)
+        self.model = base_model
+        self.tokenizer = tokenizer
+        self.store = store if store is None or isinstance(store, AdapterStore) else AdapterStore(store)
+        self.dtype = first.dtype
+        self.pool = AdapterPool(budget_bytes=memory_budget_bytes, device=device, dtype=self.dtype,
+                                loader=self._reload, max_plans=max_plans)
+        self._current = _Current()
+        self._lock = threading.RLock()
+        self._wrapped: dict[str, RuntimeLinear] = {}
+        self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
+        self._merged: Optional[_Merged] = None
+        self._merge_epoch = 0
+        self._fingerprint = base_fingerprint(base_model)  # of the bare base, before any merge
+        self.target_modules = target_modules
+        if target_modules is not None:
+            keys = find_targets(base_model, LoraConfig(target_modules=target_modules))
+            modules = dict(base_model.named_modules())
+            shapes = {k: _in_out(modules[k]) for k in keys}
+            for k in keys:
+                self._wrap(k, modules[k], shapes[k])
+
+    # ---- wrapping -----------------------------------------------------------------------------------------
+    @property
+    def wrapped(self) -> list[str]:
+        """Names of the modules currently wrapped."""
+        return list(self._wrapped)
+
+    def _wrap(self, key: str, module: nn.Module, shape: tuple[int, int]) -> None:
+        self.pool.register_layer(key, *shape)
+        wrapper = RuntimeLinear(module, key, *shape, self._current)
+        parent, _, child = key.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper)
+        self._wrapped[key] = wrapper
+
+    def unwrap(self) -> nn.Module:
+        """Put the original modules back and return the base model (refused while an adapter is merged)."""
+        with self._lock:
+            if self._merged is not None:
+                raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged; unmerge() first")
+            for key, wrapper in self._wrapped.items():
+                parent, _, child = key.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper.base_layer)
+            self._wrapped.clear()
+            return self.model
+
+    # ---- adapters -----------------------------------------------------------------------------------------
+    def load(self, name: str, directory: Union[PathLike, AdapterFile], *, check_base_model: bool = True) -> str:
+        """Load the adapter in `directory` as `name`; returns its content hash.
+
+        Loading the same content again is a no-op; another content under a taken name is refused (use
+        `replace`). The cost does not depend on how many adapters are loaded (nothing is re-stacked).
+        """
+        return self._add(name, directory, replace=False, check_base_model=check_base_model)
+
+    def load_from_store(self, name: str, *, check_base_model: bool = True) -> str:
+        """Load adapter `name` from the engine's adapter store folder; returns its content hash."""
+        if self.store is None:
+            raise ConfigError("this engine has no adapter store; pass store=AdapterStore(folder) (or a folder)")
+        return self.load(name, self.store.path(name), check_base_model=check_base_model)
+
+    def replace(self, name: str, directory: Union[PathLike, AdapterFile], *, check_base_model: bool = True) -> str:
+        """Point `name` at a new version; requests holding the old one finish on it. Returns the new hash."""
+        return self._add(name, directory, replace=True, check_base_model=check_base_model)
+
+    def unload(self, name: str) -> None:
+        """Forget `name`; requests holding a lease on it finish first (its memory is freed then)."""
+        with self._lock:
+            if self._merged is not None and self._merged.lease.name == name:
+                raise MergeStateError(f"adapter {name!r} is merged into the base; unmerge() before unloading it")
+            h = self.pool.content_hash(name)
+            self.pool.remove(name)
+            self._sources.pop((name, h), None)
+
+    def names(self) -> list[str]:
+        return self.pool.names()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pool
+
+    def content_hash(self, name: str) -> str:
+        return self.pool.content_hash(name)
+
+    @property
+    def stats(self) -> PoolStats:
+        return self.pool.stats
+
+    def lease(self, name: str) -> Lease:
+        """Pin the current version of `name` (use it as a row's adapter; release it when done)."""
+        return self.pool.acquire(name)
+
+    def _add(self, name: str, source: Union[PathLike, AdapterFile], *, replace: bool, check_base_model: bool) -> str:
+        check_name(name)
+        af = source if isinstance(source, AdapterFile) else read_adapter(source)
+        tensors, scales = self._layer_tensors(af)
+        with self._lock:
+            if name in self.pool:
+                old = self.pool.content_hash(name)
+                if old == af.content_hash:
+                    return old
+                if not replace:
+                    raise AdapterExistsError(
+                        f"adapter {name!r} is loaded with content {old[:12]}, {str(af.path)!r} holds "
+                        f"{af.content_hash[:12]}; use replace({name!r}, ...) to switch versions"
+                    )
+            elif replace:
+                raise AdapterNotFoundError(f"cannot replace {name!r}: it is not loaded; loaded: {self.names()}")
+            else:
+                old = None
+            if check_base_model and af.base_fingerprint and af.base_fingerprint != self._fingerprint:
+                check_base(af.base_fingerprint, self.model, f"adapter {str(af.path)!r}")
+            self._wrap_targets(name, tensors)
+            self._sources[(name, af.content_hash)] = af.path
+            self.pool.add(name, af.content_hash, tensors, scales)
+            if old is not None:
+                self._sources.pop((name, old), None)  # a leased old version is never evicted: no reload needed
+            return af.content_hash
+
+    def _wrap_targets(self, name: str, tensors: LayerTensors) -> None:
+        new = [k for k in tensors if k not in self._wrapped]
+        if not new:
+            return
+        if self.target_modules is not None:
+            raise TargetNotFoundError(
+                f"adapter {name!r} targets {new[:3]}{'...' if len(new) > 3 else ''}, which this engine did not "
+                f"wrap (target_modules={self.target_modules!r}); build the engine with target_modules covering "
+                "them (e.g. 'all-linear'), or with target_modules=None to wrap lazily"
+            )
+        modules = dict(self.model.named_modules())
+        shapes = {}
+        for k in new:  # check everything before changing the model
+            if k not in modules:
+                raise TargetNotFoundError(f"adapter {name!r} targets module {k!r}, which this base does not have")
+            shapes[k] = _in_out(modules[k])
+            A, B = tensors[k]
+            if (A.shape[1], B.shape[0]) != shapes[k]:
+                raise ShapeMismatchError(
+                    f"adapter {name!r} at {k!r}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit a "
+                    f"({shapes[k][0]} -> {shapes[k][1]}) layer (adapter made for another base?)"
+                )
+        for k in new:
+            self._wrap(k, modules[k], shapes[k])
+
+    @staticmethod
+    def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float]]:
+        """{module: (A, B)} and {module: scale} from an adapter file (keys like `<module>.lora_A.weight`)."""
+        cfg = af.config
+        tensors: LayerTensors = {}
+        scales: dict[str, float] = {}
+        for key, A in af.tensors.items():
+            if key.endswith(".lora_B.weight"):
+                if key[: -len(".lora_B.weight")] + ".lora_A.weight" not in af.tensors:
+                    raise AdapterFileError(f"adapter {str(af.path)!r} has {key!r} but no matching lora_A")
+                continue
+            if not key.endswith(".lora_A.weight"):
+                raise UnsupportedFeatureError(
+                    f"adapter {str(af.path)!r} holds {key!r}: the multi-adapter runtime serves lora_A/lora_B on "
+                    "linear layers only (no embedding LoRA, modules_to_save or trained biases); load it on its "
+                    "own model with loraplex.load_adapter instead"
+                )
+            mod = key[: -len(".lora_A.weight")]
+            B = af.tensors.get(mod + ".lora_B.weight")
+            if B is None:
+                raise AdapterFileError(f"adapter {str(af.path)!r} has {key!r} but no {mod + '.lora_B.weight'!r}")
+            r = cfg.rank_for(mod)
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+                raise ShapeMismatchError(
+                    f"adapter {str(af.path)!r} at {mod!r}: config rank {r} (after rank_pattern), got lora_A "
+                    f"{tuple(A.shape)} and lora_B {tuple(B.shape)}"
+                )
+            tensors[mod] = (A, B)
+            scales[mod] = scaling(r, cfg.alpha_for(mod), cfg.use_rslora)
+        if not tensors:
+            raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
+        return tensors, scales
+
+    def _reload(self, name: str, content_hash: str) -> LayerTensors:
+        """The pool's loader: re-read an evicted adapter from its directory, refusing a changed file."""
+        path = self._sources.get((name, content_hash))
+        if path is None:
+            raise AdapterFileError(f"no source known for adapter {name!r} ({content_hash[:12]})")
+        af = read_adapter(path)
+        if af.content_hash != content_hash:
+            raise AdapterFileError(
+                f"adapter {name!r} was evicted and {str(path)!r} now holds content {af.content_hash[:12]}, not the "
+                f"loaded {content_hash[:12]}; call replace({name!r}, {str(path)!r}) to serve the new version"
+            )
+        return self._layer_tensors(af)[0]
+
+    # ---- running ------------------------------------------------------------------------------------------
+    def batch(self, adapters: Optional[Sequence[RowSpec]]) -> Batch:
+        """Open a `Batch` for these per-row adapters (leases + plan); use it across a generation's steps."""
+        if adapters is None or isinstance(adapters, (str, Mapping, Lease)):
+            raise ConfigError(
+                f"adapters is a list with one entry per batch row (a name, None, or {{name: weight}}), got {adapters!r}"
+            )
+        return Batch(self, list(adapters))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                adapters: Optional[Sequence[RowSpec]] = None, **model_kwargs: Any) -> torch.Tensor:
+        """Logits (B, T, vocab) with row b served by adapters[b] (a name, None = base, or {name: weight}).
+
+        adapters=None serves every row with the base only (or with the merged adapter, when one is merged).
+        """
+        B = input_ids.shape[0]
+        rows = [None] * B if adapters is None else list(adapters)
+        if len(rows) != B:
+            raise ShapeMismatchError(f"adapters has {len(rows)} entries for a batch of {B} rows; give one per row")
+        with self.batch(rows) as b:
+            return b(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
+
+    __call__ = forward
+
+    def generate(self, prompts: Sequence[Union[str, Sequence[int]]], adapters: Optional[Sequence[RowSpec]] = None,
+                 **kwargs: Any) -> list:
+        """Batched generation, each row with its own adapter; see `loraplex.runtime.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, prompts, adapters, **kwargs)
+
+    # ---- merged mode --------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> Optional[str]:
+        """The name of the merged adapter, or None."""
+        return None if self._merged is None else self._merged.lease.name
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Add adapter `name` into the base weights: W' = W + scale * B @ A (see the module docstring)."""
+        with self._lock:
+            if self._merged is not None:
+                raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged already; unmerge() first")
+            lease = self.pool.acquire(name)
+            try:
+                layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
+                for k, _ in layers:
+                    base = self._wrapped[k].base_layer
+                    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+                        raise UnsupportedFeatureError(
+                            f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
+                            "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"
+                        )
+                residuals = {k: self._add_delta(k, *t) for k, t in layers}
+            except BaseException:
+                lease.release()
+                raise
+            self._merged = _Merged(lease, residuals)
+            self._merge_epoch += 1
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the merged adapter out of the base weights again, restoring them bit for bit."""
+        with self._lock:
+            if self._merged is None:
+                raise MergeStateError("no adapter is merged")
+            m = self._merged
+            for k, (idx, values) in m.residuals.items():
+                A, B, scale = self.pool.tensors(m.lease.slot, k)
+                w = self._weight(k)
+                d = self._delta(k, A, B, scale, w)
+                restored = (w.to(d.dtype) - d).to(w.dtype)
+                restored.view(-1)[idx] = values
+                w.copy_(restored)
+            self._merged = None
+            self._merge_epoch += 1
+            m.lease.release()
+
+    def _weight(self, key: str) -> torch.Tensor:
+        return self._wrapped[key].base_layer.weight.data
+
+    def _delta(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: float, w: torch.Tensor) -> torch.Tensor:
+        """scale * B @ A in the layout of weight `w` (Conv1D stores (in, out)), in float32 or wider."""
+        compute = torch.promote_types(w.dtype, torch.float32)
+        d = delta_weight(A.to(compute), B.to(compute), scale)  # (out, in)
+        return d.T if _is_conv1d(self._wrapped[key].base_layer) else d
+
+    def _add_delta(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """W <- W + dW; returns the (flat index, original value) pairs that W' - dW would not give back."""
+        w = self._weight(key)
+        d = self._delta(key, A, B, scale, w)
+        merged = (w.to(d.dtype) + d).to(w.dtype)
+        back = (merged.to(d.dtype) - d).to(w.dtype)
+        idx = (back != w).view(-1).nonzero().squeeze(1)
+        values = w.view(-1)[idx].clone()
+        w.copy_(merged)
+        return idx, values

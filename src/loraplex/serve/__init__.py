@@ -1,0 +1,19 @@
+"""Serving many adapters on one base over HTTP (OpenAI-compatible), with continuous batching.
+
+    llama.py     CompactLlama: the Llama-family forward with per-sequence KV cache lanes, LoRA via BatchPlan
+    engine.py    Engine: scheduler (continuous batching, round-robin over adapters), limits, shutdown
+    requests.py  SamplingParams, Result, Handle (a submitted request), sampling
+    text.py      tokenizers, chat prompts, incremental detokenizing
+    adapters.py  AdapterStore: the adapter folder, uploads, validation, pool loading
+    metrics.py   Prometheus text counters
+    app.py       Server + FastAPI app (create_app); errors.py maps errors to HTTP statuses (the one place)
+    cli.py       `loraplex serve`
+
+FastAPI and uvicorn are imported only by app.py, errors.py and cli.py's run path.
+"""
+
+from .engine import Engine, EngineConfig
+from .requests import Handle, Result, SamplingParams
+from .llama import CompactLlama, KVCache
+
+__all__ = ["CompactLlama", "Engine", "EngineConfig", "Handle", "KVCache", "Result", "SamplingParams"]

@@ -1,0 +1,267 @@
+"""The server's adapters: a folder of PEFT-format adapter directories feeding one `runtime.AdapterPool`.
+
+    DIR/legal/adapter_config.json + adapter_model.safetensors   ->  served as model "legal"
+
+Names are checked with `inject.check_name` ([A-Za-z0-9_-], 1-64 chars) before any path is built, so a name
+can never leave DIR. Uploads are zip files of one adapter directory (the two files, optionally a README.md,
+at the top level or inside one folder); they are size-limited, unpacked by this module under names it
+chooses (never the archive's paths), verified with `store.read_adapter` and against the base, and only then
+moved into DIR/<name> (atomically) and added to the pool.
+
+An adapter file becomes pool tensors as (key = module name, e.g. "model.layers.0.self_attn.q_proj"):
+    A = tensors[key + ".lora_A.weight"]  (r, in)   B = tensors[key + ".lora_B.weight"]  (out, r)
+    scale = functional.scaling(config.rank_for(key), config.alpha_for(key), config.use_rslora)
+"""
+
+from __future__ import annotations
+
+import io
+import stat
+import tempfile
+import threading
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    ConfigError,
+    RequestTooLargeError,
+    ShapeMismatchError,
+    TargetNotFoundError,
+    UnsupportedFeatureError,
+)
+from ..functional import scaling
+from ..identity import check_base
+from ..inject import check_name
+from ..runtime import AdapterPool
+from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, atomic_directory, read_adapter
+from .metrics import Metrics
+
+UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale})."""
+    cfg, what = af.config, f"adapter {str(af.path)!r}"
+    if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
+        raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
+                                      "modules_to_save, bias training and fan_in_fan_out are not served")
+    tensors, scales = {}, {}
+    for name in af.tensors:
+        if not name.endswith((_A, _B)):
+            raise UnsupportedFeatureError(f"{what} holds {name!r}: only lora_A/lora_B of linear layers are served "
+                                          "(no embedding LoRA, no extra weights)")
+        key = name[: -len(_A)]
+        if name.endswith(_B):
+            continue
+        if key not in layers:
+            raise TargetNotFoundError(f"{what} targets {key!r}, which the serving model has no projection for; "
+                                      f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
+        A, B = af.tensors[name], af.tensors.get(key + _B)
+        if B is None:
+            raise AdapterFileError(f"{what} has {name!r} but no {key + _B!r}")
+        r = cfg.rank_for(key)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise ShapeMismatchError(f"{what} {key}: config rank {r}, got lora_A {tuple(A.shape)} and lora_B "
+                                     f"{tuple(B.shape)}")
+        tensors[key] = (A, B)
+        scales[key] = scaling(r, cfg.alpha_for(key), cfg.use_rslora)
+    orphans = [n for n in af.tensors if n.endswith(_B) and n[: -len(_B)] not in tensors]
+    if orphans:
+        raise AdapterFileError(f"{what} has lora_B without lora_A: {orphans[:3]}")
+    if not tensors:
+        raise AdapterFileError(f"{what} holds no LoRA tensors")
+    return tensors, scales
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    content_hash: str
+    rank: int
+    layers: int  # number of projections it adapts
+    path: str
+
+
+class AdapterStore:
+    """Loads, replaces and unloads the server's adapters (thread-safe; admin calls are serialized)."""
+
+    def __init__(self, directory: str | Path | None, pool: AdapterPool, base: nn.Module, *, reserved: set[str],
+                 metrics: Metrics | None = None, max_upload_bytes: int = 64 << 20, check_base_model: bool = True):
+        self.directory = Path(directory) if directory is not None else None
+        self.pool = pool
+        self.base = base
+        self.reserved = reserved  # names adapters may not take (the base model's ids)
+        self.metrics = metrics or Metrics()
+        self.max_upload_bytes = max_upload_bytes
+        self.check_base_model = check_base_model
+        self._info: dict[str, AdapterInfo] = {}
+        self._admin = threading.Lock()
+        self._evictions_seen = 0
+        self._resident: set[str] = set()
+        pool.loader = self._reload
+
+    # ---- queries ------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self._info)
+
+    def info(self, name: str) -> AdapterInfo:
+        if name not in self._info:
+            raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
+        return self._info[name]
+
+    def available(self) -> list[str]:
+        """Adapter directories in the folder (loaded or not)."""
+        if self.directory is None or not self.directory.is_dir():
+            return []
+        return sorted(p.name for p in self.directory.iterdir() if (p / CONFIG_NAME).is_file() and _valid(p.name))
+
+    # ---- admin --------------------------------------------------------------------------------------------
+    def load_all(self) -> tuple[list[str], dict[str, str]]:
+        """Load every adapter directory in the folder; returns (loaded, {skipped name: reason})."""
+        loaded, skipped = [], {}
+        for name in self.available():
+            try:
+                self.load(name)
+                loaded.append(name)
+            except (AdapterFileError, ConfigError, ShapeMismatchError, TargetNotFoundError,
+                    UnsupportedFeatureError) as exc:  # report it; the others still serve
+                skipped[name] = str(exc)
+        return loaded, skipped
+
+    def load(self, name: str, *, replace: bool = False) -> AdapterInfo:
+        """Load DIR/<name> as adapter `name` (replace=True swaps a loaded one in place)."""
+        self._check_new(name, replace)
+        if self.directory is None:
+            raise ConfigError("this server has no adapter folder (--adapters); upload the adapter instead")
+        path = self.directory / name
+        if not (path / CONFIG_NAME).is_file():
+            raise AdapterNotFoundError(f"no adapter directory {name!r} in the adapter folder; "
+                                       f"available: {self.available()}")
+        with self._admin:
+            self._check_new(name, replace)
+            return self._add(name, read_adapter(path))
+
+    def upload(self, name: str, data: bytes, *, replace: bool = False) -> AdapterInfo:
+        """Install a zipped adapter directory as DIR/<name> and load it (see the module docstring)."""
+        self._check_new(name, replace)
+        if len(data) > self.max_upload_bytes:
+            raise RequestTooLargeError(f"upload is {len(data)} bytes; the limit is {self.max_upload_bytes}")
+        if self.directory is None:
+            raise ConfigError("this server has no adapter folder (--adapters) to install uploads into")
+        with self._admin:
+            self._check_new(name, replace)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.directory) as tmp:
+                _unzip(data, Path(tmp), self.max_upload_bytes)
+                af = read_adapter(tmp)
+                tensors, scales = self._verify(af)
+                with atomic_directory(self.directory / name) as final:
+                    for f in Path(tmp).iterdir():
+                        (final / f.name).write_bytes(f.read_bytes())
+            af.path = self.directory / name
+            return self._add(name, af, verified=(tensors, scales))
+
+    def remove(self, name: str) -> None:
+        """Unload `name` (its files stay); requests already running on it finish on their lease."""
+        check_name(name)
+        with self._admin:
+            if name not in self._info:
+                raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
+            self.pool.remove(name)
+            del self._info[name]
+            self._resident.discard(name)
+
+    def poll_evictions(self) -> None:
+        """Count per-adapter evictions since the last call (the pool keeps only a total)."""
+        total = self.pool.stats.evictions
+        if total == self._evictions_seen:
+            self._resident = {n for n in self._info if n in self.pool and self.pool.is_resident(n)}
+            return
+        self._evictions_seen = total
+        now = {n for n in list(self._info) if n in self.pool and self.pool.is_resident(n)}
+        for n in self._resident - now:
+            self.metrics.adapter_evicted(n)
+        self._resident = now
+
+    # ---- internals ----------------------------------------------------------------------------------------
+    def _check_new(self, name: str, replace: bool) -> None:
+        check_name(name)
+        if name in self.reserved:
+            raise AdapterExistsError(f"{name!r} is the base model's id; pick another adapter name")
+        if name in self._info and not replace:
+            raise AdapterExistsError(f"adapter {name!r} is already loaded; pass replace=true to swap it in place "
+                                     "(running requests finish on the old version)")
+
+    def _verify(self, af: AdapterFile):
+        if self.check_base_model:
+            check_base(af.base_fingerprint, self.base, f"adapter {str(af.path)!r}")
+        return pool_tensors(af, self.pool.layers)
+
+    def _add(self, name: str, af: AdapterFile, verified=None) -> AdapterInfo:
+        tensors, scales = verified or self._verify(af)
+        self.pool.add(name, af.content_hash, tensors, scales)
+        info = AdapterInfo(name, af.content_hash, af.config.r, len(tensors), str(af.path))
+        self._info[name] = info
+        self.metrics.adapter_loaded(name)
+        self.poll_evictions()
+        return info
+
+    def _reload(self, name: str, content_hash: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """AdapterPool loader: read the adapter back from disk after an eviction (same content only)."""
+        info = self._info.get(name)
+        if info is None or info.content_hash != content_hash:
+            raise AdapterFileError(f"adapter {name!r} version {content_hash[:12]} is no longer on disk")
+        af = read_adapter(info.path)
+        if af.content_hash != content_hash:
+            raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
+                                   f"({content_hash[:12]} -> {af.content_hash[:12]}); reload it by name")
+        return pool_tensors(af, self.pool.layers)[0]
+
+
+def _valid(name: str) -> bool:
+    try:
+        check_name(name)
+    except ConfigError:
+        return False
+    return True
+
+
+def _unzip(data: bytes, dest: Path, limit: int) -> None:
+    """Unpack a zipped adapter directory into `dest` under fixed file names (no archive path is ever used)."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise AdapterFileError(f"the upload is not a zip archive ({exc}); send a zip of the adapter directory") from None
+    with zf:
+        files = [i for i in zf.infolist() if not i.is_dir()]
+        tops = set()
+        for i in files:
+            parts = i.filename.replace("\\", "/").split("/")
+            mode = i.external_attr >> 16
+            if (i.filename.startswith(("/", "\\")) or ".." in parts or len(parts) > 2 or stat.S_ISLNK(mode)
+                    or parts[-1] not in UPLOAD_FILES):
+                raise AdapterFileError(f"the upload holds {i.filename!r}; expected only {list(UPLOAD_FILES)} at the "
+                                       "top level or inside one folder (no links, no other paths)")
+            tops.add(parts[0] if len(parts) == 2 else "")
+        names = [i.filename.replace("\\", "/").split("/")[-1] for i in files]
+        if len(tops) > 1 or len(set(names)) != len(names):
+            raise AdapterFileError(f"the upload must hold exactly one adapter directory; got {sorted(i.filename for i in files)}")
+        total = sum(i.file_size for i in files)
+        if total > limit:
+            raise RequestTooLargeError(f"the upload unpacks to {total} bytes; the limit is {limit}")
+        for i, n in zip(files, names):
+            with zf.open(i) as src:
+                blob = src.read(limit + 1)
+            if len(blob) > limit:
+                raise RequestTooLargeError(f"{n} in the upload unpacks past the limit of {limit} bytes")
+            (dest / n).write_bytes(blob)

@@ -1,0 +1,89 @@
+"""`loraplex serve`: start the OpenAI-compatible multi-adapter server (uvicorn) on one base.
+
+    loraplex serve --base smollm2 --adapters ./adapters --port 8000 --api-key "$KEY"
+
+Every adapter directory in --adapters is loaded at start (a broken one is skipped and listed by /health);
+more can be loaded or uploaded while serving (POST /v1/adapters, needs the API key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from ..errors import ConfigError
+from .engine import EngineConfig
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """'268435456', '256MiB', '1.5GB' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"expected a byte size like 268435456, 256MiB or 1GB, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def register(sub: argparse._SubParsersAction) -> list[str]:
+    p = sub.add_parser("serve", help="serve many adapters over an OpenAI-compatible HTTP API",
+                       description="Continuous batching across adapters on one base (Llama family). "
+                                   "model = base id, adapter name, or a mix 'a:0.7+b:0.3'.")
+    p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', or a local transformers model directory")
+    p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--memory-budget", type=parse_bytes, help="adapter pool budget, e.g. 256MiB (default: none); "
+                   "least recently used adapters are evicted and reloaded from disk")
+    p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"),
+                   help="bearer key for the admin routes (default $LORAPLEX_API_KEY; unset = admin disabled)")
+    p.add_argument("--max-prompt-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
+    p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest adapter upload (zip) in MB")
+    p.add_argument("--no-check-base", action="store_true", help="skip the adapters' base fingerprint check")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--single-adapter-batches", action="store_true",
+                   help="naive baseline: batch only requests of one model at a time (for benchmarks)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run_serve)
+    return ["serve"]
+
+
+def build_server(args: argparse.Namespace):
+    """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
+    from ..models import NAMES, load_base
+    from .app import Server
+
+    model, tokenizer = load_base(args.base, num_layers=args.num_layers)
+    base_id = args.base if args.base in NAMES else Path(args.base).resolve().name
+    config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
+                          max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                          timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
+    return Server(model, tokenizer, base_id=base_id, adapters_dir=args.adapters, config=config,
+                  memory_budget=args.memory_budget, api_key=args.api_key,
+                  max_upload_bytes=int(args.max_upload_mb * 1e6), check_base_model=not args.no_check_base,
+                  shutdown_timeout=args.timeout)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    if args.adapters is not None and not Path(args.adapters).is_dir():
+        raise ConfigError(f"--adapters {args.adapters!r} is not a directory")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    server = build_server(args)
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(args.timeout))
+    return 0

@@ -1,0 +1,462 @@
+"""The serving engine: continuous batching of requests that each name an adapter, the base, or a mix.
+
+A request's `model` is resolved once, when it is submitted, into (adapter name, weight) pairs:
+    "<base id>"              the base alone                  ()
+    "legal"                  one adapter                     (("legal", 1.0),)
+    "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
+Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
+with even if they are replaced or removed meanwhile.
+
+One `step()`:
+  1. drop cancelled and timed-out requests (queued or running);
+  2. admit waiting requests into free lanes, taking them round-robin over the distinct `model` values
+     (one request per model per turn), so a hot adapter with a long queue cannot starve the others;
+  3. prefill the admitted requests together (right-padded) and sample their first token;
+  4. decode one token for every running request in one batch, rows with different adapters side by side,
+     and retire the finished ones.
+Requests therefore join and leave the running batch at every step. Greedy output does not depend on what
+else runs in the batch (checked by tests/test_serve_engine.py).
+
+Lanes and plans. A request keeps its KV-cache lane (= its batch row) from admission to finish; a finished
+request leaves a dead row behind (decoded and ignored) until a new request takes the lane. So the batch's
+`BatchPlan` (whose build costs about as much as a decode step on CPU with many distinct adapters) changes
+only when requests are admitted, never when they leave. Admission is grouped to amortise that: it happens
+when nothing runs, when at least `admit_min` lanes are free, or when the oldest waiting request has waited
+`admit_wait_steps` steps.
+
+`single_adapter=True` is the naive baseline for benchmarks: the batch holds one `model` value at a time
+(requests for other adapters wait until it empties), as a server that swaps one active adapter would.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import (
+    AdapterNotFoundError,
+    ConfigError,
+    LoraplexError,
+    PoolFullError,
+    QueueFullError,
+    RequestTimeoutError,
+    ShuttingDownError,
+)
+from ..inject import check_name
+from ..runtime import AdapterPool, Lease
+from .llama import CompactLlama
+from .metrics import Metrics
+from .requests import Handle, Listener, Result, SamplingParams, sample
+from .text import Detokenizer, TextCodec, check_prompt
+
+Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 16  # running sequences (KV cache lanes)
+    max_queue: int = 256  # waiting requests before 429
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+    timeout_s: float | None = 300.0  # per request, queue wait included; None = no limit
+    max_prefill_tokens: int = 4096  # new rows x padded prompt length prefilled in one step
+    admit_min: int | None = None  # free lanes that trigger admission; None = max(1, max_batch // 4)
+    admit_wait_steps: int = 4  # ... or steps the oldest waiting request has waited
+    single_adapter: bool = False  # baseline mode: a batch only ever holds requests of one `model` value
+
+    def __post_init__(self) -> None:
+        if self.admit_min is None:
+            self.admit_min = max(1, self.max_batch // 4)
+        for k in ("max_batch", "max_queue", "max_prompt_tokens", "max_new_tokens", "max_prefill_tokens",
+                  "admit_min", "admit_wait_steps"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0 or None, got {self.timeout_s!r}")
+
+
+@dataclass
+class _Seq:
+    handle: Handle
+    key: str  # the normalised model spec (fairness queue and metrics label)
+    mix: Mix
+    prompt: list[int]
+    params: SamplingParams
+    detok: Detokenizer
+    submitted: float
+    deadline: float
+    generator: torch.Generator | None
+    queued_step: int  # engine step count when submitted
+    gen: list[int] = field(default_factory=list)
+    leases: list[Lease] = field(default_factory=list)
+    assignment: tuple[tuple[int, float], ...] = ()
+    lane: int = -1
+    finished: bool = False
+
+
+class Engine:
+    """Continuous-batching generation over a CompactLlama and an AdapterPool (see the module docstring)."""
+
+    def __init__(self, model: CompactLlama, pool: AdapterPool, codec: TextCodec, *, base_ids: Sequence[str],
+                 config: EngineConfig | None = None, metrics: Metrics | None = None,
+                 on_step: Callable[[], None] | None = None) -> None:
+        self.model, self.pool, self.codec = model, pool, codec
+        self.base_ids = tuple(base_ids)  # names that mean "the base alone"; the first is the canonical one
+        self.config = config or EngineConfig()
+        self.metrics = metrics or Metrics()
+        self.on_step = on_step  # called after every step (the server polls pool evictions there)
+        need = self.config.max_prompt_tokens + self.config.max_new_tokens
+        if need > model.max_positions:
+            raise ConfigError(f"max_prompt_tokens + max_new_tokens = {need} exceeds the model's "
+                              f"{model.max_positions} positions; lower one of them")
+        self.context = need
+        self.cache = model.new_cache(max_lanes=self.config.max_batch, max_len=need)
+        self._cond = threading.Condition()
+        self._waiting: dict[str, deque[_Seq]] = {}  # model key -> its queue, in arrival order
+        self._turns: deque[str] = deque()  # model keys with waiting requests, round-robin order
+        self._n_waiting = 0
+        self.lanes: list[_Seq | None] = []  # batch row = KV cache lane; None = free (a dead row)
+        self._layout: tuple = ()  # the assignments self._plan was built for, one per lane
+        self._plan = None
+        self._ids = 0
+        self.accepting = True
+        self.failed: BaseException | None = None
+        self._stop = False
+        self._abort = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ---- requests -----------------------------------------------------------------------------------------
+    def parse_model(self, spec: str) -> Mix:
+        """A request's `model` as (adapter, weight) pairs (see the module docstring); unknown names -> 404."""
+        if not isinstance(spec, str) or not spec:
+            raise ConfigError(f"model must be a non-empty string, got {spec!r}")
+        if spec in self.base_ids:
+            return ()
+        mix = []
+        for part in spec.split("+"):
+            name, sep, w = part.strip().partition(":")
+            name = name.strip()
+            try:
+                weight = float(w) if sep else 1.0
+            except ValueError:
+                raise ConfigError(f"bad weight {w!r} in model {spec!r}; write 'name:0.7+other:0.3'") from None
+            if not math.isfinite(weight):
+                raise ConfigError(f"weight of {name!r} in model {spec!r} must be finite")
+            if name in self.base_ids:
+                raise ConfigError(f"model {spec!r}: the base {name!r} cannot be part of a mix (its weight would "
+                                  "mean nothing); list adapters only")
+            check_name(name)
+            if name not in self.pool:
+                raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
+                                           f"({self.base_ids[0]!r}) nor a loaded adapter")
+            mix.append((name, weight))
+        return tuple(mix)
+
+    def submit(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None, *,
+               listener: Listener | None = None) -> Handle:
+        """Queue a request (thread-safe). Raises 429/413/422/404-type errors at once; see `Handle`."""
+        params = params or SamplingParams()
+        self._check_params(params)
+        ids = check_prompt(prompt, vocab=self.model.vocab, max_prompt_tokens=self.config.max_prompt_tokens)
+        mix = self.parse_model(model)
+        key = self.base_ids[0] if not mix else "+".join(f"{n}:{w:g}" if w != 1.0 else n for n, w in mix)
+        with self._cond:
+            if not self.accepting or self.failed is not None:
+                raise ShuttingDownError("the server is shutting down and takes no new requests"
+                                        if self.failed is None else f"the engine stopped after an error: {self.failed!r}")
+            if self._n_waiting >= self.config.max_queue:
+                raise QueueFullError(f"{self._n_waiting} requests are waiting (--queue-size "
+                                     f"{self.config.max_queue}); retry later")
+            self._ids += 1
+            now = time.monotonic()
+            gen = None
+            if params.seed is not None and params.temperature > 0:
+                gen = torch.Generator(self.model.device).manual_seed(params.seed)
+            seq = _Seq(Handle(self._ids, key, listener), key, mix, ids, params,
+                       Detokenizer(self.codec, params.stop), now,
+                       now + self.config.timeout_s if self.config.timeout_s else math.inf, gen, self.steps)
+            if key not in self._waiting:
+                self._waiting[key] = deque()
+                self._turns.append(key)
+            self._waiting[key].append(seq)
+            self._n_waiting += 1
+            self._cond.notify_all()
+        return seq.handle
+
+    def generate(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None) -> Result:
+        """Submit and wait (steps the engine itself when no background thread runs)."""
+        h = self.submit(prompt, model, params)
+        while self._thread is None and not h.done:
+            self.step()
+        return h.result()
+
+    @property
+    def waiting(self) -> int:
+        return self._n_waiting
+
+    @property
+    def running(self) -> list[_Seq]:
+        return [s for s in self.lanes if s is not None]
+
+    def _check_params(self, p: SamplingParams) -> None:
+        if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
+        if p.max_tokens > self.config.max_new_tokens:
+            raise ConfigError(f"max_tokens is {p.max_tokens}; this server generates at most "
+                              f"{self.config.max_new_tokens} (--max-new-tokens)")
+        if not (isinstance(p.temperature, (int, float)) and 0 <= p.temperature <= 100):
+            raise ConfigError(f"temperature must be in [0, 100], got {p.temperature!r}")
+        if not (isinstance(p.top_p, (int, float)) and 0 < p.top_p <= 1):
+            raise ConfigError(f"top_p must be in (0, 1], got {p.top_p!r}")
+        if len(p.stop) > 8 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in p.stop):
+            raise ConfigError("stop must be at most 8 non-empty strings of up to 256 characters")
+
+    # ---- the step -----------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One scheduling step (see the module docstring); returns False when there was nothing to do."""
+        self._expire()
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if any(s is not None for s in self.lanes):
+            self._decode()
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step()
+        return bool(new or self.running)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for key in list(self._waiting):
+                q = self._waiting[key]
+                for s in [s for s in q if s.handle.cancelled or now > s.deadline or self._abort]:
+                    q.remove(s)
+                    self._n_waiting -= 1
+                    self._end(s, now)
+                if not q:
+                    del self._waiting[key]
+                    self._turns.remove(key)
+        for s in self.running:
+            if s.handle.cancelled or now > s.deadline or self._abort:
+                self._end(s, now)
+        self._retire()
+
+    def _end(self, s: _Seq, now: float) -> None:
+        if self._abort:
+            self._finish(s, "error", ShuttingDownError("the server stopped before this request finished"))
+        elif s.handle.cancelled:
+            self._finish(s, "cancelled")
+        else:
+            self._finish(s, "error", RequestTimeoutError(
+                f"the request ran past its time limit of {self.config.timeout_s} s (--timeout); "
+                f"{len(s.gen)} tokens were generated"))
+
+    def _admit(self) -> list[_Seq]:
+        free = [i for i, s in enumerate(self.lanes) if s is None]
+        free += list(range(len(self.lanes), self.config.max_batch))
+        running = self.config.max_batch - len(free)
+        new: list[_Seq] = []
+        longest = 0
+        with self._cond:
+            if not self._turns or not free:
+                return new
+            oldest = min(q[0].queued_step for q in self._waiting.values())
+            if running and len(free) < self.config.admit_min and \
+                    self.steps - oldest < self.config.admit_wait_steps:
+                return new
+            current = next((s.key for s in self.lanes if s is not None), None)
+            while free and self._turns:
+                key = self._turns[0]
+                if self.config.single_adapter and current is not None and key != current:
+                    if current not in self._waiting:
+                        break
+                    key = current
+                current = key
+                s = self._waiting[key][0]
+                longest2 = max(longest, len(s.prompt))
+                if new and (len(new) + 1) * longest2 > self.config.max_prefill_tokens:
+                    break
+                try:
+                    s.leases = self._lease(s.mix)
+                except AdapterNotFoundError as exc:  # removed after it was queued
+                    self._pop(key)
+                    self._finish(s, "error", exc)
+                    continue
+                except PoolFullError as exc:
+                    if running or new:
+                        break  # room comes back when running requests finish
+                    self._pop(key)
+                    self._finish(s, "error", exc)
+                    continue
+                self._pop(key)
+                s.assignment = tuple((lease.slot, w) for lease, (_, w) in zip(s.leases, s.mix))
+                s.lane = free.pop(0)
+                if s.lane == len(self.lanes):
+                    self.lanes.append(None)
+                self.lanes[s.lane] = s
+                new.append(s)
+                longest = longest2
+        if new:  # the layout changed: one new plan for the decode batch
+            while self.lanes and self.lanes[-1] is None:
+                self.lanes.pop()
+            self._layout = tuple(s.assignment if s is not None else () for s in self.lanes)
+            self._plan = self.pool.plan(self._layout) if any(self._layout) else None
+        return new
+
+    def _pop(self, key: str) -> None:
+        """Take the head of `key`'s queue and move `key` to the back of the turns (or drop it if empty)."""
+        q = self._waiting[key]
+        q.popleft()
+        self._n_waiting -= 1
+        self._turns.remove(key)
+        if q:
+            self._turns.append(key)
+        else:
+            del self._waiting[key]
+
+    def _lease(self, mix: Mix) -> list[Lease]:
+        leases: list[Lease] = []
+        try:
+            for name, _ in mix:
+                leases.append(self.pool.acquire(name))
+        except LoraplexError:
+            for lease in leases:
+                lease.release()
+            raise
+        return leases
+
+    def _prefill(self, new: list[_Seq]) -> None:
+        L = max(len(s.prompt) for s in new)
+        ids = torch.zeros(len(new), L, dtype=torch.long)
+        for i, s in enumerate(new):
+            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
+        lengths = torch.tensor([len(s.prompt) for s in new])
+        assignments = [s.assignment for s in new]
+        plan = self.pool.plan(assignments) if any(assignments) else None
+        logits = self.model.prefill(ids.to(self.model.device), lengths, self.cache, [s.lane for s in new], plan)
+        self._sample_and_accept(new, logits)
+
+    def _decode(self) -> None:
+        """One token for every lane; a dead lane decodes a dummy token at position 0 of its own cache."""
+        tokens = torch.tensor([s.gen[-1] if s is not None else 0 for s in self.lanes])
+        positions = torch.tensor([len(s.prompt) + len(s.gen) - 1 if s is not None else 0 for s in self.lanes])
+        logits = self.model.decode(tokens, positions, self.cache, self._plan)  # the plan of self._layout
+        live = [i for i, s in enumerate(self.lanes) if s is not None]
+        self._sample_and_accept([self.lanes[i] for i in live], logits[live])
+
+    def _sample_and_accept(self, rows: list[_Seq], logits: torch.Tensor) -> None:
+        """logits (n, V) for `rows` -> one token each; then retire finished rows and compact the lanes."""
+        greedy = logits.argmax(-1).tolist()
+        for i, s in enumerate(rows):
+            p = s.params
+            tok = greedy[i] if p.temperature == 0 else sample(logits[i], p.temperature, p.top_p, s.generator)
+            self._accept(s, tok)
+        self._retire()
+
+    def _accept(self, s: _Seq, token: int) -> None:
+        s.gen.append(token)
+        if token in self.codec.eos_ids and not s.params.ignore_eos:
+            self._finish(s, "stop")
+            return
+        delta = s.detok.push(token)
+        if delta:
+            s.handle._emit(("delta", delta, token))
+        if s.detok.stopped:
+            self._finish(s, "stop")
+        elif len(s.gen) >= s.params.max_tokens or len(s.prompt) + len(s.gen) >= self.context:
+            self._finish(s, "length")
+
+    def _finish(self, s: _Seq, reason: str, error: LoraplexError | None = None) -> None:
+        if s.finished:
+            return
+        s.finished = True
+        for lease in s.leases:
+            lease.release()
+        s.leases = []
+        if error is None:
+            tail = s.detok.flush()
+            if tail:
+                s.handle._emit(("delta", tail, None))
+        status = "ok" if error is None and reason != "cancelled" else ("cancelled" if error is None else "error")
+        self.metrics.request_done(s.key, status, len(s.prompt) if s.gen else 0, len(s.gen),
+                                  time.monotonic() - s.submitted)
+        s.handle._emit(("done", Result(s.detok.text if error is None else "", list(s.gen), reason,
+                                       len(s.prompt), len(s.gen), error)))
+
+    def _retire(self) -> None:
+        """Free the lanes of finished requests (the plan stays: their rows run dead until reused)."""
+        for i, s in enumerate(self.lanes):
+            if s is not None and s.finished:
+                self.lanes[i] = None
+        if all(s is None for s in self.lanes):
+            self.lanes, self._layout, self._plan = [], (), None
+
+    # ---- the background thread and shutdown ---------------------------------------------------------------
+    def start(self) -> None:
+        """Run steps in a background thread until `shutdown`."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self.lanes and not self._n_waiting and not self._stop:
+                    self._cond.wait()
+                if self._stop and not self.lanes and not self._n_waiting:
+                    return
+            try:
+                self.step()
+            except BaseException as exc:  # fail every request loudly, then let the thread die with it
+                self._fail_all(exc)
+                raise
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._cond:
+            self.failed = exc
+            self.accepting = False
+            self._abort = True
+        err = ShuttingDownError(f"the engine stopped after an internal error: {exc!r}")
+        for s in list(self.running):
+            self._finish(s, "error", err)
+        with self._cond:
+            for q in self._waiting.values():
+                for s in q:
+                    self._finish(s, "error", err)
+            self._waiting.clear()
+            self._turns.clear()
+            self._n_waiting = 0
+        self.lanes, self._layout, self._plan = [], (), None
+
+    def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with drain, finish every queued and running one first (at most `timeout`
+        seconds, after which the rest fail with ShuttingDownError)."""
+        with self._cond:
+            self.accepting = False
+            self._stop = True
+            if not drain:
+                self._abort = True
+            self._cond.notify_all()
+        if self._thread is None:
+            end = math.inf if timeout is None else time.monotonic() + timeout
+            while (self.lanes or self._n_waiting) and time.monotonic() < end:
+                self.step()
+            if self.lanes or self._n_waiting:
+                self._abort = True
+                self.step()
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                self._abort = True
+                self._cond.notify_all()
+            self._thread.join()

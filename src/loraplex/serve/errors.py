@@ -1,0 +1,102 @@
+"""The ONE place where errors become HTTP responses: status code + OpenAI-style body.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "code": "model_not_found", "param": null}}
+
+`STATUS` is walked in order and the first class the error is an instance of wins, so subclasses come
+before their bases. Every LoraplexError that is not listed is a server bug: 500.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (
+    AdapterExistsError,
+    AdapterFileError,
+    AdapterNotFoundError,
+    BaseMismatchError,
+    ConfigError,
+    LoraplexError,
+    NonFiniteError,
+    PoolFullError,
+    QueueFullError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    ShapeMismatchError,
+    ShuttingDownError,
+    TargetNotFoundError,
+    UnauthorizedError,
+    UnsupportedFeatureError,
+)
+
+# (error class, HTTP status, OpenAI error type, code)
+STATUS: tuple[tuple[type[LoraplexError], int, str, str], ...] = (
+    (AdapterNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (AdapterExistsError, 409, "invalid_request_error", "adapter_exists"),
+    (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
+    (UnauthorizedError, 401, "authentication_error", "invalid_api_key"),
+    (QueueFullError, 429, "rate_limit_error", "queue_full"),
+    (ShuttingDownError, 503, "server_error", "shutting_down"),
+    (PoolFullError, 503, "server_error", "adapter_pool_full"),
+    (RequestTimeoutError, 504, "server_error", "timeout"),
+    (AdapterFileError, 422, "invalid_request_error", "invalid_adapter"),
+    (BaseMismatchError, 422, "invalid_request_error", "invalid_adapter"),
+    (ShapeMismatchError, 422, "invalid_request_error", "invalid_adapter"),
+    (TargetNotFoundError, 422, "invalid_request_error", "invalid_adapter"),
+    (NonFiniteError, 422, "invalid_request_error", "invalid_adapter"),
+    (UnsupportedFeatureError, 422, "invalid_request_error", "unsupported"),
+    (ConfigError, 422, "invalid_request_error", "invalid_value"),
+)
+_BY_HTTP_STATUS = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                   405: "invalid_request_error", 413: "invalid_request_error"}
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+
+
+def classify(exc: LoraplexError) -> tuple[int, str, str]:
+    """(status, type, code) of a loraplex error."""
+    for cls, status, type_, code in STATUS:
+        if isinstance(exc, cls):
+            return status, type_, code
+    return 500, "server_error", "internal_error"
+
+
+def error_response(exc: LoraplexError) -> JSONResponse:
+    status, type_, code = classify(exc)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse(error_body(str(exc), type_, code), status_code=status, headers=headers)
+
+
+def stream_error(exc: LoraplexError) -> dict:
+    """The body of an error that happens after a stream started (sent as one SSE `data:` event)."""
+    _, type_, code = classify(exc)
+    return error_body(str(exc), type_, code)
+
+
+def install(app: FastAPI) -> None:
+    """Route every error the app can raise through this module."""
+
+    async def on_loraplex(_: Request, exc: LoraplexError) -> JSONResponse:
+        return error_response(exc)
+
+    async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                 for e in errs[:5]]
+        param = ".".join(str(p) for p in errs[0].get("loc", ()) if p != "body") if errs else None
+        return JSONResponse(error_body("invalid request body: " + "; ".join(parts), "invalid_request_error",
+                                       "invalid_body", param or None), status_code=422)
+
+    async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = _BY_HTTP_STATUS.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
+        return JSONResponse(error_body(str(exc.detail), type_, None), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(LoraplexError, on_loraplex)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)

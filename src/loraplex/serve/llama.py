@@ -1,0 +1,264 @@
+"""A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) for serving with continuous batching.
+
+It reads the weights of a loaded transformers `*ForCausalLM` (shared, not copied) and runs the same math
+with a KV cache that has one *lane* per running sequence, so sequences can join and leave the batch at any
+step. LoRA is applied on the seven projections of every layer through a `runtime.BatchPlan`:
+
+    y = x @ W.T (+ b);  plan.apply_(key, x, y)   # y[i] += sum_k w_k * scale_k * (x[i] @ A_k.T) @ B_k.T
+
+Layer keys are the transformers module names, the same keys as in adapter files with the PEFT prefix and
+the `.lora_A.weight` suffix removed, e.g. "model.layers.0.self_attn.q_proj", "model.layers.3.mlp.down_proj".
+
+Two entry points share one layer loop:
+  - `prefill(ids (n, L), lengths, cache, lanes, plan)`: n new sequences, right-padded to L, written into
+    cache lanes lanes[0..n-1] at positions 0..L-1; returns the logits of each one's last real token.
+  - `decode(tokens (B,), positions (B,), cache, plan)`: one token for each of lanes 0..B-1 at its position;
+    attention reads that lane's cache up to and including the position.
+`logits(ids (B, L), plan)` is the plain full-sequence forward (no cache), used to check parity with
+transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedFeatureError
+from ..runtime import BatchPlan
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+# rope variants whose frequencies depend on the sequence length at run time: not reproduced here
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass
+class _Layer:
+    prefix: str  # "model.layers.{i}"
+    ln_attn: torch.Tensor  # (H,) input_layernorm weight
+    ln_mlp: torch.Tensor  # (H,) post_attention_layernorm weight
+    weight: dict[str, torch.Tensor]  # proj name -> (out, in)
+    bias: dict[str, torch.Tensor | None]  # proj name -> (out,) or None
+
+
+class KVCache:
+    """Keys and values per layer, one lane per running sequence: k[l], v[l]: (lanes, n_kv, capacity, hd).
+
+    Lane b holds its sequence's positions 0..len-1 (rotary already applied to keys). Storage grows by
+    doubling (lanes up to `max_lanes`, positions up to `max_len`); positions past a lane's length hold junk
+    that attention masks out and later writes overwrite.
+    """
+
+    def __init__(self, n_layers: int, n_kv: int, head_dim: int, *, max_lanes: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.shape = (n_kv, head_dim)
+        self.max_lanes, self.max_len = max_lanes, max_len
+        self.dtype, self.device = dtype, device
+        self.k = [torch.empty(0, n_kv, 0, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty_like(t) for t in self.k]
+
+    @property
+    def lanes(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def reserve(self, lanes: int, length: int) -> None:
+        """Make room for `lanes` lanes of `length` positions (keeps the contents)."""
+        if lanes > self.max_lanes or length > self.max_len:
+            raise ConfigError(f"KV cache holds at most {self.max_lanes} lanes x {self.max_len} positions, "
+                              f"asked for {lanes} x {length}")
+        if lanes <= self.lanes and length <= self.capacity:
+            return
+        new_lanes = min(self.max_lanes, max(lanes, 2 * self.lanes, 1))
+        new_len = min(self.max_len, max(length, 2 * self.capacity, 16))
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                t = torch.zeros(new_lanes, *self.shape[:1], new_len, self.shape[1], dtype=self.dtype,
+                                device=self.device)  # (lanes, n_kv, cap, hd)
+                t[: old.shape[0], :, : old.shape[2]] = old
+                store[i] = t
+
+
+class CompactLlama:
+    """Inference-only Llama-family forward over a transformers model's weights (see module docstring)."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        config = hf_model.config
+        mtype = getattr(config, "model_type", None)
+        if mtype not in ARCHITECTURES:
+            raise UnsupportedFeatureError(
+                f"the serving engine runs the Llama family {ARCHITECTURES}; got model_type {mtype!r} "
+                f"({type(hf_model).__name__})")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedFeatureError(f"hidden_act must be 'silu' for the compact Llama, got {act!r}")
+        rotary = hf_model.model.rotary_emb
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type in _DYNAMIC_ROPE:
+            raise UnsupportedFeatureError(f"rope_type {rope_type!r} changes with sequence length; not supported")
+        self.config = config
+        self.model_type = mtype
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.hidden = config.hidden_size
+        self.vocab = config.vocab_size
+        self.eps = float(config.rms_norm_eps)
+        self.max_positions = int(config.max_position_embeddings)
+        window = getattr(config, "sliding_window", None)
+        if window and (mtype != "qwen2" or getattr(config, "use_sliding_window", False)):
+            # attention inside the window equals full attention: serve contexts that fit it
+            self.max_positions = min(self.max_positions, int(window))
+        self.scale = self.head_dim ** -0.5
+        self.inv_freq = rotary.inv_freq.detach().float()  # (hd / 2,)
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        base = hf_model.model
+        self.embed = base.embed_tokens.weight.detach()  # (V, H)
+        self.norm = base.norm.weight.detach()  # (H,)
+        self.lm_head = hf_model.lm_head.weight.detach()  # (V, H), the embedding itself when tied
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(base.layers):
+            mods = {**{p: getattr(layer.self_attn, p) for p in ATTN_PROJ}, **{p: getattr(layer.mlp, p) for p in MLP_PROJ}}
+            for p, m in mods.items():
+                if type(m) is not nn.Linear:
+                    raise UnsupportedFeatureError(
+                        f"model.layers.{i} {p} is {type(m).__name__}; the compact Llama needs plain nn.Linear "
+                        "projections (load the base without adapters, quantization or other wrappers)")
+            self.layers.append(_Layer(
+                prefix=f"model.layers.{i}",
+                ln_attn=layer.input_layernorm.weight.detach(),
+                ln_mlp=layer.post_attention_layernorm.weight.detach(),
+                weight={p: m.weight.detach() for p, m in mods.items()},
+                bias={p: (m.bias.detach() if m.bias is not None else None) for p, m in mods.items()},
+            ))
+
+    # ---- description ------------------------------------------------------------------------------------
+    @staticmethod
+    def key(layer: int, proj: str) -> str:
+        """The layer key of projection `proj` in decoder layer `layer` (the transformers module name)."""
+        return f"model.layers.{layer}.{'self_attn' if proj in ATTN_PROJ else 'mlp'}.{proj}"
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """{layer key: (in_features, out_features)} of every LoRA-able projection, for AdapterPool."""
+        return {self.key(i, p): (lay.weight[p].shape[1], lay.weight[p].shape[0])
+                for i, lay in enumerate(self.layers) for p in ATTN_PROJ + MLP_PROJ}
+
+    def new_cache(self, *, max_lanes: int, max_len: int) -> KVCache:
+        return KVCache(len(self.layers), self.n_kv, self.head_dim, max_lanes=max_lanes,
+                       max_len=min(max_len, self.max_positions), dtype=self.dtype, device=self.device)
+
+    # ---- entry points -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor, plan: BatchPlan | None = None) -> torch.Tensor:
+        """Full causal forward without a cache: ids (B, L) -> logits (B, L, V)."""
+        B, L = ids.shape
+        pos = torch.arange(L, device=self.device).expand(B, L)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+
+        h = self._forward(ids, pos, plan, attend)  # (B, L, H)
+        return F.linear(h, self.lm_head)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, lanes: list[int],
+                plan: BatchPlan | None = None) -> torch.Tensor:
+        """ids (n, L) right-padded, lengths (n,) -> logits (n, V) at each row's last real token.
+
+        Writes keys/values of positions 0..L-1 of row j into lane lanes[j] (pads included; they lie past
+        the lane's length and are masked until overwritten).
+        """
+        n, L = ids.shape
+        cache.reserve(max(lanes) + 1, L)
+        pos = torch.arange(L, device=self.device).expand(n, L)
+        rows = torch.tensor(lanes, device=self.device)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.k[i][rows, :, :L] = k  # (n, n_kv, L, hd) into the rows' lanes
+            cache.v[i][rows, :, :L] = v
+            # right padding: a real token only sees earlier positions, all real, so causal is enough
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+
+        h = self._forward(ids, pos, plan, attend)  # (n, L, H)
+        last = h[torch.arange(n, device=self.device), lengths.to(self.device) - 1]  # (n, H)
+        return F.linear(last, self.lm_head)  # (n, V)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+               plan: BatchPlan | None = None) -> torch.Tensor:
+        """tokens (B,), positions (B,) for lanes 0..B-1 -> next-token logits (B, V)."""
+        B = tokens.shape[0]
+        span = int(positions.max()) + 1
+        cache.reserve(B, span)
+        lanes = torch.arange(B, device=self.device)
+        positions = positions.to(self.device)
+        mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = cache.k[i], cache.v[i]
+            kc[lanes, :, positions] = k[:, :, 0]  # (B, n_kv, hd) into each lane at its position
+            vc[lanes, :, positions] = v[:, :, 0]
+            return F.scaled_dot_product_attention(q, kc[:B, :, :span], vc[:B, :, :span], attn_mask=mask,
+                                                  scale=self.scale, enable_gqa=True)  # (B, nh, 1, hd)
+
+        h = self._forward(tokens[:, None].to(self.device), positions[:, None], plan, attend)  # (B, 1, H)
+        return F.linear(h[:, 0], self.lm_head)  # (B, V)
+
+    # ---- the layer loop ---------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, plan: BatchPlan | None,
+                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """ids (B, L), pos (B, L) -> final-norm hidden states (B, L, H)."""
+        B, L = ids.shape
+        x = F.embedding(ids, self.embed)  # (B, L, H)
+        cos, sin = self._rope(pos)  # (B, 1, L, hd) each
+        for i, lay in enumerate(self.layers):
+            h = self._rms(x, lay.ln_attn)
+            q = self._proj(lay, "q_proj", h, plan).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self._proj(lay, "k_proj", h, plan).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+            v = self._proj(lay, "v_proj", h, plan).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = q * cos + _half_turn(q) * sin, k * cos + _half_turn(k) * sin  # (B, nh|n_kv, L, hd)
+            a = attend(i, q, k, v).transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
+            x = x + self._proj(lay, "o_proj", a, plan)
+            h = self._rms(x, lay.ln_mlp)
+            g = self._proj(lay, "gate_proj", h, plan)  # (B, L, I)
+            u = self._proj(lay, "up_proj", h, plan)
+            x = x + self._proj(lay, "down_proj", F.silu(g) * u, plan)
+        return self._rms(x, self.norm)
+
+    def _proj(self, lay: _Layer, name: str, x: torch.Tensor, plan: BatchPlan | None) -> torch.Tensor:
+        y = F.linear(x, lay.weight[name], lay.bias[name])
+        if plan is not None:
+            plan.apply_(f"{lay.prefix}.{'self_attn' if name in ATTN_PROJ else 'mlp'}.{name}", x, y)
+        return y
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return w * xf.to(x.dtype)
+
+    def _rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, L) -> cos, sin (B, 1, L, hd): angle pos * inv_freq, the half-size table repeated twice."""
+        ang = pos.float()[..., None] * self.inv_freq.to(pos.device)  # (B, L, hd/2)
+        ang = torch.cat((ang, ang), dim=-1)  # (B, L, hd)
+        cos = (ang.cos() * self.rope_scaling).to(self.dtype)[:, None]
+        sin = (ang.sin() * self.rope_scaling).to(self.dtype)[:, None]
+        return cos, sin
+
+
+def _half_turn(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dim: the rotary pairing of the HF checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)

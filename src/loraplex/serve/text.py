@@ -1,0 +1,133 @@
+"""Text in and out of the serving engine: tokenizers, chat prompts, incremental decoding, stop strings.
+
+`TextCodec` wraps either a transformers tokenizer or, for bases shipped without one (the tiny test models),
+`ByteTokenizer`: token id = the UTF-8 byte value (so it needs a vocabulary of at least 128 for ASCII).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError, RequestTooLargeError
+
+
+class ByteTokenizer:
+    """ids are UTF-8 bytes; ids listed in `special` (bos/eos/pad) never appear in decoded text."""
+
+    def __init__(self, vocab_size: int, special: Sequence[int] = ()) -> None:
+        self.vocab_size = vocab_size
+        self.special = frozenset(special)
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        bad = sorted({i for i in ids if i >= self.vocab_size or i in self.special})
+        if bad:
+            raise ConfigError(f"this base has no tokenizer and a {self.vocab_size}-id byte vocabulary with "
+                              f"special ids {sorted(self.special)}; the text holds bytes {bad[:5]} it cannot "
+                              "encode (send token ids instead, or plain ASCII)")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256 and i not in self.special).decode("utf-8", errors="replace")
+
+
+@dataclass
+class TextCodec:
+    """Encode prompts, render chats and decode ids for one base."""
+
+    tokenizer: object  # a transformers tokenizer, or a ByteTokenizer
+    eos_ids: frozenset[int]
+
+    @classmethod
+    def for_model(cls, tokenizer: object | None, config: object) -> TextCodec:
+        eos = getattr(config, "eos_token_id", None)
+        eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+        if tokenizer is None:
+            special = {getattr(config, n, None) for n in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            special |= set(eos_ids)
+            tokenizer = ByteTokenizer(config.vocab_size, [s for s in special if isinstance(s, int)])
+        elif getattr(tokenizer, "eos_token_id", None) is not None:
+            eos_ids = eos_ids | {tokenizer.eos_token_id}
+        return cls(tokenizer, eos_ids)
+
+    def encode(self, text: str) -> list[int]:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.encode(text)
+        return list(self.tokenizer.encode(text, add_special_tokens=True))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat(self, messages: Sequence[dict]) -> list[int]:
+        """Token ids of a chat ending in an open assistant turn (the tokenizer's chat template if it has one;
+        else the plain template `<|role|>\\ncontent\\n` ... `<|assistant|>\\n`)."""
+        if not isinstance(self.tokenizer, ByteTokenizer) and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+        return self.encode(text)
+
+
+def check_prompt(ids: Sequence[int], *, vocab: int, max_prompt_tokens: int) -> list[int]:
+    """Validate prompt token ids: non-empty, in the vocabulary, at most `max_prompt_tokens` (else 413)."""
+    ids = list(ids)
+    if not ids:
+        raise ConfigError("the prompt is empty; send at least one token")
+    if len(ids) > max_prompt_tokens:
+        raise RequestTooLargeError(f"the prompt has {len(ids)} tokens; this server takes at most "
+                                   f"{max_prompt_tokens} (--max-prompt-tokens); shorten it")
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab]
+    if bad:
+        raise ConfigError(f"prompt token ids must be integers in [0, {vocab}); got {bad[:5]}")
+    return ids
+
+
+@dataclass
+class Detokenizer:
+    """Turns the growing list of generated ids into text deltas, cutting at the first stop string.
+
+    `push(id)` returns the text that is now final: text still ending in an incomplete UTF-8 character
+    ("\\ufffd"), or that could be the beginning of a stop string, is held back until the next token.
+    """
+
+    codec: TextCodec
+    stop: tuple[str, ...] = ()
+    ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded text of `ids`, cut at a stop string once one is found
+    sent: int = 0  # characters of `text` already returned
+    stopped: bool = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        self.text = self.codec.decode(self.ids)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text, self.stopped = self.text[:at], True
+        if self.stopped:
+            return self.flush()
+        keep = len(self.text)
+        while keep > self.sent and self.text[keep - 1] == "\ufffd":
+            keep -= 1
+        keep -= _held_for_stop(self.text[:keep], self.stop)
+        delta, self.sent = self.text[self.sent: max(keep, self.sent)], max(keep, self.sent)
+        return delta
+
+    def flush(self) -> str:
+        """Everything not yet returned (at the end of generation)."""
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+
+def _held_for_stop(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,314 @@
+"""The training loop: schedule, loss fast path vs reference, determinism, outputs, accumulation, several
+adapters in one pass == each alone, resume after SIGKILL == uninterrupted, crashes during a checkpoint,
+QLoRA. Everything runs on a tiny random Llama saved with a character-level tokenizer (`tiny_base`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loraplex as lp
+from loraplex.errors import CheckpointError, ConfigError
+from loraplex.functional import tolerance
+from loraplex.models import tiny_gpt2, tiny_llama
+from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
+from loraplex.train import checkpoint as ckpt_mod
+from loraplex.train.cli import parse_targets
+from loraplex.train.data import Example
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = "adapter_model.safetensors"
+
+
+# ---- fixtures: a tiny base directory with a tokenizer, and tiny JSONL data ---------------------------------
+
+def make_tiny_base(directory: Path) -> Path:
+    """tiny_llama(seed=0) (vocab 128) + a character-level tokenizer (printable ASCII, ids 4..98)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({chr(c): len(vocab) + i for i, c in enumerate(range(32, 127))})
+    core = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    tiny_llama(seed=0).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def write_data(directory: Path) -> dict[str, Path]:
+    """a.jsonl: 24 prompt/completion sums; b.jsonl: 16 short texts."""
+    directory.mkdir(parents=True, exist_ok=True)
+    a, b = directory / "a.jsonl", directory / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": f"= {2 * i + 1}"}) + "\n"
+                         for i in range(24)))
+    b.write_text("".join(json.dumps({"text": f"the {['cat', 'dog', 'owl', 'fox'][i % 4]} number {i} sat"}) + "\n"
+                         for i in range(16)))
+    return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("tiny_base"))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def config(base: Path, data_paths, out: Path, **kw) -> TrainConfig:
+    settings = dict(batch_size=4, max_length=64, eval_split=0.25, lr=1e-2, max_steps=6, seed=3, progress=False)
+    settings.update(kw)
+    return TrainConfig(base=str(base), data=[str(d) for d in data_paths], out=out, **settings)
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / WEIGHTS))
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    atol, rtol = (0.0, 0.0) if exact else tolerance(torch.float32)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------
+
+def test_lr_schedule():
+    total, warmup = 20, 4
+    f = [lr_factor(s, total, warmup) for s in range(total)]
+    assert f[:4] == [1 / 5, 2 / 5, 3 / 5, 4 / 5] and f[4] == 1.0  # linear warmup, then the peak
+    assert all(a > b for a, b in zip(f[4:], f[5:])) and f[-1] > 0  # cosine decay, never exactly 0
+    assert math.isclose(f[4 + 8], 0.5)  # halfway through the decay
+    assert lr_factor(0, 10, 0) == 1.0
+
+
+def test_parse_targets():
+    assert parse_targets("all-linear") == "all-linear"
+    assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert parse_targets("q_proj") == ["q_proj"]
+    assert parse_targets(r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    with pytest.raises(ConfigError):
+        parse_targets(" , ")
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(base="x", data="a.jsonl", out=tmp_path, batch_size=0)
+    with pytest.raises(ConfigError, match="quantize"):
+        TrainConfig(base="x", data="a.jsonl", out=tmp_path, quantize="int4")
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("packing", [False, True])
+def test_fast_loss_equals_reference(build, packing):
+    """row_losses (output head on target positions only) == full logits + masked cross-entropy, values and
+    LoRA gradients."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 3, 12]
+    exs = [Example(ids := torch.randint(3, 120, (n,), generator=g).tolist(),
+                   [-100] * (n // 2) + ids[n // 2:]) for n in lengths]
+    batch = next(iter(Batcher(exs, 4, seed=0, packing=packing, max_length=12, pad_id=0)))
+    grads = []
+    for fn in (row_losses, row_losses_reference):
+        model = build(seed=0)
+        lp.inject(model, lp.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False), "a", seed=1)
+        losses = fn(model, batch)
+        losses.sum().backward()
+        grads.append((losses.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (fast, gf), (ref, gr) = grads
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(fast, ref, atol=atol, rtol=rtol)
+    for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# ---- whole runs ------------------------------------------------------------------------------------------
+
+def test_train_outputs_determinism_and_peft(tiny_base, data, tmp_path):
+    """Same seed -> bit-identical adapter; outputs present; eval loss drops; PEFT loads the adapter."""
+    runs = [train(config(tiny_base, [data["a"]], tmp_path / f"run{i}", dropout=0.1, max_steps=8, eval_every=4))
+            for i in range(2)]
+    first, second = runs
+    assert_same(tensors(first.out), tensors(second.out), exact=True)
+    out = first.out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(9))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8]
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in rows[1:])
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "train_summary.json").read_text())
+    adapter = summary["adapters"]["default"]
+    assert adapter["eval_loss_after"] < adapter["eval_loss_before"] == rows[0]["eval_loss"]
+    assert summary["trainable_params"] == adapter["trainable_params"] > 0 and summary["peak_rss_bytes"] > 0
+    assert summary["tokens"] == sum(r["tokens"] for r in rows[1:])
+    # PEFT (the oracle) reads the adapter and computes what loraplex computes with it
+    model, _ = lp.models.load_base(str(tiny_base))
+    lp.load_adapter(model, out, "t")
+    model.eval()  # the injected dropout modules are created in training mode
+    ref, _ = lp.models.load_base(str(tiny_base))
+    pm = peft.PeftModel.from_pretrained(ref, out).eval()
+    ids = torch.randint(4, 99, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_grad_accum_equals_bigger_batch(tiny_base, data, tmp_path):
+    big = train(config(tiny_base, [data["a"]], tmp_path / "big", batch_size=4, grad_accum=1, eval_split=0.0))
+    acc = train(config(tiny_base, [data["a"]], tmp_path / "acc", batch_size=2, grad_accum=2, eval_split=0.0))
+    assert big.eval_loss_before == {"default": None}  # no held-out split asked for: no eval
+    assert_same(tensors(big.out), tensors(acc.out), exact=False)
+
+
+def test_several_adapters_in_one_pass_equal_each_alone(tiny_base, data, tmp_path):
+    """--out-per-data: one forward/backward per micro-batch for both adapters (rows routed per adapter) gives
+    each adapter what training it alone gives. epochs=2 (not max_steps): b runs out of steps before a,
+    so later batches hold a's rows only; clipping is active (max_grad_norm) and is per adapter."""
+    kw = dict(max_steps=None, epochs=2, max_grad_norm=0.5)
+    both = train(config(tiny_base, [data["a"], data["b"]], tmp_path / "both", out_per_data=True, **kw))
+    assert sorted(both.adapters) == ["a", "b"]
+    for name in ("a", "b"):
+        alone = train(config(tiny_base, [data[name]], tmp_path / f"alone_{name}", **kw))
+        assert both.summary["adapters"][name]["steps"] == alone.steps
+        assert both.eval_loss_before[name] == pytest.approx(alone.eval_loss_before["default"], rel=1e-5)
+        assert both.eval_loss_after[name] == pytest.approx(alone.eval_loss_after["default"], rel=1e-4)
+        assert_same(tensors(both.out / name), tensors(alone.out), exact=False)
+    rows = [json.loads(line) for line in (both.out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["adapter"] for r in rows} == {"a", "b"}
+
+
+def test_packing_and_qlora_nf4(tiny_base, data, tmp_path):
+    """--packing trains; --quantize nf4 trains LoRA over QuantLinear layers and the adapter reloads onto a
+    quantized base with the eval loss the run reported."""
+    packed = train(config(tiny_base, [data["b"]], tmp_path / "packed", packing=True, max_length=32))
+    assert packed.eval_loss_after["default"] < packed.eval_loss_before["default"]
+    q = train(config(tiny_base, [data["a"]], tmp_path / "nf4", quantize="nf4", max_steps=8))
+    assert q.eval_loss_after["default"] < q.eval_loss_before["default"]
+    from loraplex.quant import QuantLinear, quantize_model
+
+    model, _ = lp.models.load_base(str(tiny_base))
+    quantize_model(model, "nf4")
+    lp.load_adapter(model, q.out, "q")
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    plain = train(config(tiny_base, [data["a"]], tmp_path / "plain", max_steps=8))
+    assert plain.eval_loss_before != q.eval_loss_before  # the quantized base really is another base
+
+
+def test_out_dir_guard_and_resume_refuses_other_settings(tiny_base, data, tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_base, [data["a"]], out, save_every=2))
+    with pytest.raises(ConfigError, match="earlier run"):
+        train(config(tiny_base, [data["a"]], out))
+    with pytest.raises(CheckpointError, match="lr"):
+        train(config(tiny_base, [data["a"]], out, resume=True, lr=5e-3))
+
+
+def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_path, monkeypatch):
+    """A failure while writing checkpoint #2, and a kill between atomic_directory's two renames, both leave
+    checkpoint #1 usable; resuming from it ends where an uninterrupted run ends."""
+    whole = train(config(tiny_base, [data["a"]], tmp_path / "whole", dropout=0.1, save_every=2))
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):  # the second checkpoint dies half written
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(config(tiny_base, [data["a"]], out, dropout=0.1, save_every=2))
+    monkeypatch.undo()
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint.tmp")]  # the half-written one is gone
+    resumed = train(config(tiny_base, [data["a"]], out, dropout=0.1, save_every=2, resume=True))
+    assert resumed.resumed_from == 2
+    assert_same(tensors(whole.out), tensors(out), exact=True)
+
+    # a kill after the old checkpoint was renamed aside but before the new one took its name
+    import loraplex.store as store
+
+    real_rename, renames = os.rename, []
+
+    class Killed(BaseException):  # like SIGKILL, nothing may catch it as an ordinary error
+        pass
+
+    def dying_rename(src, dst):
+        renames.append(dst)
+        if Path(dst).name == "checkpoint" and len([d for d in renames if Path(d).name == "checkpoint"]) == 2:
+            raise Killed("between the renames")
+        return real_rename(src, dst)
+
+    out2 = tmp_path / "window"
+    monkeypatch.setattr(store.os, "rename", dying_rename)
+    with pytest.raises(Killed):
+        train(config(tiny_base, [data["a"]], out2, dropout=0.1, save_every=2))
+    monkeypatch.undo()
+    assert not (out2 / "checkpoint").exists()
+    found = ckpt_mod.find_checkpoint(out2)
+    assert found is not None and found.name.startswith(".checkpoint.old-")
+    resumed = train(config(tiny_base, [data["a"]], out2, dropout=0.1, save_every=2, resume=True))
+    assert resumed.resumed_from == 2
+    assert_same(tensors(whole.out), tensors(out2), exact=True)
+
+
+# ---- resume after a real SIGKILL ---------------------------------------------------------------------------
+
+def cli(tiny_base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "loraplex", "train", "--base", str(tiny_base), "--data", str(data), "--out",
+            str(out), "--batch-size", "4", "--max-length", "64", "--eval-split", "0.25", "--lr", "5e-3",
+            "--dropout", "0.1", "--max-steps", "80", "--save-every", "10", "--eval-every", "40", "--seed", "5",
+            *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tiny_base, data, tmp_path):
+    """SIGKILL a CLI run once its first checkpoint exists, resume it, and compare with a run never killed:
+    the adapter is bit-identical (same kernels, same thread count, RNG/optimizer/schedule/data order restored),
+    and metrics.jsonl has the same rows (timings aside)."""
+    env = subprocess_env()
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    ref = subprocess.Popen(cli(tiny_base, data["a"], whole), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)  # the uninterrupted run, alongside (one thread each)
+    proc = subprocess.Popen(cli(tiny_base, data["a"], killed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 150
+    while not (killed / "checkpoint" / "state.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint after 150 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / WEIGHTS).exists(), "the run finished before it could be killed"
+    at = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
+    done = subprocess.run(cli(tiny_base, data["a"], killed, "--resume"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from the checkpoint at step {at}" in done.stdout
+    assert ref.wait() == 0, ref.stderr.read().decode()[-2000:]
+    assert_same(tensors(killed), tensors(whole), exact=True)
+    strip = ("tokens_per_s", "elapsed_s")
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(line).items() if k not in strip}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(killed) == rows(whole)
