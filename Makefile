@@ -5,9 +5,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loraplex-installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv sysdeps clean
 
 venv: $(STAMP)
+
+# Debian packages some parts use: `fortunes` (the fortunes:CATEGORY data source) and `chromium` (the /ui
+# browser test). Best effort: installed with apt-get when running as root; otherwise (or offline) the tests
+# that need them skip with a reason and the fortunes source says how to install it.
+SYSPKGS := fortunes chromium
+sysdeps:
+	@if [ -d /usr/share/games/fortunes ] && command -v chromium >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: $(SYSPKGS)"; \
+	  ( timeout 600 apt-get install -y -q --no-install-recommends $(SYSPKGS) \
+	    || { timeout 300 apt-get update -q && timeout 600 apt-get install -y -q --no-install-recommends $(SYSPKGS); } \
+	  ) >/dev/null 2>&1 || echo "note: could not install $(SYSPKGS); the tests that need them will skip"; \
+	else echo "note: $(SYSPKGS) not installed (needs root + apt-get); the tests that need them will skip"; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,10 +30,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch; v = torch.__version__; assert v.startswith('2.13.0'), f'torch was changed to {v}'"
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

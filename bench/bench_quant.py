@@ -1,31 +1,16 @@
-"""A quantized base on SmolLM2-135M: bytes, forward speed, and what merging an adapter into it costs.
-
-Base: loraplex.models.load_base("smollm2") (all 30 layers, fp32), 2 CPU threads. Three tables:
-    bytes    the whole model and its 210 linear layers (the ones quantize_model replaces; the tied
-             embedding / output head stays fp32) at fp32, bf16, int8, nf4, nf4 + double quantization
-    speed    forward of a 4x64 batch, logits of the last position only (logits_to_keep=1, as in generation:
-             the 49152-word fp32 head, never quantized, would otherwise dilute the difference); "x fp32" is
-             the median over repeats of t_fp32 / t_variant within one repeat (variants take turns in a
-             rotating order, so load drift hits all alike); "+ lora" rows keep an r=16 all-linear adapter
-             on the fly (merge strategy (c))
-    merge    quant.compare.compare_merge_strategies with a random but sizeable adapter: r=16, alpha 16, all
-             linear layers, A and B random (B non-zero) and B rescaled per layer so ||scale * B @ A||_F =
-             --rel * ||W||_F; probe = the built-in sentences, 64-token rows
-PEFT is not run beside it: its quantized LoRA needs bitsandbytes on a GPU; this is the CPU path.
-
-    .venv/bin/python bench/bench_quant.py [--reps 7] [--rel 0.05] [--num-layers N] [--skip speed merge]
-"""
-
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import loraplex as lp
 from loraplex.models import load_base
@@ -34,15 +19,29 @@ from loraplex.quant.compare import (
     DEFAULT_PROBE_TEXTS, compare_merge_strategies, plant_random_adapter, probe_ids_from_texts,
 )  # fmt: skip
 from loraplex.report import format_table, human_bytes
+from loraplex.train import Batcher, TrainConfig, load_records, row_losses, split, tokenize, train
+from loraplex.train.data import IGNORE_INDEX, Example
 
 SCHEMES = {"int8": ("int8", False), "nf4": ("nf4", False), "nf4+dq": ("nf4", True)}
 LAST = {"logits_to_keep": 1}  # as in generation: the (fp32, never quantized) 49152-word head on one position
+DATA = "chatterbot:ai"  # 105 distinct question/answer pairs, ~48 tokens each
+TRAIN = dict(rank=8, alpha=16.0, lr=1e-3, batch_size=8, max_length=128, eval_split=0.2, eval_every=0, seed=0,
+             progress=False)
 
 
 def quantized(base: torch.nn.Module, label: str):
     model = copy.deepcopy(base)
     scheme, dq = SCHEMES[label]
     return model, quantize_model(model, scheme, double_quant=dq)
+
+
+def variant(base: torch.nn.Module, label: str) -> torch.nn.Module:
+    """A fresh copy of `base` as variant `label`: fp32, bf16 or a key of SCHEMES."""
+    if label == "fp32":
+        return copy.deepcopy(base)
+    if label == "bf16":
+        return copy.deepcopy(base).to(torch.bfloat16)
+    return quantized(base, label)[0]
 
 
 def bytes_table(base: torch.nn.Module) -> str:
@@ -91,7 +90,82 @@ def speed_table(base: torch.nn.Module, reps: int) -> str:
     return format_table(rows, ["variant", "ms / forward (median)", "x fp32 (speed)"], align="lrr")
 
 
-def merge_table(base: torch.nn.Module, tokenizer, rel: float) -> str:
+# ---------------------------------------------------------------------------------------- train and ppl
+def train_both(base_spec: str, num_layers, steps: int, out: Path) -> tuple[dict[str, Path], str]:
+    """Train LoRA (fp32 base) and QLoRA (nf4 base) with the same settings; their dirs and a table."""
+    rows, dirs = [], {}
+    for label, quantize in (("LoRA (fp32 base)", "none"), ("QLoRA (nf4 base)", "nf4")):
+        t = time.perf_counter()
+        res = train(TrainConfig(base=base_spec, data=[DATA], out=out / quantize, quantize=quantize, max_steps=steps,
+                                num_layers=num_layers, **TRAIN))
+        dirs[quantize] = res.out
+        s = res.summary
+        rows.append([label, res.steps, f"{res.eval_loss_before['default']:.4f}", f"{res.eval_loss_after['default']:.4f}",
+                     f"{s['tokens_per_s']:,.0f}", f"{time.perf_counter() - t:.0f}"])
+    lora, qlora = (float(r[3]) for r in rows)
+    table = format_table(rows, ["run", "steps", "eval loss before", "eval loss after", "train tokens/s", "s"],
+                         align="lrrrrr")
+    gap = 100 * (qlora - lora) / lora
+    verdict = "within" if abs(gap) <= 2 else "OUTSIDE"
+    return dirs, f"{table}\nQLoRA - LoRA eval loss: {gap:+.2f}% ({verdict} the 2% target)"
+
+
+def held_out(tokenizer) -> list[Example]:
+    """The held-out examples of DATA exactly as `train` splits them (same tokenization, fraction and seed)."""
+    examples = tokenize(load_records(DATA), tokenizer, max_length=TRAIN["max_length"])
+    return split(examples, TRAIN["eval_split"], TRAIN["seed"])[1]
+
+
+@torch.no_grad()
+def heldout_ppl(model: torch.nn.Module, examples: list[Example], pad_id: int) -> float:
+    """exp(mean next-token loss over the target tokens of `examples`), as train's eval loss."""
+    loss = count = 0.0
+    for batch in Batcher(examples, 8, seed=0, shuffle=False, pad_id=pad_id):
+        loss += float(row_losses(model, batch).double().sum())
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return math.exp(loss / count)
+
+
+@torch.no_grad()
+def text_ppl(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """exp(mean next-token loss) over every position of the probe rows ids (B, T)."""
+    logits = model(input_ids=ids).logits.float()  # (B, T, V)
+    return math.exp(float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())))
+
+
+def ppl_table(base: torch.nn.Module, tokenizer, dirs: dict[str, Path]) -> str:
+    examples = held_out(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    text = probe_ids_from_texts(tokenizer, DEFAULT_PROBE_TEXTS, seq_len=64, max_rows=8)
+    rows = []
+    for label in ("fp32", "bf16", *SCHEMES):
+        model = variant(base, label)
+        row = [label, f"{text_ppl(model, text):.2f}", f"{heldout_ppl(model, examples, pad_id):.3f}"]
+        for name, directory in (("lora", dirs["none"]), ("qlora", dirs["nf4"])):
+            lp.load_adapter(model, directory, name, check_base_model=False, activate=False)
+        for name in ("lora", "qlora"):
+            lp.set_active(model, name)
+            row.append(f"{heldout_ppl(model, examples, pad_id):.3f}")
+        rows.append(row)
+        del model
+    headers = ["base", "base alone: text", "base alone: held-out", "+LoRA: held-out", "+QLoRA: held-out"]
+    return (f"held-out: {len(examples)} chatterbot:ai answers; text: {tuple(text.shape)} probe tokens\n"
+            + format_table(rows, headers, align="lrrrr"))
+
+
+# ------------------------------------------------------------------------------------------------ merge
+def heldout_probe(tokenizer, rows: int = 8, seq_len: int = 64) -> torch.Tensor:
+    """The held-out conversations (prompt and answer tokens) joined and cut into (rows, seq_len) ids."""
+    flat = [t for e in held_out(tokenizer) for t in e.input_ids]
+    rows = min(rows, len(flat) // seq_len)
+    return torch.tensor(flat[: rows * seq_len], dtype=torch.long).view(rows, seq_len)
+
+
+def merge_tables(base: torch.nn.Module, tokenizer, rel: float, trained: Path | None) -> str:
+    out = []
+    if trained is not None:
+        result = compare_merge_strategies(base, trained, heldout_probe(tokenizer), tuple(SCHEMES))
+        out.append(f"### trained LoRA adapter ({DATA}), probe: its held-out conversations\n{result}")
     ids = probe_ids_from_texts(tokenizer, DEFAULT_PROBE_TEXTS, seq_len=64, max_rows=8)
     planted = copy.deepcopy(base)
     plant_random_adapter(planted, "planted", r=16, relative_norm=rel, seed=0)
@@ -99,29 +173,44 @@ def merge_table(base: torch.nn.Module, tokenizer, rel: float) -> str:
         lp.save_adapter(planted, "planted", f"{tmp}/planted")
         del planted
         result = compare_merge_strategies(base, f"{tmp}/planted", ids, tuple(SCHEMES))
-    return str(result)
+    out.append(f"### random adapter, ||delta|| = {rel} ||W|| per layer, probe: the built-in sentences\n{result}")
+    return "\n\n".join(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--rel", type=float, default=0.05, help="||delta||_F / ||W||_F of the planted adapter")
+    ap.add_argument("--steps", type=int, default=24, help="optimizer steps of each training run")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rel", type=float, default=0.05, help="||delta||_F / ||W||_F of the random adapter")
     ap.add_argument("--num-layers", type=int, help="only the first N decoder layers (default: all 30)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "speed", "merge"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "speed", "train", "merge"],
+                    help="train also drives ppl and the trained adapter's merge table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base("smollm2", num_layers=args.num_layers)
     print(f"$ {' '.join(['python'] + sys.argv)}")
     print(f"base: smollm2, {base.config.num_hidden_layers} layers, {sum(p.numel() for p in base.parameters()):,} "
           f"parameters; torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
-    for name, make in (("bytes", lambda: bytes_table(base)), ("speed", lambda: speed_table(base, args.reps)),
-                       ("merge", lambda: merge_table(base, tokenizer, args.rel))):  # fmt: skip
-        if name in args.skip:
-            continue
-        t = time.perf_counter()
-        text = make()
-        print(f"\n## {name}  ({time.perf_counter() - t:.0f} s)\n{text}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs: dict[str, Path] = {}
+
+        def run_train() -> str:
+            table = train_both("smollm2", args.num_layers, args.steps, Path(tmp))
+            dirs.update(table[0])
+            return table[1]
+
+        sections = (("bytes", "bytes", lambda: bytes_table(base)),
+                    ("speed", "speed", lambda: speed_table(base, args.reps)),
+                    ("train", "train: QLoRA vs LoRA", run_train),
+                    ("train", "ppl", lambda: ppl_table(base, tokenizer, dirs)),
+                    ("merge", "merge", lambda: merge_tables(base, tokenizer, args.rel, dirs.get("none"))))
+        for key, title, make in sections:
+            if key in args.skip:
+                continue
+            t = time.perf_counter()
+            text = make()
+            print(f"\n## {title}  ({time.perf_counter() - t:.0f} s)\n{text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,18 @@ throughput = generated tokens / wall time. Prints one table and the ratio to the
     .venv/bin/python bench/bench_serve.py --base tiny-llama --requests 32   # a quick smoke run
 
 The adapters are random (r=8 on every linear layer of every decoder layer), written in PEFT's format.
+
+Then a fault test on the continuous server: clients keep sending greedy requests (half of them streamed) to
+adapters a0..a3 and to "swap", while an admin client loads "churn" from the folder, replaces "swap" in place
+by zip upload (two versions in turn) and unloads "churn", --fault-rounds times. Every answer must be a 200
+whose text equals what that adapter (for "swap": one of its two versions) answers alone on an idle server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import socket
@@ -24,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -34,22 +41,23 @@ from loraplex.config import LoraConfig
 from loraplex.models import load_base
 from loraplex.report import format_table
 
+ADMIN_KEY = "bench-admin-key"
 PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
-def write_adapters(base: str, num_layers: int | None, k: int, rank: int, folder: Path) -> int:
-    """k random adapters a0..a{k-1} for `base` (PEFT keys, no loraplex metadata); returns the vocab size."""
+def write_adapters(base: str, num_layers: int | None, rank: int, dirs: dict[Path, float], seed: int = 0) -> int:
+    """A random adapter for `base` in each directory (PEFT keys, no loraplex metadata), B drawn with std
+    dirs[d] (the larger, the more it moves the output); returns the base's vocab size."""
     model, _ = load_base(base, num_layers=num_layers)
     shapes = {name: m.weight.shape for name, m in model.named_modules()
               if name.split(".")[-1] in PROJ["self_attn"] + PROJ["mlp"]}
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJ["self_attn"] + PROJ["mlp"])).to_dict()
-    for i in range(k):
+    for d, std in dirs.items():
         tensors = {}
         for name, (fout, fin) in shapes.items():
             tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin**0.5
-            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * 0.01
-        d = folder / f"a{i}"
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * std
         d.mkdir(parents=True)
         save_file(tensors, str(d / "adapter_model.safetensors"))
         (d / "adapter_config.json").write_text(json.dumps(config))
@@ -69,7 +77,7 @@ class ServerProcess:
                "--host", "127.0.0.1", "--port", str(self.port), "--max-batch", str(args.max_batch),
                "--max-new-tokens", str(args.max_tokens), "--max-prompt-tokens", str(args.prompt_tokens),
                "--queue-size", str(args.requests + 8), "--timeout", "900", "--log-level", "warning",
-               "--no-check-base", "--threads", str(args.threads)]
+               "--no-check-base", "--threads", str(args.threads), "--api-key", ADMIN_KEY]
         if args.num_layers:
             cmd += ["--num-layers", str(args.num_layers)]
         if naive:
@@ -123,6 +131,97 @@ async def load(url: str, models: list[str], clients: int, prompt_tokens: int, ma
         return time.perf_counter() - t0, lat, tokens
 
 
+def zipped(directory: Path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(directory.iterdir()):
+            zf.write(f, f.name)
+    return buf.getvalue()
+
+
+async def answer(c: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int, stream: bool) -> str:
+    """The greedy completion's text; raises on any HTTP error or error event."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if not stream:
+        r = await c.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return r.json()["choices"][0]["text"]
+    parts = []
+    async with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                return "".join(parts)
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"error event: {event['error']}")
+            parts.append(event["choices"][0]["text"])
+    raise RuntimeError("the stream ended without [DONE]")
+
+
+async def fault_test(url: str, folder: Path, versions: list[Path], args: argparse.Namespace,
+                     vocab: int) -> dict[str, int]:
+    """See the module docstring; returns the counts of requests, admin calls and failures."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    prompt = [(7 * j) % min(vocab - 3, 500) + 3 for j in range(args.prompt_tokens)]
+    steady = ["a0", "a1", "a2", "a3"]
+    counts = {"requests": 0, "streamed": 0, "admin calls": 0, "failed": 0, "wrong": 0}
+    failures: list[str] = []
+    async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as c:
+
+        async def upload(v: int) -> None:
+            r = await c.post("/v1/adapters", params={"name": "swap", "replace": "true"}, content=zipped(versions[v]),
+                             headers={**admin, "content-type": "application/zip"})
+            r.raise_for_status()
+
+        want: dict[str, set[str]] = {"swap": set()}
+        for v in (1, 0):  # both versions' answers alone; the test starts on version 0
+            await upload(v)
+            want["swap"].add(await answer(c, "swap", prompt, args.fault_tokens, False))
+        for m in steady:
+            want[m] = {await answer(c, m, prompt, args.fault_tokens, False)}
+        if len(want["swap"]) != 2:
+            raise RuntimeError("the two versions of 'swap' answer alike; the test could not tell them apart")
+
+        async def client(j: int) -> None:
+            for i in range(args.fault_requests):
+                model = (steady + ["swap", "swap"])[(i + j) % 6]
+                stream = (i + j) % 2 == 1
+                counts["requests"] += 1
+                counts["streamed"] += stream
+                try:
+                    text = await answer(c, model, prompt, args.fault_tokens, stream)
+                except (httpx.HTTPError, RuntimeError) as exc:
+                    counts["failed"] += 1
+                    failures.append(f"{model}: {exc!r}")
+                    continue
+                if text not in want[model]:
+                    counts["wrong"] += 1
+                    failures.append(f"{model}: unexpected text {text!r}")
+
+        async def churn() -> None:
+            for i in range(args.fault_rounds):
+                for call in (lambda: c.post("/v1/adapters", json={"name": "churn"}, headers=admin),
+                             lambda: c.post("/v1/adapters", params={"name": "swap", "replace": "true"},
+                                            content=zipped(versions[(i + 1) % 2]),
+                                            headers={**admin, "content-type": "application/zip"}),
+                             lambda: c.delete("/v1/adapters/churn", headers=admin)):
+                    counts["admin calls"] += 1
+                    r = await call()
+                    if r.status_code != 200:
+                        counts["failed"] += 1
+                        failures.append(f"admin round {i}: {r.status_code} {r.text[:200]}")
+                await asyncio.sleep(0.2)
+
+        await asyncio.wait_for(asyncio.gather(churn(), *(client(j) for j in range(args.fault_clients))),
+                               args.timeout)
+    for f in failures[:10]:
+        print("  FAULT", f, flush=True)
+    return counts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="smollm2")
@@ -134,15 +233,26 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--adapters", default="1,16,64", help="K values (distinct adapters in a workload)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="server torch threads (default 1: on a shared, busy box 2 OpenMP threads spin at every "
+                         "barrier and a decode step ran ~7x slower, measured with SmolLM2 on 2 loaded cores)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per workload before giving up")
+    ap.add_argument("--fault-clients", type=int, default=4, help="fault test: concurrent clients")
+    ap.add_argument("--fault-requests", type=int, default=6, help="fault test: requests per client")
+    ap.add_argument("--fault-tokens", type=int, default=12, help="fault test: tokens per request")
+    ap.add_argument("--fault-rounds", type=int, default=6, help="fault test: load/replace/unload rounds (0 = skip)")
     args = ap.parse_args()
     ks = [int(k) for k in args.adapters.split(",")]
     base_id = "base"
-    rows, results = [], {}
+    rows, results, faults = [], {}, None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapters"
-        vocab = write_adapters(args.base, args.num_layers, max(ks), args.rank, folder)
+        vocab = write_adapters(args.base, args.num_layers, args.rank, {folder / f"a{i}": 0.01 for i in range(max(ks))})
+        # the fault test's extras: "churn" in the folder (loaded by name), two versions of "swap" to upload, made
+        # to move greedy output clearly so that a wrong version shows
+        versions = [Path(tmp) / "swap-v1", Path(tmp) / "swap-v2"]
+        write_adapters(args.base, args.num_layers, args.rank, {folder / "churn": 0.01, **{v: 0.2 for v in versions}},
+                       seed=1)
         plan = [("continuous", False, ["base"] + ks), ("naive: one adapter per batch", True, [k for k in ks if k > 1])]
         for label, naive, workloads in plan:
             if not workloads:
@@ -150,6 +260,9 @@ def main() -> int:
             server = ServerProcess(args, folder, naive)
             try:
                 server.wait_ready()
+                if not naive:  # "churn" is loaded by name during the fault test, not at start
+                    assert httpx.delete(f"{server.url}/v1/adapters/churn", headers={
+                        "Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
                 # warm-up: a few requests so first-call costs stay out of the numbers
                 asyncio.run(load(server.url, [base_id, "a0"] * 2, 2, args.prompt_tokens, 4, args.timeout, vocab))
                 for w in workloads:
@@ -163,6 +276,11 @@ def main() -> int:
                                  f"{statistics.median(lat):.2f}", f"{q[98]:.2f}"])
                     print(f"  {label:<28} K={w!s:<5} {tps:8.1f} tok/s  p50 {statistics.median(lat):.2f}s "
                           f"p99 {q[98]:.2f}s", flush=True)
+                if not naive and args.fault_rounds:
+                    t0 = time.perf_counter()
+                    faults = asyncio.run(fault_test(server.url, folder, versions, args, vocab))
+                    faults["seconds"] = round(time.perf_counter() - t0)
+                    print(f"  fault test: {faults}", flush=True)
             finally:
                 server.stop()
     ref = results[("continuous", "base")]
@@ -173,6 +291,12 @@ def main() -> int:
           f"{args.requests} requests x {args.max_tokens} tokens, prompt {args.prompt_tokens} tokens, r={args.rank} "
           f"all-linear adapters, --max-batch {args.max_batch}, {args.threads} torch threads, {os.cpu_count()} CPUs")
     print(format_table(rows, ["server", "adapters (K)", "requests", "tokens/s", "p50 s", "p99 s", "vs no adapter"]))
+    if faults is not None:
+        print(f"\nfault test ({args.fault_clients} clients x {args.fault_requests} requests x {args.fault_tokens} "
+              f"tokens, {args.fault_rounds} rounds of load 'churn' / replace 'swap' by upload / unload 'churn'): "
+              f"{faults['requests']} requests ({faults['streamed']} streamed), {faults['admin calls']} admin calls, "
+              f"{faults['failed']} failed, {faults['wrong']} wrong, {faults['seconds']} s")
+        return 1 if faults["failed"] or faults["wrong"] else 0
     return 0
 
 

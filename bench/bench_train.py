@@ -1,9 +1,12 @@
 """Training benchmark on SmolLM2-135M-Instruct + chatterbot:tech_support, r=8 on all linear layers.
 
-Three variants run through the SAME loop (loraplex.train.Trainer: same batches, loss, AdamW, schedule):
-    loraplex   loraplex.inject(...)                      the adapter under test
-    peft       peft.get_peft_model(...) with A/B copied from loraplex's initial adapter (same start)
-    full       full fine-tuning of the same model (every parameter trainable)
+Four variants, all from the same initial adapter, batches, AdamW, warmup + cosine schedule and clipping:
+    loraplex   loraplex.inject(...) + loraplex's loop (loraplex.train.Trainer)   the path under test
+    peft       peft.get_peft_model(...) + loraplex's loop: isolates the LoRA layers (A/B copied from loraplex's
+               initial adapter, so both start equal)
+    peft-hf    the same PEFT model trained the way transformers users do: model(**batch, labels=...).loss
+               (full (B, T, vocab) logits and transformers' loss), same optimizer, schedule and clipping
+    full       full fine-tuning of the same model through loraplex's loop (every parameter trainable)
 Steps are interleaved (step i of every variant before step i+1 of any, the order rotating each round),
 so machine noise hits all alike; the table reports medians of the per-step times and their ratios.
 Peak RSS is measured in a fresh subprocess per variant (load + a few steps), since a process's peak
@@ -31,7 +34,7 @@ from loraplex.report import format_table, human_bytes
 from loraplex.train import Job, Trainer, TrainConfig, adapter_params, load_records, split, tokenize
 from loraplex.train.run import peak_rss_bytes
 
-VARIANTS = ("loraplex", "peft", "full")
+VARIANTS = ("loraplex", "peft", "peft-hf", "full")
 DATA = "chatterbot:tech_support"
 
 
@@ -55,7 +58,7 @@ def build(variant: str, args) -> tuple[Trainer, Job, int]:
     if variant == "loraplex":
         lp.inject(model, lora, "default", seed=cfg.seed)
         params = adapter_params(model, "default")
-    elif variant == "peft":
+    elif variant in ("peft", "peft-hf"):
         import peft
 
         reference, _ = load_base("smollm2")  # the same initial A/B as the loraplex variant
@@ -83,12 +86,33 @@ def build(variant: str, args) -> tuple[Trainer, Job, int]:
     return Trainer(model, [job], cfg, pad_id=pad), job, sum(p.numel() for p in params)
 
 
+def hf_step(trainer: Trainer, job: Job) -> dict[str, float]:
+    """One optimizer step as a PEFT + transformers user writes it: the model's own loss over full logits
+    (mean over the target tokens, the same quantity as loraplex's loss), then clip, AdamW, schedule."""
+    batch = job.next_micro()
+    for p in job.params:
+        p.grad = None
+    trainer.model.train()
+    loss = trainer.model(**batch, use_cache=False).loss  # transformers shifts the labels itself
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(job.params, trainer.config.max_grad_norm)
+    job.optimizer.step()
+    job.scheduler.step()
+    job.steps_done += 1
+    tokens = int(batch["attention_mask"].sum())
+    return {"loss": loss.item(), "tokens": tokens}
+
+
+def step(variant: str, trainer: Trainer, job: Job) -> dict[str, float]:
+    return hf_step(trainer, job) if variant == "peft-hf" else trainer.train_step()[job.name]
+
+
 def rss_only(variant: str, args) -> None:
-    trainer, _, _ = build(variant, args)
+    trainer, job, _ = build(variant, args)
     loaded = peak_rss_bytes()
     torch.manual_seed(0)
     for _ in range(args.rss_steps):
-        trainer.train_step()
+        step(variant, trainer, job)
     print(json.dumps({"variant": variant, "peak_rss": peak_rss_bytes(), "after_load": loaded}))
 
 
@@ -114,17 +138,17 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in names}
     losses: dict[str, list[float]] = {v: [] for v in names}
     tokens: dict[str, list[int]] = {v: [] for v in names}
-    for step in range(args.steps):
-        order = names[step % len(names):] + names[:step % len(names)]
+    for i in range(args.steps):
+        order = names[i % len(names):] + names[:i % len(names)]
         for v in order:
             trainer, job, _ = runs[v]
-            torch.manual_seed(step)
+            torch.manual_seed(i)
             start = time.perf_counter()
-            stats = trainer.train_step()[job.name]
+            stats = step(v, trainer, job)
             times[v].append(time.perf_counter() - start)
             losses[v].append(stats["loss"])
             tokens[v].append(stats["tokens"])
-        print(f"step {step + 1}: " + "  ".join(f"{v} {losses[v][-1]:.4f} ({times[v][-1]:.2f} s)" for v in names),
+        print(f"step {i + 1}: " + "  ".join(f"{v} {losses[v][-1]:.4f} ({times[v][-1]:.2f} s)" for v in names),
               flush=True)
     after = {v: t.evaluate(j) for v, (t, j, _) in runs.items()}
     del runs
@@ -146,14 +170,21 @@ def main() -> None:
     result = {"args": vars(args), "median_step_s": med, "eval_before": before, "eval_after": after, "rss": rss,
               "losses": losses, "times": times}
     if "loraplex" in names:
+        targets = {"peft": ">= 1.2x", "peft-hf": ">= 1.2x", "full": ">= 1.35x"}
+        lines = []
         for v in names:
-            if v != "loraplex":
-                print(f"loraplex throughput vs {v}: {med[v] / med['loraplex']:.2f}x; peak RSS loraplex / {v}: "
-                      f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x")
-        if "peft" in names:
-            gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses["peft"]))
-            print(f"loss curves loraplex vs peft: max |difference| over {args.steps} steps = {gap:.2e}")
-            result["max_loss_gap_vs_peft"] = gap
+            if v == "loraplex":
+                continue
+            paired = statistics.median(b / a for a, b in zip(times["loraplex"][skip:], times[v][skip:]))
+            gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses[v]))
+            lines.append([v, f"{paired:.2f}x", targets.get(v, "-"),
+                          f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x",
+                          "<= 0.8x" if v == "full" else "-", f"{gap:.2e}" if v != "full" else "(other lr)"])
+            result.setdefault("speedup", {})[v] = paired
+            result.setdefault("max_loss_gap", {})[v] = gap
+        print()
+        print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "target",
+                                   "peak RSS loraplex / vs", "target", "max |train loss diff|"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -20,7 +20,8 @@ from loraplex.eval_cli import plot_results
 from loraplex.evaluate import BASE, EvalResult, _greedy, _normalize, discover_adapters, evaluate
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama
-from loraplex.promote import CARD_NAME, REPORT_NAME, ParityError, _training, promote
+from loraplex.errors import ParityError
+from loraplex.promote import CARD_NAME, REPORT_NAME, _training, promote
 from loraplex.train.data import IGNORE_INDEX, Example
 from loraplex.verify import Tolerance
 

@@ -18,10 +18,12 @@ import torch
 from serve_helpers import LoopbackServer, make_adapter
 
 import loraplex as lp
-from loraplex import models
-from loraplex.errors import QueueFullError
+from loraplex import cli, models
+from loraplex.errors import ConfigError, QueueFullError
+from loraplex.evaluate import BASE, EvalResult
 from loraplex.serve import Engine, EngineConfig, SamplingParams
 from loraplex.serve.app import Server, create_app
+from loraplex.serve.ui import set_results
 
 KEY = "test-admin-key"
 ADMIN = {"Authorization": f"Bearer {KEY}"}
@@ -334,3 +336,82 @@ def test_shutdown_finishes_in_flight_requests(tmp_path):
     assert not server.engine.accepting and server.engine.failed is None
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{loop.url}/health", timeout=2)
+
+
+# ---- timeouts ---------------------------------------------------------------------------------------------------
+def test_request_timeout_is_504_and_a_stream_error_event(tmp_path):
+    make_adapter(tmp_path / "legal", seed=1)
+    server = new_server(tmp_path, timeout_s=0.5)
+    server.engine.on_step = lambda: time.sleep(0.05)  # 32 tokens take >= 1.6 s: past the 0.5 s limit
+    loop = LoopbackServer(create_app(server)).start()
+    try:
+        with httpx.Client(base_url=loop.url, timeout=30) as h:
+            body = {"model": "legal", "prompt": "slow", "max_tokens": 32, "ignore_eos": True}
+            err = _is_error(h.post("/v1/completions", json=body), 504, "timeout")
+            assert "--timeout" in err["message"] and err["type"] == "server_error"
+        client = openai.OpenAI(base_url=f"{loop.url}/v1", api_key="x", max_retries=0, timeout=30)
+        got: list[str] = []
+        with pytest.raises(openai.APIError, match="time limit"):
+            for ch in client.completions.create(model="legal", prompt="slow", max_tokens=32, stream=True,
+                                                extra_body=IGNORE_EOS):
+                got.append(ch.choices[0].text)
+        assert len("".join(got)) < 32  # the stream started, then ended with the error event
+        short = client.completions.create(model="legal", prompt="q", max_tokens=2, extra_body=IGNORE_EOS)
+        assert short.choices[0].finish_reason == "length"  # the server still serves after timeouts
+        text = httpx.get(f"{loop.url}/metrics").text
+        assert 'loraplex_requests_total{adapter="legal",status="error"} 2' in text
+    finally:
+        loop.stop()
+
+
+# ---- admin disabled, the web page's data, --results ---------------------------------------------------------
+def test_admin_routes_are_disabled_without_a_key(tmp_path):
+    server = Server(models.tiny_llama(seed=0), None, base_id="tiny-llama", adapters_dir=tmp_path,
+                    config=EngineConfig(max_prompt_tokens=16, max_new_tokens=8))
+    loop = LoopbackServer(create_app(server)).start()
+    try:
+        err = _is_error(httpx.post(f"{loop.url}/v1/adapters", json={"name": "x"}, headers=ADMIN), 401)
+        assert "--api-key" in err["message"]
+    finally:
+        loop.stop()
+
+
+def test_ui_data_lists_adapters_and_reads_results(served, http, tmp_path):
+    server, _ = served
+    assert http.post("/v1/completions", json={"model": "legal", "prompt": "u", "max_tokens": 2}).status_code == 200
+    assert "<title>loraplex</title>" in http.get("/ui").text
+    data = http.get("/ui/data").json()
+    rows = {a["name"]: a for a in data["adapters"]}
+    assert set(rows) == set(server.store.names()) and data["base"] == "tiny-llama"
+    legal = server.store.info("legal")
+    files = server.store.directory / "legal"
+    assert rows["legal"]["content_hash"] == legal.content_hash and rows["legal"]["r"] == 4
+    assert rows["legal"]["bytes"] == sum(f.stat().st_size for f in files.iterdir())
+    assert data["results"] is None and data["results_error"] is None and rows["legal"]["scores"] is None
+    counts = server.metrics.snapshot("legal")
+    assert rows["legal"]["served"] == counts and counts["requests"] >= 1 and counts["generated_tokens"] >= 1
+    app = served[1].server.config.app  # the app the loopback server runs
+    results = tmp_path / "results.json"
+    scores = {BASE: {"loss": 3.0}, "legal": {"loss": 2.5}, "tone": {"loss": 2.75}}
+    EvalResult("tiny-llama", "d.jsonl", ["loss"], scores,
+               {"legal": {"content_hash": legal.content_hash}, "tone": {"content_hash": "sha256:old"}}, 4, 16, 0
+               ).save(results)
+    try:
+        set_results(app, results)
+        data = http.get("/ui/data").json()
+        rows = {a["name"]: a for a in data["adapters"]}
+        assert rows["legal"]["scores"] == {"loss": 2.5} and data["base_scores"] == {"loss": 3.0}
+        assert rows["tone"]["stale"] is True and rows["tone"]["scores"] is None  # scored another version
+        results.write_text("{broken")  # re-read per request: the page says why, and still lists adapters
+        data = http.get("/ui/data").json()
+        assert data["results"] is None and "cannot read eval results" in data["results_error"]
+        assert len(data["adapters"]) == len(server.store.names())
+    finally:
+        set_results(app, None)
+    with pytest.raises(ConfigError, match="cannot read"):
+        set_results(app, tmp_path / "missing.json")
+
+
+def test_cli_refuses_a_missing_results_file(tmp_path, capsys):
+    code = cli.main(["serve", "--base", "tiny-llama", "--results", str(tmp_path / "none.json")])
+    assert code == 2 and "loraplex eval --out" in capsys.readouterr().err

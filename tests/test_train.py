@@ -138,6 +138,28 @@ def test_fast_loss_equals_reference(build, packing):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("lead", [(7,), (2, 5)])
+@pytest.mark.parametrize("scale", [2.0, -0.75])
+def test_fused_lora_add_equals_reference(lead, scale):
+    """The training fast path LF.lora_linear_add (one addmm) == result + LF.lora_linear (the obvious version),
+    values and the gradients of x, A, B and result."""
+    from loraplex import functional as LF
+
+    g = torch.Generator().manual_seed(0)
+    made = [torch.randn(*shape, generator=g, requires_grad=True)
+            for shape in ((*lead, 6), (*lead, 11), (3, 11), (6, 3))]  # result, x, A, B
+    outs = []
+    for fn in (lambda r, x, a, b: LF.lora_linear_add(r, x, a, b, scale),
+               lambda r, x, a, b: r + LF.lora_linear(x, a, b, scale)):
+        leaves = [t.detach().clone().requires_grad_(True) for t in made]
+        y = fn(*leaves)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    atol, rtol = tolerance(torch.float32)
+    for fast, ref in zip(*outs):
+        torch.testing.assert_close(fast, ref, atol=atol, rtol=rtol)
+
+
 # ---- whole runs ------------------------------------------------------------------------------------------
 
 def test_train_outputs_determinism_and_peft(tiny_base, data, tmp_path):

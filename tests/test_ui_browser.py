@@ -35,14 +35,15 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """A uvicorn server on 127.0.0.1 serving tiny-llama, two adapters, /ui, and eval results for alpha only."""
+    """`create_app` under uvicorn on 127.0.0.1: tiny-llama, two adapters, and eval results (given as `--results`
+    does) for alpha only."""
     import uvicorn
 
     from loraplex.serve import EngineConfig
-    from loraplex.serve import ui
     from loraplex.serve.app import Server, create_app
 
     root = tmp_path_factory.mktemp("ui")
+    results = tmp_path_factory.mktemp("eval") / "results.json"
     hashes = {}
     for i, name in enumerate(NAMES):
         model = tiny_llama(seed=0)
@@ -51,12 +52,10 @@ def live(tmp_path_factory):
         hashes[name] = lp.save_adapter(model, name, root / name).content_hash
     scores = {BASE: {"loss": 4.5, "accuracy": 0.125}, "alpha": {"loss": 4.25, "accuracy": 0.25}}
     EvalResult("tiny-llama", "qa.jsonl", ["loss", "accuracy"], scores,
-               {"alpha": {"content_hash": hashes["alpha"], "r": 4}}, 8, 64, 0).save(root / ui.RESULTS_FILE)
+               {"alpha": {"content_hash": hashes["alpha"], "r": 4}}, 8, 64, 0).save(results)
     server = Server(tiny_llama(seed=0), None, base_id="tiny-llama", adapters_dir=root,
                     config=EngineConfig(max_prompt_tokens=64, max_new_tokens=32))
-    app = create_app(server)
-    if not any(getattr(r, "path", None) == "/ui" for r in app.routes):
-        app.include_router(ui.router)
+    app = create_app(server, results=results)
     port = _free_port()
     web = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=web.run, daemon=True)
@@ -104,6 +103,7 @@ def test_page_in_a_headless_browser(live):
         assert row and hashes[name][:12] in row.group(1)
     alpha = _text(re.search(r'<tr data-adapter="alpha">(.*?)</tr>', dom, re.S).group(1)).split()
     assert alpha[:3] == ["alpha", "4", "14"] and "4.2500" in alpha and "25.0%" in alpha
+    assert alpha[-4:-2] == ["1", "6"]  # served so far (read before the playground ran): 1 request, 6 tokens
     assert "4.5000" in _text(re.search(r'<tr data-adapter="tiny-llama">(.*?)</tr>', dom, re.S).group(1))
     for model, text in expected.items():  # side by side: one card per model, the same greedy text as the API
         card = re.search(rf'<div class="card" data-model="{model}">(.*?)</div></div>', dom, re.S)

@@ -97,6 +97,10 @@ class CheckpointError(LoraplexError, OSError):
     """A training checkpoint is unreadable, incomplete, or was made by a run with other settings."""
 
 
+class ParityError(LoraplexError, RuntimeError):
+    """A merged deployment does not compute what base + adapter on the fly computes (within tolerance)."""
+
+
 # -- serving (loraplex.serve maps every class here to an HTTP status in serve/errors.py) -------------------
 class RequestTooLargeError(LoraplexError, ValueError):
     """A request or upload exceeds a configured size limit (prompt tokens, upload bytes)."""

@@ -65,6 +65,19 @@ def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
     return F.linear(F.linear(x, lora_A), lora_B) * scale
 
 
+def lora_linear_add(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """result + scale * (x @ A.T) @ B.T, i.e. `result + lora_linear(x, A, B, scale)` up to float rounding.
+
+    The B product, the scale and the sum run as ONE addmm (GEMM with alpha=scale accumulating onto `result`),
+    so neither forward nor backward makes a (..., out) temporary for the delta or its scaling; the backward
+    is two small GEMMs. result: (..., out), x: (..., in); all four tensors share one dtype.
+    """
+    h = F.linear(x, lora_A)  # (..., r)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scale)
+    return out.view(result.shape)  # (N, out) -> (..., out)
+
+
 def lora_embedding(
     ids: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, **embedding_kwargs: object
 ) -> torch.Tensor:

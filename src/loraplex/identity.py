@@ -33,8 +33,8 @@ def content_hash(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     h = hashlib.sha256()
     h.update(json.dumps({k: config.get(k) for k in _SEMANTIC_FIELDS}, sort_keys=True, default=str).encode())
     for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = tensors[key].detach().cpu().reshape(-1).contiguous()  # 1-D: any stride, 0-dim too
+        h.update(f"{key}|{t.dtype}|{tuple(tensors[key].shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 

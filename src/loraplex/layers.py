@@ -112,9 +112,13 @@ class LoraLayer(nn.Module):
         for name, weight in self.active:
             if name in self.merged:
                 continue  # already inside the base weight
-            delta = self._lora(name, self.lora_dropout[name](x))
-            result = result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
+            result = self._add_lora(name, self.lora_dropout[name](x), result, weight)
         return result
+
+    def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
+        """result + weight * lora_name(x); subclasses may fuse the sum (LoraLinear does)."""
+        delta = self._lora(name, x)
+        return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
     def _routed(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result[b] += lora_{names[idx[b]]}(x[b]) for rows with idx[b] >= 0 (one segment per adapter; autograd-safe).
@@ -249,6 +253,14 @@ class LoraLinear(LoraLayer):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
+
+    def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
+        """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;
+        otherwise (e.g. a bf16 base under fp32 adapters) the generic cast-and-add."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if result.dtype != a.dtype:
+            return super()._add_lora(name, x, result, weight)
+        return LF.lora_linear_add(result, x.to(a.dtype), a, b, weight * self.scaling[name])
 
     def delta(self, name: str) -> torch.Tensor:
         d = LF.delta_weight(*self.adapter_tensors(name), self.scaling[name])

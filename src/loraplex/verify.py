@@ -248,7 +248,10 @@ def _vocab(model: nn.Module) -> int:
     return vocab
 
 
-def _judge(row: Row, ref: Reference, logits: torch.Tensor, mask: torch.Tensor, tol: Tolerance) -> Row:
+def judge(row: Row, ref: Reference, logits: torch.Tensor, mask: torch.Tensor, tol: Tolerance) -> Row:
+    """Fill `row` with the comparison of `logits` (at the unmasked positions) to `ref`: PASS when every
+    position is within atol + rtol·|ref| and the mean KL within tol.kl, FAIL otherwise (NaN fails), INFO
+    when the tolerance is not required."""
     m = compare(ref, at_positions(logits, mask), tol.atol, tol.rtol)
     row.max_abs, row.kl, row.agree = m.max_abs, m.kl, m.agree
     row.worst_ratio = m.worst_ratio if tol.required else math.nan
@@ -288,7 +291,7 @@ def verify(base: Union[str, PathLike, nn.Module], adapter: Union[PathLike, Adapt
                 report.rows.append(row)
                 continue
             logits, row.note = out if isinstance(out, tuple) else (out, "")
-            report.rows.append(_judge(row, ref, logits, probes.attention_mask, tolerance_for(dtype, variant.required)))
+            report.rows.append(judge(row, ref, logits, probes.attention_mask, tolerance_for(dtype, variant.required)))
     return report
 
 
@@ -342,7 +345,7 @@ def check_golden(deployment: Union[PathLike, nn.Module], adapter_dir: PathLike) 
     logits = run_logits(model, golden.probes)  # (N, T, V) in the deployment's dtype
     dname = next((k for k, v in DTYPES.items() if v == logits.dtype), str(logits.dtype))
     report = VerifyReport(str(golden.facts.get("base", "?")), str(adapter_dir))
-    row = _judge(Row(label, dname, "FAIL", True), golden.reference, logits, golden.probes.attention_mask,
+    row = judge(Row(label, dname, "FAIL", True), golden.reference, logits, golden.probes.attention_mask,
                  tolerance_for(logits.dtype))
     row.note = f"{golden.facts.get('logits')} golden, {golden.reference.values.shape[0]} positions"
     report.rows.append(row)

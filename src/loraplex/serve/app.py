@@ -8,6 +8,7 @@
                                       (Content-Type application/zip, ?name=&replace=) uploads and installs one
     DELETE /v1/adapters/{name}        admin: unload (files stay; running requests finish on their lease)
     GET    /health, GET /metrics      liveness + queue facts; Prometheus text
+    GET    /ui, GET /ui/data          the web page (ui.py): adapters with size, rank, hash, eval metrics; playground
 
 `model` is the base id, an adapter name, or a weighted mix "legal:0.7+tone:0.3" (see engine.py). Extra body
 field `ignore_eos` (bool) keeps generating past end-of-sequence. Admin routes need `Authorization: Bearer
@@ -31,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, RequestTooLargeError, UnauthorizedError
 from ..runtime import AdapterPool
-from . import errors
+from . import errors, ui
 from .adapters import AdapterStore
 from .engine import Engine, EngineConfig, Handle, Result, SamplingParams
 from .llama import CompactLlama
@@ -152,7 +153,10 @@ class AdapterBody(BaseModel):
 
 
 # ---- the app ----------------------------------------------------------------------------------------------
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
+    """The ASGI app of `server` (started and drained by the app's lifespan); `results`: eval results shown on
+    /ui (an EvalResult or a `loraplex eval --out` JSON path; see ui.set_results)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await asyncio.to_thread(server.start)
@@ -162,6 +166,8 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.server = server
     errors.install(app)
+    app.include_router(ui.router)
+    ui.set_results(app, results)
     eng = server.engine
 
     @app.get("/health")

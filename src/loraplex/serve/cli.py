@@ -3,7 +3,8 @@
     loraplex serve --base smollm2 --adapters ./adapters --port 8000 --api-key "$KEY"
 
 Every adapter directory in --adapters is loaded at start (a broken one is skipped and listed by /health);
-more can be loaded or uploaded while serving (POST /v1/adapters, needs the API key).
+more can be loaded or uploaded while serving (POST /v1/adapters, needs the API key). The web page is at
+/ui; `--results FILE` (from `loraplex eval --out FILE`) adds each adapter's eval metrics to it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest adapter upload (zip) in MB")
     p.add_argument("--no-check-base", action="store_true", help="skip the adapters' base fingerprint check")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--results", help="eval results JSON written by `loraplex eval --out`: per-adapter metrics on "
+                   "the /ui page (default: ADAPTERS/eval_results.json when it exists)")
     p.add_argument("--single-adapter-batches", action="store_true",
                    help="naive baseline: batch only requests of one model at a time (for benchmarks)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -79,11 +82,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a directory")
+    if args.results is not None and not Path(args.results).is_file():
+        raise ConfigError(f"--results {args.results!r} is not a file; write one with `loraplex eval --out FILE`")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     server = build_server(args)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(args.timeout))
     return 0

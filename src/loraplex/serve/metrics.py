@@ -54,6 +54,16 @@ class Metrics:
         with self._lock:
             self.evictions[name] += 1
 
+    def snapshot(self, adapter: str) -> dict[str, float]:
+        """One label's counters now: {"requests" (finished, any status), "errors", "generated_tokens",
+        "mean_latency_s" (0.0 before any request)}."""
+        with self._lock:
+            n = self._lat_count.get(adapter, 0)
+            return {"requests": sum(v for (a, _), v in self.requests.items() if a == adapter),
+                    "errors": self.requests.get((adapter, "error"), 0),
+                    "generated_tokens": self.generated_tokens.get(adapter, 0),
+                    "mean_latency_s": self._lat_sum.get(adapter, 0.0) / n if n else 0.0}
+
     def render(self, gauges: Mapping[str, tuple[str, Callable[[], float]]] = {}) -> str:
         """The exposition text; `gauges` = {metric name: (help, read())}."""
         out: list[str] = []

@@ -1,22 +1,27 @@
-"""A small web page for the server: the loaded adapters (size, rank, hash, eval metrics) and a playground that
-sends one prompt to several adapters and the base side by side.
+"""A small web page for the server: the loaded adapters (size, rank, hash, eval metrics, serving counters) and a
+playground that sends one prompt to several adapters and the base side by side.
 
     GET /ui        the page: one self-contained HTML document (inline CSS + JS, nothing fetched from elsewhere)
     GET /ui/data   what the page shows, as JSON (below)
 
-Include it with `app.include_router(ui.router)` in create_app; it reads `app.state.server`. The playground
+`app.create_app` includes `router` and calls `set_results`; the routes read `app.state.server`. The playground
 calls the server's own /v1/completions (or /v1/chat/completions with "chat" ticked), one request per chosen
 model, all at once, temperature 0. Query parameters fill the form: `/ui?prompt=Hi&models=base,legal&
 max_tokens=16&chat=1&run=1` (run=1 sends it on load; the page sets <body data-state="done"> when all answered).
 
-Metrics come from `loraplex eval --out` results: `set_results(app, path)` (or an EvalResult), else
-ADAPTERS_DIR/eval_results.json when that file exists. An adapter's metrics are shown only when the results
-scored the same content hash (else marked stale).
+Metrics come from `loraplex eval --out` results: `loraplex serve --results FILE` (`set_results(app, path)`, or
+an EvalResult), else ADAPTERS_DIR/eval_results.json when that file exists. A results file is read again for
+every /ui/data, so a new eval run shows without a restart; when it cannot be read the page says why
+(`results_error`) and still works. An adapter's metrics are shown only when the results scored the same
+content hash (else marked stale).
 
 /ui/data:
     {"base": "smollm2", "base_ids": [...], "metrics": ["loss", ...], "better": {"loss": "lower", ...},
-     "results": {"data": ..., "examples": ...} | null, "base_scores": {...} | null,
-     "adapters": [{"name", "r", "layers", "content_hash", "bytes", "path", "scores": {...} | null, "stale"}]}
+     "results": {"data": ..., "examples": ...} | null, "results_error": "..." | null, "base_scores": {...} | null,
+     "adapters": [{"name", "r", "layers", "content_hash", "bytes", "path", "scores": {...} | null, "stale",
+                   "served": {"requests", "errors", "generated_tokens", "mean_latency_s"}}],
+     "base_served": {...}}
+"served" is the adapter's serving counters since start (metrics.Metrics.snapshot; what /metrics reports).
 """
 
 from __future__ import annotations
@@ -32,25 +37,35 @@ from ..errors import ConfigError
 from ..evaluate import BASE, METRICS, EvalResult
 
 RESULTS_FILE = "eval_results.json"
+ResultsLike = Union[EvalResult, str, os.PathLike, None]
 router = APIRouter()
 
 
-def set_results(app: FastAPI, results: Union[EvalResult, str, os.PathLike, None]) -> None:
-    """Show the metrics of `results` (an EvalResult or a results JSON path) on /ui."""
-    app.state.eval_results = EvalResult.load(results) if isinstance(results, (str, os.PathLike)) else results
+def set_results(app: FastAPI, results: ResultsLike) -> None:
+    """Show the metrics of `results` on /ui: an EvalResult as it is, or a results JSON path (read now, so a
+    missing or broken file raises ConfigError at start, and again on every /ui/data). None: the adapter
+    folder's RESULTS_FILE when it exists."""
+    if isinstance(results, (str, os.PathLike)):
+        EvalResult.load(results)
+        results = Path(results)
+    app.state.eval_results = results
 
 
-def _results(request: Request) -> Optional[EvalResult]:
+def _results(request: Request) -> tuple[Optional[EvalResult], Optional[str]]:
+    """(the eval results to show or None, why a results file could not be read or None)."""
     given = getattr(request.app.state, "eval_results", None)
-    if given is not None:
-        return given
-    folder = request.app.state.server.store.directory
-    if folder is not None and (folder / RESULTS_FILE).is_file():
-        try:
-            return EvalResult.load(folder / RESULTS_FILE)
-        except ConfigError:
-            return None  # a broken results file hides the metrics; the page still works
-    return None
+    if isinstance(given, EvalResult):
+        return given, None
+    path = given
+    if path is None:
+        folder = request.app.state.server.store.directory
+        path = folder / RESULTS_FILE if folder is not None and (folder / RESULTS_FILE).is_file() else None
+    if path is None:
+        return None, None
+    try:
+        return EvalResult.load(path), None
+    except ConfigError as exc:  # shown on the page; the adapters and the playground still work
+        return None, str(exc)
 
 
 def _bytes(path: str) -> int:
@@ -60,7 +75,7 @@ def _bytes(path: str) -> int:
 
 def page_data(request: Request) -> dict[str, Any]:
     server = request.app.state.server
-    results = _results(request)
+    results, error = _results(request)
     rows = []
     for name in server.store.names():
         info = server.store.info(name)
@@ -68,11 +83,14 @@ def page_data(request: Request) -> dict[str, Any]:
         stale = scored and results.adapters[name].get("content_hash") != info.content_hash
         rows.append({"name": name, "r": info.rank, "layers": info.layers, "content_hash": info.content_hash,
                      "bytes": _bytes(info.path), "path": info.path, "stale": stale,
-                     "scores": results.scores.get(name) if scored and not stale else None})
+                     "scores": results.scores.get(name) if scored and not stale else None,
+                     "served": server.metrics.snapshot(name)})
     return {"base": server.base_id, "base_ids": list(server.base_ids),
             "metrics": results.metrics if results else [], "better": METRICS,
             "results": {"data": results.data, "examples": results.examples} if results else None,
-            "base_scores": results.scores.get(BASE) if results else None, "adapters": rows}
+            "results_error": error,
+            "base_scores": results.scores.get(BASE) if results else None, "adapters": rows,
+            "base_served": server.metrics.snapshot(server.base_id)}
 
 
 @router.get("/ui/data")
@@ -128,18 +146,23 @@ async function load() {
   const d = await (await fetch("/ui/data")).json();
   $("base").textContent = "base: " + d.base + " · " + d.adapters.length + " adapter(s) loaded";
   $("results").textContent = d.results ? "metrics: " + d.results.data + " (" + d.results.examples + " examples)"
-                                       : "no eval results (loraplex eval --out ADAPTERS/eval_results.json)";
-  const head = ["adapter", "rank", "layers", "size", "content hash", ...d.metrics];
+    : d.results_error ? "eval results not shown: " + d.results_error
+    : "no eval results (loraplex eval --out FILE, then loraplex serve --results FILE)";
+  if (d.results_error) $("results").className = "error";
+  const head = ["adapter", "rank", "layers", "size", "content hash", ...d.metrics, "requests", "tokens", "mean latency"];
   const tr = el("tr"); head.forEach((h) => tr.append(el("th", h))); $("adapters").tHead.append(tr);
-  const rows = d.adapters.map((a) => [a.name, a, a.scores]);
-  if (d.base_scores) rows.push([d.base, null, d.base_scores]);
-  for (const [name, a, scores] of rows) {
+  const rows = d.adapters.map((a) => [a.name, a, a.scores, a.served]);
+  rows.push([d.base, null, d.base_scores, d.base_served]);
+  for (const [name, a, scores, served] of rows) {
     const r = el("tr"); r.dataset.adapter = name;
     r.append(el("td", name + (a ? "" : " (base)")));
     r.append(el("td", a ? a.r : "-", "num"), el("td", a ? a.layers : "-", "num"), el("td", a ? size(a.bytes) : "-", "num"));
     const h = el("td"); if (a) { const c = el("code", a.content_hash.slice(0, 12)); c.title = a.content_hash; h.append(c); }
     r.append(h);
     for (const m of d.metrics) r.append(el("td", a && a.stale ? "stale" : fmt(m, scores ? scores[m] : null, d.better), "num"));
+    r.append(el("td", served.requests + (served.errors ? " (" + served.errors + " failed)" : ""), "num"),
+             el("td", served.generated_tokens, "num"),
+             el("td", served.requests ? (1000 * served.mean_latency_s).toFixed(0) + " ms" : "-", "num"));
     $("adapters").tBodies[0].append(r);
   }
   const wanted = q.get("models") ? q.get("models").split(",") : null;

@@ -124,7 +124,7 @@ def load_records(source: str, *, skip_bad: bool = False) -> RecordSet:
             if len(out.problems) < _MAX_PROBLEMS:
                 out.problems.append(item)
         else:
-            raise DataError(item + " (pass skip_bad=True to skip bad records)")
+            raise DataError(item + " (pass --skip-bad, or skip_bad=True, to skip bad records and count them)")
     return out
 
 
