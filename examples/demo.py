@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -39,7 +40,7 @@ from loraplex.train import TrainConfig, train
 
 DOMAINS = ("coding", "emotion")
 PROMPTS = ["What is a programming language?", "Are you happy?", "Tell me about Python."]
-MAX_LENGTH = 96  # tokens per example: SmolLM2 costs ~1 TFLOP per 1,000 trained tokens, so keep rows short
+MAX_LENGTH = 64  # tokens per example: a training step costs ~0.8 TFLOP per 1,000 tokens on SmolLM2; keep rows short
 NEW_TOKENS = 24
 
 
@@ -142,13 +143,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_and_query(adapters: dict[str, Path]) -> bool:
+def serve_and_query(adapters: dict[str, Path], results: Path) -> bool:
     step("8. serve the adapters over HTTP (OpenAI-compatible) and ask each the same question")
     folder = {p.parent for p in adapters.values()}
     assert len(folder) == 1, folder
     port = free_port()
     cmd = [sys.executable, "-m", "loraplex", "serve", "--base", "smollm2", "--adapters", str(folder.pop()),
-           "--port", str(port), "--log-level", "warning"]
+           "--port", str(port), "--results", str(results), "--log-level", "warning"]
     print("  $ loraplex " + " ".join(cmd[3:]))
     server = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
@@ -166,15 +167,19 @@ def serve_and_query(adapters: dict[str, Path]) -> bool:
             time.sleep(0.5)
         models = [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
         print(f"  GET /v1/models -> {models}")
-        ok = True
-        for model in models:
-            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[0]}],
+
+        def ask(model: str) -> httpx.Response:
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[1]}],
                     "max_tokens": NEW_TOKENS, "temperature": 0}
-            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
-            ok &= r.status_code == 200
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+
+        with ThreadPoolExecutor(len(models)) as pool:  # all at once: the server batches them, one adapter per row
+            replies = list(pool.map(ask, models))
+        for model, r in zip(models, replies):
             text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text
             print(f"  POST /v1/chat/completions model={model:14s} -> {one_line(text, 70)!r}")
-        return ok
+        print(f"  the web page with the adapters, their eval scores and a playground: {url}/ui")
+        return all(r.status_code == 200 for r in replies)
     finally:
         server.terminate()  # graceful: in-flight requests finish first
         server.wait(timeout=60)
@@ -183,7 +188,7 @@ def serve_and_query(adapters: dict[str, Path]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo writes (default runs/demo)")
-    parser.add_argument("--steps", type=int, default=24, help="training steps (default 24)")
+    parser.add_argument("--steps", type=int, default=16, help="training steps of 4 rows each (default 16)")
     parser.add_argument("--no-serve", action="store_true", help="skip step 8 (HTTP serving)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
               "merge": round_trip_and_merge(model, tok, DOMAINS[0], adapters[DOMAINS[0]]),
               "promote": leaderboard_and_promote(model, tok, adapters, args.out)}
     if not args.no_serve:
-        checks["serve"] = serve_and_query(adapters)
+        checks["serve"] = serve_and_query(adapters, args.out / "eval.json")
     step("summary")
     print("  " + "  ".join(f"{k}: {'OK' if v else 'FAILED'}" for k, v in checks.items()))
     print(f"  everything the demo wrote is under {args.out}/")
