@@ -10,9 +10,20 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from loraplex import models
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests (restored after): faster for tiny matmuls, and on
+    a shared 2-core machine far steadier (two OpenMP threads spin at barriers for a descheduled partner)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

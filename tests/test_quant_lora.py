@@ -28,13 +28,7 @@ SCHEMES = [("int8", False), ("nf4", False), ("nf4", True)]
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is faster, and on a shared 2-core box far faster (no spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def gen(seed: int) -> torch.Generator:

@@ -30,12 +30,7 @@ ADMIN = {"Authorization": f"Bearer {KEY}"}
 IGNORE_EOS = {"ignore_eos": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def new_server(folder: Path, **cfg) -> Server:

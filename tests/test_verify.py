@@ -24,13 +24,7 @@ from loraplex.probes import Reference, compare, make_probes, read_golden
 EXACT = ("merged", "on_the_fly", "mixed_batch", "exported")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The test machine's cores are shared: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
 
 def _adapter(directory, seed=3, **kw):

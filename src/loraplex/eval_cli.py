@@ -12,6 +12,8 @@ from .errors import ConfigError
 from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
 from .export import DTYPES
 from .models import load_base
+from .probes import read_prompts
+from .store import write_png
 from .promote import CARD_NAME, promote
 from .verify import Row, VerifyReport
 
@@ -90,12 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_promote(args: argparse.Namespace) -> int:
-    prompts = None
-    if args.prompts:
-        try:
-            prompts = [ln for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read prompts file {args.prompts!r}: {exc}") from None
+    prompts = read_prompts(args.prompts) if args.prompts else None
     adapters = _adapters(args.adapters)
     report = promote(args.name, args.base, adapters[0] if len(adapters) == 1 else adapters, args.out,
                      eval_results=args.results, dtype=args.dtype, num_layers=args.num_layers, prompts=prompts)
@@ -137,8 +134,4 @@ def plot_results(result: EvalResult, path: str | os.PathLike[str]) -> Path:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"loraplex eval: {result.base} on {result.data} ({result.examples} examples)", fontsize="medium")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return write_png(fig, path)

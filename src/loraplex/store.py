@@ -97,6 +97,15 @@ def write_json(path: PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_png(fig: Any, path: PathLike) -> Path:
+    """Save a matplotlib Figure as PNG atomically (temp file + os.replace); returns the path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
 # -- model <-> PEFT state dict ------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The tensors of adapter `name` under PEFT's file keys (see module docstring)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..models import load_base
+from ..probes import read_prompts
 from ..report import format_table, human_bytes
 from .compare import DEFAULT_PROBE_TEXTS, compare_merge_strategies, probe_ids_from_texts, random_probe_ids
 from .io import save_quantized
@@ -74,7 +75,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def run_quant_report(args: argparse.Namespace) -> int:
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
     if tokenizer is not None:
-        texts = DEFAULT_PROBE_TEXTS if args.prompts is None else _read_prompts(args.prompts)
+        texts = DEFAULT_PROBE_TEXTS if args.prompts is None else read_prompts(args.prompts)
         ids = probe_ids_from_texts(tokenizer, texts, seq_len=args.seq_len, max_rows=args.rows)
     elif args.prompts is not None:
         raise DataError(f"base {args.base!r} has no tokenizer, so --prompts cannot be tokenized; leave it out "
@@ -90,14 +91,3 @@ def run_quant_report(args: argparse.Namespace) -> int:
         print("(no tokenizer: the probe is random token ids)")
     print(result)
     return 0
-
-
-def _read_prompts(path: str) -> list[str]:
-    try:
-        lines = Path(path).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read prompts file {path!r}: {exc}") from None
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise DataError(f"prompts file {path!r} holds no non-empty line; expected one prompt per line")
-    return lines

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..store import write_png
+
 
 def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
     """Write the train/eval loss curves of `rows` to `path` (PNG) atomically; returns the path."""
@@ -47,8 +49,4 @@ def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *,
     if curves:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return write_png(fig, path)
