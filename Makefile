@@ -17,8 +17,8 @@ sysdeps:
 	@if [ -d /usr/share/games/fortunes ] && command -v chromium >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages: $(SYSPKGS)"; \
-	  ( timeout 600 apt-get install -y -q --no-install-recommends $(SYSPKGS) \
-	    || { timeout 300 apt-get update -q && timeout 600 apt-get install -y -q --no-install-recommends $(SYSPKGS); } \
+	  ( timeout 180 apt-get install -y -q --no-install-recommends $(SYSPKGS) \
+	    || { timeout 90 apt-get update -q && timeout 180 apt-get install -y -q --no-install-recommends $(SYSPKGS); } \
 	  ) >/dev/null 2>&1 || echo "note: could not install $(SYSPKGS); the tests that need them will skip"; \
 	else echo "note: $(SYSPKGS) not installed (needs root + apt-get); the tests that need them will skip"; fi
 
