@@ -27,7 +27,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -37,6 +36,8 @@ import loraplex as lp
 from loraplex.models import load_base, random_llama
 from loraplex.report import format_table
 from loraplex.runtime import MultiLoraModel
+
+from bench_runtime_ops import interleaved_times  # sibling script: bench/ is on sys.path
 
 R, ALPHA, N_ADAPTERS = 8, 16, 64
 LAST = {"logits_to_keep": 1}  # prefill as in generation: logits of the last position only
@@ -52,19 +53,7 @@ class Timing(dict):
 
 def interleaved_medians(fns: dict, reps: int, budget_s: float = 0.05) -> Timing:
     """Every repeat runs each variant once, in turn; see Timing."""
-    inner = {}
-    for k, f in fns.items():  # warm up; pick an inner count so one repeat of a fast fn takes ~budget_s
-        f()
-        t = time.perf_counter()
-        f()
-        inner[k] = max(1, int(budget_s / max(time.perf_counter() - t, 1e-6)))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            for _ in range(inner[k]):
-                f()
-            times[k].append((time.perf_counter() - t) / inner[k])
+    times = interleaved_times(fns, reps, budget_s)
     out = Timing({k: statistics.median(v) for k, v in times.items()})
     if "base" in times:
         out.ratio = {k: statistics.median(b / t for b, t in zip(times["base"], v)) for k, v in times.items()}

@@ -42,22 +42,27 @@ def adapter(gen: torch.Generator) -> tuple[dict, dict]:
     return tensors, {k: 2.0 for k in LAYERS}
 
 
-def interleaved_medians(fns: dict, reps: int, budget_s: float = 0.02) -> dict[str, float]:
-    """Median seconds per call of each fn, the variants interleaved within every repeat."""
+def interleaved_times(fns: dict, reps: int, budget_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each fn in every repeat, the variants interleaved within each repeat."""
     inner = {}
     for k, f in fns.items():  # warm up, and pick an inner count so one repeat takes ~budget_s
         f()
         t = time.perf_counter()
         f()
         inner[k] = max(1, int(budget_s / max(time.perf_counter() - t, 1e-6)))
-    times = {k: [] for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
             t = time.perf_counter()
             for _ in range(inner[k]):
                 f()
             times[k].append((time.perf_counter() - t) / inner[k])
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, reps: int, budget_s: float = 0.02) -> dict[str, float]:
+    """Median seconds per call of each fn, the variants interleaved within every repeat."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, budget_s).items()}
 
 
 def bench_ops(reps: int) -> None:
