@@ -14,8 +14,8 @@ vocab-32000 head does not dilute the cost of the adapters. Times are
 medians of interleaved repeats (base, PEFT and loraplex take turns); "x base" is the median over repeats
 of t_base / t_variant within a repeat, so 1.00 is as fast as the bare model. Also timed: loading the 64th adapter (and the 2nd, to show the cost is
 flat), and switching the adapter of a one-row request (loraplex: opening a Batch whose plan is not cached;
-PEFT: set_adapter). `--smollm2` repeats single / 16 distinct / decode on SmolLM2-135M (loraplex.models
-.load_base("smollm2")) with shorter prefills (16x32) to keep the run short.
+PEFT: set_adapter). `--smollm2` repeats every scenario on SmolLM2-135M (loraplex.models.load_base("smollm2"))
+with shorter single / 16-distinct / merged prefills (16x32) to keep the run short.
 
     .venv/bin/python bench/bench_runtime.py [--reps 9] [--smollm2]
 """
@@ -211,14 +211,15 @@ def ratio_row(label: str, t: Timing, target: float | None) -> list[str]:
 HEADERS = ["scenario", "base ms", "PEFT ms", "PEFT x base", "loraplex ms", "loraplex x base", "target"]
 
 
-def bench_random_llama(reps: int, root: Path) -> str:
-    base = random_llama(hidden=512, layers=4).eval()
-    s = Setup(base, write_adapters(base, root / "llama", N_ADAPTERS))
-    rows = [ratio_row("single 16x128", s.prefill(16, 128, 1, reps), TARGETS["single"]),
-            ratio_row("16 distinct 16x128", s.prefill(16, 128, 16, reps), TARGETS["16 distinct"]),
+def scenario_table(s: Setup, reps: int, prefill: tuple[int, int]) -> str:
+    """Every scenario of the module docstring over one Setup; `prefill` = (rows, tokens) of the single,
+    16-distinct and merged prefills (the 64-distinct prefill is always 64x32)."""
+    B, T = prefill
+    rows = [ratio_row(f"single {B}x{T}", s.prefill(B, T, 1, reps), TARGETS["single"]),
+            ratio_row(f"16 distinct {B}x{T}", s.prefill(B, T, 16, reps), TARGETS["16 distinct"]),
             ratio_row("64 distinct prefill 64x32", s.prefill(64, 32, 64, reps), TARGETS["64 prefill"]),
             ratio_row("64 distinct decode 64x1 (+32 cached)", s.decode(64, 32, 64, reps * 3), TARGETS["64 decode"]),
-            ratio_row("merged 16x128", s.merged(16, 128, reps), TARGETS["merged"])]
+            ratio_row(f"merged {B}x{T}", s.merged(B, T, reps), TARGETS["merged"])]
     ld = s.load(reps)
     rows.append(["load 64th adapter (2nd)", "-", f"{ld['peft'] * 1e3:.1f} ({ld['peft@1'] * 1e3:.1f})", "-",
                  f"{ld['lp'] * 1e3:.2f} ({ld['lp@1'] * 1e3:.2f})", "-", "flat"])
@@ -227,14 +228,15 @@ def bench_random_llama(reps: int, root: Path) -> str:
     return format_table(rows, HEADERS, align="lrrrrrl")
 
 
+def bench_random_llama(reps: int, root: Path) -> str:
+    base = random_llama(hidden=512, layers=4).eval()
+    return scenario_table(Setup(base, write_adapters(base, root / "llama", N_ADAPTERS)), reps, (16, 128))
+
+
 def bench_smollm2(reps: int, root: Path) -> str:
     base, _ = load_base("smollm2")
     base.eval()
-    s = Setup(base, write_adapters(base, root / "smollm2", N_ADAPTERS))
-    rows = [ratio_row("single 16x32", s.prefill(16, 32, 1, reps), TARGETS["single"]),
-            ratio_row("16 distinct 16x32", s.prefill(16, 32, 16, reps), TARGETS["16 distinct"]),
-            ratio_row("64 distinct decode 64x1 (+32 cached)", s.decode(64, 32, 64, reps), TARGETS["64 decode"])]
-    return format_table(rows, HEADERS, align="lrrrrrl")
+    return scenario_table(Setup(base, write_adapters(base, root / "smollm2", N_ADAPTERS)), reps, (16, 32))
 
 
 def main() -> None:

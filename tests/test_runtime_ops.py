@@ -459,6 +459,26 @@ def test_plan_memory_single_slot_segments_copy_nothing_and_eviction_drops_cached
     assert pool.stats.plan_builds == builds + 1
     pool.plan([a, a, -1], strategy="segment")  # its cached plan read a's tensors: dropped, rebuilt
     assert pool.stats.plan_builds == builds + 2
+    close(run(pool, [a, a, -1]), expect({a: store.files[("a", "h")]}, 2.0, [a, a, -1]))  # the reloaded content
+
+
+def test_plan_memo_reuses_single_adapter_views_and_never_mixes():
+    """With a memo, the second plan for one adapter reads no source tensor; mixes always read (and copy)."""
+    gen = torch.Generator().manual_seed(3)
+    ad = {s: make_adapter(gen, 4, 16, 16, torch.float32) for s in range(2)}  # slot -> (A, B, scale)
+    reads = []
+
+    def get(slot, key):
+        reads.append(slot)
+        return ad[slot]
+
+    memo = {}
+    x, y = torch.randn(3, 2, 16, generator=gen), torch.randn(3, 2, 16, generator=gen)
+    for rows in ([0, 0, -1], [1, -1, 1], [0, 0, -1], [[(0, 0.5), (1, 0.5)], 0, 1]):
+        got = build_plan(get, rows, {"q": (16, 16)}, dtype=torch.float32, memo=memo).apply_("q", x, y.clone())
+        close(got, ref.lora_rows_ref(y.clone(), x, ad, rows))
+    assert set(memo) == {((0, 1.0),), ((1, 1.0),)}  # single-slot assignments only
+    assert reads == [0, 1, 0, 1]  # 0, 1, (memo hit), the mix reads both; rows 0 / 1 alone hit the memo
 
 
 pool_ops = st.lists(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -90,7 +90,7 @@ def choose_strategy(num_active_rows: int, num_distinct: int, contiguous: bool = 
     return "gather"
 
 
-@dataclass
+@dataclass(slots=True)
 class _GatherLayer:
     """One layer of a gather plan: per active row, its virtual adapter padded to rank R."""
 
@@ -108,7 +108,7 @@ class _GatherLayer:
             y.index_add_(0, self.rows, torch.bmm(h, self.Bt))  # (n, L, out) into the active rows
 
 
-@dataclass
+@dataclass(slots=True)
 class _Segment:
     rows: slice | torch.Tensor  # contiguous rows as a slice, else an (n_u,) int64 index
     A: torch.Tensor  # (r_u, in)  the virtual adapter's A, at its own rank
@@ -117,7 +117,7 @@ class _Segment:
     owned: bool  # A / Bt are copies made for this plan (counted in BatchPlan.nbytes)
 
 
-@dataclass
+@dataclass(slots=True)
 class _SegmentLayer:
     """One layer of a segment plan: one pair of matmuls per distinct virtual adapter."""
 
@@ -217,12 +217,16 @@ def build_plan(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     strategy: Strategy = "auto",
+    memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
 ) -> BatchPlan:
     """Build the batch plan for `assignments` (one per row) over `layers` {key: (in_features, out_features)}.
 
     `get(slot, key)` returns that slot's (A (r, in), B (out, r), scale) at layer `key`, or None if the slot
     has no LoRA there (its rows then get no update at that layer). The strategy is picked once for the whole
     plan by `choose_strategy` unless given.
+    `memo` (optional) keeps, per single-slot assignment, its per-layer views of the source's tensors (no
+    copies), so the next plan for that adapter skips reading them again (an adapter switch costs ~1 us per
+    layer). The caller owns it and must drop every entry of a slot whose content changes or goes away.
     """
     rows_a = tuple(normalize_assignment(a) for a in assignments)
     distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
@@ -239,9 +243,10 @@ def build_plan(
         raise ConfigError(f"strategy must be 'auto', 'gather' or 'segment', got {strategy!r}")
     device = torch.device(device)
     rows = _RowIndex(rows_of, row_u, device)
+    per_u = [_virtual_layers(get, a, layers, dtype, device, memo) for a in distinct]
     built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
     for key, (fin, fout) in layers.items():
-        virt = [_virtual(get, a, key, fin, fout, dtype, device) for a in distinct]  # per u: _Virtual | None
+        virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
         if strategy == "gather":
             built[key] = _gather_layer(virt, rows, fin, fout, dtype, device)
         else:
@@ -273,7 +278,7 @@ def lora_batched_(
     return plan.apply_("", x, y)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Virtual:
     """One distinct assignment at one layer: y_rows += alpha * (x_rows @ A.T) @ Bt."""
 
@@ -302,6 +307,25 @@ class _RowIndex:
             idx = None if len(act) == len(self.row_u) else torch.tensor(act, dtype=torch.long, device=self.device)
             self._active[present] = (idx, [self.row_u[b] for b in act])
         return self._active[present]
+
+
+def _virtual_layers(
+    get: AdapterSource,
+    a: Assignment,
+    layers: Mapping[str, tuple[int, int]],
+    dtype: torch.dtype,
+    device: torch.device,
+    memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None,
+) -> dict[str, _Virtual | None]:
+    """`_virtual` of assignment `a` at every layer; a single-slot result that copies nothing is memoized."""
+    if memo is not None and len(a) == 1:
+        hit = memo.get(a)
+        if hit is not None and hit.keys() == layers.keys():
+            return hit
+    out = {key: _virtual(get, a, key, fin, fout, dtype, device) for key, (fin, fout) in layers.items()}
+    if memo is not None and len(a) == 1 and not any(v.owned for v in out.values() if v is not None):
+        memo[a] = out
+    return out
 
 
 def _virtual(
@@ -368,9 +392,8 @@ def _gather_layer(
 
 
 def _segment_layer(virt: list[_Virtual | None], rows: _RowIndex) -> _SegmentLayer | None:
-    segs = tuple(
-        _Segment(rows.sel[u], v.A, v.Bt, v.alpha, v.owned) for u, v in enumerate(virt) if v is not None
-    )
+    sel = rows.sel
+    segs = tuple([_Segment(sel[u], v.A, v.Bt, v.alpha, v.owned) for u, v in enumerate(virt) if v is not None])
     return _SegmentLayer(segs) if segs else None
 
 

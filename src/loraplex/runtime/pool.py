@@ -148,6 +148,7 @@ class AdapterPool:
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._resident_bytes = 0
         self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
+        self._views: dict[tuple, dict] = {}  # build_plan's memo: per single-slot assignment, its layer views
         self._counts = dict(hits=0, misses=0, evictions=0, plan_builds=0, plan_hits=0)
         self._lock = threading.RLock()
         for key, (fin, fout) in (layers or {}).items():
@@ -166,6 +167,7 @@ class AdapterPool:
             if old is None:
                 self._layers[key] = shape
                 self._plans.clear()  # plans cover the layers registered when they were built
+                self._views.clear()
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
@@ -289,7 +291,7 @@ class AdapterPool:
                 self._live(s)
             self._ensure_resident(slots)
             plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
-                              strategy=strategy)
+                              strategy=strategy, memo=self._views)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
             if self.max_plans:
@@ -430,8 +432,11 @@ class AdapterPool:
         self._drop_plans(slot)  # cached plans may read its tensors: let the memory go
 
     def _drop_plans(self, slot: int) -> None:
+        """Forget cached plans and layer views that read `slot` (its content is going away)."""
         for k in [k for k, p in self._plans.items() if slot in p.versions]:
             del self._plans[k]
+        for k in [k for k in self._views if k[0][0] == slot]:
+            del self._views[k]
 
     def _ensure_resident(self, slots: Sequence[int]) -> None:
         keep = frozenset(slots)
