@@ -17,7 +17,7 @@ flat), and switching the adapter of a one-row request (loraplex: opening a Batch
 PEFT: set_adapter). `--smollm2` repeats every scenario on SmolLM2-135M (loraplex.models.load_base("smollm2"))
 with shorter single / 16-distinct / merged prefills (16x32) to keep the run short.
 
-    .venv/bin/python bench/bench_runtime.py [--reps 9] [--smollm2]
+    .venv/bin/python bench/bench_runtime.py [--reps 9] [--smollm2] [--no-llama] [--only switch,load]
 """
 
 from __future__ import annotations
@@ -211,39 +211,57 @@ def ratio_row(label: str, t: Timing, target: float | None) -> list[str]:
 HEADERS = ["scenario", "base ms", "PEFT ms", "PEFT x base", "loraplex ms", "loraplex x base", "target"]
 
 
-def scenario_table(s: Setup, reps: int, prefill: tuple[int, int]) -> str:
-    """Every scenario of the module docstring over one Setup; `prefill` = (rows, tokens) of the single,
-    16-distinct and merged prefills (the 64-distinct prefill is always 64x32)."""
+SCENARIOS = ("single", "16", "64prefill", "decode", "merged", "load", "switch")
+
+
+def scenario_table(s: Setup, reps: int, prefill: tuple[int, int], only: frozenset[str] = frozenset(SCENARIOS)) -> str:
+    """The scenarios of the module docstring named in `only` over one Setup; `prefill` = (rows, tokens) of
+    the single, 16-distinct and merged prefills (the 64-distinct prefill is always 64x32)."""
     B, T = prefill
-    rows = [ratio_row(f"single {B}x{T}", s.prefill(B, T, 1, reps), TARGETS["single"]),
-            ratio_row(f"16 distinct {B}x{T}", s.prefill(B, T, 16, reps), TARGETS["16 distinct"]),
-            ratio_row("64 distinct prefill 64x32", s.prefill(64, 32, 64, reps), TARGETS["64 prefill"]),
-            ratio_row("64 distinct decode 64x1 (+32 cached)", s.decode(64, 32, 64, reps * 3), TARGETS["64 decode"]),
-            ratio_row(f"merged {B}x{T}", s.merged(B, T, reps), TARGETS["merged"])]
-    ld = s.load(reps)
-    rows.append(["load 64th adapter (2nd)", "-", f"{ld['peft'] * 1e3:.1f} ({ld['peft@1'] * 1e3:.1f})", "-",
-                 f"{ld['lp'] * 1e3:.2f} ({ld['lp@1'] * 1e3:.2f})", "-", "flat"])
-    sw = s.switch(reps)
-    rows.append(["switch adapter", "-", f"{sw['peft'] * 1e3:.2f}", "-", f"{sw['lp'] * 1e3:.3f}", "-", "< 1 ms"])
+    rows = []
+    if "single" in only:
+        rows.append(ratio_row(f"single {B}x{T}", s.prefill(B, T, 1, reps), TARGETS["single"]))
+    if "16" in only:
+        rows.append(ratio_row(f"16 distinct {B}x{T}", s.prefill(B, T, 16, reps), TARGETS["16 distinct"]))
+    if "64prefill" in only:
+        rows.append(ratio_row("64 distinct prefill 64x32", s.prefill(64, 32, 64, reps), TARGETS["64 prefill"]))
+    if "decode" in only:
+        rows.append(ratio_row("64 distinct decode 64x1 (+32 cached)", s.decode(64, 32, 64, reps * 3),
+                              TARGETS["64 decode"]))
+    if "merged" in only:
+        rows.append(ratio_row(f"merged {B}x{T}", s.merged(B, T, reps), TARGETS["merged"]))
+    if "load" in only:
+        ld = s.load(reps)
+        rows.append(["load 64th adapter (2nd)", "-", f"{ld['peft'] * 1e3:.1f} ({ld['peft@1'] * 1e3:.1f})", "-",
+                     f"{ld['lp'] * 1e3:.2f} ({ld['lp@1'] * 1e3:.2f})", "-", "flat"])
+    if "switch" in only:
+        sw = s.switch(reps)
+        rows.append(["switch adapter", "-", f"{sw['peft'] * 1e3:.2f}", "-", f"{sw['lp'] * 1e3:.3f}", "-", "< 1 ms"])
     return format_table(rows, HEADERS, align="lrrrrrl")
 
 
-def bench_random_llama(reps: int, root: Path) -> str:
+def bench_random_llama(reps: int, root: Path, only: frozenset[str]) -> str:
     base = random_llama(hidden=512, layers=4).eval()
-    return scenario_table(Setup(base, write_adapters(base, root / "llama", N_ADAPTERS)), reps, (16, 128))
+    return scenario_table(Setup(base, write_adapters(base, root / "llama", N_ADAPTERS)), reps, (16, 128), only)
 
 
-def bench_smollm2(reps: int, root: Path) -> str:
+def bench_smollm2(reps: int, root: Path, only: frozenset[str]) -> str:
     base, _ = load_base("smollm2")
     base.eval()
-    return scenario_table(Setup(base, write_adapters(base, root / "smollm2", N_ADAPTERS)), reps, (16, 32))
+    return scenario_table(Setup(base, write_adapters(base, root / "smollm2", N_ADAPTERS)), reps, (16, 32), only)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--smollm2", action="store_true", help="also run the SmolLM2-135M table")
+    ap.add_argument("--only", default=",".join(SCENARIOS),
+                    help=f"comma-separated scenarios to run (default: all of {','.join(SCENARIOS)})")
+    ap.add_argument("--no-llama", action="store_true", help="skip the random-Llama table")
     args = ap.parse_args()
+    only = frozenset(args.only.split(","))
+    if not only <= set(SCENARIOS):
+        ap.error(f"--only: unknown scenario(s) {sorted(only - set(SCENARIOS))}; choose from {','.join(SCENARIOS)}")
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
     import peft
@@ -251,11 +269,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, peft {peft.__version__}, "
           f"{torch.get_num_threads()} threads; medians of {args.reps} interleaved repeats\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        print("random Llama (hidden 512, 4 layers, vocab 32000), 64 adapters r=8 on all linear layers, float32")
-        print(bench_random_llama(args.reps, Path(tmp)), flush=True)
+        if not args.no_llama:
+            print("random Llama (hidden 512, 4 layers, vocab 32000), 64 adapters r=8 on all linear layers, float32")
+            print(bench_random_llama(args.reps, Path(tmp), only), flush=True)
         if args.smollm2:
             print("\nSmolLM2-135M-Instruct (hidden 576, 30 layers, vocab 49152), 64 adapters r=8 all-linear, float32")
-            print(bench_smollm2(args.reps, Path(tmp)), flush=True)
+            print(bench_smollm2(args.reps, Path(tmp), only), flush=True)
     sys.stdout.flush()
 
 

@@ -116,6 +116,17 @@ def rss_only(variant: str, args) -> None:
     print(json.dumps({"variant": variant, "peak_rss": peak_rss_bytes(), "after_load": loaded}))
 
 
+def peak_rss(names: list[str], args) -> dict[str, dict[str, int]]:
+    """Peak RSS of each variant, each in a fresh process (a peak never goes down): load + rss_steps steps."""
+    rss = {}
+    for v in names:
+        out = subprocess.run([sys.executable, __file__, "--rss-only", v, "--batch-size", str(args.batch_size),
+                              "--rss-steps", str(args.rss_steps), "--eval-split", str(args.eval_split)],
+                             capture_output=True, text=True, check=True)
+        rss[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    return rss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -126,11 +137,19 @@ def main() -> None:
     ap.add_argument("--rss-steps", type=int, default=4)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--rss-only", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-RSS table (no step timing)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.rss_only:
         return rss_only(args.rss_only, args)
     names = args.variants.split(",")
+    if args.memory_only:
+        rss = peak_rss(names, args)
+        ref = "loraplex" if "loraplex" in names else names[0]
+        print(format_table([[v, human_bytes(r["after_load"]), human_bytes(r["peak_rss"]),
+                             f"{r['peak_rss'] / rss[ref]['peak_rss']:.2f}x"] for v, r in rss.items()],
+                           ["variant", "RSS after load", f"peak RSS ({args.rss_steps} steps)", f"peak / {ref}"]))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {DATA}; r=8 all-linear, dropout 0; "
           f"batch {args.batch_size}, {args.steps} steps", flush=True)
     runs = {v: build(v, args) for v in names}
@@ -152,12 +171,7 @@ def main() -> None:
               flush=True)
     after = {v: t.evaluate(j) for v, (t, j, _) in runs.items()}
     del runs
-    rss = {}
-    for v in names:  # one fresh process each: a peak RSS never goes down
-        out = subprocess.run([sys.executable, __file__, "--rss-only", v, "--batch-size", str(args.batch_size),
-                              "--rss-steps", str(args.rss_steps), "--eval-split", str(args.eval_split)],
-                             capture_output=True, text=True, check=True)
-        rss[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    rss = peak_rss(names, args)
     skip = 2  # the first steps warm allocators and caches
     med = {v: statistics.median(times[v][skip:]) for v in names}
     ref = "loraplex" if "loraplex" in names else names[0]

@@ -59,7 +59,19 @@ def source_name(source: str) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size in bytes.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own memory. (getrusage's
+    ru_maxrss is not used there: Linux carries it across fork + exec, so a process started by a large
+    parent would report the parent's peak.) Elsewhere: ru_maxrss (macOS reports bytes, others KiB).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
