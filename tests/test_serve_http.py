@@ -170,6 +170,39 @@ def test_queue_full_is_429(served, http):
         assert h.result(30).finish_reason in ("cancelled", "length")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_generation(served, stream):
+    """A client that goes away mid-request (read timeout, connection closed) frees its batch row: the request
+    ends as "cancelled" long before its 32 slowed-down steps would have finished."""
+    server, loop = served
+    key = "tone"
+    slow_step = threading.Event()
+
+    def slow(*_):
+        slow_step.set()
+        time.sleep(0.1)  # 32 steps: >= 3.2 s to finish
+
+    before = server.engine.metrics.requests[(key, "cancelled")]
+    server.engine.on_step = slow
+    try:
+        body = {"model": key, "prompt": "hello", "max_tokens": 32, "stream": stream, **IGNORE_EOS}
+        with httpx.Client(base_url=loop.url, timeout=httpx.Timeout(30, read=0.5)) as c:
+            if stream:  # read the first event, then hang up
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    assert next(r.iter_bytes()).startswith(b"data: ")
+            else:  # the answer takes > 3 s: the read times out and the client closes the connection
+                with pytest.raises(httpx.ReadTimeout):
+                    c.post("/v1/completions", json=body)
+        assert slow_step.wait(5)
+        deadline = time.monotonic() + 2.5  # < the 3.2 s the generation needs
+        while server.engine.metrics.requests[(key, "cancelled")] == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.engine.metrics.requests[(key, "cancelled")] == before + 1
+        assert not server.engine.running
+    finally:
+        server.engine.on_step = server.store.poll_evictions
+
+
 # ---- admin ----------------------------------------------------------------------------------------------------
 def test_admin_needs_the_key(http):
     _is_error(http.post("/v1/adapters", json={"name": "legal"}), 401, "invalid_api_key")

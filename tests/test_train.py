@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import loraplex as lp
-from loraplex.errors import CheckpointError, ConfigError
+from loraplex.errors import CheckpointError, ConfigError, QuantConfigError
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
@@ -112,6 +112,10 @@ def test_config_validation(tmp_path):
         TrainConfig(base="x", data="a.jsonl", out=tmp_path, batch_size=0)
     with pytest.raises(ConfigError, match="quantize"):
         TrainConfig(base="x", data="a.jsonl", out=tmp_path, quantize="int4")
+    with pytest.raises(ConfigError, match="apply to quantize='nf4'"):
+        TrainConfig(base="x", data="a.jsonl", out=tmp_path, quantize="int8", quant_block_size=32)
+    with pytest.raises(QuantConfigError, match="even integer"):
+        TrainConfig(base="x", data="a.jsonl", out=tmp_path, quantize="nf4", quant_block_size=33)
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -229,6 +233,11 @@ def test_packing_and_qlora_nf4(tiny_base, data, tmp_path):
     assert any(isinstance(m, QuantLinear) for m in model.modules())
     plain = train(config(tiny_base, [data["a"]], tmp_path / "plain", max_steps=8))
     assert plain.eval_loss_before != q.eval_loss_before  # the quantized base really is another base
+    fine = train(config(tiny_base, [data["a"]], tmp_path / "nf4-16", quantize="nf4", quant_block_size=16,
+                        double_quant=True, max_steps=8))
+    gap = {k: abs(r.eval_loss_before["default"] - plain.eval_loss_before["default"]) for k, r in (("64", q), ("16", fine))}
+    assert gap["16"] < gap["64"]  # smaller blocks: a base closer to the float one
+    assert json.loads((fine.out / "train_summary.json").read_text())["config"]["quant_block_size"] == 16
 
 
 def test_out_dir_guard_and_resume_refuses_other_settings(tiny_base, data, tmp_path):

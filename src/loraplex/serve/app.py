@@ -13,6 +13,7 @@
 `model` is the base id, an adapter name, or a weighted mix "legal:0.7+tone:0.3" (see engine.py). Extra body
 field `ignore_eos` (bool) keeps generating past end-of-sequence. Admin routes need `Authorization: Bearer
 <--api-key>`; without --api-key they are disabled. Errors map to HTTP statuses in serve/errors.py only.
+A client that disconnects before its answer cancels the generation (it stops taking batch rows).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, RequestTooLargeError, UnauthorizedError
@@ -40,6 +41,7 @@ from .metrics import Metrics
 from .text import TextCodec
 
 BASE_ALIAS = "base"
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 class Server:
@@ -236,17 +238,17 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
         return {"id": name, "object": "adapter", "deleted": True}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         params = body.params(16)
-        return await _serve(server, body, body.prompt_ids(server.codec), params, chat=False)
+        return await _serve(server, request, body, body.prompt_ids(server.codec), params, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, request: Request):
         if body.max_completion_tokens and not body.max_tokens:
             body.max_tokens = body.max_completion_tokens
         params = body.params(server.engine.config.max_new_tokens)
         ids = server.codec.chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await _serve(server, body, ids, params, chat=True)
+        return await _serve(server, request, body, ids, params, chat=True)
 
     return app
 
@@ -276,7 +278,10 @@ def _submit(server: Server, ids: list[int], model: str, params: SamplingParams) 
     return server.engine.submit(ids, model, params, listener=listener), queue
 
 
-async def _serve(server: Server, body: _Body, ids: list[int], params: SamplingParams, *, chat: bool):
+async def _serve(server: Server, request: Request, body: _Body, ids: list[int], params: SamplingParams, *,
+                 chat: bool):
+    """Run one request; a client that disconnects before the answer cancels its generation (streamed: at the
+    next chunk; not streamed: within DISCONNECT_POLL_S)."""
     handle, queue = _submit(server, ids, body.model, params)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
@@ -284,11 +289,20 @@ async def _serve(server: Server, body: _Body, ids: list[int], params: SamplingPa
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_stream(handle, queue, rid, created, body.model, chat, usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    clock = asyncio.get_running_loop().time
+    check_at = clock() + DISCONNECT_POLL_S
     try:
         while True:
-            event = await queue.get()
-            if event[0] == "done":
-                break
+            try:  # events (deltas, then "done") arrive every step; the client is checked on a clock
+                event = await asyncio.wait_for(queue.get(), timeout=max(0.0, check_at - clock()))
+                if event[0] == "done":
+                    break
+            except asyncio.TimeoutError:
+                pass
+            if clock() >= check_at:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; the finally cancels the generation
+                check_at = clock() + DISCONNECT_POLL_S
     finally:
         if not handle.done:
             handle.cancel()

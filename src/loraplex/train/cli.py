@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    help="'all-linear', a regex over module names, or a comma list (default all-linear)")
     g.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
                    help="quantize the frozen base first (QLoRA with nf4)")
+    g.add_argument("--quant-block-size", type=int, default=64,
+                   help="nf4: elements per scale block (default 64; 32 or 16 stay closer to the float base)")
+    g.add_argument("--double-quant", action="store_true", help="nf4: store the block scales in 8 bits too")
     g.add_argument("--num-layers", type=int, help="keep only the first N decoder layers of the base")
     g = p.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=2e-4)
@@ -85,8 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig
     from .run import train
 
-    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "targets", "quantize", "num_layers",
-              "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "max_steps", "batch_size",
+    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "targets", "quantize",
+              "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "max_steps", "batch_size",
               "grad_accum", "seed", "max_length", "packing", "eval_split", "skip_bad", "eval_every", "log_every",
               "save_every", "resume", "overwrite", "device", "progress")
     result = train(TrainConfig(**{f: getattr(args, f) for f in fields}))

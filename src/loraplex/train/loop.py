@@ -77,6 +77,8 @@ class TrainConfig:
     overwrite: bool = False  # start over in an out directory that holds an earlier run
     skip_bad: bool = False
     quantize: str = "none"  # "none" | "int8" | "nf4": QLoRA over a quantized frozen base
+    quant_block_size: int = 64  # nf4: elements per absmax block (smaller: closer to the float base, more bytes)
+    double_quant: bool = False  # nf4: store the block absmax values in 8 bits too
     num_layers: Optional[int] = None
     out_per_data: bool = False  # one adapter per data source, all trained in one pass: out/<name>/
     device: str = "auto"  # "auto" | "cpu" | "cuda"
@@ -103,6 +105,13 @@ class TrainConfig:
                               f"{self.warmup_ratio}, {self.eval_split}")
         if self.quantize not in ("none", "int8", "nf4"):
             raise ConfigError(f"TrainConfig.quantize: expected 'none', 'int8' or 'nf4', got {self.quantize!r}")
+        if self.quantize != "nf4" and (self.quant_block_size != 64 or self.double_quant):
+            raise ConfigError(f"TrainConfig: quant_block_size and double_quant apply to quantize='nf4', "
+                              f"got quantize={self.quantize!r}")
+        if self.quantize == "nf4":
+            from ..quant import QuantSpec  # lazy: loraplex.quant imports the train-free core only
+
+            QuantSpec("nf4", self.quant_block_size, self.double_quant)  # QuantConfigError on a bad block size
         self.out = Path(self.out)
 
     def identity(self) -> dict[str, Any]:

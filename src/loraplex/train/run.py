@@ -131,7 +131,9 @@ def _train(config: TrainConfig, info) -> TrainResult:
     if config.quantize != "none":
         from ..quant import quantize_model
 
-        quantize_model(model, config.quantize)  # before inject: LoRA then wraps the QuantLinear layers
+        # before inject: LoRA then wraps the QuantLinear layers
+        kw = dict(block_size=config.quant_block_size, double_quant=config.double_quant) if config.quantize == "nf4" else {}
+        quantize_model(model, config.quantize, **kw)
     model.to(info.device)
     data, facts = _load_data(config, tokenizer)
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
