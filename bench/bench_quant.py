@@ -6,7 +6,7 @@ double-quantized scales) with the same data (chatterbot:ai), seed and steps, eva
 split; ppl: perplexity of each base alone and with the LoRA / block-64 QLoRA adapters; merge: requantize
 vs from_original vs on the fly, for a random and for the trained adapter.
 
-    .venv/bin/python bench/bench_quant.py [--steps 24] [--skip bytes speed merge]
+    .venv/bin/python bench/bench_quant.py [--steps 24] [--skip bytes speed merge] [--train-runs nf4,nf4-b16dq]
 """
 
 from __future__ import annotations
@@ -113,10 +113,12 @@ TRAIN_RUNS = (
 )
 
 
-def train_both(base_spec: str, num_layers, steps: int, out: Path) -> tuple[dict[str, Path], str]:
-    """Train LoRA (fp32 base) and QLoRA (nf4 bases of TRAIN_RUNS) with the same settings; dirs and a table."""
+def train_both(base_spec: str, num_layers, steps: int, out: Path, runs: list[str]) -> tuple[dict[str, Path], str]:
+    """Train LoRA (fp32 base) and QLoRA (the nf4 bases of TRAIN_RUNS named in `runs`) with the same settings;
+    their dirs and a table."""
     rows, dirs, after = [], {}, {}
-    for label, sub, quant, bits in TRAIN_RUNS:
+    chosen = [r for r in TRAIN_RUNS if r[1] == "none" or r[1] in runs]
+    for label, sub, quant, bits in chosen:
         t = time.perf_counter()
         res = train(TrainConfig(base=base_spec, data=[DATA], out=out / sub, max_steps=steps, num_layers=num_layers,
                                 **quant, **TRAIN))
@@ -129,7 +131,7 @@ def train_both(base_spec: str, num_layers, steps: int, out: Path) -> tuple[dict[
     table = format_table(rows, ["run", "bits/weight", "steps", "eval loss before", "eval loss after",
                                 "vs LoRA", "train tokens/s", "s"], align="lrrrrrrr")
     verdicts = [f"{label}: {'within' if abs(after[sub] - after['none']) <= 0.02 * after['none'] else 'OUTSIDE'}"
-                for label, sub, _, _ in TRAIN_RUNS[1:]]
+                for label, sub, _, _ in chosen[1:]]
     return dirs, f"{table}\nQLoRA vs LoRA eval loss, target within 2%: " + "; ".join(verdicts)
 
 
@@ -207,6 +209,9 @@ def main() -> None:
     ap.add_argument("--rel", type=float, default=0.05, help="||delta||_F / ||W||_F of the random adapter")
     ap.add_argument("--num-layers", type=int, help="only the first N decoder layers (default: all 30)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-runs", default=",".join(r[1] for r in TRAIN_RUNS[1:]),
+                    help="QLoRA runs of the train section besides LoRA (default: all of %(default)s; "
+                         "'nf4' is needed by the ppl section)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "speed", "train", "merge"],
                     help="train also drives ppl and the trained adapter's merge table")
     args = ap.parse_args()
@@ -219,7 +224,7 @@ def main() -> None:
         dirs: dict[str, Path] = {}
 
         def run_train() -> str:
-            table = train_both("smollm2", args.num_layers, args.steps, Path(tmp))
+            table = train_both("smollm2", args.num_layers, args.steps, Path(tmp), args.train_runs.split(","))
             dirs.update(table[0])
             return table[1]
 

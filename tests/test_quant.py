@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.pytorch_utils import Conv1D
@@ -253,9 +254,11 @@ def test_quant_linear_is_frozen_buffers_in_state_dict_and_grad_flows_to_input():
     assert not any(p.requires_grad for p in layer.parameters())
     assert (layer.in_features, layer.out_features, layer.scheme) == (16, 8, "nf4")
     assert layer.original_weight is None
-    x = randn(2, 16).requires_grad_()
-    layer(x).sum().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
+    x, g = randn(2, 16).requires_grad_(), randn(2, 8)
+    (layer(x) * g).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (F.linear(x_ref, layer.dequantize(), layer.bias) * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)  # the input gradient of the dequantized weight
     assert set(QuantLinear.from_linear(lin, "int8").state_dict()) == {"qweight", "scale", "bias"}
 
 
