@@ -6,7 +6,7 @@ double-quantized scales) with the same data (chatterbot:ai), seed and steps, eva
 split; ppl: perplexity of each base alone and with the LoRA / block-64 QLoRA adapters; merge: requantize
 vs from_original vs on the fly, for a random and for the trained adapter.
 
-    .venv/bin/python bench/bench_quant.py [--steps 24] [--skip bytes speed merge] [--train-runs nf4,nf4-b16dq]
+    .venv/bin/python bench/bench_quant.py [--steps 24] [--seed 0] [--skip bytes speed ppl merge] [--train-runs nf4]
 """
 
 from __future__ import annotations
@@ -212,9 +212,11 @@ def main() -> None:
     ap.add_argument("--train-runs", default=",".join(r[1] for r in TRAIN_RUNS[1:]),
                     help="QLoRA runs of the train section besides LoRA (default: all of %(default)s; "
                          "'nf4' is needed by the ppl section)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "speed", "train", "merge"],
+    ap.add_argument("--seed", type=int, default=0, help="training seed (adapter init, data order, eval split)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "speed", "train", "ppl", "merge"],
                     help="train also drives ppl and the trained adapter's merge table")
     args = ap.parse_args()
+    TRAIN["seed"] = args.seed  # also the held-out split of the ppl section
     torch.set_num_threads(args.threads)
     base, tokenizer = load_base("smollm2", num_layers=args.num_layers)
     print(f"$ {' '.join(['python'] + sys.argv)}")
@@ -231,10 +233,10 @@ def main() -> None:
         sections = (("bytes", "bytes", lambda: bytes_table(base)),
                     ("speed", "speed", lambda: speed_table(base, args.reps)),
                     ("train", "train: QLoRA vs LoRA", run_train),
-                    ("train", "ppl", lambda: ppl_table(base, tokenizer, dirs)),
+                    ("ppl", "ppl", lambda: ppl_table(base, tokenizer, dirs)),
                     ("merge", "merge", lambda: merge_tables(base, tokenizer, args.rel, dirs.get("none"))))
         for key, title, make in sections:
-            if key in args.skip:
+            if key in args.skip or (key == "ppl" and "train" in args.skip):  # ppl reads the trained adapters
                 continue
             t = time.perf_counter()
             text = make()

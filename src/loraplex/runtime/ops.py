@@ -225,8 +225,8 @@ def build_plan(
     has no LoRA there (its rows then get no update at that layer). The strategy is picked once for the whole
     plan by `choose_strategy` unless given.
     `memo` (optional) keeps, per single-slot assignment, its per-layer views of the source's tensors (no
-    copies), so the next plan for that adapter skips reading them again (an adapter switch costs ~1 us per
-    layer). The caller owns it and must drop every entry of a slot whose content changes or goes away.
+    copies), so the next plan for that adapter skips reading them again (an adapter switch then costs a few
+    microseconds per layer). The caller owns it and must drop every entry of a slot whose content changes or goes away.
     """
     rows_a = tuple(normalize_assignment(a) for a in assignments)
     distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
