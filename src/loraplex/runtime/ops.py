@@ -243,7 +243,7 @@ def build_plan(
         raise ConfigError(f"strategy must be 'auto', 'gather' or 'segment', got {strategy!r}")
     device = torch.device(device)
     rows = _RowIndex(rows_of, row_u, device)
-    per_u = [_virtual_layers(get, a, layers, dtype, device, memo) for a in distinct]
+    per_u = [layer_views(get, a, layers, dtype=dtype, device=device, memo=memo) for a in distinct]
     built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
     for key, (fin, fout) in layers.items():
         virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
@@ -309,15 +309,18 @@ class _RowIndex:
         return self._active[present]
 
 
-def _virtual_layers(
+def layer_views(
     get: AdapterSource,
     a: Assignment,
     layers: Mapping[str, tuple[int, int]],
+    *,
     dtype: torch.dtype,
     device: torch.device,
-    memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None,
+    memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
 ) -> dict[str, _Virtual | None]:
-    """`_virtual` of assignment `a` at every layer; a single-slot result that copies nothing is memoized."""
+    """What a plan reads for assignment `a` (normalized) at every layer: {key: view, or None where no slot of
+    `a` has LoRA}. A single-slot result that copies nothing is stored in `memo` (see `build_plan`); calling
+    this when an adapter arrives makes its first plan as cheap as the later ones."""
     if memo is not None and len(a) == 1:
         hit = memo.get(a)
         if hit is not None and hit.keys() == layers.keys():

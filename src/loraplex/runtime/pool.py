@@ -49,7 +49,7 @@ from ..errors import (
     ShapeMismatchError,
     TargetNotFoundError,
 )
-from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, normalize_assignment
+from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
 Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
@@ -212,6 +212,7 @@ class AdapterPool:
             self._by_name[name] = slot
             if cur is not None:
                 self._retire(cur)
+            self._prepare_views(slot)
             return slot
 
     def remove(self, name: str) -> None:
@@ -431,6 +432,11 @@ class AdapterPool:
         self._counts["evictions"] += 1
         self._drop_plans(slot)  # cached plans may read its tensors: let the memory go
 
+    def _prepare_views(self, slot: int) -> None:
+        """Memoize the per-layer views of `slot` at weight 1 now, so its first plan (an adapter switch) does
+        not build them."""
+        layer_views(self._get, ((slot, 1.0),), self._layers, dtype=self.dtype, device=self.device, memo=self._views)
+
     def _drop_plans(self, slot: int) -> None:
         """Forget cached plans and layer views that read `slot` (its content is going away)."""
         for k in [k for k, p in self._plans.items() if slot in p.versions]:
@@ -471,6 +477,7 @@ class AdapterPool:
             e.fast = fast
             self._resident_bytes += e.nbytes
             self._lru[slot] = None
+            self._prepare_views(slot)
 
     def _touch(self, slot: int) -> None:
         if slot in self._lru:
