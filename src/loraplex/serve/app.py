@@ -289,20 +289,16 @@ async def _serve(server: Server, request: Request, body: _Body, ids: list[int], 
         usage = bool((body.stream_options or {}).get("include_usage"))
         return StreamingResponse(_stream(handle, queue, rid, created, body.model, chat, usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    clock = asyncio.get_running_loop().time
-    check_at = clock() + DISCONNECT_POLL_S
     try:
-        while True:
-            try:  # events (deltas, then "done") arrive every step; the client is checked on a clock
-                event = await asyncio.wait_for(queue.get(), timeout=max(0.0, check_at - clock()))
+        while True:  # the client is checked after every event (a delta per step) and every DISCONNECT_POLL_S
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
                 if event[0] == "done":
                     break
             except asyncio.TimeoutError:
                 pass
-            if clock() >= check_at:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; the finally cancels the generation
-                check_at = clock() + DISCONNECT_POLL_S
+            if await request.is_disconnected():
+                return Response(status_code=499)  # nobody reads it; the finally cancels the generation
     finally:
         if not handle.done:
             handle.cancel()

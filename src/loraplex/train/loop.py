@@ -35,6 +35,7 @@ from ..inject import lora_layers, route_rows
 from . import checkpoint as ckpt_mod
 from ..config import ALL_LINEAR
 from ..errors import ConfigError
+from ..quant import QuantSpec
 from .data import IGNORE_INDEX, Batcher, Example
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, shard, wrap
 
@@ -109,8 +110,6 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig: quant_block_size and double_quant apply to quantize='nf4', "
                               f"got quantize={self.quantize!r}")
         if self.quantize == "nf4":
-            from ..quant import QuantSpec  # lazy: loraplex.quant imports the train-free core only
-
             QuantSpec("nf4", self.quant_block_size, self.double_quant)  # QuantConfigError on a bad block size
         self.out = Path(self.out)
 

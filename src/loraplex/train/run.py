@@ -131,9 +131,8 @@ def _train(config: TrainConfig, info) -> TrainResult:
     if config.quantize != "none":
         from ..quant import quantize_model
 
-        # before inject: LoRA then wraps the QuantLinear layers
-        kw = dict(block_size=config.quant_block_size, double_quant=config.double_quant) if config.quantize == "nf4" else {}
-        quantize_model(model, config.quantize, **kw)
+        # before inject: LoRA then wraps the QuantLinear layers (TrainConfig keeps nf4's options default for int8)
+        quantize_model(model, config.quantize, block_size=config.quant_block_size, double_quant=config.double_quant)
     model.to(info.device)
     data, facts = _load_data(config, tokenizer)
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
