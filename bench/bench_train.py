@@ -1,7 +1,9 @@
 """Training benchmark on SmolLM2-135M-Instruct + chatterbot:tech_support, r=8 on all linear layers.
 
-Four variants, all from the same initial adapter, batches, AdamW, warmup + cosine schedule and clipping:
+Five variants, all from the same initial adapter, batches, AdamW, warmup + cosine schedule and clipping:
     loraplex   loraplex.inject(...) + loraplex's loop (loraplex.train.Trainer)   the path under test
+    loraplex-generic  the same with every LoRA layer on its generic path (fused=False: base module, then the
+               addmm LoRA path), the reference of the one-node fast path (functional.linear_with_lora)
     peft       peft.get_peft_model(...) + loraplex's loop: isolates the LoRA layers (A/B copied from loraplex's
                initial adapter, so both start equal)
     peft-hf    the same PEFT model trained the way transformers users do: model(**batch, labels=...).loss
@@ -34,7 +36,7 @@ from loraplex.report import format_table, human_bytes
 from loraplex.train import Job, Trainer, TrainConfig, adapter_params, load_records, split, tokenize
 from loraplex.train.run import peak_rss_bytes
 
-VARIANTS = ("loraplex", "peft", "peft-hf", "full")
+VARIANTS = ("loraplex", "loraplex-generic", "peft", "peft-hf", "full")
 DATA = "chatterbot:tech_support"
 
 
@@ -55,9 +57,11 @@ def build(variant: str, args) -> tuple[Trainer, Job, int]:
     model, tok = load_base("smollm2")
     train_set, eval_set = examples(tok, cfg)
     lora = lp.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules="all-linear")
-    if variant == "loraplex":
+    if variant in ("loraplex", "loraplex-generic"):
         lp.inject(model, lora, "default", seed=cfg.seed)
         params = adapter_params(model, "default")
+        for _, layer in lp.lora_layers(model):
+            layer.fused = variant == "loraplex"
     elif variant in ("peft", "peft-hf"):
         import peft
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import loraplex as lp
@@ -98,6 +101,29 @@ def test_lr_schedule():
     assert lr_factor(0, 10, 0) == 1.0
 
 
+def test_fused_adamw_equals_the_loop_version(tmp_path):
+    """make_optimizer's AdamW runs fused and gives the for-loop AdamW's updates, to float32 rounding."""
+    from loraplex.train.loop import make_optimizer
+
+    cfg = TrainConfig(base="x", data="a.jsonl", out=tmp_path, lr=1e-2, weight_decay=0.1, warmup_ratio=0.0)
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(8, 5, generator=g), torch.randn(3, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) for t in start] for _ in range(5)]
+    fused = [torch.nn.Parameter(t.clone()) for t in start]
+    opt, _ = make_optimizer(fused, cfg, total_steps=1)  # no scheduler step: lr stays 1e-2 * lr_factor(0) = 1e-2
+    assert opt.defaults["fused"] is True
+    loop = [torch.nn.Parameter(t.clone()) for t in start]
+    ref = torch.optim.AdamW(loop, lr=1e-2, weight_decay=0.1, foreach=False)
+    for params, o in ((fused, opt), (loop, ref)):
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            o.step()
+    for a, b, s0 in zip(fused, loop, start):
+        assert not torch.equal(a.detach(), s0)  # it moved
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_parse_targets():
     assert parse_targets("all-linear") == "all-linear"
     assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"]
@@ -162,6 +188,68 @@ def test_fused_lora_add_equals_reference(lead, scale):
     atol, rtol = tolerance(torch.float32)
     for fast, ref in zip(*outs):
         torch.testing.assert_close(fast, ref, atol=atol, rtol=rtol)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.sampled_from([(5,), (2, 3), (1, 4, 2)]), dims=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       r=st.integers(1, 4), scale=st.floats(-3, 3, allow_nan=False), bias=st.booleans(),
+       needs=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**16))
+def test_linear_with_lora_equals_reference(lead, dims, r, scale, bias, needs, seed):
+    """LF.linear_with_lora (base + LoRA as one autograd node, reordered backward) == the base linear followed
+    by result + LF.lora_linear: values and the gradients of x, A, B, whichever of them require one."""
+    from loraplex import functional as LF
+
+    d_in, d_out = dims
+    g = torch.Generator().manual_seed(seed)
+    x, w, a, b = (torch.randn(*shape, generator=g) for shape in ((*lead, d_in), (d_out, d_in), (r, d_in), (d_out, r)))
+    bias_t = torch.randn(d_out, generator=g) if bias else None
+    outs = []
+    for fn in (lambda x_, a_, b_: LF.linear_with_lora(x_, w, bias_t, a_, b_, scale),
+               lambda x_, a_, b_: F.linear(x_, w, bias_t) + LF.lora_linear(x_, a_, b_, scale)):
+        leaves = [t.clone().requires_grad_(need) for t, need in zip((x, a, b), needs)]
+        y = fn(*leaves)
+        if y.requires_grad:
+            (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    atol, rtol = tolerance(torch.float32)
+    for fast, ref in zip(*outs):
+        assert (fast is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(fast, ref, atol=atol * 10, rtol=rtol)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_lora_layers_take_the_one_node_path_only_when_exact(build):
+    """With one active adapter without dropout over a frozen plain Linear/Conv1D, LoraLinear runs
+    LF.linear_with_lora and matches the generic path (fused=False); dropout, two active adapters, a trainable
+    base weight or a hooked base fall back to the generic path."""
+    model = build()
+    lp.inject(model, lp.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "a")
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    ids = torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    outs = []
+    for fused in (True, False):
+        for _, layer in lp.lora_layers(model):
+            layer.fused = fused
+            layer.lora_A["a"].weight.grad = layer.lora_B["a"].weight.grad = None
+        logits = model(input_ids=ids).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        outs.append([logits.detach()] + [t.grad for _, layer in lp.lora_layers(model) for t in layer.adapter_tensors("a")])
+    atol, rtol = tolerance(torch.float32)
+    for fast, ref in zip(*outs):  # summation order differs: errors scale with the tensor's largest entries
+        torch.testing.assert_close(fast, ref, atol=atol * max(1.0, float(ref.abs().max())), rtol=rtol)
+    key, layer = next(iter(lp.lora_layers(model)))
+    layer.fused = True
+    x = torch.randn(2, layer.in_features)
+    assert type(layer(x).grad_fn).__name__ == "_LinearWithLoraBackward"
+    base = layer.base_layer
+    generic = [lambda: layer.lora_dropout.__setitem__("a", torch.nn.Dropout(0.1)),
+               lambda: layer.base_layer.weight.requires_grad_(True),
+               lambda: base.register_forward_hook(lambda *args: None)]
+    for change in generic:
+        change()
+        assert type(layer(x).grad_fn).__name__ != "_LinearWithLoraBackward", key
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------

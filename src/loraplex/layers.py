@@ -242,8 +242,35 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        # A plain base (not a subclass) computes exactly x @ W.T + b, so forward may run base + LoRA as one
+        # autograd node (LF.linear_with_lora); `fused = False` forces the generic path, its reference.
+        self.fused = type(base_layer) is nn.Linear or (self.fan_in_fan_out and type(base_layer) is Conv1D)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        single = None if args or kwargs else self._single_adapter(x)
+        if single is None:
+            return super().forward(x, *args, **kwargs)
+        name, scale = single
+        base = self.base_layer
+        weight = base.weight.t() if self.fan_in_fan_out else base.weight  # (out, in)
+        return LF.linear_with_lora(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale)
+
+    def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
+        """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
+        unmerged adapter without dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
+        if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
+            return None
+        name, weight = self.active[0]
+        base = self.base_layer
+        a = self.lora_A[name].weight
+        if (name in self.merged or not isinstance(self.lora_dropout[name], nn.Identity)
+                or x.dtype != a.dtype or base.weight.dtype != a.dtype or base.weight.requires_grad
+                or (base.bias is not None and base.bias.requires_grad)
+                or base._forward_hooks or base._forward_pre_hooks):
+            return None
+        return name, weight * self.scaling[name]
 
     def _create(self, name: str, r: int) -> None:
         kw = dict(bias=False, device=self.get_base_weight().device, dtype=self._lora_dtype())

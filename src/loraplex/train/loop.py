@@ -131,8 +131,14 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig, total_steps: int):
-    """AdamW over `params` (the adapter's tensors only) and its LambdaLR warmup + cosine schedule."""
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+    """AdamW over `params` (the adapter's tensors only) and its LambdaLR warmup + cosine schedule.
+
+    AdamW runs fused (one kernel for all tensors, as transformers' default `adamw_torch_fused`) where torch has
+    that kernel: float tensors on CPU or CUDA. A step then costs ~10 ms instead of ~50 ms for SmolLM2's 420
+    adapter tensors on CPU; the update is the same up to float rounding."""
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params) or None
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay,
+                            fused=fused)
     warmup = round(config.warmup_ratio * total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
     return opt, sched
