@@ -1,6 +1,6 @@
 """Training benchmark on SmolLM2-135M-Instruct + chatterbot:tech_support, r=8 on all linear layers.
 
-Five variants, all from the same initial adapter, batches, AdamW, warmup + cosine schedule and clipping:
+Six variants, all from the same initial adapter, batches, AdamW, warmup + cosine schedule and clipping:
     loraplex   loraplex.inject(...) + loraplex's loop (loraplex.train.Trainer)   the path under test
     loraplex-generic  the same with every LoRA layer on its generic path (fused=False: base module, then the
                addmm LoRA path), the reference of the one-node fast path (functional.linear_with_lora)
@@ -9,6 +9,9 @@ Five variants, all from the same initial adapter, batches, AdamW, warmup + cosin
     peft-hf    the same PEFT model trained the way transformers users do: model(**batch, labels=...).loss
                (full (B, T, vocab) logits and transformers' loss), same optimizer, schedule and clipping
     full       full fine-tuning of the same model through loraplex's loop (every parameter trainable)
+    floor      no LoRA at all: the frozen base with one trainable scalar on the embeddings' output, so backward
+               runs every layer's input gradient. No LoRA implementation in this loop can be faster, so
+               floor / peft bounds what any LoRA layer can gain over PEFT's (everything else being equal).
 Steps are interleaved (step i of every variant before step i+1 of any, the order rotating each round),
 so machine noise hits all alike; the table reports medians of the per-step times and their ratios.
 Peak RSS is measured in a fresh subprocess per variant (load + a few steps), since a process's peak
@@ -36,7 +39,7 @@ from loraplex.report import format_table, human_bytes
 from loraplex.train import Job, Trainer, TrainConfig, adapter_params, load_records, split, tokenize
 from loraplex.train.run import peak_rss_bytes
 
-VARIANTS = ("loraplex", "loraplex-generic", "peft", "peft-hf", "full")
+VARIANTS = ("loraplex", "loraplex-generic", "peft", "peft-hf", "full", "floor")
 DATA = "chatterbot:tech_support"
 
 
@@ -81,6 +84,11 @@ def build(variant: str, args) -> tuple[Trainer, Job, int]:
         del reference
         params = [p for p in model.parameters() if p.requires_grad]
         assert copied * 2 == len(params), (copied, len(params))
+    elif variant == "floor":
+        model.requires_grad_(False)
+        gate = torch.nn.Parameter(torch.ones(()))  # (): d(loss)/d(gate) needs the input gradient of every layer
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out * gate)
+        params = [gate]
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -188,7 +196,7 @@ def main() -> None:
     result = {"args": vars(args), "median_step_s": med, "eval_before": before, "eval_after": after, "rss": rss,
               "losses": losses, "times": times}
     if "loraplex" in names:
-        targets = {"peft": ">= 1.2x", "peft-hf": ">= 1.2x", "full": ">= 1.35x"}
+        targets = {"peft": ">= 1.2x", "peft-hf": ">= 1.2x", "full": ">= 1.35x", "floor": "(bound)"}
         lines = []
         for v in names:
             if v == "loraplex":
@@ -197,12 +205,22 @@ def main() -> None:
             gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses[v]))
             lines.append([v, f"{paired:.2f}x", targets.get(v, "-"),
                           f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x",
-                          "<= 0.8x" if v == "full" else "-", f"{gap:.2e}" if v != "full" else "(other lr)"])
+                          "<= 0.8x" if v == "full" else "-",
+                          {"full": "(other lr)", "floor": "(no LoRA)"}.get(v, f"{gap:.2e}")])
             result.setdefault("speedup", {})[v] = paired
             result.setdefault("max_loss_gap", {})[v] = gap
         print()
         print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "target",
                                    "peak RSS loraplex / vs", "target", "max |train loss diff|"]))
+        if "floor" in names:
+            over = {v: statistics.median(a / b for a, b in zip(times[v][skip:], times["floor"][skip:]))
+                    for v in names if v not in ("floor", "full")}
+            result["over_floor"] = over
+            print("\nstep time over the no-LoRA floor (median of paired ratios): "
+                  + ", ".join(f"{v} {x:.3f}x" for v, x in over.items()))
+            if "peft" in over:
+                print(f"a LoRA layer costing nothing would make this loop {over['peft']:.2f}x faster than with "
+                      f"PEFT's layers (the bound on 'loraplex vs peft')")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
