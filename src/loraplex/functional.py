@@ -99,21 +99,21 @@ class _LinearWithLora(torch.autograd.Function):
                 lora_B: torch.Tensor, scale: float) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         h = torch.mm(x2, lora_A.t())  # (N, r)
-        bt = _scaled_rows(lora_B.t(), scale)  # (r, out)
+        bt = _scaled_rows(lora_B.t(), scale)  # (r, out) = scale * B.T, row-major; backward reuses it
         y = torch.mm(h, bt) if bias is None else torch.addmm(bias, h, bt)  # (N, out): the delta (+ bias) ...
         y.addmm_(x2, weight.t())  # ... onto which the base GEMM accumulates (beta=1: no extra pass over y)
-        ctx.save_for_backward(x2, h, weight, lora_A, lora_B)
+        ctx.save_for_backward(x2, h, weight, lora_A, bt)
         ctx.scale, ctx.x_shape = scale, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x2, h, weight, lora_A, lora_B = ctx.saved_tensors
+        x2, h, weight, lora_A, bt = ctx.saved_tensors
         need_x, _, _, need_a, need_b, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         dx = da = db = None
         if need_x or need_a:
-            gh = torch.mm(g, _scaled_rows(lora_B.t(), ctx.scale).t())  # (N, r) = scale * dy @ B
+            gh = torch.mm(g, bt.t())  # (N, r) = scale * dy @ B
             if need_a:
                 da = torch.mm(gh.t(), x2)  # (r, in)
             if need_x:
