@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from bench_runtime_ops import interleaved_times  # sibling script: bench/ is on sys.path
 from loraplex.layers import LoraLinear
 from loraplex.report import format_table
 
@@ -29,16 +29,8 @@ RANK = 8
 
 
 def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, tuple[float, float]]:
-    """{name: (median s, min s)} with the variants interleaved in every repetition."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            start = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - start)
-    return {k: (statistics.median(v), min(v)) for k, v in times.items()}
+    """{name: (median s, min s)} of one call each, the variants interleaved in every repetition."""
+    return {k: (statistics.median(v), min(v)) for k, v in interleaved_times(fns, reps, budget_s=0.0).items()}
 
 
 def us(t: float) -> str:

@@ -139,6 +139,11 @@ def peak_rss(names: list[str], args) -> dict[str, dict[str, int]]:
     return rss
 
 
+def paired_ratio(num: list[float], den: list[float], skip: int) -> float:
+    """Median over steps (after the first `skip`) of num[i] / den[i]: two variants' times for the same step."""
+    return statistics.median(a / b for a, b in zip(num[skip:], den[skip:]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -201,7 +206,7 @@ def main() -> None:
         for v in names:
             if v == "loraplex":
                 continue
-            paired = statistics.median(b / a for a, b in zip(times["loraplex"][skip:], times[v][skip:]))
+            paired = paired_ratio(times[v], times["loraplex"], skip)
             gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses[v]))
             lines.append([v, f"{paired:.2f}x", targets.get(v, "-"),
                           f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x",
@@ -213,8 +218,7 @@ def main() -> None:
         print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "target",
                                    "peak RSS loraplex / vs", "target", "max |train loss diff|"]))
         if "floor" in names:
-            over = {v: statistics.median(a / b for a, b in zip(times[v][skip:], times["floor"][skip:]))
-                    for v in names if v not in ("floor", "full")}
+            over = {v: paired_ratio(times[v], times["floor"], skip) for v in names if v not in ("floor", "full")}
             result["over_floor"] = over
             print("\nstep time over the no-LoRA floor (median of paired ratios): "
                   + ", ".join(f"{v} {x:.3f}x" for v, x in over.items()))
