@@ -90,8 +90,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "targets", "quantize",
               "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",
-              "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing", "eval_split", "skip_bad", "eval_every", "log_every",
-              "save_every", "resume", "overwrite", "device", "progress")
+              "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing",
+              "eval_split", "skip_bad", "eval_every", "log_every", "save_every", "resume", "overwrite", "device",
+              "progress")
     result = train(TrainConfig(**{f: getattr(args, f) for f in fields}))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
