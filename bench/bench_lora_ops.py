@@ -7,6 +7,8 @@
 2. One LoRA linear, forward + backward: the one-node path (fused=True) vs the generic path (fused=False)
    vs the frozen base alone (what the LoRA path adds on top).
 3. AdamW over SmolLM2's 420 adapter tensors (r=8, all linear layers): the for-loop version vs fused.
+4. The output head + cross-entropy on the target rows (forward + backward; SmolLM2: vocab 49,152, hidden 576):
+   head(x) = x @ W.T  vs  loop.head_logits = (W @ x.T).T.
 Variants take turns within each repetition; the table shows medians (and the minimum, less sensitive to
 the machine's noise).
 """
@@ -19,10 +21,12 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bench_runtime_ops import interleaved_times  # sibling script: bench/ is on sys.path
 from loraplex.layers import LoraLinear
 from loraplex.report import format_table
+from loraplex.train.loop import head_logits
 
 SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576)]  # (in, out) of SmolLM2's projections
 RANK = 8
@@ -88,6 +92,21 @@ def adamw(reps: int) -> list[list[str]]:
     return [[k, len(shapes), f"{v[0] * 1e3:.1f}", f"{v[0] / t['fused'][0]:.1f}x"] for k, v in t.items()]
 
 
+def head(reps: int) -> list[list[str]]:
+    weight = torch.randn(49152, 576) * 0.02
+    out = []
+    for rows in (58, 120):  # target tokens of a batch of 4 (chatterbot:tech_support: ~50-60)
+        x = torch.randn(rows, 576, requires_grad=True)
+        labels = torch.randint(0, weight.shape[0], (rows,))
+        lin = nn.Linear(576, weight.shape[0], bias=False).requires_grad_(False)
+        lin.weight.copy_(weight)
+        t = timed({"x @ W.T": lambda: F.cross_entropy(lin(x), labels).backward(),
+                   "(W @ x.T).T": lambda: F.cross_entropy(head_logits(lin, x), labels).backward()}, reps)
+        out.append([rows, f"{t['x @ W.T'][0] * 1e3:.1f}", f"{t['(W @ x.T).T'][0] * 1e3:.1f}",
+                    f"{t['x @ W.T'][0] / t['(W @ x.T).T'][0]:.2f}x"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=204, help="tokens per micro-batch (SmolLM2, batch 4: ~200)")
@@ -102,6 +121,8 @@ def main() -> None:
                        ["layer", "base alone", "+ one node", "+ generic", "+ one node (min)", "+ generic (min)"]))
     print("\n3. AdamW step over SmolLM2's adapter tensors (r=8, all linear)")
     print(format_table(adamw(max(10, args.reps // 10)), ["AdamW", "tensors", "median ms", "time / fused"]))
+    print("\n4. output head + cross-entropy on the target rows, forward + backward (median ms)")
+    print(format_table(head(max(10, args.reps // 10)), ["rows", "x @ W.T", "(W @ x.T).T", "speed-up"]))
 
 
 if __name__ == "__main__":

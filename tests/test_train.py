@@ -16,6 +16,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from loraplex.errors import CheckpointError, ConfigError, QuantConfigError
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
+from loraplex.train.loop import head_logits
 from loraplex.train import checkpoint as ckpt_mod
 from loraplex.train.cli import parse_targets
 from loraplex.train.data import Example
@@ -165,6 +167,25 @@ def test_fast_loss_equals_reference(build, packing):
     atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(fast, ref, atol=atol, rtol=rtol)
     for a, b in zip(gf, gr):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_logits_equals_head(bias):
+    """head_logits ((W @ x.T).T for a plain Linear head) == head(x): values and the gradients of x, W, bias."""
+    torch.manual_seed(0)
+    head = nn.Linear(6, 50, bias=bias)
+    x = torch.randn(7, 6, requires_grad=True)
+    dy = torch.randn(7, 50)
+    got = []
+    for fn in (head_logits, lambda h, t: h(t)):
+        head.zero_grad(set_to_none=True)
+        x.grad = None
+        y = fn(head, x)
+        y.backward(dy)
+        got.append([y.detach(), x.grad] + [p.grad for p in head.parameters()])
+    atol, rtol = tolerance(torch.float32)
+    for a, b in zip(*got):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
 
 

@@ -12,8 +12,9 @@ trained alone with the same settings (up to float summation order; with dropout 
 drawn from one RNG stream).
 
 The loss never builds the full (B, T, vocab) logits: for the model types in FAST_LOSS_TYPES it runs the
-decoder, keeps the hidden states of target positions and applies the output head to those only
-(`row_losses`; `row_losses_reference` is the plain full-logits version it is tested against).
+decoder, keeps the hidden states of target positions and applies the output head to those only, as
+(W @ x.T).T (`row_losses`, `head_logits`; `row_losses_reference` is the plain full-logits version it is
+tested against).
 """
 
 from __future__ import annotations
@@ -160,10 +161,20 @@ def row_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
     hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     labels = batch["labels"][:, 1:]  # (B, T-1)
     mask = labels != IGNORE_INDEX
-    logits = head(hidden[:, :-1][mask])  # (N, V): only the N target positions
+    logits = head_logits(head, hidden[:, :-1][mask])  # (N, V): only the N target positions
     ce = F.cross_entropy(logits.float(), labels[mask], reduction="none")  # (N,)
     rows = mask.nonzero()[:, 0]  # (N,) row of each target, in the same row-major order as the mask
     return torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+
+
+def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """head(x) for target rows x: (N, H) -> (N, V). A plain nn.Linear head runs as (W @ x.T).T (a view): with
+    few rows and a large vocabulary BLAS runs that layout faster than x @ W.T on CPU (SmolLM2's head + loss,
+    forward and backward: 1.1-1.2x, bench/bench_lora_ops.py); any other head (LoRA, hooked) is called."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        return head(x)
+    logits = torch.mm(head.weight, x.t()).t()  # (V, N) -> (N, V)
+    return logits if head.bias is None else logits + head.bias
 
 
 def row_losses_reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
