@@ -13,7 +13,8 @@ Six variants, all from the same initial adapter, batches, AdamW, warmup + cosine
                runs every layer's input gradient. No LoRA implementation in this loop can be faster, so
                floor / peft bounds what any LoRA layer can gain over PEFT's (everything else being equal).
 Steps are interleaved (step i of every variant before step i+1 of any, the order rotating each round),
-so machine noise hits all alike; the table reports medians of the per-step times and their ratios.
+so machine noise hits all alike; the table reports medians of the per-step times and of their paired ratios,
+and the ratio of the measured steps' total time (what a whole run waits for).
 Peak RSS is measured in a fresh subprocess per variant (load + a few steps), since a process's peak
 never goes down.
 
@@ -207,15 +208,17 @@ def main() -> None:
             if v == "loraplex":
                 continue
             paired = paired_ratio(times[v], times["loraplex"], skip)
+            total = sum(times[v][skip:]) / sum(times["loraplex"][skip:])  # the wall time of the measured steps
             gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses[v]))
-            lines.append([v, f"{paired:.2f}x", targets.get(v, "-"),
+            lines.append([v, f"{paired:.2f}x", f"{total:.2f}x", targets.get(v, "-"),
                           f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x",
                           "<= 0.8x" if v == "full" else "-",
                           {"full": "(other lr)", "floor": "(no LoRA)"}.get(v, f"{gap:.2e}")])
             result.setdefault("speedup", {})[v] = paired
+            result.setdefault("total_time_ratio", {})[v] = total
             result.setdefault("max_loss_gap", {})[v] = gap
         print()
-        print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "target",
+        print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "(total time)", "target",
                                    "peak RSS loraplex / vs", "target", "max |train loss diff|"]))
         if "floor" in names:
             over = {v: paired_ratio(times[v], times["floor"], skip) for v in names if v not in ("floor", "full")}
