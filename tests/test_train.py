@@ -256,7 +256,8 @@ def test_lora_layers_take_the_one_node_path_only_when_exact(build):
             layer.lora_A["a"].weight.grad = layer.lora_B["a"].weight.grad = None
         logits = model(input_ids=ids).logits
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
-        outs.append([logits.detach()] + [t.grad for _, layer in lp.lora_layers(model) for t in layer.adapter_tensors("a")])
+        grads = [t.grad for _, layer in lp.lora_layers(model) for t in layer.adapter_tensors("a")]
+        outs.append([logits.detach()] + grads)
     atol, rtol = tolerance(torch.float32)
     for fast, ref in zip(*outs):  # summation order differs: errors scale with the tensor's largest entries
         torch.testing.assert_close(fast, ref, atol=atol * max(1.0, float(ref.abs().max())), rtol=rtol)
@@ -344,7 +345,8 @@ def test_packing_and_qlora_nf4(tiny_base, data, tmp_path):
     assert plain.eval_loss_before != q.eval_loss_before  # the quantized base really is another base
     fine = train(config(tiny_base, [data["a"]], tmp_path / "nf4-16", quantize="nf4", quant_block_size=16,
                         double_quant=True, max_steps=8))
-    gap = {k: abs(r.eval_loss_before["default"] - plain.eval_loss_before["default"]) for k, r in (("64", q), ("16", fine))}
+    gap = {k: abs(r.eval_loss_before["default"] - plain.eval_loss_before["default"])
+           for k, r in (("64", q), ("16", fine))}
     assert gap["16"] < gap["64"]  # smaller blocks: a base closer to the float one
     assert json.loads((fine.out / "train_summary.json").read_text())["config"]["quant_block_size"] == 16
 

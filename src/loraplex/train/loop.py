@@ -428,7 +428,8 @@ class Trainer:
                     row = {"step": self.step, "adapter": job.name,
                            "loss": sum(g["loss"] for g in got) / len(got), "lr": got[-1]["lr"],
                            "grad_norm": got[-1]["grad_norm"], "tokens": sum(g["tokens"] for g in got),
-                           "tokens_per_s": sum(g["step_tokens"] for g in got) / max(sum(g["seconds"] for g in got), 1e-9),
+                           "tokens_per_s": (sum(g["step_tokens"] for g in got)
+                                            / max(sum(g["seconds"] for g in got), 1e-9)),
                            "elapsed_s": round(self.elapsed, 3)}
                     if evaluate:
                         row["eval_loss"] = self.evaluate(job)
