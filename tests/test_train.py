@@ -263,15 +263,30 @@ def test_lora_layers_take_the_one_node_path_only_when_exact(build):
         torch.testing.assert_close(fast, ref, atol=atol * max(1.0, float(ref.abs().max())), rtol=rtol)
     key, layer = next(iter(lp.lora_layers(model)))
     layer.fused = True
+    layer.add_adapter("b", 2, 4.0)
     x = torch.randn(2, layer.in_features)
-    assert type(layer(x).grad_fn).__name__ == "_LinearWithLoraBackward"
+
+    def one_node() -> bool:
+        return type(layer(x).grad_fn).__name__ == "_LinearWithLoraBackward"
+
+    assert one_node()
     base = layer.base_layer
-    generic = [lambda: layer.lora_dropout.__setitem__("a", torch.nn.Dropout(0.1)),
-               lambda: layer.base_layer.weight.requires_grad_(True),
-               lambda: base.register_forward_hook(lambda *args: None)]
-    for change in generic:
+    generic = {  # each change alone, then undone, so every case is checked on an otherwise fast layer
+        "dropout": (lambda: layer.lora_dropout.__setitem__("a", torch.nn.Dropout(0.1)),
+                    lambda: layer.lora_dropout.__setitem__("a", torch.nn.Identity())),
+        "two active": (lambda: setattr(layer, "active", [("a", 1.0), ("b", 1.0)]),
+                       lambda: setattr(layer, "active", [("a", 1.0)])),
+        "trainable base": (lambda: base.weight.requires_grad_(True), lambda: base.weight.requires_grad_(False)),
+    }
+    for case, (change, undo) in generic.items():
         change()
-        assert type(layer(x).grad_fn).__name__ != "_LinearWithLoraBackward", key
+        assert not one_node(), (key, case)
+        undo()
+        assert one_node(), (key, case)
+    hook = base.register_forward_hook(lambda *args: None)
+    assert not one_node(), (key, "hooked base")
+    hook.remove()
+    assert one_node()
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------
