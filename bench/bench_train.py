@@ -13,8 +13,9 @@ Six variants, all from the same initial adapter, batches, AdamW, warmup + cosine
                runs every layer's input gradient. No LoRA implementation in this loop can be faster, so
                floor / peft bounds what any LoRA layer can gain over PEFT's (everything else being equal).
 Steps are interleaved (step i of every variant before step i+1 of any, the order rotating each round),
-so machine noise hits all alike; the table reports medians of the per-step times and of their paired ratios,
-and the ratio of the measured steps' total time (what a whole run waits for).
+so machine noise hits all alike; the table reports medians of the per-step times and of their paired ratios
+(with a 90% bootstrap interval of that median over the steps), and the ratio of the measured steps' total
+time (what a whole run waits for).
 Peak RSS is measured in a fresh subprocess per variant (load + a few steps), since a process's peak
 never goes down.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -145,6 +147,17 @@ def paired_ratio(num: list[float], den: list[float], skip: int) -> float:
     return statistics.median(a / b for a, b in zip(num[skip:], den[skip:]))
 
 
+def paired_ratio_ci(num: list[float], den: list[float], skip: int, level: float = 0.9,
+                    draws: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval (steps resampled with replacement, fixed seed) of `paired_ratio`: how far
+    the median could move on this machine's step-to-step noise alone."""
+    ratios = [a / b for a, b in zip(num[skip:], den[skip:])]
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    tail = (1 - level) / 2
+    return medians[int(tail * (draws - 1))], medians[int((1 - tail) * (draws - 1))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=30)
@@ -208,17 +221,20 @@ def main() -> None:
             if v == "loraplex":
                 continue
             paired = paired_ratio(times[v], times["loraplex"], skip)
+            low, high = paired_ratio_ci(times[v], times["loraplex"], skip)
             total = sum(times[v][skip:]) / sum(times["loraplex"][skip:])  # the wall time of the measured steps
             gap = max(abs(a - b) for a, b in zip(losses["loraplex"], losses[v]))
-            lines.append([v, f"{paired:.2f}x", f"{total:.2f}x", targets.get(v, "-"),
+            lines.append([v, f"{paired:.2f}x", f"{low:.2f}-{high:.2f}x", f"{total:.2f}x", targets.get(v, "-"),
                           f"{rss['loraplex']['peak_rss'] / rss[v]['peak_rss']:.2f}x",
                           "<= 0.8x" if v == "full" else "-",
                           {"full": "(other lr)", "floor": "(no LoRA)"}.get(v, f"{gap:.2e}")])
             result.setdefault("speedup", {})[v] = paired
+            result.setdefault("speedup_ci90", {})[v] = [low, high]
             result.setdefault("total_time_ratio", {})[v] = total
             result.setdefault("max_loss_gap", {})[v] = gap
         print()
-        print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "(total time)", "target",
+        print(format_table(lines, ["vs", "loraplex speed-up (median of paired step ratios)", "90% bootstrap",
+                                   "(total time)", "target",
                                    "peak RSS loraplex / vs", "target", "max |train loss diff|"]))
         if "floor" in names:
             over = {v: paired_ratio(times[v], times["floor"], skip) for v in names if v not in ("floor", "full")}
