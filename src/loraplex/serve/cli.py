@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..extras import require
 from .engine import EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 
 def build_server(args: argparse.Namespace):
     """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
+    require("serve", "serving")
     from ..models import NAMES, load_base
     from .app import Server
 
@@ -76,6 +78,7 @@ def build_server(args: argparse.Namespace):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    require("serve", "loraplex serve")
     import uvicorn
 
     from .app import create_app
