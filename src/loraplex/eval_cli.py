@@ -45,8 +45,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser(

@@ -55,7 +55,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    "the /ui page (default: ADAPTERS/eval_results.json when it exists)")
     p.add_argument("--single-adapter-batches", action="store_true",
                    help="naive baseline: batch only requests of one model at a time (for benchmarks)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
     return ["serve"]
 
@@ -92,6 +91,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     server = build_server(args)
-    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port, log_level=args.log_level,
+    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port, log_level=args.log_level or "info",
                 timeout_graceful_shutdown=int(args.timeout))
     return 0
