@@ -62,15 +62,14 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 def build_server(args: argparse.Namespace):
     """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
     require("serve", "serving")
-    from ..models import NAMES, load_base
+    from ..models import base_id, load_base
     from .app import Server
 
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
-    base_id = args.base if args.base in NAMES else Path(args.base).resolve().name
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
-    return Server(model, tokenizer, base_id=base_id, adapters_dir=args.adapters, config=config,
+    return Server(model, tokenizer, base_id=base_id(args.base), adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,
                   max_upload_bytes=int(args.max_upload_mb * 1e6), check_base_model=not args.no_check_base,
                   shutdown_timeout=args.timeout)
