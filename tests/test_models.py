@@ -193,12 +193,16 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
     return root
 
 
-def cache_model(root: Path, repo_id: str, model: nn.Module, commit: str = "0c" * 20) -> Path:
-    """Put `model` into the HF cache at `root` as huggingface_hub lays it out: blobs/<sha256>,
-    snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/main = <commit>. Returns the snapshot directory."""
+def cache_model(root: Path, repo_id: str, model: nn.Module | Path, commit: str = "0c" * 20) -> Path:
+    """Put `model` (or a saved model directory's files) into the HF cache at `root` as huggingface_hub lays it
+    out: blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/main = <commit>. Returns the
+    snapshot directory."""
     repo = root / f"models--{repo_id.replace('/', '--')}"
     staging = root / ".staging"
-    model.save_pretrained(staging)
+    if isinstance(model, Path):
+        shutil.copytree(model, staging)
+    else:
+        model.save_pretrained(staging)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir()
@@ -220,6 +224,18 @@ def test_load_base_by_model_id_from_the_hf_cache(hub_cache):
         assert tokenizer is None and base_name(model) == "acme/tiny"  # the id, never the commit hash
         assert base_id(spec) == "acme/tiny"
     assert base_id("tiny-llama") == "tiny-llama" and base_id(str(hub_cache)) == hub_cache.name
+
+
+def test_served_base_id_is_the_model_id_not_the_snapshot_hash(hub_cache):
+    from loraplex.cli import build_parser
+    from loraplex.serve.cli import build_server
+    from test_train import make_tiny_base  # tiny Llama + character tokenizer (serving needs one)
+
+    snapshot = cache_model(hub_cache, "acme/tiny-chat", make_tiny_base(hub_cache.parent / "base"))
+    for spec in ("acme/tiny-chat", str(snapshot)):
+        args = ["serve", "--base", spec, "--max-prompt-tokens", "64", "--max-new-tokens", "8"]
+        server = build_server(build_parser().parse_args(args))
+        assert server.base_id == "acme/tiny-chat", spec
 
 
 def test_model_id_missing_from_the_hf_cache_names_where_it_looked(hub_cache):
