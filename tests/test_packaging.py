@@ -62,7 +62,8 @@ def test_core_api_and_commands_without_the_extras(tmp_path):
         "eval_plot": ["eval", "--base", str(base), "--adapters", str(tmp_path / "run"), "--data", str(data),
                       "--plot", str(tmp_path / "chart.png")],
     }  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])}
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     run = subprocess.run([sys.executable, "-c", WITHOUT_EXTRAS, str(tmp_path), json.dumps(argv)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
@@ -81,7 +82,8 @@ def test_require_raises_a_typed_error_naming_the_extra(monkeypatch):
     for extra in EXTRAS:
         require(extra, "this test")  # installed here (make installs .[test,serve,plot])
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(MissingDependencyError, match=r"drawing needs 'matplotlib'.*pip install 'loraplex\[plot\]'") as info:
+    want = r"drawing needs 'matplotlib'.*pip install 'loraplex\[plot\]'"
+    with pytest.raises(MissingDependencyError, match=want) as info:
         require("plot", "drawing")
     assert isinstance(info.value, (LoraplexError, ImportError))
 

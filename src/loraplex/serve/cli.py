@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("serve", help="serve many adapters over an OpenAI-compatible HTTP API",
                        description="Continuous batching across adapters on one base (Llama family). "
                                    "model = base id, adapter name, or a mix 'a:0.7+b:0.3'.")
-    p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', or a local transformers model directory")
+    p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', a local transformers model directory, "
+                   "or a Hugging Face model id in the local HF cache (never downloaded)")
     p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
@@ -90,6 +91,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     server = build_server(args)
-    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port, log_level=args.log_level or "info",
-                timeout_graceful_shutdown=int(args.timeout))
+    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port,
+                log_level=args.log_level or "info", timeout_graceful_shutdown=int(args.timeout))
     return 0
