@@ -23,8 +23,9 @@ from torch import nn
 from loraplex import models
 from loraplex.errors import BaseModelError, ConfigError, LoraplexError
 from loraplex.functional import tolerance
+from loraplex.hub import hub_id_of
 from loraplex.models import (
-    base_id, base_name, hub_id_of, load_base, random_llama, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp,
+    base_id, base_name, load_base, random_llama, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp,
 )
 
 BUILDERS = [tiny_llama, tiny_gpt2, tiny_mlp, tiny_conv]

