@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import loraplex as lp
-from loraplex.errors import CheckpointError, ConfigError, QuantConfigError
+from loraplex.errors import CheckpointError, ConfigError, NonFiniteError, OutputExistsError, QuantConfigError
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
@@ -369,7 +369,7 @@ def test_packing_and_qlora_nf4(tiny_base, data, tmp_path):
 def test_out_dir_guard_and_resume_refuses_other_settings(tiny_base, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_base, [data["a"]], out, save_every=2))
-    with pytest.raises(ConfigError, match="earlier run"):
+    with pytest.raises(OutputExistsError, match="earlier run"):
         train(config(tiny_base, [data["a"]], out))
     with pytest.raises(CheckpointError, match="lr"):
         train(config(tiny_base, [data["a"]], out, resume=True, lr=5e-3))

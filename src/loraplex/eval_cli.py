@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=run_eval)
@@ -58,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--base", required=True, help="a transformers model directory, or 'smollm2'")
     p.add_argument("--adapters", required=True, nargs="+",
                    help="the adapter directory, or the folder(s) holding adapter NAME (as given to eval)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (new or empty; written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--results", help="results JSON written by `loraplex eval --out`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
@@ -85,9 +87,9 @@ def run_eval(args: argparse.Namespace) -> int:
           f"tokens{scored}")
     print(result.table())
     if args.out:
-        print(f"wrote {result.save(args.out)}")
+        print(f"wrote {result.save(args.out, overwrite=args.overwrite)}")
     if args.plot:
-        print(f"wrote {plot_results(result, args.plot)}")
+        print(f"wrote {plot_results(result, args.plot, overwrite=args.overwrite)}")
     return 0
 
 
@@ -95,7 +97,8 @@ def run_promote(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     adapters = _adapters(args.adapters)
     report = promote(args.name, args.base, adapters[0] if len(adapters) == 1 else adapters, args.out,
-                     eval_results=args.results, dtype=args.dtype, num_layers=args.num_layers, prompts=prompts)
+                     eval_results=args.results, dtype=args.dtype, num_layers=args.num_layers, prompts=prompts,
+                     overwrite=args.overwrite)
     print(f"adapter {report.name} ({report.content_hash[:12]}) from {report.adapter_path}, merged into "
           f"{report.base} ({report.dtype})")
     print(VerifyReport(report.base, report.adapter_path, [Row(**report.parity)]).table())
@@ -106,9 +109,9 @@ def run_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_results(result: EvalResult, path: str | os.PathLike[str]) -> Path:
-    """A PNG bar chart of `result` (matplotlib Agg), written atomically: one panel per metric, one bar per
-    variant in leaderboard order, the base in grey; returns the path."""
+def plot_results(result: EvalResult, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A PNG bar chart of `result` (matplotlib Agg), written atomically (an existing file is replaced only with
+    `overwrite`): one panel per metric, one bar per variant in leaderboard order, the base in grey; returns the path."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # keep a caller's backend if pyplot is already set up
@@ -134,4 +137,4 @@ def plot_results(result: EvalResult, path: str | os.PathLike[str]) -> Path:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"loraplex eval: {result.base} on {result.data} ({result.examples} examples)", fontsize="medium")
     fig.tight_layout()
-    return write_png(fig, path)
+    return write_png(fig, path, overwrite=overwrite)

@@ -16,8 +16,10 @@ from typing import Any
 from ..store import write_png
 
 
-def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
-    """Write the train/eval loss curves of `rows` to `path` (PNG) atomically; returns the path."""
+def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "",
+                overwrite: bool = False) -> Path:
+    """Write the train/eval loss curves of `rows` to `path` (PNG) atomically (an existing file is replaced
+    only with `overwrite`); returns the path."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # keep a caller's backend if pyplot is already set up
@@ -49,4 +51,4 @@ def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *,
     if curves:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    return write_png(fig, path)
+    return write_png(fig, path, overwrite=overwrite)
