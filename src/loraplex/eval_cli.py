@@ -13,7 +13,7 @@ from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
 from .export import DTYPES
 from .models import load_base
 from .probes import read_prompts
-from .store import write_png
+from .store import check_output, write_png
 from .promote import CARD_NAME, promote
 from .verify import Row, VerifyReport
 
@@ -75,6 +75,9 @@ def _adapters(items: list[str]) -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> int:
     metrics = [m for item in args.metrics for m in item.replace(",", " ").split()]
+    for path in (args.out, args.plot):  # refuse before the pass, not after it
+        if path:
+            check_output(path, overwrite=args.overwrite)
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
     if tokenizer is None:
         raise ConfigError(f"base {args.base!r} has no tokenizer; eval needs a model directory with one")
