@@ -186,8 +186,8 @@ def _remove(p: Path) -> None:
 
 def _write_error(target: Path, exc: OSError) -> WriteError:
     reason = f"{exc.strerror} [{errno.errorcode.get(exc.errno, exc.errno)}]" if exc.strerror else str(exc)
-    return WriteError(f"cannot write {str(target)!r}: {reason}; nothing was written there (an earlier version is "
-                      "intact); free disk space or choose a writable path")
+    return WriteError(f"cannot write {str(target)!r}: {reason}; nothing was written there (what it held before is "
+                      "unchanged): free disk space or choose a writable path")
 
 
 def write_json(path: PathLike, data: Any, *, overwrite: bool = False) -> Path:
