@@ -209,8 +209,9 @@ def test_out_is_never_an_existing_adapter_or_file_without_asking(tiny_base, data
     lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
     lp.save_adapter(model, "a", tmp_path / "mine")
     before = tensors(tmp_path / "mine")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
-        train(config(tiny_base, [data["a"]], tmp_path / "mine", max_steps=1))
+    for flags in ({}, {"resume": True}):  # resume continues an earlier run, and this is none
+        with pytest.raises(OutputExistsError, match="--overwrite"):
+            train(config(tiny_base, [data["a"]], tmp_path / "mine", max_steps=1, **flags))
     assert_same(tensors(tmp_path / "mine"), before)
     (tmp_path / "file").write_text("mine")
     for flags in ({}, {"overwrite": True}, {"resume": True}):

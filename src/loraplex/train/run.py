@@ -77,19 +77,19 @@ def peak_rss_bytes() -> int:
 
 
 def _prepare_out(config: TrainConfig, is_main: bool) -> None:
-    """The overwrite rule (store.check_output) for a run's folder: new or empty, or --resume / --overwrite; never
-    a file, the base or a data file. --overwrite removes only what an earlier run wrote (metrics, checkpoint,
-    summary); the adapter files are replaced when the new ones are complete."""
+    """The overwrite rule (store.check_output) for a run's folder: new or empty, --overwrite, or --resume of an
+    earlier run there; never a file, the base or a data file. --overwrite removes only what an earlier run wrote
+    (metrics, checkpoint, summary); the adapter files are replaced when the new ones are complete."""
     out = config.out
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; train writes a directory: choose another path")
+    earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
     inputs = [p for p in (config.base, *config.data) if Path(p).exists()]
     try:
-        check_output(out, overwrite=config.resume or config.overwrite, inputs=inputs)
+        check_output(out, overwrite=config.overwrite or (config.resume and bool(earlier)), inputs=inputs)
     except OutputExistsError as exc:
         raise OutputExistsError(f"{exc}. For train: --resume continues an earlier run there, --overwrite starts "
                                 "over") from None
-    earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
