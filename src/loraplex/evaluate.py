@@ -50,7 +50,7 @@ BASE = "base"  # the variant name of the bare base in results
 GENERATION_SLACK = 8  # extra greedy tokens allowed beyond the reference's length
 RESULTS_FORMAT = "loraplex.eval/1"
 PathLike = Union[str, os.PathLike]
-# evaluate's numeric arguments (= eval's flags), checked by train.loop.check_numbers: (kind, None allowed, meaning, check)
+# evaluate's numeric arguments (= eval's flags) for train.loop.check_numbers: (kind, None allowed, meaning, check)
 NUMERIC_ARGS = {
     "batch_size": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
     "max_length": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
@@ -139,8 +139,8 @@ def _fmt(metric: str, value: float) -> str:
 # -- inputs ---------------------------------------------------------------------------------------------------
 def discover_adapters(spec: AdapterSpec) -> dict[str, Union[Path, AdapterFile]]:
     """{name: adapter directory} from: a mapping name -> dir; an adapter directory (named after it); a folder
-    whose subdirectories are adapters (e.g. `train --out-per-data` output; hidden ones, named '.*', are skipped); a comma-separated string or a list
-    of such, where an item may be `name=dir`."""
+    whose subdirectories are adapters (e.g. `train --out-per-data` output; hidden '.*' ones are skipped); a
+    comma-separated string or a list of such, where an item may be `name=dir`."""
     if isinstance(spec, Mapping):
         return {check_name(str(k)): (v if isinstance(v, AdapterFile) else Path(v)) for k, v in spec.items()}
     items = ([s for s in str(spec).split(",") if s] if isinstance(spec, (str, os.PathLike)) else list(spec))

@@ -7,7 +7,8 @@ Tensor keys (adapter name removed, PEFT's `base_model.model.` prefix), e.g. for 
     base_model.model.lm_head.weight                                     modules_to_save copy
 loraplex's own facts ride in the safetensors metadata header, which PEFT ignores:
     loraplex.version, loraplex.content_hash, loraplex.base_fingerprint (JSON).
-Writes are atomic (temporary directory + rename) and follow one overwrite rule (check_output); reads verify everything before touching the model.
+Writes are atomic (temporary directory + rename) and follow one overwrite rule (check_output); reads verify
+everything before touching the model.
 """
 
 from __future__ import annotations
@@ -125,14 +126,14 @@ def atomic_directory(path: PathLike, *, overwrite: bool = False, inputs: Iterabl
 
 
 @contextlib.contextmanager
-def atomic_file(path: PathLike, *, overwrite: bool = False, inputs: Iterable[PathLike] = ()) -> Iterator[Path]:
+def atomic_file(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary path beside file `path` to write; on success it replaces `path` (os.replace)
     under the overwrite rule above. On error the temporary file is removed and `path` untouched; an OSError
     (disk full, read-only) becomes WriteError."""
     target = Path(path)
     if target.is_dir():
         raise OutputExistsError(f"output {str(target)!r} is a directory; give a file path")
-    check_output(target, overwrite=overwrite, inputs=inputs)
+    check_output(target, overwrite=overwrite)
     tmp = _temp_sibling(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

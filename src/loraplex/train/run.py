@@ -84,9 +84,9 @@ def _prepare_out(config: TrainConfig, is_main: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; train writes a directory: choose another path")
     earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
-    inputs = [p for p in (config.base, *config.data) if Path(p).exists()]
+    check_output(out, overwrite=True, inputs=[p for p in (config.base, *config.data) if Path(p).exists()])
     try:
-        check_output(out, overwrite=config.overwrite or (config.resume and bool(earlier)), inputs=inputs)
+        check_output(out, overwrite=config.overwrite or (config.resume and bool(earlier)))
     except OutputExistsError as exc:
         raise OutputExistsError(f"{exc}. For train: --resume continues an earlier run there, --overwrite starts "
                                 "over") from None
