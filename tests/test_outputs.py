@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import loraplex.store as store
 from loraplex.errors import LoraplexError, OutputExistsError, WriteError
 from loraplex.store import atomic_directory, write_json
+from loraplex.train.sources import Record, write_jsonl
 
 STATES = ["absent", "empty dir", "full dir", "file"]
 
@@ -96,10 +97,11 @@ def test_outputs_get_the_users_umask(tmp_path, umask):
         with atomic_directory(tmp_path / "adapter") as tmp:
             write_json(tmp / "adapter_config.json", {})
         write_json(tmp_path / "results.json", {})
+        write_jsonl([Record(text="t")], tmp_path / "data.jsonl")
     finally:
         os.umask(old)
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask
-    for f in (tmp_path / "adapter" / "adapter_config.json", tmp_path / "results.json"):
+    for f in (tmp_path / "adapter" / "adapter_config.json", tmp_path / "results.json", tmp_path / "data.jsonl"):
         assert f.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
