@@ -373,6 +373,10 @@ def test_cli_errors_are_one_line(tiny_base_with_tokenizer, capsys):
     assert main(["eval", "--base", str(root / "base"), "--adapters", str(root / "runs"), "--data",
                  str(root / "qa.jsonl"), "--limit", "1", "--metrics", "loss", "--out", str(root / "notes.json")]) == 2
     assert "--overwrite" in capsys.readouterr().err and (root / "notes.json").read_text() == "mine"
+    data = (root / "qa.jsonl").read_text()
+    assert main(["eval", "--base", str(root / "base"), "--adapters", str(root / "runs"), "--data",
+                 str(root / "qa.jsonl"), "--out", str(root / "qa.jsonl"), "--overwrite"]) == 2
+    assert "input" in capsys.readouterr().err and (root / "qa.jsonl").read_text() == data
     assert main(["promote", "nope", "--base", str(root / "base"), "--adapters", str(root / "runs"),
                  "--out", str(root / "x")]) == 2
     assert "no adapter 'nope'" in capsys.readouterr().err

@@ -75,9 +75,11 @@ def _adapters(items: list[str]) -> list[str]:
 
 def run_eval(args: argparse.Namespace) -> int:
     metrics = [m for item in args.metrics for m in item.replace(",", " ").split()]
-    for path in (args.out, args.plot):  # refuse before the pass, not after it
+    named = [args.base, *args.data,
+             *(a if os.path.exists(a) else a.partition("=")[2] for a in _adapters(args.adapters))]  # NAME=DIR
+    for path in (args.out, args.plot):  # refuse before the pass, not after it; never replace an input
         if path:
-            check_output(path, overwrite=args.overwrite)
+            check_output(path, overwrite=args.overwrite, inputs=[p for p in named if os.path.exists(p)])
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
     if tokenizer is None:
         raise ConfigError(f"base {args.base!r} has no tokenizer; eval needs a model directory with one")
