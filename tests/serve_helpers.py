@@ -27,7 +27,7 @@ def make_adapter(directory: Path, seed: int, *, r: int = 4, targets="all-linear"
     with torch.no_grad():
         for _, layer in lp.lora_layers(model):
             layer.lora_B["a"].weight.mul_(gain)
-    return lp.save_adapter(model, "a", directory, base_name="tiny-llama")
+    return lp.save_adapter(model, "a", directory, base_name="tiny-llama", overwrite=True)  # tests rewrite in place
 
 
 class LoopbackServer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -167,3 +169,43 @@ def test_log_level_sets_loraplex_and_transformers(tmp_path, capsys, caplog):
     logging.getLogger("loraplex.cli_test").info("not shown")
     err = capsys.readouterr().err
     assert "loraplex.cli_test: INFO: shown" in err and "not shown" not in err
+
+
+def _merge(tmp, out, *extra, adapter=None):
+    return main(["merge", "--base", str(tmp / "base"), "--adapter", str(adapter or tmp / "adapter"), "--out", str(out),
+                 *extra])
+
+
+def test_merge_never_replaces_what_it_was_not_told_to(base_and_adapter, capsys):
+    """A user's folder or file at --out stays as it was without --overwrite; an input (adapter or base) is never
+    replaced, even with it; with --overwrite the old content is replaced whole."""
+    tmp, _ = base_and_adapter
+    users = tmp / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    (tmp / "file").write_text("mine too")
+    for out in (users, tmp / "file"):
+        assert _merge(tmp, out) == 1
+        assert "--overwrite" in capsys.readouterr().err
+    assert (users / "notes.txt").read_text() == "mine" and (tmp / "file").read_text() == "mine too"
+    adapter_files = {p.name: p.read_bytes() for p in (tmp / "adapter").iterdir()}
+    for out in (tmp / "adapter", tmp / "base", tmp):  # is the adapter, is the base, holds both
+        assert _merge(tmp, out, "--overwrite") == 1
+        assert "input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp / "adapter").iterdir()} == adapter_files
+    assert _merge(tmp, users, "--overwrite") == 0
+    assert not (users / "notes.txt").exists() and (users / "loraplex_merge.json").is_file()
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".")]  # no temporary or old copy left
+
+
+def test_merge_on_a_full_disk_is_a_clean_error(base_and_adapter, capsys, monkeypatch):
+    tmp, _ = base_and_adapter
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("loraplex.store.os.fsync", full)
+    assert _merge(tmp, tmp / "m") == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (progress bars of the base load come before it)
+    assert last.startswith("loraplex merge: error: cannot write") and "No space left" in last
+    assert not (tmp / "m").exists() and not [p for p in tmp.iterdir() if p.name.startswith(".")]

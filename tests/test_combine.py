@@ -3,6 +3,7 @@ oracle for loading, on-the-fly weighted mixes as the oracle for combined deltas,
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -18,8 +19,8 @@ import loraplex as lp
 from loraplex.cli import main
 from loraplex.combine import METHODS, PRUNING, combine, dare_mask, save_combined
 from loraplex.config import LoraConfig
-from loraplex.errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
-                             UnsupportedFeatureError)
+from loraplex.errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, OutputExistsError,
+                             ShapeMismatchError, UnsupportedFeatureError)
 from loraplex.export import merge_into
 from loraplex.extract import extract_lora
 from loraplex.functional import tolerance
@@ -419,3 +420,48 @@ def test_cli_combine_and_extract_end_to_end(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "model.norm.weight" in text and "wrote" in text
     assert lp.read_adapter(tmp_path / "x").config.r == 2
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def test_combine_never_replaces_what_it_was_not_told_to(tmp_path, capsys):
+    a = saved(tmp_path, "a", tiny_llama, 1, r=2, target_modules=["q_proj"])
+    b = saved(tmp_path, "b", tiny_llama, 2, r=2, target_modules=["q_proj"])
+    inputs = {a: _files(a), b: _files(b)}
+    (tmp_path / "notes").write_text("mine")
+    args = [str(a), str(b), "--weights", "1", "1"]
+    assert main(["combine", *args, "--out", str(tmp_path / "notes")]) == 1  # a file is not turned into a folder
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "notes").read_text() == "mine"
+    for out in (a, tmp_path):  # is an input; holds the inputs
+        assert main(["combine", *args, "--out", str(out), "--overwrite"]) == 1
+        assert "input" in capsys.readouterr().err
+    assert {d: _files(d) for d in inputs} == inputs
+    assert main(["combine", *args, "--out", str(tmp_path / "c")]) == 0
+    first = lp.read_adapter(tmp_path / "c").content_hash
+    with pytest.raises(OutputExistsError, match="overwrite=True"):
+        save_combined(combine([a, b], [1.0, -1.0]), tmp_path / "c")
+    assert lp.read_adapter(tmp_path / "c").content_hash == first
+    assert save_combined(combine([a, b], [1.0, -1.0]), tmp_path / "c", overwrite=True).content_hash != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "notes"]  # no hidden leftovers
+
+
+def test_combine_after_a_killed_one_and_on_a_full_disk(tmp_path, capsys, monkeypatch):
+    """A killed combine's complete temporary folder is removed by the next writer of that target; a full disk
+    is one clean error line that leaves nothing behind."""
+    a = saved(tmp_path, "a", tiny_llama, 1, r=2, target_modules=["q_proj"])
+    killed = tmp_path / ".mix.tmp-3f2a9c1d"  # what an earlier loraplex's mkdtemp named it
+    killed.mkdir()
+    for f in a.iterdir():
+        (killed / f.name).write_bytes(f.read_bytes())
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("loraplex.extract.save_file", full)
+    assert main(["combine", str(a), "--weights", "0.5", "--out", str(tmp_path / "mix")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the stale folder went, no new one stayed
+    monkeypatch.undo()
+    assert main(["combine", str(a), "--weights", "0.5", "--out", str(tmp_path / "mix")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "mix"]

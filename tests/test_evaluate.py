@@ -3,8 +3,10 @@ hand-checkable toy model; leaderboard, JSON and chart; promote's directory, pari
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import shutil
 import struct
 from types import SimpleNamespace
 
@@ -20,7 +22,7 @@ from loraplex.eval_cli import plot_results
 from loraplex.evaluate import BASE, EvalResult, _greedy, _normalize, discover_adapters, evaluate
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama
-from loraplex.errors import ParityError
+from loraplex.errors import OutputExistsError, ParityError, WriteError
 from loraplex.promote import CARD_NAME, REPORT_NAME, _training, promote
 from loraplex.train.data import IGNORE_INDEX, Example
 from loraplex.verify import Tolerance
@@ -212,6 +214,58 @@ def test_discover_adapters(adapters, tmp_path):
         discover_adapters(tmp_path)
 
 
+def test_adapter_folders_skip_hidden_entries(adapters, tmp_path):
+    """A combine killed after its temporary folder was complete leaves `.mix.tmp-<pid>-<id>` (a whole adapter):
+    listing the folder must not pick it up (nor any other hidden entry)."""
+    folder = tmp_path / "folder"
+    shutil.copytree(adapters, folder)
+    shutil.copytree(adapters / "alpha", folder / ".mix.tmp-4242-0badc0de")
+    shutil.copytree(adapters / "beta", folder / ".beta.old-12345678")
+    assert set(discover_adapters(folder)) == set(NAMES)
+
+
+@pytest.mark.parametrize("arg,bad", [("limit", -1), ("limit", 0), ("max_new_tokens", 0), ("max_length", -5),
+                                     ("batch_size", 2**40), ("eval_split", 1.0), ("eval_split", math.nan),
+                                     ("seed", -1), ("limit", 1.5), ("batch_size", True)])
+def test_numeric_arguments_are_checked_up_front(adapters, arg, bad):
+    with pytest.raises(lp.ConfigError, match=arg):
+        evaluate(tiny_llama(seed=0).eval(), None, adapters, _examples(2), metrics=("loss",), **{arg: bad})
+
+
+def test_results_file_follows_the_overwrite_rule_and_survives_a_full_disk(tmp_path, monkeypatch):
+    result, path = _result(), tmp_path / "r.json"
+    path.write_text("the user's notes")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        result.save(path)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        plot_results(result, path)
+    assert path.read_text() == "the user's notes"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("loraplex.store.os.fsync", full)
+    with pytest.raises(WriteError, match="No space left"):
+        result.save(path, overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"] and path.read_text() == "the user's notes"
+    monkeypatch.undo()
+    assert EvalResult.load(result.save(path, overwrite=True)).leaderboard() == result.leaderboard()
+
+
+def test_promote_never_replaces_what_it_was_not_told_to(adapters, tmp_path):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        promote("alpha", tiny_llama(seed=0), adapters, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    before = sorted(p.name for p in (adapters / "alpha").iterdir())
+    with pytest.raises(OutputExistsError, match="input"):
+        promote("alpha", tiny_llama(seed=0), adapters, adapters / "alpha", overwrite=True)
+    assert sorted(p.name for p in (adapters / "alpha").iterdir()) == before
+    promote("alpha", tiny_llama(seed=0), adapters, out, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / CARD_NAME).is_file()
+
+
 # -- promote --------------------------------------------------------------------------------------------------------
 def test_promote_writes_a_loadable_directory_and_card(adapters, tmp_path):
     base = tiny_llama(seed=0)
@@ -312,6 +366,17 @@ def test_training_facts_come_from_the_trainers_summary(tmp_path):
 
 def test_cli_errors_are_one_line(tiny_base_with_tokenizer, capsys):
     root = tiny_base_with_tokenizer
+    assert main(["eval", "--base", str(root / "base"), "--adapters", str(root / "runs"), "--data",
+                 str(root / "qa.jsonl"), "--limit", "-1"]) == 1
+    assert "limit" in capsys.readouterr().err
+    (root / "notes.json").write_text("mine")
+    assert main(["eval", "--base", str(root / "base"), "--adapters", str(root / "runs"), "--data",
+                 str(root / "qa.jsonl"), "--limit", "1", "--metrics", "loss", "--out", str(root / "notes.json")]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (root / "notes.json").read_text() == "mine"
+    data = (root / "qa.jsonl").read_text()
+    assert main(["eval", "--base", str(root / "base"), "--adapters", str(root / "runs"), "--data",
+                 str(root / "qa.jsonl"), "--out", str(root / "qa.jsonl"), "--overwrite"]) == 1
+    assert "input" in capsys.readouterr().err and (root / "qa.jsonl").read_text() == data
     assert main(["promote", "nope", "--base", str(root / "base"), "--adapters", str(root / "runs"),
                  "--out", str(root / "x")]) == 1
     assert "no adapter 'nope'" in capsys.readouterr().err

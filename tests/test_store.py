@@ -201,7 +201,7 @@ def test_atomic_directory_keeps_old_content_on_crash(tmp_path):
     with atomic_directory(target) as tmp:
         (tmp / "f").write_text("v1")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, overwrite=True) as tmp:
             (tmp / "f").write_text("half")
             raise RuntimeError("crash mid-save")
     assert (target / "f").read_text() == "v1"
@@ -219,5 +219,5 @@ def test_crash_mid_save_leaves_last_good_adapter(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(store, "write_json", boom)
     with pytest.raises(OSError, match="disk full"):
-        lp.save_adapter(model, "a", d)
+        lp.save_adapter(model, "a", d, overwrite=True)
     assert lp.read_adapter(d).content_hash == good

@@ -4,6 +4,7 @@ QLoRA. Everything runs on a tiny random Llama saved with a character-level token
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -23,11 +24,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import loraplex as lp
-from loraplex.errors import CheckpointError, ConfigError, QuantConfigError
+from loraplex.cli import main
+from loraplex.errors import (CheckpointError, ConfigError, NonFiniteError, OutputExistsError, QuantConfigError,
+                             WriteError)
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
-from loraplex.train.loop import head_logits
+from loraplex.train.loop import INT_LIMIT, NUMERIC_FIELDS, head_logits
 from loraplex.train import checkpoint as ckpt_mod
 from loraplex.train.cli import parse_targets
 from loraplex.train.data import Example
@@ -144,6 +147,97 @@ def test_config_validation(tmp_path):
         TrainConfig(base="x", data="a.jsonl", out=tmp_path, quantize="int8", quant_block_size=32)
     with pytest.raises(QuantConfigError, match="even integer"):
         TrainConfig(base="x", data="a.jsonl", out=tmp_path, quantize="nf4", quant_block_size=33)
+
+
+BAD_NUMBERS = [0, -1, -0.5, math.nan, math.inf, -math.inf, 1e300, -1e300, 10**30, 2**31, 2**63, 2**64 + 1,
+               "8", b"8", True, False, [1], 1.5, 0.999999]
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.sampled_from(sorted(NUMERIC_FIELDS)),
+       value=st.one_of(st.sampled_from(BAD_NUMBERS), st.integers(), st.floats(), st.none(), st.text(max_size=3)))
+def test_every_numeric_field_is_checked(key, value):
+    """Each numeric TrainConfig field (= train flag) refuses a bad value with a ConfigError naming it (no
+    TypeError/OverflowError later); what it accepts is a finite number of its kind, within the int range."""
+    try:
+        cfg = TrainConfig(base="x", data="a.jsonl", out="out", **{key: value})
+    except ConfigError as exc:
+        assert key in str(exc)
+        return
+    kind, optional = NUMERIC_FIELDS[key][:2]
+    got = getattr(cfg, key)
+    if got is None:
+        assert optional
+        return
+    assert not isinstance(got, bool) and isinstance(got, (int, float) if kind is float else int)
+    assert math.isfinite(got) and (kind is float or 0 <= got <= INT_LIMIT)
+
+
+@pytest.mark.parametrize("key,value", [("lr", 1e300), ("lr", 1e-300), ("alpha", 1e300), ("weight_decay", 1e300),
+                                       ("max_grad_norm", 1e300), ("dropout", 0.999999), ("warmup_ratio", 0.999999),
+                                       ("eval_split", 0.999999), ("max_length", INT_LIMIT), ("batch_size", INT_LIMIT)])
+def test_extreme_accepted_values_train_finitely_or_stop_typed(tiny_base, data, tmp_path, key, value):
+    """What TrainConfig accepts at its edges either trains to a finite adapter or stops with a typed error
+    before any adapter is written (never a NaN adapter, never a crash)."""
+    out = tmp_path / "run"
+    try:
+        train(config(tiny_base, [data["a"]], out, max_steps=2, **{key: value}))
+    except lp.LoraplexError:
+        assert not (out / WEIGHTS).exists()
+        return
+    assert all(torch.isfinite(t).all() for t in tensors(out).values())
+
+
+def test_divergence_stops_typed_and_keeps_the_last_good_checkpoint(tiny_base, data, tmp_path, capsys):
+    """`train --lr inf` is refused up front; a run that diverges (loss NaN) stops with NonFiniteError, writes
+    no adapter, and its last checkpoint (before the NaN) still loads, finite."""
+    out = tmp_path / "inf"
+    assert main(["train", "--base", str(tiny_base), "--data", str(data["a"]), "--out", str(out),
+                 "--lr", "inf", "--max-steps", "2"]) == 1
+    assert "lr" in capsys.readouterr().err and not out.exists()
+    out = tmp_path / "diverged"
+    with pytest.raises(NonFiniteError, match="diverged at step 2"):
+        train(config(tiny_base, [data["a"]], out, lr=1e30, save_every=1))
+    assert not (out / WEIGHTS).exists()
+    ckpt = ckpt_mod.load_checkpoint(ckpt_mod.find_checkpoint(out))
+    assert ckpt.state["step"] == 1
+    assert all(torch.isfinite(t).all() for t in lp.read_adapter(ckpt.adapter_dir("default")).tensors.values())
+
+
+def test_out_is_never_an_existing_adapter_or_file_without_asking(tiny_base, data, tmp_path):
+    model = tiny_llama(seed=0)
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
+    lp.save_adapter(model, "a", tmp_path / "mine")
+    before = tensors(tmp_path / "mine")
+    for flags in ({}, {"resume": True}):  # resume continues an earlier run, and this is none
+        with pytest.raises(OutputExistsError, match="--overwrite"):
+            train(config(tiny_base, [data["a"]], tmp_path / "mine", max_steps=1, **flags))
+    assert_same(tensors(tmp_path / "mine"), before)
+    (tmp_path / "file").write_text("mine")
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(OutputExistsError, match="is a file"):
+            train(config(tiny_base, [data["a"]], tmp_path / "file", max_steps=1, **flags))
+    assert (tmp_path / "file").read_text() == "mine"
+    with pytest.raises(OutputExistsError, match="input"):  # the folder holding the data, even with --overwrite
+        train(config(tiny_base, [data["a"]], data["a"].parent, max_steps=1, overwrite=True))
+    assert data["a"].is_file()
+
+
+def test_rank_above_a_targeted_layer_is_refused_before_allocating(tiny_base, data, tmp_path):
+    hidden = lp.models.load_base(str(tiny_base))[0].config.hidden_size
+    for rank in (hidden + 1, 10**9):
+        with pytest.raises(ConfigError, match=f"--rank {rank} exceeds min"):
+            train(config(tiny_base, [data["a"]], tmp_path / f"r{rank}", rank=rank, max_steps=1))
+
+
+def test_full_disk_during_training_is_a_write_error(tiny_base, data, tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr("loraplex.store.os.fsync", full)
+    out = tmp_path / "run"
+    with pytest.raises(WriteError, match="No space left"):
+        train(config(tiny_base, [data["a"]], out, max_steps=1))
+    assert not (out / WEIGHTS).exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -369,7 +463,7 @@ def test_packing_and_qlora_nf4(tiny_base, data, tmp_path):
 def test_out_dir_guard_and_resume_refuses_other_settings(tiny_base, data, tmp_path):
     out = tmp_path / "run"
     train(config(tiny_base, [data["a"]], out, save_every=2))
-    with pytest.raises(ConfigError, match="earlier run"):
+    with pytest.raises(OutputExistsError, match="earlier run"):
         train(config(tiny_base, [data["a"]], out))
     with pytest.raises(CheckpointError, match="lr"):
         train(config(tiny_base, [data["a"]], out, resume=True, lr=5e-3))

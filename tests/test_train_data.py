@@ -215,7 +215,7 @@ def test_write_jsonl_round_trip_and_atomic(tmp_path):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError):
-        write_jsonl(failing(), path)
+        write_jsonl(failing(), path, overwrite=True)
     assert list(load_records(str(path))) == records  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # no temp file left
 

@@ -407,7 +407,10 @@ def _common(values: list[Any]) -> Any:
     return values[0] if len(set(map(str, values))) == 1 else None
 
 
-def save_combined(result: CombineResult, out_dir: PathLike) -> CombineResult:
-    """Write a combined adapter (PEFT-loadable) plus loraplex_combine.json; returns it with `path` = out_dir."""
-    path = write_adapter(result, out_dir, "combine", result.report.to_dict() if result.report else {})
+def save_combined(result: CombineResult, out_dir: PathLike, *, overwrite: bool = False) -> CombineResult:
+    """Write a combined adapter (PEFT-loadable) plus loraplex_combine.json; returns it with `path` = out_dir.
+    An existing non-empty `out_dir` is replaced (atomically) only with `overwrite`; an input adapter never."""
+    inputs = [s["path"] for s in result.report.sources] if result.report else []
+    path = write_adapter(result, out_dir, "combine", result.report.to_dict() if result.report else {},
+                         overwrite=overwrite, inputs=inputs)
     return dataclasses.replace(result, path=path)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from .combine import METHODS, combine, save_combined
 from .extract import extract_lora, save_extracted
 from .models import load_base
+from .store import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -21,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--rank", type=int, help="output rank bound: svd and the pruning methods (default: max input rank)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
     p.add_argument("--union", action="store_true", help="combine over the union of target modules (missing = 0)")
-    p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
+    p.add_argument("--out", required=True, help="output adapter directory: new or empty (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically; never an input)")
     p.add_argument("--modules", action="store_true", help="one table row per module instead of per module name")
     p.set_defaults(func=run_combine)
 
@@ -35,27 +38,31 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--targets", nargs="+", default=["all-linear"],
                    help="module names (or 'all-linear', the default) to extract")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of both models")
-    p.add_argument("--out", required=True, help="output adapter directory (written atomically)")
+    p.add_argument("--out", required=True, help="output adapter directory: new or empty (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--modules", action="store_true", help="one table row per module instead of per module name")
     p.set_defaults(func=run_extract)
     return ["combine", "extract"]
 
 
 def run_combine(args: argparse.Namespace) -> int:
+    check_output(args.out, overwrite=args.overwrite, inputs=args.adapters)  # before the work
     result = combine(args.adapters, args.weights, args.method, density=args.density, rank=args.rank,
                      seed=args.seed, union=args.union)
-    saved = save_combined(result, args.out)
+    saved = save_combined(result, args.out, overwrite=args.overwrite)
     print(result.report.table(per_module=args.modules))
     print(f"wrote {saved.path} (r={result.config.r}, content hash {saved.content_hash[:12]})")
     return 0
 
 
 def run_extract(args: argparse.Namespace) -> int:
+    models = [m for m in (args.base, args.finetuned) if os.path.exists(m)]
+    check_output(args.out, overwrite=args.overwrite, inputs=models)  # before the models load
     base, _ = load_base(args.base, num_layers=args.num_layers)
     finetuned, _ = load_base(args.finetuned, num_layers=args.num_layers)
     targets = args.targets[0] if args.targets == ["all-linear"] else args.targets
     adapter, report = extract_lora(base, finetuned, rank=args.rank, energy=args.energy, targets=targets)
-    saved = save_extracted(adapter, report, args.out)
+    saved = save_extracted(adapter, report, args.out, overwrite=args.overwrite)
     print(report.table(per_module=args.modules))
     print(f"wrote {saved.path} (r={adapter.config.r}, content hash {saved.content_hash[:12]})")
     return 0

@@ -97,6 +97,16 @@ class CheckpointError(LoraplexError, OSError):
     """A training checkpoint is unreadable, incomplete, or was made by a run with other settings."""
 
 
+class OutputExistsError(LoraplexError, FileExistsError):
+    """An output path already holds something the call was not told to replace (pass overwrite / --overwrite),
+    or it is (or contains) one of the call's own inputs, which is never replaced."""
+
+
+class WriteError(LoraplexError, OSError):
+    """Writing an output failed (disk full, read-only or unwritable folder); nothing partial was left and an
+    earlier version at that path is intact."""
+
+
 class ParityError(LoraplexError, RuntimeError):
     """A merged deployment does not compute what base + adapter on the fly computes (within tolerance)."""
 

@@ -14,7 +14,7 @@ from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
 from .export import DTYPES
 from .models import load_base
 from .probes import read_prompts
-from .store import write_png
+from .store import check_output, write_png
 from .promote import CARD_NAME, promote
 from .verify import Row, VerifyReport
 
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser(
@@ -57,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--base", required=True, help="a transformers model directory, or 'smollm2'")
     p.add_argument("--adapters", required=True, nargs="+",
                    help="the adapter directory, or the folder(s) holding adapter NAME (as given to eval)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output directory (new or empty; written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
     p.add_argument("--results", help="results JSON written by `loraplex eval --out`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
@@ -74,6 +76,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.plot:  # before the long pass, not after it
         require("plot", "eval --plot")
     metrics = [m for item in args.metrics for m in item.replace(",", " ").split()]
+    named = [args.base, *args.data,
+             *(a if os.path.exists(a) else a.partition("=")[2] for a in _adapters(args.adapters))]  # NAME=DIR
+    for path in (args.out, args.plot):  # refuse before the pass, not after it; never replace an input
+        if path:
+            check_output(path, overwrite=args.overwrite, inputs=[p for p in named if os.path.exists(p)])
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
     if tokenizer is None:
         raise ConfigError(f"base {args.base!r} has no tokenizer; eval needs a model directory with one")
@@ -86,9 +93,9 @@ def run_eval(args: argparse.Namespace) -> int:
           f"tokens{scored}")
     print(result.table())
     if args.out:
-        print(f"wrote {result.save(args.out)}")
+        print(f"wrote {result.save(args.out, overwrite=args.overwrite)}")
     if args.plot:
-        print(f"wrote {plot_results(result, args.plot)}")
+        print(f"wrote {plot_results(result, args.plot, overwrite=args.overwrite)}")
     return 0
 
 
@@ -96,7 +103,8 @@ def run_promote(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts) if args.prompts else None
     adapters = _adapters(args.adapters)
     report = promote(args.name, args.base, adapters[0] if len(adapters) == 1 else adapters, args.out,
-                     eval_results=args.results, dtype=args.dtype, num_layers=args.num_layers, prompts=prompts)
+                     eval_results=args.results, dtype=args.dtype, num_layers=args.num_layers, prompts=prompts,
+                     overwrite=args.overwrite)
     print(f"adapter {report.name} ({report.content_hash[:12]}) from {report.adapter_path}, merged into "
           f"{report.base} ({report.dtype})")
     print(VerifyReport(report.base, report.adapter_path, [Row(**report.parity)]).table())
@@ -107,9 +115,10 @@ def run_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_results(result: EvalResult, path: str | os.PathLike[str]) -> Path:
-    """A PNG bar chart of `result` (matplotlib Agg), written atomically: one panel per metric, one bar per
-    variant in leaderboard order, the base in grey; returns the path."""
+def plot_results(result: EvalResult, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A PNG bar chart of `result` (matplotlib Agg), written atomically (an existing file is replaced only with
+    `overwrite`): one panel per metric, one bar per variant in leaderboard order, the base in grey; returns the path.
+    Raises MissingDependencyError without matplotlib (the 'plot' extra)."""
     require("plot", "plotting eval results")
     import matplotlib
 
@@ -136,4 +145,4 @@ def plot_results(result: EvalResult, path: str | os.PathLike[str]) -> Path:
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"loraplex eval: {result.base} on {result.data} ({result.examples} examples)", fontsize="medium")
     fig.tight_layout()
-    return write_png(fig, path)
+    return write_png(fig, path, overwrite=overwrite)

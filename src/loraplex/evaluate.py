@@ -41,7 +41,7 @@ from .models import base_name, load_base
 from .report import format_table
 from .store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter, write_json
 from .train.data import IGNORE_INDEX, Batcher, Example, split, tokenize
-from .train.loop import FAST_LOSS_TYPES
+from .train.loop import FAST_LOSS_TYPES, INT_LIMIT, check_numbers
 from .train.sources import Record, load_records
 
 METRICS = {"loss": "lower", "perplexity": "lower", "accuracy": "higher", "exact_match": "higher"}  # better is
@@ -50,6 +50,15 @@ BASE = "base"  # the variant name of the bare base in results
 GENERATION_SLACK = 8  # extra greedy tokens allowed beyond the reference's length
 RESULTS_FORMAT = "loraplex.eval/1"
 PathLike = Union[str, os.PathLike]
+# evaluate's numeric arguments (= eval's flags) for train.loop.check_numbers: (kind, None allowed, meaning, check)
+NUMERIC_ARGS = {
+    "batch_size": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "max_length": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "max_new_tokens": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "limit": (int, True, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "eval_split": (float, True, "a number in (0, 1)", lambda v: 0 < v < 1),
+    "seed": (int, False, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+}
 AdapterSpec = Union[PathLike, Sequence[PathLike], Mapping[str, Union[PathLike, AdapterFile]]]
 
 
@@ -106,9 +115,9 @@ class EvalResult:
         names = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in names})
 
-    def save(self, path: PathLike) -> Path:
-        write_json(path, self.to_dict())
-        return Path(path)
+    def save(self, path: PathLike, *, overwrite: bool = False) -> Path:
+        """Write the results JSON atomically (an existing file is replaced only with `overwrite`)."""
+        return write_json(path, self.to_dict(), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: PathLike) -> "EvalResult":
@@ -130,8 +139,8 @@ def _fmt(metric: str, value: float) -> str:
 # -- inputs ---------------------------------------------------------------------------------------------------
 def discover_adapters(spec: AdapterSpec) -> dict[str, Union[Path, AdapterFile]]:
     """{name: adapter directory} from: a mapping name -> dir; an adapter directory (named after it); a folder
-    whose subdirectories are adapters (e.g. `train --out-per-data` output); a comma-separated string or a list
-    of such, where an item may be `name=dir`."""
+    whose subdirectories are adapters (e.g. `train --out-per-data` output; hidden '.*' ones are skipped); a
+    comma-separated string or a list of such, where an item may be `name=dir`."""
     if isinstance(spec, Mapping):
         return {check_name(str(k)): (v if isinstance(v, AdapterFile) else Path(v)) for k, v in spec.items()}
     items = ([s for s in str(spec).split(",") if s] if isinstance(spec, (str, os.PathLike)) else list(spec))
@@ -152,7 +161,8 @@ def discover_adapters(spec: AdapterSpec) -> dict[str, Union[Path, AdapterFile]]:
 def _folder(path: Path) -> dict[str, Path]:
     if (path / CONFIG_NAME).is_file():
         return {_name_of(path): path}
-    subs = sorted(p for p in path.iterdir() if (p / CONFIG_NAME).is_file()) if path.is_dir() else []
+    subs = (sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / CONFIG_NAME).is_file())
+            if path.is_dir() else [])  # hidden entries are writers' temporaries (store.atomic_directory)
     if not subs:
         raise AdapterFileError(f"{str(path)!r} is neither an adapter directory (with {CONFIG_NAME}) nor a folder of "
                                "adapter directories; give adapter directories, or NAME=DIR pairs")
@@ -194,8 +204,8 @@ def evaluate(model: Union[nn.Module, str], tokenizer: Any, adapters: AdapterSpec
     bad = [m for m in metrics if m not in METRICS]
     if bad or not metrics:
         raise ConfigError(f"unknown metric(s) {bad or metrics}; choose from {list(METRICS)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_numbers("evaluate", {"batch_size": batch_size, "max_length": max_length, "max_new_tokens": max_new_tokens,
+                               "limit": limit, "eval_split": eval_split, "seed": seed}, NUMERIC_ARGS)
     if isinstance(model, (str, os.PathLike)):
         model, own_tok = load_base(model)
         tokenizer = tokenizer if tokenizer is not None else own_tok

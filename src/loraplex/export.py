@@ -19,7 +19,7 @@ from . import __version__
 from .errors import ConfigError
 from .inject import eject
 from .merge import merge
-from .store import AdapterFile, atomic_directory, load_adapter, read_adapter, write_json
+from .store import AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PathLike = Union[str, os.PathLike]
@@ -65,13 +65,18 @@ def merge_into(model: nn.Module, adapters: Sequence[Union[PathLike, AdapterFile]
 
 def export_merged(model: nn.Module, tokenizer: Any, adapters: Sequence[Union[PathLike, AdapterFile]],
                   out: PathLike, *, weights: Optional[Sequence[float]] = None, dtype: str = "fp32",
-                  check_base_model: bool = True) -> ExportReport:
+                  check_base_model: bool = True, overwrite: bool = False,
+                  inputs: Sequence[PathLike] = ()) -> ExportReport:
     """Merge `adapters` into `model` (in place) and write a transformers model directory to `out`, atomically:
-    config + safetensors weights (+ tokenizer when given) + loraplex_merge.json describing the merge."""
+    config + safetensors weights (+ tokenizer when given) + loraplex_merge.json describing the merge.
+    An existing non-empty `out` is replaced only with `overwrite`; an `out` that is or holds an adapter (or
+    one of `inputs`, e.g. the base's directory) is refused, before anything is merged."""
+    paths = [a.path if isinstance(a, AdapterFile) else a for a in adapters] + list(inputs)
+    check_output(out, overwrite=overwrite, inputs=paths)
     report = merge_into(model, adapters, weights, check_base_model=check_base_model)
     model.to(parse_dtype(dtype))
     report.out, report.dtype = str(out), dtype
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=overwrite, inputs=paths) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -210,20 +210,25 @@ def new_adapter(config: LoraConfig, tensors: dict[str, torch.Tensor], fingerprin
     return AdapterFile(Path(label), config, tensors, digest, fingerprint, __version__, raw)
 
 
-def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: dict[str, Any]) -> Path:
+def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: dict[str, Any], *,
+                  overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
     """Write `af` in PEFT's layout, atomically, with loraplex's metadata (version, content hash, base
-    fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json."""
+    fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json.
+    An existing non-empty `out_dir` is replaced only with `overwrite`, one of `inputs` never (store.check_output)."""
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": af.content_hash,
             f"loraplex.{record_name}": json.dumps({k: v for k, v in record.items() if k != "modules"}, default=str)}
     if af.base_fingerprint:
         meta["loraplex.base_fingerprint"] = json.dumps(af.base_fingerprint)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         save_file({PREFIX + k: t for k, t in af.tensors.items()}, str(tmp / WEIGHTS_NAME), metadata=meta)
         write_json(tmp / CONFIG_NAME, af.raw_config)
         write_json(tmp / f"loraplex_{record_name}.json", record)
     return Path(out_dir)
 
 
-def save_extracted(adapter: AdapterFile, report: ExtractReport, out_dir: PathLike) -> AdapterFile:
-    """Write the extracted adapter (PEFT layout) plus loraplex_extract.json; returns it with `path` = out_dir."""
-    return dataclasses.replace(adapter, path=write_adapter(adapter, out_dir, "extract", report.to_dict()))
+def save_extracted(adapter: AdapterFile, report: ExtractReport, out_dir: PathLike, *,
+                   overwrite: bool = False) -> AdapterFile:
+    """Write the extracted adapter (PEFT layout) plus loraplex_extract.json; returns it with `path` = out_dir.
+    An existing non-empty `out_dir` is replaced (atomically) only with `overwrite`."""
+    path = write_adapter(adapter, out_dir, "extract", report.to_dict(), overwrite=overwrite)
+    return dataclasses.replace(adapter, path=path)

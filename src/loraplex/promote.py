@@ -9,7 +9,7 @@ and write a model card beside the weights.
 Parity: the reference is the fp32 base with the adapter applied on the fly; the candidate is `out` loaded back
 with plain `AutoModelForCausalLM.from_pretrained` (no loraplex), on verify's probe set, judged by
 `verify.tolerance_for(dtype of its logits)`. Nothing is written to `out` unless the check passes: the whole
-directory is staged beside it and renamed into place at the end (an existing `out` is replaced).
+directory is staged beside it and renamed into place at the end (an existing `out` only with overwrite).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .export import DTYPES, export_merged, parse_dtype
 from .inject import lora_layers, remove_adapter
 from .models import base_name, load_base
 from .probes import Reference, at_positions, make_probes, run_logits
-from .store import CONFIG_NAME, AdapterFile, atomic_directory, load_adapter, read_adapter, write_json
+from .store import CONFIG_NAME, AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
 from .verify import Row, VerifyReport, judge, tolerance_for
 
 CARD_NAME = "MODEL_CARD.md"
@@ -68,13 +68,14 @@ class PromoteReport:
 def promote(name: str, base: Union[str, PathLike, nn.Module], adapters: AdapterSpec, out: PathLike, *,
             eval_results: Union[EvalResult, PathLike, Mapping[str, Any], None] = None, dtype: str = "fp32",
             tokenizer: Any = None, num_layers: Optional[int] = None, prompts: Optional[Sequence[str]] = None,
-            check_base_model: bool = True) -> PromoteReport:
+            check_base_model: bool = True, overwrite: bool = False) -> PromoteReport:
     """Merge adapter `name` into `base` and write the deployable directory `out` (module docstring).
 
     `adapters`: an adapter directory, a folder of them, or anything evaluate.discover_adapters takes.
     `name="best"` picks the leaderboard winner of `eval_results` (by loss; the base is never picked).
     `eval_results` (an EvalResult, a results JSON path, or its dict) supplies the card's metrics; its content
     hash for `name` must match the adapter on disk. A `base` model is copied, never changed.
+    An existing non-empty `out` is replaced (atomically) only with `overwrite`; never the adapter or the base.
     Raises ParityError (and writes nothing) when the merged directory fails the parity check."""
     parse_dtype(dtype)
     results = _results(eval_results)
@@ -83,6 +84,8 @@ def promote(name: str, base: Union[str, PathLike, nn.Module], adapters: AdapterS
             raise ConfigError("NAME 'best' needs eval results (--results results.json from `loraplex eval`)")
         name = results.best()
     af = _pick(name, adapters)
+    inputs = [af.path] + ([base] if isinstance(base, (str, os.PathLike)) and Path(base).exists() else [])
+    check_output(out, overwrite=overwrite, inputs=inputs)  # before the work; atomic_directory checks again
     if results is not None and name in results.adapters:
         recorded = results.adapters[name].get("content_hash")
         if recorded != af.content_hash:
@@ -96,7 +99,7 @@ def promote(name: str, base: Union[str, PathLike, nn.Module], adapters: AdapterS
     remove_adapter(model, "promote")
     report = PromoteReport(name, str(out), base_name(model), str(af.path), af.content_hash, dtype, {}, probes.source,
                            _metrics(results, name), _training(af.path))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, overwrite=overwrite, inputs=inputs) as tmp:
         export_merged(model, tok, [af], tmp / "merged", dtype=dtype, check_base_model=check_base_model)
         staged = tmp / "merged"
         for f in staged.iterdir():

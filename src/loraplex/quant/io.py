@@ -93,7 +93,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
             f"{target} exists and is not a quantized-model directory; refusing to replace it "
             "(pass a new or empty directory, or one written by save_quantized)"
         )
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:  # refused above unless it is a quantized model
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(_config_json(spec, modules, tied), indent=2) + "\n")
     return target

@@ -72,7 +72,7 @@ class AdapterStore:
         """
         check_name(name)
         af = read_adapter(source)
-        with atomic_directory(self.root / name) as tmp:
+        with atomic_directory(self.root / name, overwrite=True) as tmp:
             for f in Path(source).iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)

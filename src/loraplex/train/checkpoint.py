@@ -72,7 +72,7 @@ def save_checkpoint(out_dir: str | Path, *, model: torch.nn.Module, adapters: li
                     base_name: str | None = None) -> Path:
     """Write DIR/checkpoint atomically (see the module doc); returns its path. `state` is JSON-ready."""
     target = Path(out_dir) / CHECKPOINT_DIR
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:  # replaces the previous checkpoint
         for name in adapters:
             save_adapter(model, name, tmp / "adapters" / name, base_name=base_name)
         trainer = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()},

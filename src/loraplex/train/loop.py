@@ -35,13 +35,56 @@ import torch.nn.functional as F
 from ..inject import lora_layers, route_rows
 from . import checkpoint as ckpt_mod
 from ..config import ALL_LINEAR
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError, WriteError
 from ..quant import QuantSpec
 from .data import IGNORE_INDEX, Batcher, Example
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, shard, wrap
 
 FAST_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo2", "phi3", "smollm3"})
 METRICS_FILE = "metrics.jsonl"
+
+
+INT_LIMIT = 2**31 - 1  # the largest count or seed a TrainConfig int may hold
+# Every numeric TrainConfig field: (int or float, None allowed, what it must be, the check). Floats must be
+# finite (NaN/inf refused before the check); bools are never numbers here.
+NUMERIC_FIELDS: dict[str, tuple[type, bool, str, Any]] = {
+    "rank": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "alpha": (float, False, "a finite number > 0", lambda v: v > 0),
+    "dropout": (float, False, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "lr": (float, False, "a finite number > 0", lambda v: v > 0),
+    "weight_decay": (float, False, "a finite number >= 0", lambda v: v >= 0),
+    "warmup_ratio": (float, False, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "max_grad_norm": (float, False, "a finite number >= 0 (0 disables clipping)", lambda v: v >= 0),
+    "epochs": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "max_steps": (int, True, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+    "batch_size": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "grad_accum": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "max_length": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "eval_split": (float, False, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "eval_every": (int, True, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+    "log_every": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "seed": (int, False, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+    "save_every": (int, False, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+    "quant_block_size": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "num_layers": (int, True, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+}
+
+
+def check_numbers(owner: str, values: dict[str, Any], rules: dict[str, tuple[type, bool, str, Any]]) -> None:
+    """ConfigError naming the first of `values` that breaks its rule (kind, None allowed, meaning, check): a
+    kind-int value must be an int, a kind-float one a finite int or float; bools are neither."""
+    for key, value in values.items():
+        kind, optional, meaning, ok = rules[key]
+        if value is None and optional:
+            continue
+        number = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+        try:
+            number = number and (kind is int or math.isfinite(value))
+        except OverflowError:  # an int too large for a float
+            number = False
+        if not number or not ok(value):
+            raise ConfigError(f"{owner}.{key} (--{key.replace('_', '-')}): expected {meaning}"
+                              f"{' or None' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -90,21 +133,7 @@ class TrainConfig:
         self.data = [self.data] if isinstance(self.data, str) else list(self.data)
         if not self.data:
             raise ConfigError("TrainConfig.data: expected at least one data source, got none")
-        positive = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "grad_accum": self.grad_accum, "max_length": self.max_length, "log_every": self.log_every}
-        for key, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"TrainConfig.{key}: expected a positive int, got {value!r}")
-        for key in ("max_steps", "save_every", "eval_every", "num_layers"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"TrainConfig.{key}: expected a non-negative int or None, got {value!r}")
-        if not (self.lr > 0 and self.alpha > 0 and self.weight_decay >= 0 and self.max_grad_norm >= 0):
-            raise ConfigError(f"TrainConfig: expected lr > 0, alpha > 0, weight_decay >= 0, max_grad_norm >= 0, got "
-                              f"{self.lr}, {self.alpha}, {self.weight_decay}, {self.max_grad_norm}")
-        if not 0 <= self.warmup_ratio < 1 or not 0 <= self.eval_split < 1:
-            raise ConfigError(f"TrainConfig: expected 0 <= warmup_ratio < 1 and 0 <= eval_split < 1, got "
-                              f"{self.warmup_ratio}, {self.eval_split}")
+        check_numbers("TrainConfig", {key: getattr(self, key) for key in NUMERIC_FIELDS}, NUMERIC_FIELDS)
         if self.quantize not in ("none", "int8", "nf4"):
             raise ConfigError(f"TrainConfig.quantize: expected 'none', 'int8' or 'nf4', got {self.quantize!r}")
         if self.quantize != "nf4" and (self.quant_block_size != 64 or self.double_quant):
@@ -348,10 +377,16 @@ class Trainer:
         for k, job in enumerate(active):
             norm = torch.nn.utils.clip_grad_norm_(job.params, max_norm)  # per adapter, after the all-reduce
             lr = job.optimizer.param_groups[0]["lr"]
+            loss_k = float(sums[k]) / targets[job.name]
+            if not (math.isfinite(loss_k) and math.isfinite(float(norm))):  # same on every rank: both are reduced
+                raise NonFiniteError(f"training diverged at step {self.step + 1}: adapter {job.name!r} has loss "
+                                     f"{loss_k} and gradient norm {float(norm)} (lr {lr:g}); this step was not "
+                                     "applied and nothing more is saved (an earlier checkpoint stays usable): "
+                                     "lower --lr or --alpha, or clip with --max-grad-norm")
             job.optimizer.step()
             job.scheduler.step()
             job.steps_done += 1
-            out[job.name] = {"loss": float(sums[k]) / targets[job.name], "lr": lr, "grad_norm": float(norm),
+            out[job.name] = {"loss": loss_k, "lr": lr, "grad_norm": float(norm),
                              "tokens": tokens[job.name], "target_tokens": targets[job.name]}
         return out
 
@@ -359,9 +394,12 @@ class Trainer:
     def _record(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         if self.out is not None and self.info.is_main:
-            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+            try:
+                with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+            except OSError as exc:
+                raise WriteError(f"cannot append to {str(self.out / METRICS_FILE)!r}: {exc}") from exc
 
     def restore(self, ckpt: "ckpt_mod.Checkpoint") -> None:
         """Continue from a checkpoint: jobs, step, counters, this rank's RNG and the metrics so far."""

@@ -17,8 +17,10 @@ from ..extras import require
 from ..store import write_png
 
 
-def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
-    """Write the train/eval loss curves of `rows` to `path` (PNG) atomically; returns the path.
+def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "",
+                overwrite: bool = False) -> Path:
+    """Write the train/eval loss curves of `rows` to `path` (PNG) atomically (an existing file is replaced
+    only with `overwrite`); returns the path.
     Raises MissingDependencyError without matplotlib (the 'plot' extra)."""
     require("plot", "drawing loss curves")
     import matplotlib
@@ -52,4 +54,4 @@ def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *,
     if curves:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    return write_png(fig, path)
+    return write_png(fig, path, overwrite=overwrite)

@@ -11,8 +11,8 @@ Output directory (rank 0 writes; each file replaced atomically):
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import re
 import resource
@@ -25,12 +25,12 @@ from typing import Any, Optional
 import torch
 
 from ..config import LoraConfig
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputExistsError, WriteError
 from ..extras import available
-from ..inject import freeze_base, inject, set_active
+from ..inject import find_targets, freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
-from ..store import load_adapter, save_adapter
+from ..store import check_output, load_adapter, save_adapter, write_json
 from . import checkpoint as ckpt_mod
 from .data import Examples, split, tokenize
 from .distributed import barrier, gather_objects, init_distributed, shutdown
@@ -79,16 +79,41 @@ def peak_rss_bytes() -> int:
 
 
 def _prepare_out(config: TrainConfig, is_main: bool) -> None:
+    """The overwrite rule (store.check_output) for a run's folder: new or empty, --overwrite, or --resume of an
+    earlier run there; never a file, the base or a data file. --overwrite removes only what an earlier run wrote
+    (metrics, checkpoint, summary); the adapter files are replaced when the new ones are complete."""
     out = config.out
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {str(out)!r} is a file; train writes a directory: choose another path")
     earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
-    if earlier and not (config.resume or config.overwrite):
-        raise ConfigError(f"--out {str(out)!r} holds an earlier run ({earlier[0].name}); pass --resume to continue "
-                          "it, --overwrite to start over, or choose another directory")
+    check_output(out, overwrite=True, inputs=[p for p in (config.base, *config.data) if Path(p).exists()])
+    try:
+        check_output(out, overwrite=config.overwrite or (config.resume and bool(earlier)))
+    except OutputExistsError as exc:
+        raise OutputExistsError(f"{exc}. For train: --resume continues an earlier run there, --overwrite starts "
+                                "over") from None
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteError(f"cannot create --out {str(out)!r}: {exc}") from exc
         if config.overwrite and not config.resume:
             for p in earlier:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
+    """Refuse a rank above min(in, out) of a targeted layer (its delta cannot use more) before allocating."""
+    modules = dict(model.named_modules())
+    for key in find_targets(model, lora):
+        m = modules[key]
+        w = getattr(m, "weight", None)
+        dims = ((m.in_features, m.out_features) if hasattr(m, "in_features") else
+                (w.shape[0], math.prod(w.shape[1:])) if w is not None else ())
+        if dims and lora.r > min(dims):
+            raise ConfigError(f"--rank {lora.r} exceeds min(in, out) = {min(dims)} of the targeted layer {key!r}; "
+                              f"a LoRA delta there has rank <= {min(dims)}: pass --rank {min(dims)} or less, or "
+                              "target other modules")
 
 
 def _load_data(config: TrainConfig, tokenizer) -> tuple[dict[str, tuple[list, list]], dict[str, Any]]:
@@ -141,6 +166,7 @@ def _train(config: TrainConfig, info) -> TrainResult:
     ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
                       target_modules=config.targets, base_model_name_or_path=config.base)
+    _check_rank(model, lora)
     for name in data:
         if ckpt is not None and ckpt.adapter_dir(name).is_dir():
             load_adapter(model, ckpt.adapter_dir(name), name, activate=False)
@@ -185,13 +211,11 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
         for job in trainer.jobs:
             _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out)
         if available("plot"):
-            plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}")
+            plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}", overwrite=True)
         else:
             logging.getLogger(__name__).warning(f"{LOSS_PNG} not drawn: matplotlib is not installed "
                                                 "(pip install 'loraplex[plot]')")
-        tmp = out / f".{SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, out / SUMMARY_FILE)
+        write_json(out / SUMMARY_FILE, summary, overwrite=True)
     return TrainResult(out, adapters, trainer.step, {j.name: j.eval_before for j in trainer.jobs},
                        {j.name: j.eval_after for j in trainer.jobs}, summary,
                        ckpt.state["step"] if ckpt is not None else None)
@@ -200,11 +224,11 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
 def _save_into(model, name: str, directory: Path, base: str, *, shared: bool) -> None:
     """save_adapter replaces its whole directory; a `shared` DIR also holds metrics and checkpoints, so the
     adapter is written beside and its files moved in (each os.replace is atomic; weights first, config last)."""
-    if not shared:
-        save_adapter(model, name, directory, base_name=base)
+    if not shared:  # OUT/<name>: _prepare_out already applied the overwrite rule to OUT
+        save_adapter(model, name, directory, base_name=base, overwrite=True)
         return
     staging = directory / ".adapter.tmp"
-    save_adapter(model, name, staging, base_name=base)
+    save_adapter(model, name, staging, base_name=base, overwrite=True)  # a killed run's staging is ours to replace
     for f in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):
         os.replace(f, directory / f.name)
     staging.rmdir()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from ..errors import DataError
+from ..store import atomic_file
 
 ROLES = ("system", "user", "assistant")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's `fortunes` package puts its files
@@ -128,22 +128,17 @@ def load_records(source: str, *, skip_bad: bool = False) -> RecordSet:
     return out
 
 
-def write_jsonl(records: Iterable[Record], path: str | os.PathLike[str]) -> int:
-    """Write records as JSONL (UTF-8, one object per line) atomically; returns how many were written."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def write_jsonl(records: Iterable[Record], path: str | os.PathLike[str], *, overwrite: bool = False) -> int:
+    """Write records as JSONL (UTF-8, one object per line) atomically (store.atomic_file: an existing file is
+    replaced only with `overwrite`); returns how many were written."""
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for record in records:
                 f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
                 n += 1
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return n
 
 
