@@ -8,6 +8,7 @@ import torch
 
 import loraplex as lp
 from loraplex.functional import tolerance
+from loraplex.layers import ModulesToSave
 from loraplex.models import tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
 from loraplex.report import WeightArithmetic
 
@@ -322,3 +323,17 @@ def test_adapter_shapes_are_the_created_shapes(case):
     lp.inject(model, lp.LoraConfig(r=3, **kw), "a")
     for _, layer in lp.lora_layers(model):
         assert layer.adapter_shapes(3) == tuple(tuple(t.shape) for t in layer.adapter_tensors("a"))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(target_modules=["q_proj"], modules_to_save=["j"]), lp.ConfigError, "either adapted or copied"),
+    (dict(target_modules=["q_proj"], modules_to_save=["nope"]), lp.TargetNotFoundError, "nope"),
+    (dict(target_modules=["q_proj", "input_layernorm"]), lp.UnsupportedModuleError, "LlamaRMSNorm"),
+])
+def test_refused_injection_leaves_the_model_untouched(kwargs, error, match):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        lp.inject(model, lp.LoraConfig(r=2, **kwargs), "a")
+    assert not lp.configs(model) and not any(isinstance(m, (lp.LoraLayer, ModulesToSave)) for m in model.modules())
+    assert model.state_dict().keys() == before.keys()

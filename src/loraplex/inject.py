@@ -161,18 +161,18 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
             f"initialize a new adapter that way; use one of {FRESH_INIT_MODES}"
         )
     targets = find_targets(model, config)
+    copies = _modules_to_save_targets(model, config, targets)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     modules = dict(model.named_modules())
-    for key in targets:
-        module = modules[key]
-        if not isinstance(module, LoraLayer):
-            module = lora_layer_for(module)
+    layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
+    for key, module in layers.items():  # every wrapper was built above: an unsupported module changed nothing
+        if module is not modules[key]:
             _replace(model, key, module)
         module.add_adapter(
             name, config.rank_for(key), config.alpha_for(key), dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init=config.init_lora_weights if initialize else None, generator=generator,
         )
-    for key in _modules_to_save_targets(model, config):
+    for key in copies:
         wrapper = modules[key] if isinstance(modules[key], ModulesToSave) else ModulesToSave(modules[key])
         _replace(model, key, wrapper)
         wrapper.add_adapter(name)
@@ -183,18 +183,25 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     return targets
 
 
-def _modules_to_save_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def _modules_to_save_targets(model: nn.Module, config: LoraConfig, targets: Sequence[str]) -> list[str]:
     """Modules whose name ends with an entry of modules_to_save (PEFT's plain suffix rule: "norm" takes
-    model.norm and every *_layernorm), outermost only."""
+    model.norm and every *_layernorm), outermost only. A module (or one inside it) that is also a LoRA
+    target in `targets` is refused: it is either adapted or copied."""
     if not config.modules_to_save:
         return []
+    names = [k for k, _ in _candidates(model)]
     found: list[str] = []
-    for k, _ in _candidates(model):
+    for k in names:
         if any(k.endswith(m) for m in config.modules_to_save) and not any(k.startswith(f + ".") for f in found):
             found.append(k)
-    missing = [m for m in config.modules_to_save if not any(k.endswith(m) for k in found)]
+    missing = [m for m in config.modules_to_save if not any(k.endswith(m) for k in names)]
     if missing:
         raise TargetNotFoundError(f"modules_to_save {missing} not found in {type(model).__name__}")
+    clash = [(c, t) for c in found for t in targets if t == c or t.startswith(c + ".")]
+    if clash:
+        raise ConfigError(f"modules_to_save={config.modules_to_save!r} selects {clash[0][0]!r}, and target_modules="
+                          f"{config.target_modules!r} puts LoRA on {clash[0][1]!r}; a module is either adapted or "
+                          "copied, not both: narrow one of them")
     return found
 
 

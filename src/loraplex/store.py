@@ -42,7 +42,7 @@ from .identity import base_fingerprint, check_base, content_hash
 from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets, freeze_base, inject, lora_layers,
                      matches, remove_adapter, set_active)
 from .layers import LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
-from .models import canonical_base_id
+from .models import NAMES, canonical_base_id
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -155,7 +155,8 @@ def peft_config_dict(config: LoraConfig, model: nn.Module, base_name: Optional[s
     cfg = config.to_dict()
     base = base_name or config.base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
     if base:
-        cfg["base_model_name_or_path"] = str(Path(base).resolve()) if Path(base).is_dir() else canonical_base_id(base)
+        local = base not in NAMES and Path(base).is_dir()  # load_base reads a name before a same-named directory
+        cfg["base_model_name_or_path"] = str(Path(base).resolve()) if local else canonical_base_id(base)
     if cfg["task_type"] is None and _is_causal_lm(model):
         cfg["task_type"] = "CAUSAL_LM"
     return cfg
@@ -278,8 +279,8 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         targets = find_targets(model, config)
         modules = dict(model.named_modules())
         layers = {k: m if isinstance(m, LoraLayer) else lora_layer_for(m) for k, m in ((k, modules[k]) for k in targets)}
-        copies = _modules_to_save_targets(model, config)
-    except (TargetNotFoundError, UnsupportedModuleError) as exc:
+        copies = _modules_to_save_targets(model, config, targets)
+    except (TargetNotFoundError, UnsupportedModuleError, ConfigError) as exc:
         raise type(exc)(f"{what}: {exc}") from None
     expected: dict[str, torch.Tensor] = {}  # file key -> a tensor of the shape and kind it must have (meta)
     for key, layer in layers.items():
