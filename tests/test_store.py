@@ -372,6 +372,14 @@ def test_non_floating_or_non_finite_factors_are_refused(tmp_path, dtype, error, 
         lp.read_adapter(d)
 
 
+def test_non_floating_copy_of_a_float_module_is_refused(tmp_path):
+    d = _saved(tmp_path, modules_to_save=["lm_head"])
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"].to(torch.int64)
+    save_file(tensors, str(d / WEIGHTS_NAME))
+    _refused(d, lp.AdapterFileError, "'lm_head.weight' holds torch.int64 values where the base has torch.float32")
+
+
 def test_bad_config_value_names_the_file(tmp_path):
     d = _saved(tmp_path)
     _edit_config(d, r="x")
