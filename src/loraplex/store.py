@@ -278,7 +278,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
     try:
         targets = find_targets(model, config)
         modules = dict(model.named_modules())
-        layers = {k: m if isinstance(m, LoraLayer) else lora_layer_for(m) for k, m in ((k, modules[k]) for k in targets)}
+        layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
         copies = _modules_to_save_targets(model, config, targets)
     except (TargetNotFoundError, UnsupportedModuleError, ConfigError) as exc:
         raise type(exc)(f"{what}: {exc}") from None
