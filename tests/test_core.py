@@ -8,6 +8,7 @@ import torch
 
 import loraplex as lp
 from loraplex.functional import tolerance
+from loraplex.layers import ModulesToSave
 from loraplex.models import tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
 from loraplex.report import WeightArithmetic
 
@@ -227,6 +228,12 @@ def test_layers_to_transform_and_exclude():
     (dict(r=4, target_modules=["q"], rank_pattern={"v": 0}), r"rank_pattern\['v'\]"),
     (dict(r=4, target_modules=["q"], layers_to_transform=[-1]), "layers_to_transform"),
     (dict(r=4, target_modules=["q"], init_lora_weights="pissa"), "pissa"),
+    (dict(r=4, target_modules=["q"], layers_pattern="layers"), "set layers_to_transform too"),
+    (dict(r=4, target_modules="q", layers_pattern="layers"), "need target_modules as a list"),
+    (dict(r=4, target_modules=["q"], rank_pattern=["q"]), "rank_pattern must be a mapping"),
+    (dict(r=4, target_modules=["q"], use_rslora="yes"), "use_rslora must be true or false"),
+    (dict(r=4, target_modules=["q"], task_type="CAUSAL"), "task_type must be one of"),
+    (dict(r=4, target_modules=["q"], base_model_name_or_path=3), "base_model_name_or_path must be a string"),
 ])
 def test_config_validation_names_the_bad_value(kwargs, match):
     with pytest.raises((lp.ConfigError, lp.UnsupportedFeatureError), match=match):
@@ -291,3 +298,42 @@ def test_route_rows_equals_each_row_alone_and_trains(case):
     grads = {n: sum(float(t.grad.abs().sum()) for _, l in lp.lora_layers(model) for t in l.adapter_tensors(n)
                     if t.grad is not None) for n in ("a", "b")}
     assert grads["a"] > 0 and grads["b"] == 0
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_new_wrappers_take_the_models_train_eval_mode(case):
+    """inject() into an eval model gives eval-mode wrappers (dropout off: repeatable outputs); train() turns the
+    dropout on; injecting into a training model gives training wrappers (as the modules they wrap)."""
+    build, kw, x = CASES[case]
+    model = build(seed=0)
+    kw = kw | {"lora_dropout": 0.5, "init_lora_weights": False}
+    lp.inject(model, lp.LoraConfig(r=4, **kw), "a", seed=1)
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(_out(model, x), _out(model, x))
+    model.train()
+    assert not torch.equal(_out(model, x), _out(model, x))
+    lp.inject(model, lp.LoraConfig(r=2, **kw), "b", seed=2)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_adapter_shapes_are_the_created_shapes(case):
+    build, kw, _ = CASES[case]
+    model = build(seed=0)
+    lp.inject(model, lp.LoraConfig(r=3, **kw), "a")
+    for _, layer in lp.lora_layers(model):
+        assert layer.adapter_shapes(3) == tuple(tuple(t.shape) for t in layer.adapter_tensors("a"))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(target_modules=["q_proj"], modules_to_save=["j"]), lp.ConfigError, "either adapted or copied"),
+    (dict(target_modules=["q_proj"], modules_to_save=["nope"]), lp.TargetNotFoundError, "nope"),
+    (dict(target_modules=["q_proj", "input_layernorm"]), lp.UnsupportedModuleError, "LlamaRMSNorm"),
+])
+def test_refused_injection_leaves_the_model_untouched(kwargs, error, match):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        lp.inject(model, lp.LoraConfig(r=2, **kwargs), "a")
+    assert not lp.configs(model) and not any(isinstance(m, (lp.LoraLayer, ModulesToSave)) for m in model.modules())
+    assert model.state_dict().keys() == before.keys()

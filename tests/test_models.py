@@ -311,6 +311,11 @@ def test_smollm2_cache_converts_once_atomically(tmp_path, monkeypatch, capsys):
     model, tokenizer = load_base("smollm2")
     assert base_name(model) == "smollm2" and tokenizer("hello")["input_ids"] == [1]
     _assert_same_state(model, tiny_llama())
+    model, _ = load_base(models.SMOLLM2_HUB_ID)  # the id adapter files record is an alias of the default
+    assert base_name(model) == "smollm2" and calls == [None, None]
+    _assert_same_state(model, tiny_llama())
+    assert models.canonical_base_id("smollm2") == models.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.canonical_base_id("./smollm2") == "./smollm2"
 
 
 # --- the embedded default: the real thing ------------------------------------------------------------------

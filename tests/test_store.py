@@ -10,10 +10,13 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import loraplex as lp
-from loraplex.models import tiny_conv, tiny_gpt2, tiny_llama
+from loraplex.layers import ModulesToSave
+from loraplex.models import SMOLLM2_HUB_ID, load_base, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
 from loraplex.store import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, atomic_directory
 
 IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -30,6 +33,13 @@ INTEROP = {
                                             fan_in_fan_out=True, bias="lora_only")),
     "gpt2-bias-all": (tiny_gpt2, dict(r=2, lora_alpha=2, target_modules=["c_fc"], fan_in_fan_out=True, bias="all")),
     "conv": (tiny_conv, dict(r=2, lora_alpha=4, target_modules=["embed", "conv1d", "conv2d", "head"])),
+    "llama-layers-pattern-str": (tiny_llama, dict(r=2, target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
+                                                  layers_pattern="layers")),
+    "llama-layers-pattern-list": (tiny_llama, dict(r=2, target_modules=["k_proj"], layers_to_transform=0,
+                                                   layers_pattern=["h", "layers"])),
+    "llama-all-layers": (tiny_llama, dict(r=2, target_modules=["q_proj"], layers_to_transform=[])),
+    "llama-mts-suffix": (tiny_llama, dict(r=2, target_modules=["q_proj"], modules_to_save=["norm"])),
+    "llama-orthogonal-init": (tiny_llama, dict(r=2, target_modules=["v_proj"], init_lora_weights="orthogonal")),
 }
 
 
@@ -48,10 +58,23 @@ def _randomize(model, name):
 
 
 @pytest.mark.parametrize("case", sorted(INTEROP))
+def test_same_modules_as_peft(case):
+    """target_modules (with layers_to_transform/layers_pattern) and modules_to_save select what PEFT selects."""
+    build, kw = INTEROP[case]
+    pm = peft.get_peft_model(build(seed=1), peft.LoraConfig(**kw))
+    wrapped = {kind: {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, cls)}
+               for kind, cls in (("lora", peft.tuners.lora.LoraLayer), ("copies", peft.utils.ModulesToSaveWrapper))}
+    model = build(seed=1)
+    kw = kw | {"init_lora_weights": False}  # loraplex starts new adapters with True/False/gaussian only
+    assert set(lp.inject(model, lp.LoraConfig(**kw), "a")) == wrapped["lora"]
+    assert {n for n, m in model.named_modules() if isinstance(m, ModulesToSave)} == wrapped["copies"]
+
+
+@pytest.mark.parametrize("case", sorted(INTEROP))
 def test_loraplex_writes_peft_reads(case, tmp_path):
     build, kw = INTEROP[case]
     model = build(seed=1)
-    lp.inject(model, lp.LoraConfig(**kw), "a")
+    lp.inject(model, lp.LoraConfig(**kw | {"init_lora_weights": False}), "a")
     _randomize(model, "a")
     want = _out(model)
     lp.save_adapter(model, "a", tmp_path / "a")
@@ -221,3 +244,185 @@ def test_crash_mid_save_leaves_last_good_adapter(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         lp.save_adapter(model, "a", d, overwrite=True)
     assert lp.read_adapter(d).content_hash == good
+
+
+# -- adapter-file rules (docs/concepts.md "Adapter files") ------------------------------------------------------
+def _edit_config(d, **changes):
+    """Change adapter_config.json; the safetensors header loses loraplex's facts (content hash, fingerprint), as
+    in a PEFT-written file, so the checks behind the content hash are what is tested."""
+    cfg = json.loads((d / CONFIG_NAME).read_text())
+    (d / CONFIG_NAME).write_text(json.dumps(cfg | changes))
+    save_file(load_file(str(d / WEIGHTS_NAME)), str(d / WEIGHTS_NAME))
+
+
+def test_peft_adapter_with_dropout_loads_in_eval_mode(tmp_path):
+    """Wrappers join the model in its mode: an eval model stays deterministic (PEFT's eval output), a train
+    model gets live dropout."""
+    pm = peft.get_peft_model(tiny_llama(seed=1), peft.LoraConfig(r=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"],
+                                                                 modules_to_save=["lm_head"]))
+    _randomize(pm, "default")
+    want = _out(pm.eval())
+    pm.save_pretrained(tmp_path / "p")
+    model = tiny_llama(seed=1)
+    lp.load_adapter(model, tmp_path / "p")
+    assert not any(m.training for m in model.modules())
+    for _ in range(2):
+        torch.testing.assert_close(_out(model), want, atol=1e-6, rtol=1e-5)
+    model.train()
+    assert not torch.equal(_out(model), _out(model))
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal", "eva"])
+def test_inits_that_leave_a_plain_lora_on_disk_are_read(tmp_path, init):
+    d = _saved(tmp_path)
+    model = tiny_llama(seed=1)
+    want = _out(lp.load_adapter(model, d) and model)
+    _edit_config(d, init_lora_weights=init)
+    model = tiny_llama(seed=1)
+    lp.load_adapter(model, d)
+    torch.testing.assert_close(_out(model), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("init, match", [
+    ("pissa", "residual"), ("pissa_niter_4", "residual"), ("olora", "residual"), ("corda", "residual"),
+    ("lora_ga", "residual"), ("loftq", "quantized"), ("mica", "lora_B frozen"),
+])
+def test_inits_that_rewrite_the_base_are_refused(tmp_path, init, match):
+    d = _saved(tmp_path)
+    _edit_config(d, init_lora_weights=init)
+    _refused(d, lp.UnsupportedFeatureError, f"{CONFIG_NAME}.*init_lora_weights='{init}': .*{match}")
+    with pytest.raises(lp.UnsupportedFeatureError, match="cannot initialize a new adapter"):
+        lp.inject(tiny_llama(), lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="orthogonal"))
+
+
+def test_written_config_loads_with_auto_peft_model(tmp_path):
+    """task_type and a resolvable base_model_name_or_path: PEFT's AutoPeftModel rebuilds base + adapter alone."""
+    tiny_llama(seed=1).save_pretrained(tmp_path / "base")
+    model, _ = load_base(tmp_path / "base")
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj", "o_proj"], init_lora_weights=False), "a")
+    lp.save_adapter(model, "a", tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert (cfg["task_type"], cfg["base_model_name_or_path"]) == ("CAUSAL_LM", str((tmp_path / "base").resolve()))
+    pm = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "a").eval()
+    torch.testing.assert_close(_out(pm), _out(model), atol=1e-6, rtol=1e-5)
+
+
+def test_written_base_id_is_resolvable_and_old_files_still_read(tmp_path):
+    model = tiny_llama(seed=1)
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    lp.save_adapter(model, "a", tmp_path / "a", base_name="smollm2")
+    assert json.loads((tmp_path / "a" / CONFIG_NAME).read_text())["base_model_name_or_path"] == SMOLLM2_HUB_ID
+    _edit_config(tmp_path / "a", base_model_name_or_path="smollm2")  # as loraplex wrote it before
+    assert lp.read_adapter(tmp_path / "a").config.base_model_name_or_path == SMOLLM2_HUB_ID
+    mlp = tiny_mlp()
+    lp.inject(mlp, lp.LoraConfig(r=2, target_modules=["head"]), "a")
+    assert json.loads((lp.save_adapter(mlp, "a", tmp_path / "m").path / CONFIG_NAME).read_text())["task_type"] is None
+
+
+@pytest.mark.parametrize("r", [3, 20000, 1_000_000_000_000])
+def test_config_rank_is_checked_against_the_tensors_before_allocating(tmp_path, r):
+    """A config r that the file's tensors contradict is refused by read_adapter (the file alone: nothing is
+    sized by r), and so by every reader; a rank_pattern exception too."""
+    d = _saved(tmp_path)
+    _edit_config(d, r=r)
+    with pytest.raises(lp.ShapeMismatchError, match=rf"{d}.*declares r={r}"):
+        lp.read_adapter(d)
+    _edit_config(d, r=2, rank_pattern={"v_proj": r})
+    with pytest.raises(lp.ShapeMismatchError, match=rf"v_proj.*declares r={r}"):
+        lp.read_adapter(d)
+
+
+def test_untouched_target_is_refused_before_anything_is_allocated(tmp_path):
+    """A target the file has no weights for (here with an absurd r) is refused by validate_adapter, before inject."""
+    d = _saved(tmp_path)
+    _edit_config(d, r=2, target_modules=["q_proj", "v_proj", "k_proj"], rank_pattern={"k_proj": 1_000_000_000_000})
+    af = lp.read_adapter(d)
+    model = tiny_llama(seed=1)
+    with pytest.raises(lp.AdapterFileError, match=r"lacks tensors .*k_proj"):
+        lp.validate_adapter(af, model)
+    _refused(d, lp.AdapterFileError, "lacks tensors", model=model)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(target_modules=["q_proj"]),
+    dict(target_modules=r".*\.q_proj"),
+    dict(exclude_modules=["v_proj"]),
+    dict(layers_to_transform=[0], target_modules=["q_proj", "v_proj"]),
+    dict(modules_to_save=["v_proj"]),
+])
+def test_tensors_contradicting_target_modules_are_refused_by_every_reader(tmp_path, changes):
+    d = _saved(tmp_path)  # q_proj and v_proj of both layers
+    _edit_config(d, **changes)
+    with pytest.raises(lp.AdapterFileError, match=r"holds LoRA weights for .*which its config does not target"):
+        lp.read_adapter(d)
+
+
+@pytest.mark.parametrize("dtype, error, match", [
+    (torch.int64, lp.AdapterFileError, "must be floating point"),
+    (torch.bool, lp.AdapterFileError, "must be floating point"),
+    (torch.bfloat16, lp.NonFiniteError, "NaN/Inf"),
+])
+def test_non_floating_or_non_finite_factors_are_refused(tmp_path, dtype, error, match):
+    d = _saved(tmp_path)
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key].to(dtype) if dtype != torch.bfloat16 else tensors[key].to(dtype).fill_(float("inf"))
+    save_file(tensors, str(d / WEIGHTS_NAME))
+    with pytest.raises(error, match=match):
+        lp.read_adapter(d)
+
+
+def test_non_floating_copy_of_a_float_module_is_refused(tmp_path):
+    d = _saved(tmp_path, modules_to_save=["lm_head"])
+    tensors = load_file(str(d / WEIGHTS_NAME))
+    tensors["base_model.model.lm_head.weight"] = tensors["base_model.model.lm_head.weight"].to(torch.int64)
+    save_file(tensors, str(d / WEIGHTS_NAME))
+    _refused(d, lp.AdapterFileError, "'lm_head.weight' holds torch.int64 values where the base has torch.float32")
+
+
+def test_bad_config_value_names_the_file(tmp_path):
+    d = _saved(tmp_path)
+    _edit_config(d, r="x")
+    _refused(d, lp.ConfigError, rf"{d / CONFIG_NAME}: r must be a positive integer, got 'x'")
+
+
+_BAD = {
+    "r": [0, -1, 2.5, 3, 20000, 10**12, "x", True, None, []],
+    "lora_alpha": [float("nan"), float("inf"), float("-inf"), 0, -3, "8", True, None],
+    "lora_dropout": [float("nan"), 1.0, -0.1, "0.1", True],
+    "target_modules": [5, [], [""], [1], {}, "(", "all-linear", "lm_head", ".*"],
+    "exclude_modules": [5, [2], "(", ["q_proj"]],
+    "layers_to_transform": [-1, "0", [0.5], True, [True], [], 7],
+    "layers_pattern": [5, [1], "layers", ["nothing"]],
+    "rank_pattern": ["abc", [1], {"q_proj": 0}, {"q_proj": 10**12}, {"(": 2}, {"q_proj": "2"}],
+    "alpha_pattern": ["abc", {"q_proj": float("nan")}, {"q_proj": -1}],
+    "bias": ["some", 1, None, "all"],
+    "use_rslora": ["yes", 1, None],
+    "fan_in_fan_out": ["x", True],
+    "modules_to_save": [5, [1], "nothing_matches", ["j"], ["lm_head"]],
+    "init_lora_weights": ["pissa", 3, None, "bogus"],
+    "task_type": ["X", 5],
+    "base_model_name_or_path": [5, []],
+    "inference_mode": ["x"],
+    "peft_type": ["IA3", 5],
+    "use_dora": ["x", True],
+}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(sorted(_BAD)), data=st.data())
+def test_any_bad_config_value_gives_a_typed_error_naming_the_file(tmp_path_factory, field, data):
+    """One mechanism for the whole class: whatever a config field holds, reading and loading either work or
+    raise a LoraplexError that names the adapter, with the model left as it was (never an allocation error or a
+    stray TypeError/AttributeError)."""
+    value = data.draw(st.one_of(st.sampled_from(_BAD[field]), st.integers(), st.floats(), st.text(max_size=4),
+                                st.none(), st.lists(st.integers(0, 3), max_size=2)))
+    d = _saved(tmp_path_factory.mktemp("bad"))
+    _edit_config(d, **{field: value})
+    model = tiny_llama(seed=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        lp.load_adapter(model, d)
+    except lp.LoraplexError as exc:
+        assert str(d) in str(exc), exc
+        _assert_untouched(model, before)

@@ -17,4 +17,6 @@ from .inject import (  # noqa: E402
 )
 from .merge import MergeReport, merge, merge_and_unload, merged_adapters, unmerge  # noqa: E402
 from .report import ParameterReport, WeightArithmetic, parameter_report  # noqa: E402
-from .store import AdapterFile, adapter_state_dict, load_adapter, read_adapter, save_adapter  # noqa: E402
+from .store import (  # noqa: E402
+    AdapterFile, adapter_state_dict, load_adapter, lora_factors, read_adapter, save_adapter, validate_adapter,
+)

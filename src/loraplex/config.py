@@ -13,10 +13,25 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from .errors import ConfigError, UnsupportedFeatureError
+from .models import canonical_base_id
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
+# init_lora_weights: FRESH_INIT_MODES can start a new adapter; the others are plain LoRA on disk (the base is left
+# as it was), so a saved file is read like any other, but loraplex does not implement their initialization.
+FRESH_INIT_MODES = (True, False, "gaussian")
+INIT_MODES = (*FRESH_INIT_MODES, "orthogonal", "eva")
+# PEFT initializations that rewrite the base weights (PiSSA/OLoRA/CorDA/LoRA-GA keep a residual base, LoftQ a
+# quantized one) or change training (MiCA freezes lora_B): their files are not a plain LoRA on the original base.
+_REFUSED_INITS = {
+    "pissa": "PiSSA replaced the base weights by a residual",
+    "olora": "OLoRA replaced the base weights by a residual",
+    "corda": "CorDA replaced the base weights by a residual",
+    "lora_ga": "LoRA-GA replaced the base weights by a residual",
+    "loftq": "LoftQ replaced the base weights by quantized ones",
+    "mica": "MiCA trains A only (lora_B frozen), which loraplex does not implement",
+}
+TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 # PEFT config keys loraplex understands but which carry no semantics for it (bookkeeping).
 _IGNORED_KEYS = {
@@ -74,7 +89,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
         _check_alpha("lora_alpha", self.lora_alpha)
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if (not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool)
+                or not 0.0 <= self.lora_dropout < 1.0):
             raise ConfigError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}")
         self.target_modules = _check_str_list("target_modules", self.target_modules)
         if self.target_modules is None:
@@ -86,8 +102,12 @@ class LoraConfig:
         self.layers_pattern = _check_str_list("layers_pattern", self.layers_pattern)
         if isinstance(self.target_modules, str):
             _check_regex("target_modules", self.target_modules)
-            if self.layers_to_transform is not None:
-                raise ConfigError("layers_to_transform needs target_modules as a list, not a regex string")
+            if self.layers_to_transform is not None or self.layers_pattern is not None:
+                raise ConfigError("layers_to_transform and layers_pattern need target_modules as a list, not a "
+                                  f"regex string; got target_modules={self.target_modules!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError(f"layers_pattern={self.layers_pattern!r} only selects layers for layers_to_transform; "
+                              "set layers_to_transform too (e.g. [0, 1]) or drop layers_pattern")
         if isinstance(self.exclude_modules, str):
             _check_regex("exclude_modules", self.exclude_modules)
         if self.layers_to_transform is not None:
@@ -96,6 +116,9 @@ class LoraConfig:
             if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                                                       for i in items):
                 raise ConfigError(f"layers_to_transform must be a non-negative int or a list of them, got {ltt!r}")
+        for what in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(getattr(self, what), dict):
+                raise ConfigError(f"{what} must be a mapping {{regex: value}}, got {getattr(self, what)!r}")
         for name, value in self.rank_pattern.items():
             _check_regex("rank_pattern key", name)
             _check_rank(f"rank_pattern[{name!r}]", value)
@@ -104,13 +127,16 @@ class LoraConfig:
             _check_alpha(f"alpha_pattern[{name!r}]", value)
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in INIT_MODES or (
-            isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)
-        ):
-            raise UnsupportedFeatureError(
-                f"init_lora_weights must be one of {INIT_MODES}, got {self.init_lora_weights!r} "
-                "(PiSSA/OLoRA/LoftQ/EVA initializations are not supported)"
-            )
+        _check_init(self.init_lora_weights)
+        for what in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, what), bool):
+                raise ConfigError(f"{what} must be true or false, got {getattr(self, what)!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+        if self.base_model_name_or_path is not None:
+            if not isinstance(self.base_model_name_or_path, str):
+                raise ConfigError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
+            self.base_model_name_or_path = canonical_base_id(self.base_model_name_or_path)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -179,6 +205,21 @@ def _check_rank(what: str, value: Any) -> None:
 def _check_alpha(what: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{what} must be a positive finite number, got {value!r}")
+
+
+def _check_init(init: Any) -> None:
+    """init_lora_weights must be in INIT_MODES; PEFT's base-rewriting initializations are refused by name."""
+    if isinstance(init, bool) or (isinstance(init, str) and init in INIT_MODES):
+        return
+    refused = isinstance(init, str) and next((k for k in _REFUSED_INITS if init.lower().startswith(k)), None)
+    if refused:
+        raise UnsupportedFeatureError(
+            f"init_lora_weights={init!r}: {_REFUSED_INITS[refused]}, so the adapter is not a plain LoRA on the "
+            "original base and loraplex cannot apply it faithfully. Convert it with PEFT first "
+            "(save_pretrained(..., path_initial_model_for_weight_conversion=...) turns PiSSA/OLoRA/CorDA into a "
+            "plain LoRA with init_lora_weights=true)"
+        )
+    raise ConfigError(f"init_lora_weights must be one of {INIT_MODES}, got {init!r}")
 
 
 def _check_regex(what: str, pattern: str) -> None:

@@ -16,8 +16,9 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetNotFoundError
+from .config import ALL_LINEAR, FRESH_INIT_MODES, LoraConfig
+from .errors import (AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetNotFoundError,
+                     UnsupportedFeatureError)
 from .layers import Conv1D, LoraLayer, ModulesToSave, lora_layer_for
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -69,11 +70,13 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(base, (nn.Linear, QuantLinear)) or (Conv1D is not None and isinstance(base, Conv1D))
 
 
-def _layer_index(key: str, layers_pattern: Optional[list[str]]) -> Optional[int]:
+def _layer_index(key: str, layers_pattern: Union[str, list[str], None]) -> Optional[int]:
+    """The first numbered segment of `key` (after one of `layers_pattern`, a name or a list of them, if given)."""
     if not layers_pattern:
         m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
     else:
-        m = next((mm for p in layers_pattern if (mm := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key))), None)
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = next((mm for p in patterns if (mm := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", key))), None)
     return int(m.group(1)) if m else None
 
 
@@ -97,7 +100,7 @@ def matches(config: LoraConfig, key: str, model: Optional[nn.Module] = None, mod
         return re.fullmatch(tm, key) is not None
     if not _ends_with(key, tm):
         return False
-    if config.layers_to_transform is None:
+    if config.layers_to_transform is None or config.layers_to_transform == []:  # PEFT: [] = every layer
         return True
     idx = _layer_index(key, config.layers_pattern)
     ltt = config.layers_to_transform
@@ -140,28 +143,36 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed: Optional[int] = None,
-           activate: bool = True) -> list[str]:
+           activate: bool = True, initialize: bool = True) -> list[str]:
     """Add adapter `name` to every module `config` targets; returns the targeted module names.
 
     The whole base is frozen; the new adapter's A/B, its modules_to_save copies and the biases selected by
-    `config.bias` train. With `activate` the new adapter becomes the only active one.
+    `config.bias` train. With `activate` the new adapter becomes the only active one. New wrappers take the
+    train/eval mode of the module they wrap. `initialize=False` leaves A/B uninitialized for the caller to fill
+    (store.load_adapter does), so any init_lora_weights of a saved file is accepted; a new adapter needs one
+    of FRESH_INIT_MODES.
     """
     check_name(name)
     if name in configs(model):
         raise AdapterExistsError(f"adapter {name!r} already exists on this model; remove it or pick another name")
+    if initialize and config.init_lora_weights not in FRESH_INIT_MODES:
+        raise UnsupportedFeatureError(
+            f"init_lora_weights={config.init_lora_weights!r} is read from saved adapters, but loraplex cannot "
+            f"initialize a new adapter that way; use one of {FRESH_INIT_MODES}"
+        )
     targets = find_targets(model, config)
+    copies = _modules_to_save_targets(model, config, targets)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     modules = dict(model.named_modules())
-    for key in targets:
-        module = modules[key]
-        if not isinstance(module, LoraLayer):
-            module = lora_layer_for(module)
+    layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
+    for key, module in layers.items():  # every wrapper was built above: an unsupported module changed nothing
+        if module is not modules[key]:
             _replace(model, key, module)
         module.add_adapter(
             name, config.rank_for(key), config.alpha_for(key), dropout=config.lora_dropout,
-            use_rslora=config.use_rslora, init=config.init_lora_weights, generator=generator,
+            use_rslora=config.use_rslora, init=config.init_lora_weights if initialize else None, generator=generator,
         )
-    for key in _modules_to_save_targets(model, config):
+    for key in copies:
         wrapper = modules[key] if isinstance(modules[key], ModulesToSave) else ModulesToSave(modules[key])
         _replace(model, key, wrapper)
         wrapper.add_adapter(name)
@@ -172,13 +183,25 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     return targets
 
 
-def _modules_to_save_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def _modules_to_save_targets(model: nn.Module, config: LoraConfig, targets: Sequence[str]) -> list[str]:
+    """Modules whose name ends with an entry of modules_to_save (PEFT's plain suffix rule: "norm" takes
+    model.norm and every *_layernorm), outermost only. A module (or one inside it) that is also a LoRA
+    target in `targets` is refused: it is either adapted or copied."""
     if not config.modules_to_save:
         return []
-    found = [k for k, _ in _candidates(model) if _ends_with(k, config.modules_to_save)]
-    missing = [m for m in config.modules_to_save if not any(_ends_with(k, [m]) for k in found)]
+    names = [k for k, _ in _candidates(model)]
+    found: list[str] = []
+    for k in names:
+        if any(k.endswith(m) for m in config.modules_to_save) and not any(k.startswith(f + ".") for f in found):
+            found.append(k)
+    missing = [m for m in config.modules_to_save if not any(k.endswith(m) for k in names)]
     if missing:
         raise TargetNotFoundError(f"modules_to_save {missing} not found in {type(model).__name__}")
+    clash = [(c, t) for c in found for t in targets if t == c or t.startswith(c + ".")]
+    if clash:
+        raise ConfigError(f"modules_to_save={config.modules_to_save!r} selects {clash[0][0]!r}, and target_modules="
+                          f"{config.target_modules!r} puts LoRA on {clash[0][1]!r}; a module is either adapted or "
+                          "copied, not both: narrow one of them")
     return found
 
 

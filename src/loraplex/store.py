@@ -7,8 +7,12 @@ Tensor keys (adapter name removed, PEFT's `base_model.model.` prefix), e.g. for 
     base_model.model.lm_head.weight                                     modules_to_save copy
 loraplex's own facts ride in the safetensors metadata header, which PEFT ignores:
     loraplex.version, loraplex.content_hash, loraplex.base_fingerprint (JSON).
-Writes are atomic (temporary directory + rename) and follow one overwrite rule (check_output); reads verify
-everything before touching the model.
+adapter_config.json also gets what PEFT's AutoPeftModel needs: task_type ("CAUSAL_LM" for a causal LM) and
+base_model_name_or_path (a hub id, e.g. "HuggingFaceTB/SmolLM2-135M-Instruct" for "smollm2", or a local path).
+Writes are atomic (temporary directory + rename) and follow one overwrite rule (check_output). Reads verify everything before touching the model, in two
+steps every reader shares: `read_adapter` checks the file alone (config, tensor dtypes, NaN/Inf, every LoRA
+factor pair against its config rank and target_modules: `lora_factors`), `validate_adapter` checks it against
+a base (targets present, shapes fit) before anything is allocated.
 """
 
 from __future__ import annotations
@@ -31,17 +35,24 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .config import LoraConfig
-from .errors import (AdapterFileError, LoraplexError, NonFiniteError, OutputExistsError, ShapeMismatchError,
-                     UnsupportedFeatureError, WriteError)
+from .config import ALL_LINEAR, LoraConfig
+from .errors import (AdapterFileError, ConfigError, LoraplexError, NonFiniteError, OutputExistsError,
+                     ShapeMismatchError, TargetNotFoundError, UnsupportedFeatureError, UnsupportedModuleError,
+                     WriteError)
+from .functional import scaling
 from .identity import base_fingerprint, check_base, content_hash
-from .inject import _wrappers, configs, freeze_base, inject, lora_layers, remove_adapter, set_active
-from .layers import LoraEmbedding
+from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets, freeze_base, inject, lora_layers,
+                     matches, remove_adapter, set_active)
+from .layers import LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
+from .models import NAMES, canonical_base_id
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# suffix of a LoRA factor's key -> (factor, embedding layout); the module name is the key without the suffix
+FACTOR_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
+                   ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
 PathLike = Union[str, os.PathLike]
 
 
@@ -239,19 +250,42 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
 
+def peft_config_dict(config: LoraConfig, model: nn.Module, base_name: Optional[str] = None) -> dict[str, Any]:
+    """`config` as adapter_config.json for an adapter on `model`, with what PEFT's AutoPeftModel needs:
+    task_type "CAUSAL_LM" when `model` is a transformers causal LM (kept if the config sets one), and
+    base_model_name_or_path = `base_name`, else the config's, else the model's name_or_path, written as
+    something PEFT can resolve: an existing local directory as its absolute path, "smollm2" as its hub id."""
+    cfg = config.to_dict()
+    base = base_name or config.base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None)
+    if base:
+        local = base not in NAMES and Path(base).is_dir()  # load_base reads a name before a same-named directory
+        cfg["base_model_name_or_path"] = str(Path(base).resolve()) if local else canonical_base_id(base)
+    if cfg["task_type"] is None and _is_causal_lm(model):
+        cfg["task_type"] = "CAUSAL_LM"
+    return cfg
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """Is `model` of a class transformers' AutoModelForCausalLM builds (e.g. LlamaForCausalLM, GPT2LMHeadModel)?"""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - plain torch users: no transformers model can be a causal LM
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name: Optional[str] = None,
                  overwrite: bool = False) -> AdapterFile:
-    """Write adapter `name` as a PEFT-readable directory, atomically (an existing non-empty `directory` is
-    replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is written."""
+    """Write adapter `name` as a PEFT-readable directory (config per `peft_config_dict`), atomically (an existing
+    non-empty `directory` is replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is
+    written. Returns what was written."""
     config = configs(model).get(name)
     tensors = adapter_state_dict(model, name)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteError(f"adapter {name!r} holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[:2]}; nothing "
                              f"was written to {str(directory)!r}")
-    cfg = config.to_dict()
-    if base_name is not None:
-        cfg["base_model_name_or_path"] = base_name
+    cfg = peft_config_dict(config, model, base_name)
     digest = content_hash(cfg, tensors)
     fingerprint = base_fingerprint(model)
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": digest,
@@ -265,7 +299,9 @@ def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name:
 
 # -- reading ------------------------------------------------------------------------------------------------
 def read_adapter(directory: PathLike) -> AdapterFile:
-    """Read and verify an adapter directory (config semantics, tensors finite, content hash if recorded)."""
+    """Read and verify an adapter directory on its own, before any base is involved: config semantics, LoRA
+    factors (`lora_factors`: pairs, dtypes, ranks, target_modules), no NaN/Inf, the content hash if recorded.
+    Nothing is allocated beyond the file's tensors; every error names the directory or file."""
     path = Path(directory)
     if not path.is_dir():
         raise AdapterFileError(f"adapter path {str(path)!r} is not a directory; expected a folder holding "
@@ -279,21 +315,135 @@ def read_adapter(directory: PathLike) -> AdapterFile:
         raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
-    config = LoraConfig.from_dict(raw)
+    try:
+        config = LoraConfig.from_dict(raw)
+    except (ConfigError, UnsupportedFeatureError) as exc:
+        raise type(exc)(f"{cfg_file}: {exc}") from None
     tensors, meta = _read_tensors(path)
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"tensor key {key!r} in {path} lacks PEFT's {PREFIX!r} prefix")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(f"adapter {str(path)!r} holds NaN/Inf in {key!r}")
-    digest = content_hash(raw, tensors)
-    recorded = meta.get("loraplex.content_hash")
-    if recorded is not None and recorded != digest:
-        raise AdapterFileError(f"adapter {str(path)!r} content hash {digest[:12]} != recorded {recorded[:12]}: "
-                               "the files were modified or corrupted after saving")
     fp = meta.get("loraplex.base_fingerprint")
-    return AdapterFile(path, config, {k[len(PREFIX):]: v for k, v in tensors.items()}, digest,
-                       json.loads(fp) if fp else None, meta.get("loraplex.version"), raw)
+    af = AdapterFile(path, config, {k[len(PREFIX):]: v for k, v in tensors.items()}, "",
+                     json.loads(fp) if fp else None, meta.get("loraplex.version"), raw)
+    lora_factors(af)
+    af.content_hash = content_hash(raw, tensors)
+    recorded = meta.get("loraplex.content_hash")
+    if recorded is not None and recorded != af.content_hash:
+        raise AdapterFileError(f"adapter {str(path)!r} content hash {af.content_hash[:12]} != recorded "
+                               f"{recorded[:12]}: the files were modified or corrupted after saving")
+    return af
+
+
+def lora_factors(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The LoRA factors of `af` per module, {module name: (A, B, scale)}, checked without a base, e.g.
+        "model.layers.0.self_attn.q_proj": (A (r, in), B (out, r), lora_alpha / r)
+    (embeddings: A (r, num_embeddings), B (dim, r); convolutions: A (r, in, *kernel), B (out, r, 1, ...)).
+    Refuses (naming the file): a factor without its partner (AdapterFileError), a non-floating factor
+    (AdapterFileError), a rank other than the config's r for that module after rank_pattern (ShapeMismatchError,
+    so a config's r never sizes an allocation), a module the config's target_modules does not select
+    (AdapterFileError; "all-linear" depends on the base: `validate_adapter` checks it)."""
+    what, config = f"adapter {str(af.path)!r}", af.config
+    found: dict[str, dict[str, tuple[str, torch.Tensor, bool]]] = {}  # module -> {"A"/"B": (key, tensor, embedding)}
+    for key, t in af.tensors.items():
+        suffix = next((sfx for sfx in FACTOR_SUFFIXES if key.endswith(sfx)), None)
+        if suffix is None:
+            continue
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{what}: {key!r} holds {t.dtype} values; LoRA factors must be floating point "
+                                   "(float32, bfloat16, float16)")
+        role, embedding = FACTOR_SUFFIXES[suffix]
+        found.setdefault(key[: -len(suffix)], {})[role] = (key, t, embedding)
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for module, parts in sorted(found.items()):
+        if set(parts) != {"A", "B"} or parts["A"][2] != parts["B"][2]:
+            raise AdapterFileError(f"{what} holds {sorted(k for k, _, _ in parts.values())} for {module!r}; "
+                                   "expected both lora_A and lora_B (or lora_embedding_A and lora_embedding_B)")
+        a, b, r = parts["A"][1], parts["B"][1], config.rank_for(module)
+        if a.dim() < 2 or b.dim() < 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ShapeMismatchError(f"{what} at {module!r}: its config declares r={r} (after rank_pattern) but the "
+                                     f"file holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; expected lora_A "
+                                     f"({r}, ...) and lora_B (..., {r}). Fix r/rank_pattern in {CONFIG_NAME}")
+        if not all_linear and not matches(config, module):
+            raise AdapterFileError(f"{what} holds LoRA weights for {module!r}, which its config does not target "
+                                   f"(target_modules={config.target_modules!r}, exclude_modules="
+                                   f"{config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})")
+        out[module] = (a, b, scaling(r, config.alpha_for(module), config.use_rslora))
+    return out
+
+
+def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
+    """Check that `af` fits `model` before anything is allocated or changed; returns the names of the modules
+    its LoRA targets on `model`. Refuses (naming the file): a target the base lacks (TargetNotFoundError) or
+    cannot wrap (UnsupportedModuleError); a target without both factors (AdapterFileError); factors whose
+    shapes are not what the target needs (ShapeMismatchError, e.g. A (r, in) and B (out, r) for a Linear);
+    a tensor that is no targeted module's factor, no modules_to_save copy of the right shape and kind, and
+    no bias its config trains (AdapterFileError). Also runs `lora_factors`."""
+    what, config = f"adapter {str(af.path)!r}", af.config
+    lora_factors(af)
+    try:
+        targets = find_targets(model, config)
+        modules = dict(model.named_modules())
+        layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
+        copies = _modules_to_save_targets(model, config, targets)
+    except (TargetNotFoundError, UnsupportedModuleError, ConfigError) as exc:
+        raise type(exc)(f"{what}: {exc}") from None
+    expected: dict[str, torch.Tensor] = {}  # file key -> a tensor of the shape and kind it must have (meta)
+    for key, layer in layers.items():
+        ka, kb = _factor_keys(key, isinstance(layer, LoraEmbedding))
+        a_shape, b_shape = layer.adapter_shapes(config.rank_for(key))
+        expected[ka], expected[kb] = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
+    missing = [k for k in expected if k not in af.tensors]
+    if missing:
+        raise AdapterFileError(f"{what} lacks tensors for {len(missing)} targeted module(s), e.g. {missing[:3]}; "
+                               "the config targets modules the file has no weights for")
+    for key in copies:
+        module = modules[key]
+        original = module.original_module if isinstance(module, ModulesToSave) else module
+        expected.update({f"{key}.{n}": t for n, t in original.state_dict().items()})
+    wrapped = {k for k, m in layers.items() if m is not modules[k]}  # their parameters move under .base_layer
+    params = {}
+    for n, p in model.named_parameters():
+        owner, _, leaf = n.rpartition(".")
+        params[f"{owner}.base_layer.{leaf}" if owner in wrapped else n] = p
+    biases = _trained_biases(config, params, targets)
+    for key, t in af.tensors.items():
+        if key in expected or key in biases:
+            dest = expected.get(key, params.get(key))
+            if tuple(dest.shape) != tuple(t.shape):
+                raise ShapeMismatchError(f"{what}: tensor {key!r} has shape {tuple(t.shape)}, the base needs "
+                                         f"{tuple(dest.shape)} (adapter made for another model, or wrong rank_pattern?)")
+            if dest.is_floating_point() != t.is_floating_point():
+                raise AdapterFileError(f"{what}: tensor {key!r} holds {t.dtype} values where the base has "
+                                       f"{dest.dtype} ones")
+        elif key.endswith(".base_layer.weight") and key in params:
+            if not torch.allclose(params[key].float(), t.float(), atol=1e-6, rtol=1e-5):
+                raise UnsupportedFeatureError(f"{what} carries a full {key!r} that differs from the base's "
+                                              "(a resized vocabulary?); loraplex will not overwrite base weights")
+        else:
+            raise AdapterFileError(f"{what}: tensor {key!r} matches no module targeted by its config in this base "
+                                   f"(target_modules={config.target_modules!r}, modules_to_save="
+                                   f"{config.modules_to_save!r}, bias={config.bias!r})")
+    return targets
+
+
+def _factor_keys(module: str, embedding: bool) -> tuple[str, str]:
+    """The file keys (prefix stripped) of a module's A and B."""
+    return ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if embedding
+            else (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
+
+
+def _trained_biases(config: LoraConfig, params: dict[str, torch.Tensor], targets: list[str]) -> set[str]:
+    """Names (as after injection) of the base biases an adapter with `config` trains and so carries in its file."""
+    if config.bias == "lora_only":
+        return {k for k in (f"{t}.base_layer.bias" for t in targets) if k in params}
+    if config.bias == "all":
+        return {n for n in params if n.endswith("bias")
+                and not any(s in n for s in (".lora_", ".modules_to_save.", ".original_module."))}
+    return set()
 
 
 def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -317,15 +467,17 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def load_adapter(model: nn.Module, directory: Union[PathLike, AdapterFile], name: str = "default", *,
                  check_base_model: bool = True, activate: bool = True, trainable: bool = False) -> AdapterFile:
-    """Read `directory` and add it to `model` as adapter `name`. Everything is verified first; on any error
-    the model is left exactly as it was. `trainable` unfreezes it for further training."""
+    """Read `directory` and add it to `model` as adapter `name`. Everything is verified first (`read_adapter`,
+    `validate_adapter`); on any error the model is left exactly as it was. The new wrappers take the model's
+    train/eval mode. `trainable` unfreezes the adapter for further training."""
     af = directory if isinstance(directory, AdapterFile) else read_adapter(directory)
     if check_base_model:
         check_base(af.base_fingerprint, model, f"adapter {str(af.path)!r}")
-    inject(model, af.config, name, activate=False)
+    validate_adapter(af, model)
+    inject(model, af.config, name, activate=False, initialize=False)
     try:
         _copy_in(model, name, af)
-    except LoraplexError:
+    except BaseException:
         remove_adapter(model, name)
         raise
     freeze_base(model, name if trainable else None)
@@ -335,39 +487,17 @@ def load_adapter(model: nn.Module, directory: Union[PathLike, AdapterFile], name
 
 
 def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
-    expected: dict[str, tuple[torch.Tensor, str]] = {}
+    """Copy the (validated) tensors of `af` into adapter `name` just injected into `model`."""
+    dest: dict[str, torch.Tensor] = {}
     for key, layer in lora_layers(model):
         if name in layer.r:
-            a, b = layer.adapter_tensors(name)
-            ka, kb = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if isinstance(layer, LoraEmbedding)
-                      else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
-            expected[ka], expected[kb] = (a, "lora"), (b, "lora")
+            dest.update(zip(_factor_keys(key, isinstance(layer, LoraEmbedding)), layer.adapter_tensors(name)))
     for key, wrapper in _wrappers(model):
         if name in wrapper.modules_to_save:
-            for pname, p in wrapper.modules_to_save[name].named_parameters():
-                expected[f"{key}.{pname}"] = (p, "copy")
-    base_params = dict(model.named_parameters())
-    missing = [k for k, (_, kind) in expected.items() if kind == "lora" and k not in af.tensors]
-    if missing:
-        raise AdapterFileError(f"adapter {str(af.path)!r} lacks tensors for {len(missing)} targeted module(s), "
-                               f"e.g. {missing[:3]}; the config targets modules the file has no weights for")
-    plan: list[tuple[torch.Tensor, torch.Tensor]] = []  # (destination, source), applied only if all fit
-    for key, t in af.tensors.items():
-        if key in expected:
-            dest = expected[key][0]
-        elif key.endswith("bias") and key in base_params:
-            dest = base_params[key]
-        elif key.endswith(".base_layer.weight") and key in base_params:
-            if not torch.allclose(base_params[key].float(), t.float(), atol=1e-6, rtol=1e-5):
-                raise UnsupportedFeatureError(f"adapter carries a full {key!r} that differs from the base's "
-                                              "(a resized vocabulary?); loraplex will not overwrite base weights")
-            continue
-        else:
-            raise AdapterFileError(f"adapter tensor {key!r} matches no module targeted by its config in this base")
-        if tuple(dest.shape) != tuple(t.shape):
-            raise ShapeMismatchError(f"adapter tensor {key!r} has shape {tuple(t.shape)}, the base needs "
-                                     f"{tuple(dest.shape)} (adapter made for another model, or wrong rank_pattern?)")
-        plan.append((dest, t))
+            dest.update({f"{key}.{n}": t for n, t in wrapper.modules_to_save[name].state_dict().items()})
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for dest, t in plan:
-            dest.copy_(t.to(dest.dtype))
+        for key, t in af.tensors.items():
+            if key in dest or not key.endswith(".base_layer.weight"):  # full base weights were checked equal
+                target = dest.get(key, params.get(key))
+                target.copy_(t.to(target.dtype))
