@@ -151,8 +151,8 @@ class Engine:
             return ()
         mix = []
         for part in spec.split("+"):
-            name, sep, w = part.strip().partition(":")
-            name = name.strip()
+            name, sep, w = part.strip(" ").partition(":")  # spaces around parts are allowed, nothing else
+            name = name.strip(" ")
             try:
                 weight = float(w) if sep else 1.0
             except ValueError:
