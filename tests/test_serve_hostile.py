@@ -72,10 +72,11 @@ def test_sampling_params_accept_only_values_the_sampler_can_use(t, p, seed, scal
 def test_sampling_params_refuse_what_breaks_the_math():
     for bad in [dict(temperature=math.nan), dict(temperature=math.inf), dict(temperature=-1e-9),
                 dict(temperature=100.5), dict(top_p=0.0), dict(top_p=math.nan), dict(top_p=1.5),
-                dict(seed=2**64), dict(seed=-(2**63) - 1), dict(seed=1.5), dict(max_tokens=0),
-                dict(max_tokens=True), dict(temperature="1"), dict(stop=("",))]:
+                dict(seed=2**64), dict(seed=-(2**63) - 1), dict(seed=1.5), dict(seed=10**5000), dict(max_tokens=0),
+                dict(max_tokens=True), dict(temperature="1"), dict(stop=("",)), dict(stop="ab")]:
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingParams(temperature=1e-300).greedy and SamplingParams(seed=2**64 - 1, temperature=1.0).generator(
         torch.device("cpu")) is not None
 

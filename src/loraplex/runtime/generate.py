@@ -82,20 +82,23 @@ class SamplingParams:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {_shown(self.max_tokens)}")
         if not (number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
             raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
-                              f"got {self.temperature!r}")
+                              f"got {_shown(self.temperature)}")
         if not (number(self.top_p) and 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}")
         if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                           and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or null, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or null, got {_shown(self.seed)}")
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.stop, tuple) or len(self.stop) > 8 or \
                 not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
-            raise ConfigError("stop must be at most 8 non-empty strings of up to 256 characters")
+            raise ConfigError(f"stop must be a tuple of at most 8 non-empty strings of up to 256 characters, "
+                              f"got {_shown(self.stop)}")
         if not isinstance(self.ignore_eos, bool):
-            raise ConfigError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise ConfigError(f"ignore_eos must be true or false, got {_shown(self.ignore_eos)}")
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +107,13 @@ class SamplingParams:
     def generator(self, device: torch.device) -> Optional[torch.Generator]:
         """The row's own generator (seeded), or None (torch's global one) when unseeded or greedy."""
         return None if self.seed is None or self.greedy else torch.Generator(device).manual_seed(self.seed)
+
+
+def _shown(v: object) -> str:
+    """A value for an error message, kept short (Python will not print an int of over 4300 digits)."""
+    if isinstance(v, int) and v.bit_length() > 128:
+        return f"an integer of {v.bit_length()} bits"
+    return repr(v)[:200]
 
 
 def sample_next(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
