@@ -355,7 +355,8 @@ def test_tokenizing_runs_off_the_event_loop(tmp_path):
 
 # ---- the command line ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,word", [(["--port", "99999"], "--port"), (["--port", "-1"], "--port"),
-                                        (["--timeout", "inf"], "--timeout"), (["--max-upload-mb", "nan"], "--max-upload-mb")])
+                                        (["--timeout", "inf"], "--timeout"),
+                                        (["--max-upload-mb", "nan"], "--max-upload-mb")])
 def test_cli_refuses_unusable_flag_values(tmp_path, capsys, flags, word):
     code = cli.main(["serve", "--base", "tiny-llama", "--adapters", str(tmp_path), "--api-key", KEY, *flags])
     err = capsys.readouterr().err
