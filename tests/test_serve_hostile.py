@@ -32,8 +32,8 @@ from loraplex.errors import (
     RequestTooLargeError,
 )
 from loraplex.runtime.generate import MIN_TEMPERATURE, sample_next
-from loraplex.serve import SamplingParams
-from loraplex.serve.app import create_app
+from loraplex.serve import EngineConfig, SamplingParams
+from loraplex.serve.app import Server, create_app
 from loraplex.serve.text import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -178,6 +178,29 @@ def test_evicted_adapter_whose_files_vanished_fails_its_request_not_the_engine(t
     shutil.rmtree(tmp_path / "r1", ignore_errors=True)
     shutil.copytree(saved, tmp_path / "r1")  # the files come back: the adapter serves again, unmarked
     assert eng.generate(prompt, "r1", GREEDY).token_ids == want and "r1" not in store.broken
+
+
+def test_over_http_an_adapter_whose_files_vanished_is_a_4xx_and_listed_by_health(tmp_path):
+    """The issue's steps: --memory-budget for one adapter, request r1 and r2, remove DIR/r1, request r1."""
+    af = make_adapter(tmp_path / "r1", seed=1)
+    make_adapter(tmp_path / "r2", seed=2)
+    one = sum(t.numel() for t in af.tensors.values()) * 4
+    server = Server(models.tiny_llama(seed=0), None, base_id="tiny-llama", adapters_dir=tmp_path,
+                    config=EngineConfig(max_batch=2, max_prompt_tokens=16, max_new_tokens=8), memory_budget=one)
+    loop = LoopbackServer(create_app(server)).start()
+    try:
+        with httpx.Client(base_url=loop.url, timeout=30) as h:
+            for model in ["r1", "r2"]:
+                assert h.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}).status_code == 200
+            shutil.rmtree(tmp_path / "r1")
+            err = _is_error(h.post("/v1/completions", json={"model": "r1", "prompt": "x", "max_tokens": 2}), 422,
+                            "invalid_adapter")
+            assert "reloading adapter 'r1'" in err["message"]
+            health = h.get("/health")
+            assert health.status_code == 200 and list(health.json()["broken_adapters"]) == ["r1"]
+            assert h.post("/v1/completions", json={"model": "r2", "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        loop.stop()
 
 
 # ---- start-up with broken adapters in the folder -------------------------------------------------------------
