@@ -2,18 +2,24 @@
 
 `make_adapter(dir, seed)` injects an r=4 all-linear adapter with random A and B into tiny_llama(seed=0)
 (B scaled so the adapter visibly changes greedy output) and saves it in PEFT's format.
+`rewrite_adapter(dir, ...)` edits a saved adapter in place (tensors, config keys, the recorded content hash)
+to make the broken files a hostile user would send.
 `LoopbackServer` runs uvicorn in a thread on a free 127.0.0.1 port; `stop()` asks it to exit (graceful).
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import uvicorn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import loraplex as lp
 from loraplex import models
@@ -28,6 +34,23 @@ def make_adapter(directory: Path, seed: int, *, r: int = 4, targets="all-linear"
         for _, layer in lp.lora_layers(model):
             layer.lora_B["a"].weight.mul_(gain)
     return lp.save_adapter(model, "a", directory, base_name="tiny-llama", overwrite=True)  # tests rewrite in place
+
+
+def rewrite_adapter(directory: Path, *, tensor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    config: dict | None = None, keep_hash: bool = True) -> None:
+    """Rewrite DIR's files: `tensor` maps every tensor, `config` updates adapter_config.json keys, and
+    keep_hash=False drops the recorded content hash (a PEFT-written file has none)."""
+    weights = directory / lp.store.WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as fh:
+        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    if tensor is not None:
+        tensors = {k: tensor(t) for k, t in tensors.items()}
+    if not keep_hash:
+        meta.pop("loraplex.content_hash", None)
+    save_file(tensors, str(weights), metadata=meta)
+    if config:
+        path = directory / lp.store.CONFIG_NAME
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
 
 
 class LoopbackServer:

@@ -7,9 +7,12 @@ The loop, for prompts p_b (token lists) left-padded to length T:
 Padding is masked out of attention and positions count real tokens only, so each row computes what it
 would alone: greedy output is the same as running the request by itself (tested).
 
-Sampling per row b: temperature t_b == 0 -> argmax; otherwise softmax(logits / t_b), kept to the smallest
-set of most likely tokens whose mass reaches top_p_b, renormalised, drawn with row b's own generator
-(seeded with seed_b when given), so a seeded request samples the same tokens whatever batch it is in.
+Sampling per row b (`sample_next`, the one sampler of generate, the server and evaluate): temperature
+t_b < MIN_TEMPERATURE (0 included) -> argmax; otherwise softmax((logits - max) / t_b), kept to the smallest
+set of most likely tokens whose mass reaches top_p_b (never fewer than the most likely one), renormalised,
+drawn with row b's own generator (seeded with seed_b when given), so a seeded request samples the same
+tokens whatever batch it is in. `SamplingParams` holds one row's values and refuses, when built, any value
+outside the bounds below, inside which the math cannot overflow or divide by zero for finite logits.
 
 A row finishes on an end-of-sequence token ("stop"; not included in its tokens), when its decoded text
 contains a stop string ("stop"; the text is cut before it), or after max_new_tokens ("length"). Finished
@@ -18,6 +21,7 @@ rows keep a place in the batch until every row is done (their extra tokens are d
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -53,18 +57,78 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
     return ids, mask
 
 
+MIN_TEMPERATURE = 1e-4  # below it (0 included) a row decodes greedily: softmax(l / t) is argmax up to near-ties
+MAX_TEMPERATURE = 100.0
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling values, checked when built (ConfigError says which bound failed).
+
+    max_tokens >= 1; temperature 0 or in [0, 100] (< MIN_TEMPERATURE = greedy); top_p in (0, 1]; seed an int
+    in SEED_RANGE or None; stop: at most 8 non-empty strings of up to 256 characters.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def number(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {_shown(self.max_tokens)}")
+        if not (number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
+                              f"got {_shown(self.temperature)}")
+        if not (number(self.top_p) and 0 < self.top_p <= 1):
+            raise ConfigError(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}")
+        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                          and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or null, got {_shown(self.seed)}")
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.stop, tuple) or len(self.stop) > 8 or \
+                not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
+            raise ConfigError(f"stop must be a tuple of at most 8 non-empty strings of up to 256 characters, "
+                              f"got {_shown(self.stop)}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ConfigError(f"ignore_eos must be true or false, got {_shown(self.ignore_eos)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
+    def generator(self, device: torch.device) -> Optional[torch.Generator]:
+        """The row's own generator (seeded), or None (torch's global one) when unseeded or greedy."""
+        return None if self.seed is None or self.greedy else torch.Generator(device).manual_seed(self.seed)
+
+
+def _shown(v: object) -> str:
+    """A value for an error message, kept short (Python will not print an int of over 4300 digits)."""
+    if isinstance(v, int) and v.bit_length() > 128:
+        return f"an integer of {v.bit_length()} bits"
+    return repr(v)[:200]
+
+
 def sample_next(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
                 generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """One next token per row from logits (B, V): greedy where temperature is 0, else top-p sampling."""
+    """One next token per row from finite logits (B, V): greedy where temperature < MIN_TEMPERATURE, else
+    top-p sampling. Never divides by zero or overflows: logits are shifted so the largest is 0 first."""
     logits = logits.float()
     out = logits.argmax(dim=-1)  # (B,)
     for b, (t, p) in enumerate(zip(temperature, top_p)):
-        if t == 0:
+        if t < MIN_TEMPERATURE:
             continue
-        probs = torch.softmax(logits[b] / t, dim=-1)  # (V,)
-        sorted_p, order = probs.sort(descending=True)
-        cum = sorted_p.cumsum(0)
-        keep = (cum - sorted_p) < p  # the most likely tokens until their mass reaches p (at least one)
+        z = (logits[b] - logits[b].max()) / t  # (V,) <= 0: exp never overflows, the top token has exp(0) = 1
+        sorted_p, order = torch.softmax(z, dim=-1).sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < p  # the most likely tokens until their mass reaches p ...
+        keep[0] = True  # ... and always the first (p rounds to 0 in float32 below ~1e-45)
         sorted_p = sorted_p * keep
         u = torch.rand((), generator=generators[b], device=logits.device) * sorted_p.sum()
         i = int(torch.searchsorted(sorted_p.cumsum(0), u, right=True).clamp(max=int(keep.sum()) - 1))
@@ -131,16 +195,14 @@ def generate(
             seqs.append([int(t) for t in p])
     if any(len(s) == 0 for s in seqs):
         raise ShapeMismatchError("every prompt needs at least one token")
-    temps = [float(t) for t in _per_row(temperature, B, "temperature")]
-    tops = [float(p) for p in _per_row(top_p, B, "top_p")]
-    if any(t < 0 for t in temps) or any(not 0 < p <= 1 for p in tops):
-        raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1]; got {temps} and {tops}")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if stops and tok is None:
         raise ConfigError("stop strings need a tokenizer: MultiLoraModel(..., tokenizer=tok)")
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=t, top_p=p, seed=s) for t, p, s in
+              zip(_per_row(temperature, B, "temperature"), _per_row(top_p, B, "top_p"), _per_row(seed, B, "seed"))]
+    temps, tops = [p.temperature for p in params], [p.top_p for p in params]
     device = engine.pool.device
-    gens = [None if s is None else torch.Generator(device=device).manual_seed(int(s))
-            for s in _per_row(seed, B, "seed")]
+    gens = [p.generator(device) for p in params]
     eos = _eos_ids(engine, eos_token_id)
     pad = next(iter(eos), 0) if getattr(tok, "pad_token_id", None) is None else tok.pad_token_id
 

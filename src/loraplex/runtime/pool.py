@@ -44,6 +44,7 @@ from ..errors import (
     AdapterNotFoundError,
     ConfigError,
     LeaseError,
+    LoraplexError,
     NonFiniteError,
     PoolFullError,
     ShapeMismatchError,
@@ -459,7 +460,7 @@ class AdapterPool:
             else:
                 try:
                     loaded = self.loader(e.name, e.content_hash)
-                except (OSError, KeyError, ValueError) as err:
+                except (LoraplexError, OSError, KeyError, ValueError) as err:  # the files are gone or changed
                     raise AdapterFileError(f"reloading adapter {e.name!r} ({e.content_hash}) failed: {err}") from err
                 if set(loaded) != set(e.shapes):
                     raise AdapterFileError(

@@ -2,7 +2,7 @@
 
     llama.py     CompactLlama: the Llama-family forward with per-sequence KV cache lanes, LoRA via BatchPlan
     engine.py    Engine: scheduler (continuous batching, round-robin over adapters), limits, shutdown
-    requests.py  SamplingParams, Result, Handle (a submitted request), sampling
+    requests.py  SamplingParams (from runtime.generate), Result, Handle (a submitted request)
     text.py      tokenizers, chat prompts, incremental detokenizing
     adapters.py  AdapterStore: the adapter folder, uploads, validation, pool loading
     metrics.py   Prometheus text counters

@@ -2,11 +2,20 @@
 
     DIR/legal/adapter_config.json + adapter_model.safetensors   ->  served as model "legal"
 
-Names are checked with `inject.check_name` ([A-Za-z0-9_-], 1-64 chars) before any path is built, so a name
-can never leave DIR. Uploads are zip files of one adapter directory (the two files, optionally a README.md,
-at the top level or inside one folder); they are size-limited, unpacked by this module under names it
-chooses (never the archive's paths), verified with `store.read_adapter` and against the base, and only then
-moved into DIR/<name> (atomically) and added to the pool.
+Every route checks names with `check_adapter_name` ([A-Za-z0-9_-], 1-64 chars, the whole string) before any
+path is built, so a name can never leave DIR and every name listed can be requested. Uploads are zip files
+of one adapter directory (the two files, optionally a README.md, at the top level or inside one folder);
+they are size-limited, unpacked by this module under names it chooses (never the archive's paths; only
+stored or deflated members; a corrupt or encrypted archive is refused with AdapterFileError), verified with
+`store.read_adapter` and against the base, and only then moved into DIR/<name> (atomically) and added to
+the pool. An upload never overwrites DIR/<name> that exists (loaded or not) unless it says replace=true.
+
+An adapter is verified before it is served: the base fingerprint, its tensors against the serving model's
+projections, and its config's target_modules against its tensors (the modules the config targets in the
+base must be exactly those it holds lora_A/lora_B for). At start-up a folder entry that fails any check is
+skipped and reported (`load_all`, shown by /health); the others still serve. An evicted adapter whose files
+vanished or changed fails the requests that need it (AdapterFileError) and is listed in `broken` until a
+reload from disk succeeds again or it is loaded, replaced or removed by name.
 
 An adapter file becomes pool tensors as (key = module name, e.g. "model.layers.0.self_attn.q_proj"):
     A = tensors[key + ".lora_A.weight"]  (r, in)   B = tensors[key + ".lora_B.weight"]  (out, r)
@@ -20,6 +29,7 @@ import stat
 import tempfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +42,7 @@ from ..errors import (
     AdapterFileError,
     AdapterNotFoundError,
     ConfigError,
+    LoraplexError,
     RequestTooLargeError,
     ShapeMismatchError,
     TargetNotFoundError,
@@ -39,13 +50,22 @@ from ..errors import (
 )
 from ..functional import scaling
 from ..identity import check_base
-from ..inject import check_name
+from ..inject import check_name, find_targets
 from ..runtime import AdapterPool
 from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, atomic_directory, read_adapter
 from .metrics import Metrics
 
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+def check_adapter_name(name: str) -> str:
+    """The one name check of every server route: `inject.check_name` on the whole string (its `$` also
+    matches before a final newline, so that is refused here too)."""
+    check_name(name)
+    if name.endswith("\n"):
+        raise ConfigError(f"adapter name must be 1-64 characters of [A-Za-z0-9_-], got {name!r}")
+    return name
 
 
 def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
@@ -108,6 +128,7 @@ class AdapterStore:
         self._admin = threading.Lock()
         self._evictions_seen = 0
         self._resident: set[str] = set()
+        self.broken: dict[str, str] = {}  # loaded adapters whose last reload from disk failed: name -> reason
         pool.loader = self._reload
 
     # ---- queries ------------------------------------------------------------------------------------------
@@ -123,19 +144,25 @@ class AdapterStore:
         """Adapter directories in the folder (loaded or not)."""
         if self.directory is None or not self.directory.is_dir():
             return []
-        return sorted(p.name for p in self.directory.iterdir() if (p / CONFIG_NAME).is_file() and _valid(p.name))
+        return sorted(p.name for p in self._entries() if _valid(p.name))
+
+    def _entries(self) -> list[Path]:
+        return [p for p in self.directory.iterdir() if (p / CONFIG_NAME).is_file()]
 
     # ---- admin --------------------------------------------------------------------------------------------
     def load_all(self) -> tuple[list[str], dict[str, str]]:
-        """Load every adapter directory in the folder; returns (loaded, {skipped name: reason})."""
+        """Load every adapter directory in the folder; returns (loaded, {skipped name: reason}). A directory
+        that fails any check (a typed loraplex error: bad name, unreadable, NaN/Inf, another base, ...) is
+        skipped with its reason; the others still load."""
         loaded, skipped = [], {}
-        for name in self.available():
+        if self.directory is None or not self.directory.is_dir():
+            return loaded, skipped
+        for name in sorted(p.name for p in self._entries()):
             try:
                 self.load(name)
                 loaded.append(name)
-            except (AdapterFileError, ConfigError, ShapeMismatchError, TargetNotFoundError,
-                    UnsupportedFeatureError) as exc:  # report it; the others still serve
-                skipped[name] = str(exc)
+            except LoraplexError as exc:  # report it; the others still serve
+                skipped[name] = f"{type(exc).__name__}: {exc}"
         return loaded, skipped
 
     def load(self, name: str, *, replace: bool = False) -> AdapterInfo:
@@ -160,6 +187,10 @@ class AdapterStore:
             raise ConfigError("this server has no adapter folder (--adapters) to install uploads into")
         with self._admin:
             self._check_new(name, replace)
+            if (self.directory / name).exists() and not replace:
+                raise AdapterExistsError(f"the adapter folder already holds {name!r} (not loaded); pass replace=true "
+                                         "to overwrite its files, load it as it is with JSON {\"name\": ...}, or "
+                                         "upload under another name")
             self.directory.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.directory) as tmp:
                 _unzip(data, Path(tmp), self.max_upload_bytes)
@@ -173,13 +204,14 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         """Unload `name` (its files stay); requests already running on it finish on their lease."""
-        check_name(name)
+        check_adapter_name(name)
         with self._admin:
             if name not in self._info:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
             self.pool.remove(name)
             del self._info[name]
             self._resident.discard(name)
+            self.broken.pop(name, None)
 
     def poll_evictions(self) -> None:
         """Count per-adapter evictions since the last call (the pool keeps only a total)."""
@@ -195,7 +227,7 @@ class AdapterStore:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _check_new(self, name: str, replace: bool) -> None:
-        check_name(name)
+        check_adapter_name(name)
         if name in self.reserved:
             raise AdapterExistsError(f"{name!r} is the base model's id; pick another adapter name")
         if name in self._info and not replace:
@@ -205,13 +237,22 @@ class AdapterStore:
     def _verify(self, af: AdapterFile):
         if self.check_base_model:
             check_base(af.base_fingerprint, self.base, f"adapter {str(af.path)!r}")
-        return pool_tensors(af, self.pool.layers)
+        tensors, scales = pool_tensors(af, self.pool.layers)
+        targeted = set(find_targets(self.base, af.config))
+        if targeted != set(tensors):
+            raise AdapterFileError(
+                f"adapter {str(af.path)!r}: its config's target_modules={af.config.target_modules!r} targets "
+                f"{len(targeted)} modules of the base but it holds LoRA tensors for {len(tensors)}; targeted "
+                f"without tensors: {sorted(targeted - set(tensors))[:3]}, tensors not targeted: "
+                f"{sorted(set(tensors) - targeted)[:3]}; fix adapter_config.json or re-save the adapter")
+        return tensors, scales
 
     def _add(self, name: str, af: AdapterFile, verified=None) -> AdapterInfo:
         tensors, scales = verified or self._verify(af)
         self.pool.add(name, af.content_hash, tensors, scales)
         info = AdapterInfo(name, af.content_hash, af.config.r, len(tensors), str(af.path))
         self._info[name] = info
+        self.broken.pop(name, None)
         self.metrics.adapter_loaded(name)
         self.poll_evictions()
         return info
@@ -221,16 +262,23 @@ class AdapterStore:
         info = self._info.get(name)
         if info is None or info.content_hash != content_hash:
             raise AdapterFileError(f"adapter {name!r} version {content_hash[:12]} is no longer on disk")
-        af = read_adapter(info.path)
-        if af.content_hash != content_hash:
-            raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
-                                   f"({content_hash[:12]} -> {af.content_hash[:12]}); reload it by name")
-        return pool_tensors(af, self.pool.layers)[0]
+        try:
+            af = read_adapter(info.path)
+            if af.content_hash != content_hash:
+                raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
+                                       f"({content_hash[:12]} -> {af.content_hash[:12]}); load it again by name "
+                                       "with replace=true")
+            tensors = pool_tensors(af, self.pool.layers)[0]
+        except LoraplexError as exc:  # marked until a reload succeeds; the pool fails the request that needed it
+            self.broken[name] = f"reloading after an eviction failed: {exc}"
+            raise
+        self.broken.pop(name, None)
+        return tensors
 
 
 def _valid(name: str) -> bool:
     try:
-        check_name(name)
+        check_adapter_name(name)
     except ConfigError:
         return False
     return True
@@ -259,9 +307,21 @@ def _unzip(data: bytes, dest: Path, limit: int) -> None:
         total = sum(i.file_size for i in files)
         if total > limit:
             raise RequestTooLargeError(f"the upload unpacks to {total} bytes; the limit is {limit}")
+        for i in files:
+            if i.flag_bits & 0x1:
+                raise AdapterFileError(f"{i.filename!r} in the upload is encrypted; send an unencrypted zip")
+            if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise AdapterFileError(f"{i.filename!r} in the upload uses zip compression method {i.compress_type}; "
+                                       "expected stored (0) or deflated (8), what `zip` writes by default")
+        left = limit
         for i, n in zip(files, names):
-            with zf.open(i) as src:
-                blob = src.read(limit + 1)
-            if len(blob) > limit:
-                raise RequestTooLargeError(f"{n} in the upload unpacks past the limit of {limit} bytes")
+            try:
+                with zf.open(i) as src:
+                    blob = src.read(left + 1)  # a member's header may understate its size: bound what is read
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise AdapterFileError(f"{i.filename!r} in the upload is corrupt ({exc}); "
+                                       "zip the adapter directory again") from None
+            if len(blob) > left:
+                raise RequestTooLargeError(f"the upload unpacks past the limit of {limit} bytes (at {n})")
+            left -= len(blob)
             (dest / n).write_bytes(blob)

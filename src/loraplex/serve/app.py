@@ -14,6 +14,7 @@
 field `ignore_eos` (bool) keeps generating past end-of-sequence. Admin routes need `Authorization: Bearer
 <--api-key>`; without --api-key they are disabled. Errors map to HTTP statuses in serve/errors.py only.
 A client that disconnects before its answer cancels the generation (it stops taking batch rows).
+Prompts are size-checked, then tokenized off the event loop (a huge prompt never delays other requests).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, RequestTooLargeError, UnauthorizedError
 from ..runtime import AdapterPool
+from ..runtime.generate import MAX_TEMPERATURE, SEED_RANGE
 from . import errors, ui
 from .adapters import AdapterStore
 from .engine import Engine, EngineConfig, Handle, Result, SamplingParams
@@ -87,12 +89,12 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=100.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int | None = 1
     stream: bool | None = False
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     ignore_eos: bool = False
     stream_options: dict | None = None
     logprobs: Union[bool, int, None] = None
@@ -113,7 +115,7 @@ class CompletionBody(_Body):
     prompt: Union[str, list[int], list[str], list[list[int]]]
     echo: bool | None = False
 
-    def prompt_ids(self, codec: TextCodec) -> list[int]:
+    def prompt_ids(self, codec: TextCodec, max_tokens: int) -> list[int]:
         p = self.prompt
         if self.echo:
             raise ConfigError("echo is not supported by this server")
@@ -121,7 +123,7 @@ class CompletionBody(_Body):
             if len(p) != 1:
                 raise ConfigError(f"got {len(p)} prompts; this server takes one prompt per request")
             p = p[0]
-        return codec.encode(p) if isinstance(p, str) else list(p)
+        return codec.encode(p, max_tokens) if isinstance(p, str) else list(p)
 
 
 class _Part(BaseModel):
@@ -176,7 +178,8 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
     async def health():
         state = "failed" if eng.failed else ("ok" if eng.accepting else "draining")
         body = {"status": state, "base": server.base_id, "adapters": len(server.store.names()),
-                "running": len(eng.running), "waiting": eng.waiting, "skipped_adapters": server.skipped}
+                "running": len(eng.running), "waiting": eng.waiting, "skipped_adapters": server.skipped,
+                "broken_adapters": dict(server.store.broken)}
         return JSONResponse(body, status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics")
@@ -240,14 +243,16 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         params = body.params(16)
-        return await _serve(server, request, body, body.prompt_ids(server.codec), params, chat=False)
+        ids = await asyncio.to_thread(body.prompt_ids, server.codec, server.engine.config.max_prompt_tokens)
+        return await _serve(server, request, body, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         if body.max_completion_tokens and not body.max_tokens:
             body.max_tokens = body.max_completion_tokens
         params = body.params(server.engine.config.max_new_tokens)
-        ids = server.codec.chat([{"role": m.role, "content": m.text()} for m in body.messages])
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = await asyncio.to_thread(server.codec.chat, msgs, server.engine.config.max_prompt_tokens)
         return await _serve(server, request, body, ids, params, chat=True)
 
     return app
@@ -272,8 +277,10 @@ def _submit(server: Server, ids: list[int], model: str, params: SamplingParams) 
     queue: asyncio.Queue = asyncio.Queue()
 
     def listener(event) -> None:  # called on the engine thread
-        if not loop.is_closed():
+        try:
             loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody reads this request's events any more
+            pass
 
     return server.engine.submit(ids, model, params, listener=listener), queue
 

@@ -10,6 +10,7 @@ more can be loaded or uploaded while serving (POST /v1/adapters, needs the API k
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -76,12 +77,24 @@ def build_server(args: argparse.Namespace):
                   shutdown_timeout=args.timeout)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values that argparse's types let through but the server cannot use (ConfigError, exit 2)."""
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
+    for flag, value in (("--timeout", args.timeout), ("--max-upload-mb", args.max_upload_mb)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     require("serve", "loraplex serve")
     import uvicorn
 
     from .app import create_app
 
+    check_args(args)
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters!r} is not a directory")
     if args.results is not None and not Path(args.results).is_file():

@@ -4,6 +4,7 @@ A request's `model` is resolved once, when it is submitted, into (adapter name, 
     "<base id>"              the base alone                  ()
     "legal"                  one adapter                     (("legal", 1.0),)
     "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
+Mix weights are finite numbers in [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT] (0 drops that adapter from the row).
 Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
 with even if they are replaced or removed meanwhile.
 
@@ -16,6 +17,12 @@ One `step()`:
      and retire the finished ones.
 Requests therefore join and leave the running batch at every step. Greedy output does not depend on what
 else runs in the batch (checked by tests/test_serve_engine.py).
+
+A request never stops the engine: what can go wrong with one request fails that request alone, with a typed
+error: its adapter cannot be (re)loaded when it is admitted (files gone or changed after an eviction), or its
+logits are not finite (then its KV lane is zeroed, so the next request on that lane reads no NaN). Sampling
+values are bounded when `SamplingParams` is built, and the sampler cannot fail on finite logits. Only an
+error in the batched forward itself (a bug) fails every request and stops the engine.
 
 Lanes and plans. A request keeps its KV-cache lane (= its batch row) from admission to finish; a finished
 request leaves a dead row behind (decoded and ignored) until a new request takes the lane. So the batch's
@@ -43,19 +50,22 @@ from ..errors import (
     AdapterNotFoundError,
     ConfigError,
     LoraplexError,
+    NonFiniteError,
     PoolFullError,
     QueueFullError,
     RequestTimeoutError,
     ShuttingDownError,
 )
-from ..inject import check_name
 from ..runtime import AdapterPool, Lease
+from ..runtime.generate import sample_next
+from .adapters import check_adapter_name
 from .llama import CompactLlama
 from .metrics import Metrics
-from .requests import Handle, Listener, Result, SamplingParams, sample
+from .requests import Handle, Listener, Result, SamplingParams
 from .text import Detokenizer, TextCodec, check_prompt
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
+MAX_MIX_WEIGHT = 100.0  # |weight| bound in a mix: larger ones only overflow activations
 
 
 @dataclass
@@ -141,18 +151,19 @@ class Engine:
             return ()
         mix = []
         for part in spec.split("+"):
-            name, sep, w = part.strip().partition(":")
-            name = name.strip()
+            name, sep, w = part.strip(" ").partition(":")  # spaces around parts are allowed, nothing else
+            name = name.strip(" ")
             try:
                 weight = float(w) if sep else 1.0
             except ValueError:
                 raise ConfigError(f"bad weight {w!r} in model {spec!r}; write 'name:0.7+other:0.3'") from None
-            if not math.isfinite(weight):
-                raise ConfigError(f"weight of {name!r} in model {spec!r} must be finite")
+            if not (math.isfinite(weight) and abs(weight) <= MAX_MIX_WEIGHT):
+                raise ConfigError(f"weight of {name!r} in model {spec!r} must be a number in "
+                                  f"[-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}], got {w!r}")
             if name in self.base_ids:
                 raise ConfigError(f"model {spec!r}: the base {name!r} cannot be part of a mix (its weight would "
                                   "mean nothing); list adapters only")
-            check_name(name)
+            check_adapter_name(name)
             if name not in self.pool:
                 raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
                                            f"({self.base_ids[0]!r}) nor a loaded adapter")
@@ -163,7 +174,11 @@ class Engine:
                listener: Listener | None = None) -> Handle:
         """Queue a request (thread-safe). Raises 429/413/422/404-type errors at once; see `Handle`."""
         params = params or SamplingParams()
-        self._check_params(params)
+        if not isinstance(params, SamplingParams):
+            raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.max_tokens > self.config.max_new_tokens:
+            raise ConfigError(f"max_tokens is {params.max_tokens}; this server generates at most "
+                              f"{self.config.max_new_tokens} (--max-new-tokens)")
         ids = check_prompt(prompt, vocab=self.model.vocab, max_prompt_tokens=self.config.max_prompt_tokens)
         mix = self.parse_model(model)
         key = self.base_ids[0] if not mix else "+".join(f"{n}:{w:g}" if w != 1.0 else n for n, w in mix)
@@ -176,12 +191,10 @@ class Engine:
                                      f"{self.config.max_queue}); retry later")
             self._ids += 1
             now = time.monotonic()
-            gen = None
-            if params.seed is not None and params.temperature > 0:
-                gen = torch.Generator(self.model.device).manual_seed(params.seed)
             seq = _Seq(Handle(self._ids, key, listener), key, mix, ids, params,
                        Detokenizer(self.codec, params.stop), now,
-                       now + self.config.timeout_s if self.config.timeout_s else math.inf, gen, self.steps)
+                       now + self.config.timeout_s if self.config.timeout_s else math.inf,
+                       params.generator(self.model.device), self.steps)
             if key not in self._waiting:
                 self._waiting[key] = deque()
                 self._turns.append(key)
@@ -204,19 +217,6 @@ class Engine:
     @property
     def running(self) -> list[_Seq]:
         return [s for s in self.lanes if s is not None]
-
-    def _check_params(self, p: SamplingParams) -> None:
-        if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be an integer >= 1, got {p.max_tokens!r}")
-        if p.max_tokens > self.config.max_new_tokens:
-            raise ConfigError(f"max_tokens is {p.max_tokens}; this server generates at most "
-                              f"{self.config.max_new_tokens} (--max-new-tokens)")
-        if not (isinstance(p.temperature, (int, float)) and 0 <= p.temperature <= 100):
-            raise ConfigError(f"temperature must be in [0, 100], got {p.temperature!r}")
-        if not (isinstance(p.top_p, (int, float)) and 0 < p.top_p <= 1):
-            raise ConfigError(f"top_p must be in (0, 1], got {p.top_p!r}")
-        if len(p.stop) > 8 or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in p.stop):
-            raise ConfigError("stop must be at most 8 non-empty strings of up to 256 characters")
 
     # ---- the step -----------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -286,13 +286,13 @@ class Engine:
                     break
                 try:
                     s.leases = self._lease(s.mix)
-                except AdapterNotFoundError as exc:  # removed after it was queued
-                    self._pop(key)
-                    self._finish(s, "error", exc)
-                    continue
                 except PoolFullError as exc:
                     if running or new:
                         break  # room comes back when running requests finish
+                    self._pop(key)
+                    self._finish(s, "error", exc)
+                    continue
+                except LoraplexError as exc:  # removed after it was queued, or its files fail to reload
                     self._pop(key)
                     self._finish(s, "error", exc)
                     continue
@@ -353,11 +353,19 @@ class Engine:
         self._sample_and_accept([self.lanes[i] for i in live], logits[live])
 
     def _sample_and_accept(self, rows: list[_Seq], logits: torch.Tensor) -> None:
-        """logits (n, V) for `rows` -> one token each; then retire finished rows and compact the lanes."""
-        greedy = logits.argmax(-1).tolist()
-        for i, s in enumerate(rows):
-            p = s.params
-            tok = greedy[i] if p.temperature == 0 else sample(logits[i], p.temperature, p.top_p, s.generator)
+        """logits (n, V) for `rows` -> one token each; then retire finished rows and compact the lanes.
+        A row whose logits are not finite fails alone (NonFiniteError) and its KV lane is zeroed."""
+        finite = torch.isfinite(logits).all(-1).tolist()  # (n,)
+        for s in (s for s, ok in zip(rows, finite) if not ok):
+            self.cache.clear_lane(s.lane)
+            self._finish(s, "error", NonFiniteError(
+                f"the model's next-token scores for model {s.key!r} are NaN/Inf after {len(s.gen)} tokens (the "
+                "adapter weights times the mix weights overflow); lower the mix weights or check the adapter"))
+        keep = [i for i, ok in enumerate(finite) if ok]
+        live = [rows[i] for i in keep]
+        tokens = sample_next(logits[keep], [s.params.temperature for s in live], [s.params.top_p for s in live],
+                             [s.generator for s in live]).tolist()
+        for s, tok in zip(live, tokens):
             self._accept(s, tok)
         self._retire()
 

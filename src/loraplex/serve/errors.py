@@ -55,7 +55,12 @@ _BY_HTTP_STATUS = {400: "invalid_request_error", 401: "authentication_error", 40
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "code": code, "param": param}}
+    """The OpenAI-style error object; text echoed from a request is made encodable (a lone surrogate
+    becomes the 6 characters `\\ud800`), so an error about bad text never becomes a 500 itself."""
+    def clean(text: str | None) -> str | None:
+        return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return {"error": {"message": clean(message), "type": type_, "code": code, "param": clean(param)}}
 
 
 def classify(exc: LoraplexError) -> tuple[int, str, str]:

@@ -74,6 +74,13 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
+    def clear_lane(self, lane: int) -> None:
+        """Zero every position of `lane` (junk past a lane's length must stay finite: attention gives it weight
+        0, and 0 * NaN is NaN)."""
+        for t in self.k + self.v:
+            if lane < t.shape[0]:
+                t[lane].zero_()
+
     def reserve(self, lanes: int, length: int) -> None:
         """Make room for `lanes` lanes of `length` positions (keeps the contents)."""
         if lanes > self.max_lanes or length > self.max_len:

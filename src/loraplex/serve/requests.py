@@ -1,4 +1,5 @@
-"""What a request is and what comes back: sampling parameters, the result, the handle, sampling itself.
+"""What a request is and what comes back: sampling parameters (runtime.generate.SamplingParams, checked when
+built), the result, the handle.
 
 A request's listener gets events in order, on the engine thread: ("delta", text, token_id) for every piece
 of final text (token_id None for the tail flushed at the end), then ("done", Result).
@@ -10,19 +11,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import LoraplexError, RequestTimeoutError
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
+from ..runtime.generate import SamplingParams
 
 
 @dataclass
@@ -38,6 +28,8 @@ class Result:
 # Events given to a request's listener, in order: ("delta", text, token_id)*, then ("done", Result).
 Event = tuple
 Listener = Callable[[Event], None]
+
+__all__ = ["Event", "Handle", "Listener", "Result", "SamplingParams"]
 
 
 class Handle:
@@ -71,14 +63,3 @@ class Handle:
         if event[0] == "done":
             self._done.set()
 
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token from softmax(logits / temperature), keeping the smallest top set of mass >= top_p."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        drop = sorted_p.cumsum(0) - sorted_p >= top_p  # mass before this token already reaches top_p
-        sorted_p[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -2,12 +2,19 @@
 
 `TextCodec` wraps either a transformers tokenizer or, for bases shipped without one (the tiny test models),
 `ByteTokenizer`: token id = the UTF-8 byte value (so it needs a vocabulary of at least 128 for ASCII).
+
+Text that is not valid Unicode (a lone surrogate such as "\ud800", which JSON can carry) is refused with
+ConfigError. With `max_tokens`, text whose UTF-8 size could not fit is refused (RequestTooLargeError) before
+it is tokenized: no token covers more than `max_token_bytes` bytes, so text of more than
+SIZE_MARGIN * max_tokens * max_token_bytes bytes is surely too long (the margin covers normalizers that
+shrink text); the exact limit is `check_prompt`'s, on the ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..errors import ConfigError, RequestTooLargeError
 
@@ -39,6 +46,20 @@ class TextCodec:
     tokenizer: object  # a transformers tokenizer, or a ByteTokenizer
     eos_ids: frozenset[int]
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound of the UTF-8 bytes one token stands for (its vocabulary string's length in bytes)."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return 1
+        return max(len(t.encode("utf-8", "backslashreplace")) for t in self.tokenizer.get_vocab())
+
+    def check_size(self, texts: Sequence[str], max_tokens: int | None) -> None:
+        """Refuse text that is not valid Unicode, or surely longer than `max_tokens` (see the module docstring)."""
+        size = sum(len(utf8(t)) for t in texts)
+        if max_tokens is not None and size > SIZE_MARGIN * max_tokens * self.max_token_bytes:
+            raise RequestTooLargeError(f"the prompt is {size} bytes of text, far more than {max_tokens} tokens "
+                                       "(--max-prompt-tokens); shorten it")
+
     @classmethod
     def for_model(cls, tokenizer: object | None, config: object) -> TextCodec:
         eos = getattr(config, "eos_token_id", None)
@@ -51,7 +72,8 @@ class TextCodec:
             eos_ids = eos_ids | {tokenizer.eos_token_id}
         return cls(tokenizer, eos_ids)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+        self.check_size([text], max_tokens)
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(text)
         return list(self.tokenizer.encode(text, add_special_tokens=True))
@@ -61,14 +83,27 @@ class TextCodec:
             return self.tokenizer.decode(ids)
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def chat(self, messages: Sequence[dict]) -> list[int]:
+    def chat(self, messages: Sequence[dict], max_tokens: int | None = None) -> list[int]:
         """Token ids of a chat ending in an open assistant turn (the tokenizer's chat template if it has one;
         else the plain template `<|role|>\\ncontent\\n` ... `<|assistant|>\\n`)."""
+        self.check_size([m["content"] for m in messages], max_tokens)
         if not isinstance(self.tokenizer, ByteTokenizer) and getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
         return self.encode(text)
+
+
+SIZE_MARGIN = 4
+
+
+def utf8(text: str) -> bytes:
+    """`text` as UTF-8; ConfigError (not UnicodeEncodeError) for text holding a lone surrogate."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"the text is not valid Unicode: it holds the lone surrogate {text[exc.start]!r} at "
+                          f"character {exc.start}; send UTF-8 text") from None
 
 
 def check_prompt(ids: Sequence[int], *, vocab: int, max_prompt_tokens: int) -> list[int]:
