@@ -426,3 +426,15 @@ def test_any_bad_config_value_gives_a_typed_error_naming_the_file(tmp_path_facto
     except lp.LoraplexError as exc:
         assert str(d) in str(exc), exc
         _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("text", ['{"r": ' + "9" * 5000 + "}", "[" * 100000 + "]" * 100000, '{"r": 8',
+                                  b"\xff\xfe".decode("latin-1")])
+def test_unparseable_config_is_a_typed_error(tmp_path, text):
+    """Any config text json cannot turn into an object (an int past Python's digit limit, nesting past the
+    recursion limit, truncated, not UTF-8) is an AdapterFileError naming the file, never a bare ValueError."""
+    from loraplex.errors import AdapterFileError
+
+    (tmp_path / "adapter_config.json").write_text(text, encoding="latin-1")
+    with pytest.raises(AdapterFileError, match="adapter_config.json"):
+        lp.read_adapter(tmp_path)

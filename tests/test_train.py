@@ -193,7 +193,7 @@ def test_divergence_stops_typed_and_keeps_the_last_good_checkpoint(tiny_base, da
     no adapter, and its last checkpoint (before the NaN) still loads, finite."""
     out = tmp_path / "inf"
     assert main(["train", "--base", str(tiny_base), "--data", str(data["a"]), "--out", str(out),
-                 "--lr", "inf", "--max-steps", "2"]) == 1
+                 "--lr", "inf", "--max-steps", "2"]) == 2
     assert "lr" in capsys.readouterr().err and not out.exists()
     out = tmp_path / "diverged"
     with pytest.raises(NonFiniteError, match="diverged at step 2"):

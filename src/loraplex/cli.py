@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import Optional
 
 from . import __version__
-from .errors import LoraplexError
+from .errors import LoraplexError, UsageError
 
 # name -> module providing register(subparsers); order = order in --help
 COMMANDS = {
@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return int(args.func(args) or 0)
     except LoraplexError as exc:
         print(f"loraplex {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UsageError) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

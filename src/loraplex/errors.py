@@ -16,6 +16,11 @@ class ConfigError(LoraplexError, ValueError):
     """A LoraConfig (or a CLI option feeding one) holds an invalid value."""
 
 
+class UsageError(ConfigError):
+    """A command-line flag value the command cannot use, found after argparse accepted it (the CLI exits 2,
+    as for argparse's own usage errors)."""
+
+
 class UnsupportedFeatureError(LoraplexError, ValueError):
     """A file or config asks for a feature whose semantics loraplex does not implement (e.g. DoRA)."""
 

@@ -21,7 +21,7 @@ from .errors import (AdapterExistsError, AdapterNotFoundError, ConfigError, Merg
                      UnsupportedFeatureError)
 from .layers import Conv1D, LoraLayer, ModulesToSave, lora_layer_for
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: no trailing newline
 ActiveSpec = Union[str, Sequence[str], Mapping[str, float]]
 
 
@@ -45,7 +45,7 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
 
 def check_name(name: str) -> str:
     """Adapter names are 1-64 characters of [A-Za-z0-9_-] (they become module keys and file names)."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ConfigError(f"adapter name must match {_NAME_RE.pattern}, got {name!r}")
     return name
 

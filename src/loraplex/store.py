@@ -311,8 +311,8 @@ def read_adapter(directory: PathLike) -> AdapterFile:
         raise AdapterFileError(f"{str(path)!r} has no {CONFIG_NAME}; found {sorted(p.name for p in path.iterdir())}")
     try:
         raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_file} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int past Python's digit limit, deep nesting
+        raise AdapterFileError(f"{cfg_file} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
     try:
@@ -326,8 +326,13 @@ def read_adapter(directory: PathLike) -> AdapterFile:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteError(f"adapter {str(path)!r} holds NaN/Inf in {key!r}")
     fp = meta.get("loraplex.base_fingerprint")
+    try:
+        fingerprint = json.loads(fp) if fp else None
+    except (ValueError, RecursionError) as exc:
+        raise AdapterFileError(f"{path / WEIGHTS_NAME}: its loraplex.base_fingerprint metadata is not valid JSON "
+                               f"({type(exc).__name__}); re-save the adapter") from None
     af = AdapterFile(path, config, {k[len(PREFIX):]: v for k, v in tensors.items()}, "",
-                     json.loads(fp) if fp else None, meta.get("loraplex.version"), raw)
+                     fingerprint, meta.get("loraplex.version"), raw)
     lora_factors(af)
     af.content_hash = content_hash(raw, tensors)
     recorded = meta.get("loraplex.content_hash")
@@ -424,6 +429,10 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
                 raise UnsupportedFeatureError(f"{what} carries a full {key!r} that differs from the base's "
                                               "(a resized vocabulary?); loraplex will not overwrite base weights")
         else:
+            suffix = next((sfx for sfx in FACTOR_SUFFIXES if key.endswith(sfx)), None)
+            if suffix is not None and key[: -len(suffix)] not in modules:
+                raise TargetNotFoundError(f"{what}: tensor {key!r} is for module {key[: -len(suffix)]!r}, which this "
+                                          "base does not have (adapter made for a deeper or different model?)")
             raise AdapterFileError(f"{what}: tensor {key!r} matches no module targeted by its config in this base "
                                    f"(target_modules={config.target_modules!r}, modules_to_save="
                                    f"{config.modules_to_save!r}, bias={config.bias!r})")

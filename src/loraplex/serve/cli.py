@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..extras import require
 from .engine import EngineConfig
 
@@ -78,14 +78,14 @@ def build_server(args: argparse.Namespace):
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that argparse's types let through but the server cannot use (ConfigError, exit 2)."""
+    """Refuse flag values that argparse's types let through but the server cannot use (UsageError, exit 2)."""
     if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
+        raise UsageError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
     for flag, value in (("--timeout", args.timeout), ("--max-upload-mb", args.max_upload_mb)):
         if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{flag} must be a finite number > 0, got {value}")
+            raise UsageError(f"{flag} must be a finite number > 0, got {value}")
     if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from ..errors import (
     ConfigError,
     LoraplexError,
     NonFiniteError,
+    OutputExistsError,
     PoolFullError,
     QueueFullError,
     RequestTimeoutError,
@@ -30,12 +31,15 @@ from ..errors import (
     TargetNotFoundError,
     UnauthorizedError,
     UnsupportedFeatureError,
+    UnsupportedModuleError,
+    WriteError,
 )
 
 # (error class, HTTP status, OpenAI error type, code)
 STATUS: tuple[tuple[type[LoraplexError], int, str, str], ...] = (
     (AdapterNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (AdapterExistsError, 409, "invalid_request_error", "adapter_exists"),
+    (OutputExistsError, 409, "invalid_request_error", "adapter_exists"),
     (RequestTooLargeError, 413, "invalid_request_error", "request_too_large"),
     (UnauthorizedError, 401, "authentication_error", "invalid_api_key"),
     (QueueFullError, 429, "rate_limit_error", "queue_full"),
@@ -47,6 +51,8 @@ STATUS: tuple[tuple[type[LoraplexError], int, str, str], ...] = (
     (ShapeMismatchError, 422, "invalid_request_error", "invalid_adapter"),
     (TargetNotFoundError, 422, "invalid_request_error", "invalid_adapter"),
     (NonFiniteError, 422, "invalid_request_error", "invalid_adapter"),
+    (UnsupportedModuleError, 422, "invalid_request_error", "invalid_adapter"),
+    (WriteError, 507, "server_error", "insufficient_storage"),
     (UnsupportedFeatureError, 422, "invalid_request_error", "unsupported"),
     (ConfigError, 422, "invalid_request_error", "invalid_value"),
 )

@@ -13,7 +13,7 @@ import re
 import sys
 
 from ..config import ALL_LINEAR
-from ..errors import ConfigError
+from ..errors import ConfigError, UsageError
 from ..report import format_table, human_bytes
 
 _REGEX_CHARS = re.compile(r"[\\^$.|?*+()\[\]{}]")
@@ -91,7 +91,11 @@ def run_train(args: argparse.Namespace) -> int:
               "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing",
               "eval_split", "skip_bad", "eval_every", "log_every", "save_every", "resume", "overwrite", "device",
               "progress")
-    result = train(TrainConfig(**{f: getattr(args, f) for f in fields}))
+    try:
+        config = TrainConfig(**{f: getattr(args, f) for f in fields})
+    except ConfigError as exc:  # a flag value the checks refuse: a usage error, before anything is loaded
+        raise UsageError(str(exc)) from None
+    result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return 0
     s = result.summary
