@@ -6,8 +6,11 @@ Module layout mirrors PEFT so state-dict keys interoperate:
     <path>.lora_B.<name>.weight  (out, r)
     <path>.lora_embedding_A.<name>  (r, num_embeddings)   Embedding: bare parameters
     <path>.lora_embedding_B.<name>  (embedding_dim, r)
+    <path>.lora_magnitude_vector.<name>.weight  (out,)  DoRA only (Linear / Conv1D): the learned magnitude m
 
 Forward: y = base(x) + sum over active (name, w) not merged of  w * scale[name] * B[name](A[name](dropout(x))).
+A DoRA adapter (one active, weight 1) instead gives y = g * (x @ W.T + scale * B(A(x))) + bias with
+g = m / ||W + scale B A||_row (functional.py; PEFT's formula, dropout included).
 Merging is explicit (`merge`/`unmerge`), never a side effect of train()/eval().
 """
 
@@ -16,13 +19,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import functional as LF
-from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedModuleError
+from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedFeatureError, UnsupportedModuleError
 
 try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -40,18 +44,22 @@ class MergeRecord:
     unmerge leaves (computed at merge time with the same arithmetic).  residual: kept when an exact restore was
     requested, else None: (flat indices, original values) of the elements a plain unmerge would get wrong.
     versions: the in-place version counters of the adapter's tensors, so a changed adapter cannot be unmerged.
+    dora_scale: for a DoRA adapter, the g (out,) the merge scaled the rows by (computed from the unmerged base,
+    so unmerge can invert it); None for plain LoRA.
     """
 
     weight: float
     restore_error: float
     residual: Optional[tuple[torch.Tensor, torch.Tensor]]
     versions: tuple[int, ...]
+    dora_scale: Optional[torch.Tensor] = None
 
 
 class LoraLayer(nn.Module):
     """Common state and logic of all LoRA wrappers; subclasses define how A/B are built and applied."""
 
     supports_dropout = True  # False where inputs are ids (embeddings): dropout on ids is meaningless
+    supports_dora = False  # True where the DoRA math is implemented (LoraLinear)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -60,6 +68,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoraMagnitude (weight (out,))
         self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
         self.merged: dict[str, MergeRecord] = {}
         self.disabled = False
@@ -73,12 +82,18 @@ class LoraLayer(nn.Module):
 
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-        init: InitMode = True, generator: Optional[torch.Generator] = None,
+        init: InitMode = True, generator: Optional[torch.Generator] = None, use_dora: bool = False,
     ) -> None:
         """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
-        "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op)."""
+        "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op).
+        `use_dora` adds the DoRA magnitude m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A)."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
+        if use_dora and not self.supports_dora:
+            raise UnsupportedFeatureError(
+                f"DoRA (use_dora=True) on a {type(self.base_layer).__name__} is not implemented; loraplex has DoRA "
+                "for nn.Linear and GPT-2 Conv1D: leave this module out of target_modules, or set use_dora=False"
+            )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
@@ -86,6 +101,8 @@ class LoraLayer(nn.Module):
         self._create(name, r)
         with torch.no_grad():
             self._init(name, init, generator)
+            if use_dora:
+                self._init_dora(name)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -95,12 +112,22 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             del table[name]
         del self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active = [(n, w) for n, w in self.active if n != name]
 
     def adapter_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of adapter `name` as stored (PEFT layout)."""
         a, b = self._stores()
         return _tensor(a[name]), _tensor(b[name])
+
+    def adapter_params(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) if it has one."""
+        m = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
+        return self.adapter_tensors(name) + (() if m is None else (m,))
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -112,7 +139,11 @@ class LoraLayer(nn.Module):
         for name, weight in self.active:
             if name in self.merged:
                 continue  # already inside the base weight
-            result = self._add_lora(name, self.lora_dropout[name](x), result, weight)
+            if self.is_dora(name):
+                _check_dora_weight(name, weight, len(self.active))
+                result = self._add_dora(name, x, result)
+            else:
+                result = self._add_lora(name, self.lora_dropout[name](x), result, weight)
         return result
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
@@ -128,7 +159,10 @@ class LoraLayer(nn.Module):
             if name not in self.r:
                 continue
             rows = (idx == slot).nonzero().squeeze(1)  # (n_rows,)
-            if rows.numel():
+            if rows.numel() and self.is_dora(name):  # rescales its rows' whole output: replace them
+                rescaled = self._add_dora(name, x.index_select(0, rows), result.index_select(0, rows))
+                result = result.index_copy(0, rows, rescaled.to(result.dtype))
+            elif rows.numel():
                 d = self._lora(name, self.lora_dropout[name](x.index_select(0, rows)))
                 result = result.index_add(0, rows, d.to(result.dtype))
         return result
@@ -149,8 +183,26 @@ class LoraLayer(nn.Module):
         """The base weight without the merged adapters (up to rounding); the weight itself when none is merged."""
         w = self.get_base_weight()
         for name, rec in self.merged.items():
+            if rec.dora_scale is not None:  # the only merged adapter on this layer (merge refuses others)
+                return self._merge_maps(name, rec.weight, w, w.dtype, rec.dora_scale)[1](w)
             w = w - rec.weight * self.delta(name).to(w.dtype)
         return w
+
+    def _merge_maps(self, name: str, weight: float, w: torch.Tensor, compute: torch.dtype,
+                    g: Optional[torch.Tensor] = None) -> tuple[Callable, Callable, Optional[torch.Tensor]]:
+        """(W -> merged W, merged W -> W, g) in `compute`, W in the base's storage layout. Plain LoRA adds /
+        subtracts weight * delta; DoRA (weight 1) gives g * (W + delta) row-wise and back, with g = m / ||W +
+        delta||_row computed from `w` (the unmerged base) unless given."""
+        d = weight * self.delta(name).to(compute)
+        if not self.is_dora(name):
+            return (lambda t: t + d), (lambda t: t - d), None
+        oi = (lambda t: t.T) if self.fan_in_fan_out else (lambda t: t)  # storage layout <-> (out, in)
+        if g is None:
+            a, b, m = self.adapter_params(name)
+            g = LF.dora_scale(m.to(compute), oi(w.to(compute)), a.to(compute), b.to(compute), self.scaling[name])
+        d_oi = oi(d)
+        return (lambda t: oi(LF.dora_merged_weight(oi(t), d_oi, g)),
+                lambda t: oi(LF.dora_unmerged_weight(oi(t), d_oi, g)), g)
 
     @torch.no_grad()
     def merge(self, name: str, weight: float = 1.0, *, safe: bool = True, exact: bool = False) -> MergeRecord:
@@ -160,13 +212,14 @@ class LoraLayer(nn.Module):
             raise MergeStateError(f"no adapter {name!r} on this layer; have {self.adapter_names}")
         if name in self.merged:
             raise MergeStateError(f"adapter {name!r} is already merged")
+        self._check_dora_merge(name, weight)
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
-        d = weight * self.delta(name).to(compute)
-        merged = (w.to(compute) + d).to(w.dtype)
+        forward, back, g = self._merge_maps(name, weight, w, compute)
+        merged = forward(w.to(compute)).to(w.dtype)
         if safe and not torch.isfinite(merged).all():
             raise NonFiniteError(f"merging adapter {name!r} would write NaN/Inf into the base weight; nothing changed")
-        restored = (merged.to(compute) - d).to(w.dtype)
+        restored = back(merged.to(compute)).to(w.dtype)
         diff = w.to(compute) - restored.to(compute)
         err = float(diff.abs().max()) if diff.numel() else 0.0
         residual = None
@@ -174,9 +227,24 @@ class LoraLayer(nn.Module):
             idx = (restored != w).flatten().nonzero().squeeze(1)  # usually a small fraction of the elements
             residual = (idx, w.flatten()[idx].clone())
         self.set_base_weight(merged)
-        record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name))
+        record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name),
+                             dora_scale=g)
         self.merged[name] = record
         return record
+
+    def _check_dora_merge(self, name: str, weight: float) -> None:
+        """DoRA rescales whole rows of W, so it merges only at weight 1 into a layer holding no other merge,
+        and nothing merges on top of it (the row scale g is defined from the bare base weight)."""
+        if self.is_dora(name) and weight != 1.0:
+            raise UnsupportedFeatureError(f"DoRA adapter {name!r} merges only with weight 1.0, got {weight}: a "
+                                          "scaled DoRA update is not defined (merge it at weight 1)")
+        if self.is_dora(name) and self.merged:
+            raise MergeStateError(f"cannot merge DoRA adapter {name!r}: {list(self.merged)} already merged into this "
+                                  "layer, and DoRA's row scale is defined from the bare base; unmerge them first")
+        dora = [n for n, rec in self.merged.items() if rec.dora_scale is not None]
+        if dora:
+            raise MergeStateError(f"cannot merge {name!r}: DoRA adapter {dora[0]!r} is merged into this layer and "
+                                  "rescaled its rows; unmerge it first")
 
     @torch.no_grad()
     def unmerge(self, name: str) -> MergeRecord:
@@ -188,7 +256,8 @@ class LoraLayer(nn.Module):
             raise MergeStateError(f"adapter {name!r} changed since it was merged; unmerge would not restore the base")
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
-        restored = (w.to(compute) - record.weight * self.delta(name).to(compute)).to(w.dtype)
+        back = self._merge_maps(name, record.weight, w, compute, record.dora_scale)[1]
+        restored = back(w.to(compute)).to(w.dtype)
         if record.residual is not None:
             idx, values = record.residual
             restored.view(-1)[idx] = values
@@ -201,7 +270,7 @@ class LoraLayer(nn.Module):
         return self.lora_A, self.lora_B
 
     def _versions(self, name: str) -> tuple[int, ...]:
-        return tuple(t._version for t in self.adapter_tensors(name))
+        return tuple(t._version for t in self.adapter_params(name))
 
     def _create(self, name: str, r: int) -> None:
         raise NotImplementedError
@@ -223,6 +292,12 @@ class LoraLayer(nn.Module):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _init_dora(self, name: str) -> None:
+        raise NotImplementedError  # only layers with supports_dora = True are asked
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # only layers with supports_dora = True hold DoRA adapters
+
     def _lora_dtype(self) -> torch.dtype:
         """Adapters train in fp32 even over a bf16/fp16 base (PEFT's default autocast)."""
         w = self.get_base_weight()
@@ -232,8 +307,26 @@ class LoraLayer(nn.Module):
         return f"adapters={self.r}, active={self.active}, merged={list(self.merged)}"
 
 
+class DoraMagnitude(nn.Module):
+    """Holds one DoRA adapter's magnitude m as `.weight` (out,), PEFT's in-memory key layout."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+def _check_dora_weight(name: str, weight: float, n_active: int) -> None:
+    if weight != 1.0 or n_active != 1:
+        raise UnsupportedFeatureError(
+            f"DoRA adapter {name!r} runs only alone at weight 1.0 (got weight {weight} among {n_active} active "
+            "adapters): DoRA rescales the whole output row, so a weighted mix with it is not defined"
+        )
+
+
 class LoraLinear(LoraLayer):
     """LoRA over nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out): fan_in_fan_out by type)."""
+
+    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -263,6 +356,8 @@ class LoraLinear(LoraLayer):
         if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
             return None
         name, weight = self.active[0]
+        if self.is_dora(name):
+            return None
         base = self.base_layer
         a = self.lora_A[name].weight
         if (name in self.merged or not isinstance(self.lora_dropout[name], nn.Identity)
@@ -280,6 +375,31 @@ class LoraLinear(LoraLayer):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in) (Conv1D stores it transposed; a quantized base is dequantized)."""
+        w = self.get_base_weight()
+        return w.T if self.fan_in_fan_out else w
+
+    def _init_dora(self, name: str) -> None:
+        a, b = self.adapter_tensors(name)
+        norm = LF.dora_weight_norm(self._weight_out_in().to(a.dtype), LF.delta_weight(a, b, self.scaling[name]))
+        self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(a.dtype))  # (out,): g = 1 at init
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA forward: result + (g - 1) * x' @ W.T + g * scale * B(A(x')), x' = dropout(x) in training
+        (then W x' is recomputed), else x' = x and x @ W.T = result - bias. In the adapter's dtype."""
+        a, b, m = self.adapter_params(name)
+        weight = self._weight_out_in().to(a.dtype)  # (out, in)
+        g = LF.dora_scale(m, weight, a, b, self.scaling[name])  # (out,)
+        xa, drop = x.to(a.dtype), self.lora_dropout[name]
+        if isinstance(drop, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = result if bias is None else result - bias
+        else:
+            xa = drop(xa)
+            base_out = F.linear(xa, weight)
+        return LF.dora_linear_add(result, base_out, xa, a, b, self.scaling[name], g).to(result.dtype)
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
         """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;

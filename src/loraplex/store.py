@@ -4,6 +4,8 @@ Tensor keys (adapter name removed, PEFT's `base_model.model.` prefix), e.g. for 
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight     (r, in)
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight     (out, r)
     base_model.model.model.embed_tokens.lora_embedding_A               (r, vocab)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   (out,)  DoRA's m (in memory:
+                                                                         ...lora_magnitude_vector.<name>.weight)
     base_model.model.lm_head.weight                                     modules_to_save copy
 loraplex's own facts ride in the safetensors metadata header, which PEFT ignores:
     loraplex.version, loraplex.content_hash, loraplex.base_fingerprint (JSON).
@@ -121,6 +123,8 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{key}.lora_embedding_A"], out[f"{PREFIX}{key}.lora_embedding_B"] = a, b
         else:
             out[f"{PREFIX}{key}.lora_A.weight"], out[f"{PREFIX}{key}.lora_B.weight"] = a, b
+        if layer.is_dora(name):
+            out[f"{PREFIX}{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{key}.base_layer.bias"] = layer.base_layer.bias
     for key, wrapper in _wrappers(model):
@@ -232,6 +236,8 @@ def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
             ka, kb = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if isinstance(layer, LoraEmbedding)
                       else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
             expected[ka], expected[kb] = (a, "lora"), (b, "lora")
+            if layer.is_dora(name):
+                expected[f"{key}.lora_magnitude_vector"] = (layer.lora_magnitude_vector[name].weight, "lora")
     for key, wrapper in _wrappers(model):
         if name in wrapper.modules_to_save:
             for pname, p in wrapper.modules_to_save[name].named_parameters():

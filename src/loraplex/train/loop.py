@@ -210,7 +210,7 @@ def concat_batches(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[st
 
 def adapter_params(model: nn.Module, name: str) -> list[nn.Parameter]:
     """Adapter `name`'s A/B tensors in module order (the order optimizer states are saved in)."""
-    return [t for _, layer in lora_layers(model) if name in layer.r for t in layer.adapter_tensors(name)]
+    return [t for _, layer in lora_layers(model) if name in layer.r for t in layer.adapter_params(name)]
 
 
 class Job:
