@@ -1,0 +1,193 @@
+"""DoRA (use_dora): PEFT is the oracle for files, logits, gradients and merged weights, both directions;
+merge/unmerge restores the base bit for bit; what is not defined (mixes, scaled merges) is refused."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import peft
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import loraplex as lp
+from loraplex.functional import tolerance
+from loraplex.models import tiny_gpt2, tiny_llama, tiny_mlp
+from loraplex.store import CONFIG_NAME, WEIGHTS_NAME
+
+IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
+X_MLP = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+ATOL, RTOL = tolerance(torch.float32)
+
+# name: (builder, input, config kwargs). Biases: tiny_mlp net.0/head and GPT-2's Conv1D have them, net.2 not.
+CASES = {
+    "llama": (tiny_llama, IDS, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                   rank_pattern={"v_proj": 2})),
+    "gpt2-conv1d": (tiny_gpt2, IDS, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                         fan_in_fan_out=True, use_rslora=True)),
+    "mlp-bias": (tiny_mlp, X_MLP, dict(r=2, lora_alpha=4, target_modules=["net.0", "net.2", "head"])),
+}
+
+
+def _out(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _randomize(model, seed=7):
+    """Move every trainable tensor (A, B and the magnitude m) away from its init, so g != 1 and B != 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _peft(case, **extra):
+    build, _, kw = CASES[case]
+    pm = peft.get_peft_model(build(seed=1), peft.LoraConfig(use_dora=True, **kw, **extra))
+    _randomize(pm)
+    return pm
+
+
+def _ours(case, **extra):
+    build, _, kw = CASES[case]
+    model = build(seed=1)
+    lp.inject(model, lp.LoraConfig(use_dora=True, **kw, **extra), "a")
+    _randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_writes_loraplex_reads(case, tmp_path):
+    build, x, _ = CASES[case]
+    pm = _peft(case).eval()
+    want = _out(pm, x).detach()
+    pm.save_pretrained(tmp_path / "p")
+    model = build(seed=1)
+    lp.load_adapter(model, tmp_path / "p", "p")
+    torch.testing.assert_close(_out(model, x).detach(), want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_loraplex_writes_peft_reads(case, tmp_path):
+    build, x, _ = CASES[case]
+    model = _ours(case)
+    want = _out(model, x).detach()
+    lp.save_adapter(model, "a", tmp_path / "a")
+    raw = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    assert raw["use_dora"] is True
+    pm = peft.PeftModel.from_pretrained(build(seed=1), tmp_path / "a").eval()
+    torch.testing.assert_close(_out(pm, x).detach(), want, atol=ATOL, rtol=RTOL)
+    back = build(seed=1)
+    lp.load_adapter(back, tmp_path / "a", "a")  # save -> load is bit-exact
+    assert torch.equal(_out(back, x), _out(model, x))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fresh_magnitude_and_gradients_equal_peft(case):
+    """Init m = ||W||_row (B = 0), and with equal tensors the gradients of A, B and m equal PEFT's (the norm is
+    detached); with dropout in training the same random mask reaches both (same RNG order)."""
+    build, x, kw = CASES[case]
+    pm = peft.get_peft_model(build(seed=1), peft.LoraConfig(use_dora=True, lora_dropout=0.25, **kw))
+    model = build(seed=1)
+    lp.inject(model, lp.LoraConfig(use_dora=True, lora_dropout=0.25, **kw), "default")
+    ours = {n.replace(".default", ""): p for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p
+              for n, p in pm.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    for n, p in theirs.items():
+        if "magnitude" in n:
+            torch.testing.assert_close(ours[n].detach(), p.detach(), atol=ATOL, rtol=RTOL)
+    _randomize(pm)
+    with torch.no_grad():
+        for n, p in theirs.items():
+            ours[n].copy_(p)
+    for m in (model, pm):
+        m.train()
+        torch.manual_seed(5)
+        _out(m, x).float().pow(2).mean().backward()
+    for n, p in theirs.items():
+        torch.testing.assert_close(ours[n].grad, p.grad, atol=ATOL, rtol=RTOL, msg=n)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merged_weights_equal_peft_and_unmerge_restores(case):
+    build, x, _ = CASES[case]
+    pm = _peft(case).eval()
+    want = _out(pm, x).detach()
+    model = build(seed=1)
+    lp.inject(model, lp.LoraConfig(use_dora=True, **CASES[case][2]), "default")
+    sd = {k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items()}
+    model.load_state_dict({k: sd[k] for k in model.state_dict()})  # PEFT's in-memory keys are ours
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lp.merge(model, "default", exact=True)
+    torch.testing.assert_close(_out(model, x).detach(), want, atol=ATOL, rtol=RTOL)
+    merged = pm.merge_and_unload().state_dict()
+    for k, v in lp.eject(copy.deepcopy(model)).state_dict().items():
+        torch.testing.assert_close(v, merged[k], atol=ATOL, rtol=RTOL, msg=k)
+    lp.unmerge(model, "default")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@settings(max_examples=25, deadline=None)
+@given(fin=st.integers(1, 12), fout=st.integers(1, 12), r=st.integers(1, 4), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_merge_equals_on_the_fly_and_restores_bit_for_bit(fin, fout, r, bias, dtype, seed):
+    """Property: merged output == unmerged output (DoRA forward) and unmerge gives W back bit for bit."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(fin, fout, bias=bias, dtype=dtype))
+    lp.inject(net, lp.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True), "d")
+    _randomize(net, seed)
+    x = torch.randn(5, fin, dtype=dtype)
+    want = net(x).detach()
+    w0 = net[0].base_layer.weight.detach().clone()
+    lp.merge(net, "d", exact=True)
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(net(x).detach(), want, atol=atol, rtol=rtol)
+    lp.unmerge(net, "d")
+    assert torch.equal(net[0].base_layer.weight, w0)
+    torch.testing.assert_close(net(x).detach(), want, atol=atol, rtol=rtol)
+
+
+def test_refuses_what_dora_does_not_define(tmp_path):
+    model = _ours("mlp-bias")
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["net.0"]), "plain")
+    with pytest.raises(lp.UnsupportedFeatureError, match="only alone at weight 1.0"):
+        lp.set_active(model, {"a": 0.5})
+    with pytest.raises(lp.UnsupportedFeatureError, match="only alone at weight 1.0"):
+        lp.set_active(model, ["a", "plain"])
+    with pytest.raises(lp.UnsupportedFeatureError, match="merges only with weight 1.0"):
+        lp.merge(model, "a", 0.5)
+    lp.merge(model, "plain")
+    with pytest.raises(lp.MergeStateError, match="unmerge them first"):
+        lp.merge(model, "a")
+    lp.unmerge(model, "plain")
+    lp.merge(model, "a")
+    with pytest.raises(lp.MergeStateError, match="DoRA adapter 'a' is merged"):
+        lp.merge(model, "plain")
+    with pytest.raises(lp.UnsupportedFeatureError, match="DoRA .* on a Embedding"):
+        lp.inject(tiny_llama(seed=1), lp.LoraConfig(target_modules=["embed_tokens"], use_dora=True), "e")
+    with pytest.raises(lp.ConfigError, match="use_dora must be true or false"):
+        lp.LoraConfig(target_modules=["q"], use_dora="yes")
+
+
+def test_dora_config_without_magnitudes_is_refused(tmp_path):
+    """A file whose config says use_dora but that holds no lora_magnitude_vector (or the reverse) is refused."""
+    plain = tiny_mlp(seed=1)
+    lp.inject(plain, lp.LoraConfig(r=2, target_modules=["net.0"]), "a")
+    lp.save_adapter(plain, "a", tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / CONFIG_NAME).read_text())
+    (tmp_path / "p" / CONFIG_NAME).write_text(json.dumps(cfg | {"use_dora": True}))
+    with pytest.raises(lp.AdapterFileError, match="lacks tensors"):
+        lp.load_adapter(tiny_mlp(seed=1), tmp_path / "p", check_base_model=False)
+    lp.save_adapter(_ours("mlp-bias"), "a", tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / CONFIG_NAME).read_text())
+    (tmp_path / "d" / CONFIG_NAME).write_text(json.dumps(cfg | {"use_dora": False}))
+    with pytest.raises(lp.AdapterFileError, match="lora_magnitude_vector"):
+        lp.load_adapter(tiny_mlp(seed=1), tmp_path / "d", check_base_model=False)
+    assert (tmp_path / "d" / WEIGHTS_NAME).is_file()
