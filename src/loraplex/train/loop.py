@@ -59,6 +59,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    use_dora: bool = False  # DoRA: also learn a per-output-row magnitude (LoraConfig.use_dora)
     targets: Union[str, list[str]] = ALL_LINEAR  # "all-linear", a regex, or module names
     lr: float = 2e-4
     weight_decay: float = 0.0
