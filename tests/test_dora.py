@@ -217,3 +217,142 @@ def test_train_dora_loss_drops_and_peft_loads_it(tmp_path, capsys):
     ids = torch.randint(4, 99, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, pm(ids).logits, atol=ATOL, rtol=RTOL)
+
+
+# ---- the multi-adapter runtime ------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.lists(st.sampled_from([-1, 0, 1, 2, 3]), min_size=1, max_size=9),
+       strategy=st.sampled_from(["gather", "segment", "auto"]), L=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_plan_rescales_dora_rows_like_the_reference(rows, strategy, L, seed):
+    """Ops level: slots 1 and 3 are DoRA ([g; c] per slot), 0 and 2 plain; slot 3 has no LoRA on the layer."""
+    import reference_runtime as ref
+    from loraplex.runtime import build_plan
+
+    gen = torch.Generator().manual_seed(seed)
+    fin, fout = 6, 5
+    adapters = {s: (torch.randn(r, fin, generator=gen), torch.randn(fout, r, generator=gen), 0.5 + s)
+                for s, r in [(0, 2), (1, 3), (2, 1)]}
+    adapters[3] = None
+    gc = {1: torch.randn(2, fout, generator=gen), 3: torch.randn(2, fout, generator=gen)}
+    x, y = torch.randn(len(rows), L, fin, generator=gen), torch.randn(len(rows), L, fout, generator=gen)
+    plan = build_plan(lambda s, k: adapters[s], rows, {"l": (fin, fout)}, dtype=torch.float32, strategy=strategy,
+                      rescale=lambda s, k: gc[s] if adapters[s] is not None and s in gc else None)
+    want = ref.lora_rows_ref(y, x, adapters, rows, rescale=gc)
+    torch.testing.assert_close(plan.apply_("l", x, y.clone()), want, atol=ATOL, rtol=RTOL)
+
+
+def _adapter_dir(build, directory, seed, **fields):
+    """A random adapter (non-zero B, magnitudes off their init for DoRA) saved in PEFT's layout."""
+    model = build(seed=0)
+    lp.inject(model, lp.LoraConfig(init_lora_weights=False, **fields), "x", seed=seed)
+    _randomize(model, seed)
+    lp.save_adapter(model, "x", directory)
+    return directory
+
+
+def gpt2_biased(seed: int = 0) -> nn.Module:
+    """tiny_gpt2 with non-zero biases (GPT-2 initializes them to 0, which would hide DoRA's bias term)."""
+    model = tiny_gpt2(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 11)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+RUNTIME = {  # base -> adapter name -> config fields; the GPT-2 Conv1D layers carry biases, Llama's none
+    "llama": (tiny_llama, {"d1": dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True),
+                           "d2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], use_dora=True,
+                                      rank_pattern={"down_proj": 3}),
+                           "l": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])}),
+    "gpt2": (gpt2_biased, {"d1": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True),
+                         "d2": dict(r=2, lora_alpha=2, target_modules=["c_proj"], use_dora=True, use_rslora=True),
+                         "l": dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"])}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(RUNTIME))
+def served(request, tmp_path_factory):
+    """(engine, PEFT model holding every adapter, base builder) for one base."""
+    from loraplex.runtime import MultiLoraModel
+
+    build, specs = RUNTIME[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    dirs = {n: _adapter_dir(build, root / n, i + 1, **f) for i, (n, f) in enumerate(specs.items())}
+    eng = MultiLoraModel(build(seed=0), memory_budget_bytes=None)
+    names = list(dirs)
+    pm = peft.PeftModel.from_pretrained(build(seed=0), dirs[names[0]], adapter_name=names[0]).eval()
+    for n in names:
+        eng.load(n, dirs[n])
+        if n != names[0]:
+            pm.load_adapter(dirs[n], adapter_name=n)
+    return eng, pm, dirs
+
+
+def _peft_rows(pm, ids, mask, rows):
+    """Each request alone through PEFT (the oracle): its adapter active, or adapters disabled for None."""
+    out = []
+    with torch.no_grad():
+        for b, name in enumerate(rows):
+            kw = dict(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1])
+            if name is None:
+                with pm.disable_adapter():
+                    out.append(pm(**kw).logits)
+            else:
+                pm.set_adapter(name)
+                out.append(pm(**kw).logits)
+    return torch.cat(out)
+
+
+def _inputs(B, T, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (B, T), generator=gen)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    return ids, (torch.arange(T)[None, :] >= (T - lengths)[:, None]).long()  # left padding
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[__import__("hypothesis").HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.sampled_from([None, "d1", "d2", "l"]), min_size=1, max_size=7), seed=st.integers(0, 2**16))
+def test_mixed_batch_of_dora_lora_and_base_rows_equals_each_row_alone_in_peft(served, rows, seed):
+    eng, pm, _ = served
+    ids, mask = _inputs(len(rows), 5, seed)
+    got = eng.forward(ids, mask, adapters=rows)
+    torch.testing.assert_close(got, _peft_rows(pm, ids, mask, rows), atol=ATOL, rtol=RTOL)
+
+
+def test_dora_rows_beside_a_merged_lora_and_after_eviction(served, tmp_path):
+    """A merged plain adapter is taken back out of DoRA rows exactly; an evicted DoRA adapter reloads to the
+    same outputs; what DoRA leaves undefined in the runtime is refused."""
+    from loraplex.runtime import MultiLoraModel
+
+    eng, pm, dirs = served
+    rows = ["d1", None, "l", "d2", "d1"]
+    ids, mask = _inputs(len(rows), 4, 3)
+    want = _peft_rows(pm, ids, mask, rows)
+    eng.merge("l")
+    try:
+        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)
+    finally:
+        eng.unmerge()
+    with pytest.raises(lp.UnsupportedFeatureError, match="DoRA"):
+        eng.merge("d1")
+    with pytest.raises(lp.UnsupportedFeatureError, match="includes a DoRA adapter"):
+        eng.forward(ids[:1], mask[:1], adapters=[{"d1": 0.5}])
+    with pytest.raises(lp.UnsupportedFeatureError, match="includes a DoRA adapter"):
+        eng.forward(ids[:1], mask[:1], adapters=[{"d1": 1.0, "l": 1.0}])
+    # a budget one byte short of all three: loading "l" evicts "d1" (least recently used); "d1" reloads
+    small = MultiLoraModel(RUNTIME_BASE[type(eng.model).__name__](seed=0),
+                           memory_budget_bytes=eng.stats.resident_bytes - 1)
+    small.load("d1", dirs["d1"])
+    first = small.forward(ids[:2], mask[:2], adapters=rows[:2])  # "d1", None
+    torch.testing.assert_close(first, want[:2], atol=ATOL, rtol=RTOL)
+    small.load("d2", dirs["d2"])
+    small.load("l", dirs["l"])
+    assert not small.pool.is_resident("d1")
+    assert torch.equal(small.forward(ids[:2], mask[:2], adapters=rows[:2]), first)
+    assert small.stats.misses > 0
+
+
+RUNTIME_BASE = {"LlamaForCausalLM": tiny_llama, "GPT2LMHeadModel": gpt2_biased}
