@@ -356,3 +356,13 @@ def test_dora_rows_beside_a_merged_lora_and_after_eviction(served, tmp_path):
 
 
 RUNTIME_BASE = {"LlamaForCausalLM": tiny_llama, "GPT2LMHeadModel": gpt2_biased}
+
+
+def test_combine_refuses_dora_inputs(tmp_path):
+    from loraplex.combine import combine
+
+    dora = _adapter_dir(tiny_mlp, tmp_path / "d", 1, r=2, target_modules=["net.0"], use_dora=True)
+    plain = _adapter_dir(tiny_mlp, tmp_path / "p", 2, r=2, target_modules=["net.0"])
+    for method in ("cat", "linear", "svd"):
+        with pytest.raises(lp.UnsupportedFeatureError, match="cannot combine DoRA adapters"):
+            combine([plain, dora], [0.5, 0.5], method)
