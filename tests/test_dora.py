@@ -366,3 +366,20 @@ def test_combine_refuses_dora_inputs(tmp_path):
     for method in ("cat", "linear", "svd"):
         with pytest.raises(lp.UnsupportedFeatureError, match="cannot combine DoRA adapters"):
             combine([plain, dora], [0.5, 0.5], method)
+
+
+def test_verify_and_export_a_dora_adapter(tmp_path):
+    """`verify` passes every exact variant (merged, on the fly, mixed batch, exported) for a DoRA adapter, and
+    the exported merged model computes what PEFT's merge_and_unload computes."""
+    from loraplex.export import merge_into
+    from loraplex.verify import verify
+
+    d = _adapter_dir(tiny_llama, tmp_path / "d", 3, r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    report = verify(tiny_llama(seed=0), d, dtypes=("fp32",), variants=("merged", "on_the_fly", "mixed_batch",
+                                                                       "exported"))
+    assert report.passed and {r.status for r in report.rows} == {"PASS"}, report.rows
+    merged = tiny_llama(seed=0)
+    merge_into(merged, [d])
+    pm = peft.PeftModel.from_pretrained(tiny_llama(seed=0), d).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, pm(IDS).logits, atol=ATOL, rtol=RTOL)
