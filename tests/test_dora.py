@@ -383,3 +383,49 @@ def test_verify_and_export_a_dora_adapter(tmp_path):
     pm = peft.PeftModel.from_pretrained(tiny_llama(seed=0), d).merge_and_unload()
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, pm(IDS).logits, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_dora_over_a_quantized_base_equals_the_dequantized_float_base(scheme, tmp_path):
+    """On the fly over QuantLinear (core and runtime) == DoRA over a float base holding deQ(W_q); merging DoRA into
+    a quantized base is refused (it stays on the fly)."""
+    from loraplex.quant import quantize_model
+    from loraplex.quant.linear import QuantLinear
+    from loraplex.runtime import MultiLoraModel
+
+    d = _adapter_dir(tiny_llama, tmp_path / "d", 4, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                     use_dora=True)
+    quant = tiny_llama(seed=0)
+    quantize_model(quant, scheme)
+    floats = tiny_llama(seed=0)
+    with torch.no_grad():
+        for name, m in quant.named_modules():
+            if isinstance(m, QuantLinear):
+                floats.get_submodule(name).weight.copy_(m.quantized_weight().dequantize(torch.float32))
+    engine = MultiLoraModel(copy.deepcopy(quant))
+    engine.load("d", d, check_base_model=False)
+    for model in (quant, floats):
+        lp.load_adapter(model, d, "d", check_base_model=False)
+    with torch.no_grad():
+        want = floats(IDS).logits
+        torch.testing.assert_close(quant(IDS).logits, want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(engine.forward(IDS, adapters=["d", "d"]), want, atol=ATOL, rtol=RTOL)
+    with pytest.raises(lp.UnsupportedFeatureError, match="quantized base"):
+        lp.merge(quant, "d")
+    assert lp.parameter_report(quant).adapter_params["d"] == sum(
+        p.numel() for _, layer in lp.lora_layers(quant) for p in layer.adapter_params("d"))
+
+
+def test_a_refused_dora_merge_changes_no_layer():
+    """The DoRA merge rules are checked on every layer before any is merged: a plain adapter merged into the
+    LAST layer only makes the DoRA merge fail there, and the earlier layers stay untouched."""
+    model = _ours("mlp-bias")
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["head"]), "plain")
+    _randomize(model)
+    lp.merge(model, "plain")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lp.MergeStateError, match="unmerge them first"):
+        lp.merge(model, "a")
+    assert lp.merged_adapters(model) == ["plain"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

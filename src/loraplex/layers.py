@@ -212,7 +212,7 @@ class LoraLayer(nn.Module):
             raise MergeStateError(f"no adapter {name!r} on this layer; have {self.adapter_names}")
         if name in self.merged:
             raise MergeStateError(f"adapter {name!r} is already merged")
-        self._check_dora_merge(name, weight)
+        self.check_merge(name, weight)
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
         forward, back, g = self._merge_maps(name, weight, w, compute)
@@ -232,9 +232,10 @@ class LoraLayer(nn.Module):
         self.merged[name] = record
         return record
 
-    def _check_dora_merge(self, name: str, weight: float) -> None:
-        """DoRA rescales whole rows of W, so it merges only at weight 1 into a layer holding no other merge,
-        and nothing merges on top of it (the row scale g is defined from the bare base weight)."""
+    def check_merge(self, name: str, weight: float) -> None:
+        """Raise what `merge(name, weight)` would refuse for DoRA, changing nothing: DoRA rescales whole rows of
+        W, so it merges only at weight 1 into a layer holding no other merge, and nothing merges on top of it
+        (the row scale g is defined from the bare base weight)."""
         if self.is_dora(name) and weight != 1.0:
             raise UnsupportedFeatureError(f"DoRA adapter {name!r} merges only with weight 1.0, got {weight}: a "
                                           "scaled DoRA update is not defined (merge it at weight 1)")
