@@ -152,6 +152,8 @@ def lora_embedding(
 # With g = m / ||W + s B A||_row (out,), detached from autograd as in PEFT and the DoRA paper (section 4.3):
 #     y = g * (x @ W.T + s (x @ A.T) @ B.T) + bias
 # g depends on the adapter only (not on the input), so a server computes it once per adapter.
+# Convolutions (PEFT's DoRA for Conv1d/2d) use the same formulas with W and delta flattened to (out, in * prod(k))
+# and g broadcast over the output's spatial dimensions.
 
 
 def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -161,24 +163,25 @@ def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                scale: float) -> torch.Tensor:
-    """g = m / ||W + scale * B @ A||_row : magnitude (out,), weight (out, in), A (r, in), B (out, r) -> (out,).
+    """g = m / ||W + scale * B @ A||_row : magnitude (out,) (a conv's (1, out, 1[, 1])), weight (out, in[, *k]),
+    A (r, in[, *k]), B (out, r[, 1, 1]) -> (out,).
 
     Computed in the dtype of `lora_A` (the adapter's, as PEFT does); the norm carries no gradient, m does.
     """
     dtype = lora_A.dtype
-    delta = scale * (lora_B.detach() @ lora_A.detach())  # (out, in)
-    return magnitude / dora_weight_norm(weight.to(dtype), delta).to(magnitude.dtype)
+    delta = scale * (lora_B.detach().flatten(1) @ lora_A.detach().flatten(1))  # (out, in * prod(k))
+    return magnitude.flatten() / dora_weight_norm(weight.flatten(1).to(dtype), delta).to(magnitude.dtype)
 
 
-def dora_linear_add(result: torch.Tensor, base_out: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, scale: float, g: torch.Tensor) -> torch.Tensor:
-    """result + (g - 1) * base_out + g * scale * (x @ A.T) @ B.T  (PEFT's DoRA term, added onto `result`).
+def dora_add(result: torch.Tensor, base_out: torch.Tensor, lora_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """result + (g - 1) * base_out + g * lora_out  (PEFT's DoRA term, added onto `result`).
 
-    result: (..., out) the base layer's output (bias included); base_out: (..., out) = x' @ W.T WITHOUT bias,
-    where x' is the input the LoRA path sees (x itself, or its dropout in training); x: (..., in) = x';
-    g: (out,) from `dora_scale`. Without dropout this is g * (result - bias + lora(x)) + bias.
+    result: the base layer's output (bias included); base_out: W applied to x' WITHOUT bias, where x' is the
+    input the LoRA path sees (x itself, or its dropout in training); lora_out: the scaled LoRA path on x';
+    g: from `dora_scale`, shaped to broadcast over the feature dimension ((out,) for (..., out) outputs,
+    (out, 1[, 1]) for a conv's (N, out, *spatial)). Without dropout this is g * (result - bias + lora_out) + bias.
     """
-    return result + (g - 1) * base_out + g * lora_linear(x, lora_A, lora_B, scale)
+    return result + (g - 1) * base_out + g * lora_out
 
 
 def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

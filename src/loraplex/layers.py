@@ -59,7 +59,7 @@ class LoraLayer(nn.Module):
     """Common state and logic of all LoRA wrappers; subclasses define how A/B are built and applied."""
 
     supports_dropout = True  # False where inputs are ids (embeddings): dropout on ids is meaningless
-    supports_dora = False  # True where the DoRA math is implemented (LoraLinear)
+    supports_dora = False  # True where the DoRA math is implemented (LoraLinear, LoraConv)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -92,7 +92,8 @@ class LoraLayer(nn.Module):
         if use_dora and not self.supports_dora:
             raise UnsupportedFeatureError(
                 f"DoRA (use_dora=True) on a {type(self.base_layer).__name__} is not implemented; loraplex has DoRA "
-                "for nn.Linear and GPT-2 Conv1D: leave this module out of target_modules, or set use_dora=False"
+                "for nn.Linear, GPT-2 Conv1D and nn.Conv1d/2d: leave this module out of target_modules, or set "
+                "use_dora=False"
             )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
@@ -196,13 +197,21 @@ class LoraLayer(nn.Module):
         d = weight * self.delta(name).to(compute)
         if not self.is_dora(name):
             return (lambda t: t + d), (lambda t: t - d), None
-        oi = (lambda t: t.T) if self.fan_in_fan_out else (lambda t: t)  # storage layout <-> (out, in)
+        rows, back = self._out_rows, (lambda t: self._from_out_rows(t, w.shape))
         if g is None:
             a, b, m = self.adapter_params(name)
-            g = LF.dora_scale(m.to(compute), oi(w.to(compute)), a.to(compute), b.to(compute), self.scaling[name])
-        d_oi = oi(d)
-        return (lambda t: oi(LF.dora_merged_weight(oi(t), d_oi, g)),
-                lambda t: oi(LF.dora_unmerged_weight(oi(t), d_oi, g)), g)
+            g = LF.dora_scale(m.to(compute), rows(w.to(compute)), a.to(compute), b.to(compute), self.scaling[name])
+        d_rows = rows(d)
+        return (lambda t: back(LF.dora_merged_weight(rows(t), d_rows, g)),
+                lambda t: back(LF.dora_unmerged_weight(rows(t), d_rows, g)), g)
+
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the base weight's storage layout as (out, in * prod(k)) rows (DoRA's norm runs per row)."""
+        return t
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of `_out_rows` for a weight of storage shape `shape`."""
+        return t
 
     @torch.no_grad()
     def merge(self, name: str, weight: float = 1.0, *, safe: bool = True, exact: bool = False) -> MergeRecord:
@@ -377,10 +386,15 @@ class LoraLinear(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
 
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T if self.fan_in_fan_out else t  # Conv1D stores (in, out)
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return t.T if self.fan_in_fan_out else t
+
     def _weight_out_in(self) -> torch.Tensor:
         """The base weight as (out, in) (Conv1D stores it transposed; a quantized base is dequantized)."""
-        w = self.get_base_weight()
-        return w.T if self.fan_in_fan_out else w
+        return self._out_rows(self.get_base_weight())
 
     def _init_dora(self, name: str) -> None:
         a, b = self.adapter_tensors(name)
@@ -400,7 +414,8 @@ class LoraLinear(LoraLayer):
         else:
             xa = drop(xa)
             base_out = F.linear(xa, weight)
-        return LF.dora_linear_add(result, base_out, xa, a, b, self.scaling[name], g).to(result.dtype)
+        lora_out = LF.lora_linear(xa, a, b, self.scaling[name])  # (..., out)
+        return LF.dora_add(result, base_out, lora_out, g).to(result.dtype)
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
         """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;
@@ -460,7 +475,10 @@ class LoraEmbedding(LoraLayer):
 
 class LoraConv(LoraLayer):
     """LoRA over nn.Conv1d/nn.Conv2d: A is a conv with the base's kernel/stride/padding/dilation into r
-    channels, B a 1x1 conv back to out channels; merged kernel = scale * B·A."""
+    channels, B a 1x1 conv back to out channels; merged kernel = scale * B·A. DoRA: one magnitude per output
+    channel, stored (1, out, 1[, 1]) as PEFT does."""
+
+    supports_dora = True
 
     def __init__(self, base_layer: Union[nn.Conv1d, nn.Conv2d]) -> None:
         super().__init__(base_layer)
@@ -484,6 +502,35 @@ class LoraConv(LoraLayer):
 
     def delta(self, name: str) -> torch.Tensor:
         return LF.conv_delta_weight(*self.adapter_tensors(name), self.scaling[name])
+
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1)  # (out, in, *k) -> (out, in * prod(k))
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return t.reshape(shape)
+
+    def _init_dora(self, name: str) -> None:
+        a, b = self.adapter_tensors(name)
+        w = self._out_rows(self.get_base_weight()).to(a.dtype)
+        norm = LF.dora_weight_norm(w, self._out_rows(LF.conv_delta_weight(a, b, self.scaling[name])))  # (out,)
+        spatial = (1,) * (self.get_base_weight().dim() - 2)
+        self.lora_magnitude_vector[name] = DoraMagnitude(norm.view(1, -1, *spatial).to(a.dtype))  # PEFT's shape
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's conv DoRA forward (as LoraLinear's, with g broadcast over the spatial dimensions)."""
+        a, b, m = self.adapter_params(name)
+        base = self.base_layer
+        weight = base.weight.to(a.dtype)  # (out, in, *k)
+        spatial = (1,) * (weight.dim() - 2)
+        g = LF.dora_scale(m, weight, a, b, self.scaling[name]).view(-1, *spatial)  # (out, 1[, 1])
+        xa, drop = x.to(a.dtype), self.lora_dropout[name]
+        if isinstance(drop, nn.Identity) or not self.training:
+            base_out = result if base.bias is None else result - base.bias.view(-1, *spatial)
+        else:
+            xa = drop(xa)
+            conv = F.conv1d if weight.dim() == 3 else F.conv2d
+            base_out = conv(xa, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        return LF.dora_add(result, base_out, self._lora(name, xa), g).to(result.dtype)
 
 
 class ModulesToSave(nn.Module):
