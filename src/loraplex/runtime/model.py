@@ -60,13 +60,14 @@ from ..errors import (
     UnsupportedFeatureError,
     UnsupportedModuleError,
 )
-from ..functional import delta_weight, dora_scale, scaling
+from ..functional import delta_weight, scaling
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
 from ..layers import Conv1D
 from ..store import AdapterFile, PathLike, read_adapter
 from .ops import Assignment, BatchPlan
 from .pool import AdapterPool, Lease, PoolStats
+from .rescale import dora_rescales
 from .store import AdapterStore
 
 # What a caller may pass for one row: a name, None (base only), a Lease (a pinned version), or a weighted mix.
@@ -373,7 +374,8 @@ class MultiLoraModel:
             if check_base_model and af.base_fingerprint and af.base_fingerprint != self._fingerprint:
                 check_base(af.base_fingerprint, self.model, f"adapter {str(af.path)!r}")
             self._wrap_targets(name, tensors)
-            dora = self._dora_scales(af, tensors, scales)
+            dora = dora_rescales(af, tensors, scales, lambda k: (
+                self._bare_weight(k), getattr(self._wrapped[k].base_layer, "bias", None)))
             self._sources[(name, af.content_hash)] = af.path
             self.pool.add(name, af.content_hash, tensors, scales, dora)
             if old is not None:
@@ -439,28 +441,6 @@ class MultiLoraModel:
         if not tensors:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
         return tensors, scales
-
-    def _dora_scales(self, af: AdapterFile, tensors: LayerTensors, scales: dict[str, float]) -> dict[str, torch.Tensor]:
-        """A DoRA adapter's {module: [g; c] (2, out)}: g = m / ||W + scale B A||_row over the bare base weight
-        (float32 or wider), c = (1 - g) * bias (0 without bias); {} for plain LoRA."""
-        if not af.config.use_dora:
-            return {}
-        out = {}
-        for mod, (A, B) in tensors.items():
-            m = af.tensors.get(mod + ".lora_magnitude_vector")
-            if m is None or tuple(m.shape) != (B.shape[0],):
-                raise AdapterFileError(
-                    f"DoRA adapter {str(af.path)!r} at {mod!r}: expected a lora_magnitude_vector of shape "
-                    f"({B.shape[0]},), got {None if m is None else tuple(m.shape)}"
-                )
-            w = self._bare_weight(mod)  # (out, in)
-            compute = torch.promote_types(A.dtype, torch.float32)
-            g = dora_scale(m.to(w.device, compute), w.to(compute), A.to(w.device, compute), B.to(w.device, compute),
-                           scales[mod])  # (out,)
-            bias = getattr(self._wrapped[mod].base_layer, "bias", None)
-            c = torch.zeros_like(g) if bias is None else (1 - g) * bias.detach().to(compute)
-            out[mod] = torch.stack([g, c])  # (2, out)
-        return out
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""

@@ -14,12 +14,14 @@ beside it are inside the rescaled sum (the engine uses this only to take a merge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShapeMismatchError, UnsupportedFeatureError
+from ..errors import AdapterFileError, ShapeMismatchError, UnsupportedFeatureError
+from ..functional import dora_scale
+from ..store import AdapterFile
 
 # (slot, layer_key) -> that slot's [g; c] (2, out) at the layer, or None when the slot is plain LoRA there.
 RescaleSource = Callable[[int, str], "torch.Tensor | None"]
@@ -43,6 +45,31 @@ class RescaleLayer:
             y.mul_(g).add_(c)
         else:
             y.index_copy_(0, self.rows, torch.addcmul(c, y.index_select(0, self.rows), g))
+
+
+def dora_rescales(af: AdapterFile, tensors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                  scales: Mapping[str, float],
+                  base: Callable[[str], tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """A DoRA adapter's {key: [g; c] (2, out)} for the pool ({} for plain LoRA), in float32 or wider.
+
+    tensors / scales: the adapter's {key: (A (r, in), B (out, r))} and {key: scale}; base(key) -> (W (out, in),
+    bias (out,) or None): the BARE base weight (no merged adapter inside) and bias of that layer.
+    """
+    if not af.config.use_dora:
+        return {}
+    out = {}
+    for key, (A, B) in tensors.items():
+        m = af.tensors.get(key + ".lora_magnitude_vector")
+        if m is None or tuple(m.shape) != (B.shape[0],):
+            raise AdapterFileError(f"DoRA adapter {str(af.path)!r} at {key!r}: expected a lora_magnitude_vector of "
+                                   f"shape ({B.shape[0]},), got {None if m is None else tuple(m.shape)}")
+        w, bias = base(key)
+        compute = torch.promote_types(A.dtype, torch.float32)
+        dev = w.device
+        g = dora_scale(m.to(dev, compute), w.to(compute), A.to(dev, compute), B.to(dev, compute), scales[key])
+        c = torch.zeros_like(g) if bias is None else (1 - g) * bias.detach().to(compute)
+        out[key] = torch.stack([g, c])  # (2, out)
+    return out
 
 
 def dora_slot(get: RescaleSource, assignment: Sequence[tuple[int, float]], key: str) -> torch.Tensor | None:
