@@ -432,3 +432,41 @@ def test_a_refused_dora_merge_changes_no_layer():
     assert lp.merged_adapters(model) == ["plain"]
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
+    """The compact decoder's engine: a DoRA adapter's logits equal PEFT's; continuous batching of DoRA, LoRA
+    and base requests gives each its solo greedy tokens; a mix with DoRA is refused (422-type) at submit."""
+    from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
+    from loraplex.serve.adapters import AdapterStore
+    from loraplex.serve.text import TextCodec
+    from loraplex.runtime import AdapterPool
+
+    _adapter_dir(tiny_llama, tmp_path / "dora", 5, r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    _adapter_dir(tiny_llama, tmp_path / "plain", 6, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+
+    def engine():
+        hf = tiny_llama(seed=0)
+        model = CompactLlama(hf)
+        pool = AdapterPool(model.layer_shapes(), dtype=model.dtype)
+        store = AdapterStore(tmp_path, pool, hf, reserved={"base"})
+        store.load("dora"), store.load("plain")
+        return Engine(model, pool, TextCodec.for_model(None, hf.config), base_ids=("base",),
+                      config=EngineConfig(max_batch=4, max_prompt_tokens=32, max_new_tokens=16))
+
+    eng = engine()
+    pm = peft.PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path / "dora").eval()
+    plan = eng.pool.plan([eng.pool.slot("dora")])
+    with torch.no_grad():
+        torch.testing.assert_close(eng.model.logits(IDS[:1], plan), pm(IDS[:1]).logits, atol=ATOL, rtol=RTOL)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    jobs = [([5, 9, 11], "dora"), ([3, 4], "plain"), ([7, 7, 7, 7], "base"), ([20, 21], "dora")]
+    handles = [eng.submit(p, m, greedy) for p, m in jobs]
+    while not all(h.done for h in handles):
+        eng.step()
+    for (p, m), h in zip(jobs, handles):
+        assert h.result().token_ids == engine().generate(p, m, greedy).token_ids
+    with pytest.raises(lp.UnsupportedFeatureError, match="mixes DoRA"):
+        eng.submit([5], "dora:0.5", greedy)
+    with pytest.raises(lp.UnsupportedFeatureError, match="mixes DoRA"):
+        eng.submit([5], "dora+plain", greedy)

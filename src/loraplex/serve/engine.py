@@ -4,6 +4,7 @@ A request's `model` is resolved once, when it is submitted, into (adapter name, 
     "<base id>"              the base alone                  ()
     "legal"                  one adapter                     (("legal", 1.0),)
     "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
+A DoRA adapter is served alone, at weight 1 (a mix including one is refused: 422, see runtime.rescale).
 Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
 with even if they are replaced or removed meanwhile.
 
@@ -47,6 +48,7 @@ from ..errors import (
     QueueFullError,
     RequestTimeoutError,
     ShuttingDownError,
+    UnsupportedFeatureError,
 )
 from ..inject import check_name
 from ..runtime import AdapterPool, Lease
@@ -56,6 +58,15 @@ from .requests import Handle, Listener, Result, SamplingParams, sample
 from .text import Detokenizer, TextCodec, check_prompt
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
+
+
+def _check_dora_alone(mix: Mix, dora: list[bool], spec: str) -> None:
+    """Refuse a mix that includes a DoRA adapter (dora[i]: whether mix[i] is one): DoRA rescales its row's
+    whole output, so it is served alone at weight 1."""
+    if any(dora) and (len(mix) > 1 or mix[0][1] != 1.0):
+        names = [n for (n, _), d in zip(mix, dora) if d]
+        raise UnsupportedFeatureError(f"model {spec!r} mixes DoRA adapter(s) {names}: a DoRA adapter rescales the "
+                                      "whole output of its row, so it is served alone (model='name', weight 1)")
 
 
 @dataclass
@@ -157,6 +168,7 @@ class Engine:
                 raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
                                            f"({self.base_ids[0]!r}) nor a loaded adapter")
             mix.append((name, weight))
+        _check_dora_alone(mix, [self.pool.is_dora(n) for n, _ in mix], spec)
         return tuple(mix)
 
     def submit(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None, *,
@@ -286,7 +298,7 @@ class Engine:
                     break
                 try:
                     s.leases = self._lease(s.mix)
-                except AdapterNotFoundError as exc:  # removed after it was queued
+                except (AdapterNotFoundError, UnsupportedFeatureError) as exc:  # removed / replaced by DoRA meanwhile
                     self._pop(key)
                     self._finish(s, "error", exc)
                     continue
@@ -327,6 +339,7 @@ class Engine:
         try:
             for name, _ in mix:
                 leases.append(self.pool.acquire(name))
+            _check_dora_alone(mix, [self.pool.is_dora_slot(lease.slot) for lease in leases], "+".join(n for n, _ in mix))
         except LoraplexError:
             for lease in leases:
                 lease.release()
