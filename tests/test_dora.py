@@ -30,7 +30,8 @@ CASES = {
     "gpt2-conv1d": (tiny_gpt2, IDS, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
                                          fan_in_fan_out=True, use_rslora=True)),
     "mlp-bias": (tiny_mlp, X_MLP, dict(r=2, lora_alpha=4, target_modules=["net.0", "net.2", "head"])),
-    "conv": (tiny_conv, IDS, dict(r=2, lora_alpha=4, target_modules=["conv1d", "conv2d", "head"])),
+    "conv-embed": (tiny_conv, IDS, dict(r=2, lora_alpha=4, target_modules=["embed", "conv1d", "conv2d", "head"])),
+    "llama-embed": (tiny_llama, IDS, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"])),
 }
 
 
@@ -173,8 +174,6 @@ def test_refuses_what_dora_does_not_define(tmp_path):
     lp.merge(model, "a")
     with pytest.raises(lp.MergeStateError, match="DoRA adapter 'a' is merged"):
         lp.merge(model, "plain")
-    with pytest.raises(lp.UnsupportedFeatureError, match="DoRA .* on a Embedding"):
-        lp.inject(tiny_llama(seed=1), lp.LoraConfig(target_modules=["embed_tokens"], use_dora=True), "e")
     with pytest.raises(lp.ConfigError, match="use_dora must be true or false"):
         lp.LoraConfig(target_modules=["q"], use_dora="yes")
 

@@ -50,7 +50,7 @@ class LoraConfig:
     matched against the full module name (str), or "all-linear" (every Linear/Conv1D but the output head).
     rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for modules whose name ends with a
     match (PEFT's `(.*\\.)?(pattern)$` rule).
-    use_dora: weight-decomposed LoRA (DoRA): each targeted Linear/Conv1D/Conv also learns a magnitude m (out,), and
+    use_dora: weight-decomposed LoRA (DoRA): each targeted module also learns a magnitude m (out,), and
     computes y = m / ||W + scale B A||_row * (x @ (W + scale B A).T) + bias (see functional.py, docs/concepts.md).
     """
 

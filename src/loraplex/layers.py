@@ -6,7 +6,7 @@ Module layout mirrors PEFT so state-dict keys interoperate:
     <path>.lora_B.<name>.weight  (out, r)
     <path>.lora_embedding_A.<name>  (r, num_embeddings)   Embedding: bare parameters
     <path>.lora_embedding_B.<name>  (embedding_dim, r)
-    <path>.lora_magnitude_vector.<name>.weight  (out,)  DoRA only (Linear / Conv1D): the learned magnitude m
+    <path>.lora_magnitude_vector.<name>.weight  (out,)  DoRA only: the learned magnitude m (conv: (1, out, 1[, 1]))
 
 Forward: y = base(x) + sum over active (name, w) not merged of  w * scale[name] * B[name](A[name](dropout(x))).
 A DoRA adapter (one active, weight 1) instead gives y = g * (x @ W.T + scale * B(A(x))) + bias with
@@ -59,7 +59,6 @@ class LoraLayer(nn.Module):
     """Common state and logic of all LoRA wrappers; subclasses define how A/B are built and applied."""
 
     supports_dropout = True  # False where inputs are ids (embeddings): dropout on ids is meaningless
-    supports_dora = False  # True where the DoRA math is implemented (LoraLinear, LoraConv)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -89,12 +88,6 @@ class LoraLayer(nn.Module):
         `use_dora` adds the DoRA magnitude m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A)."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
-        if use_dora and not self.supports_dora:
-            raise UnsupportedFeatureError(
-                f"DoRA (use_dora=True) on a {type(self.base_layer).__name__} is not implemented; loraplex has DoRA "
-                "for nn.Linear, GPT-2 Conv1D and nn.Conv1d/2d: leave this module out of target_modules, or set "
-                "use_dora=False"
-            )
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
@@ -303,10 +296,12 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def _init_dora(self, name: str) -> None:
-        raise NotImplementedError  # only layers with supports_dora = True are asked
+        """Create the DoRA magnitude m = ||W + scale B A||_row of adapter `name` (so that g = 1)."""
+        raise NotImplementedError
 
     def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # only layers with supports_dora = True hold DoRA adapters
+        """The base output `result` with DoRA adapter `name` applied (PEFT's formula for this layer type)."""
+        raise NotImplementedError
 
     def _lora_dtype(self) -> torch.dtype:
         """Adapters train in fp32 even over a bf16/fp16 base (PEFT's default autocast)."""
@@ -335,8 +330,6 @@ def _check_dora_weight(name: str, weight: float, n_active: int) -> None:
 
 class LoraLinear(LoraLayer):
     """LoRA over nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out): fan_in_fan_out by type)."""
-
-    supports_dora = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -472,13 +465,30 @@ class LoraEmbedding(LoraLayer):
     def delta(self, name: str) -> torch.Tensor:
         return LF.delta_weight(*self.adapter_tensors(name), self.scaling[name]).T  # (num_embeddings, dim)
 
+    # DoRA (PEFT): the norm runs per embedding dimension, over the vocabulary, i.e. over the rows of E.T
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T  # (num_embeddings, dim) -> (dim, num_embeddings)
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return t.T
+
+    def _init_dora(self, name: str) -> None:
+        a, b = self.adapter_tensors(name)
+        w = self._out_rows(self.get_base_weight()).to(a.dtype)  # (dim, num_embeddings)
+        norm = LF.dora_weight_norm(w, LF.delta_weight(a, b, self.scaling[name]))  # (dim,)
+        self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(a.dtype))
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """g * (E[ids] + scale * A.T[ids] @ B.T): an embedding has no bias and no dropout (PEFT)."""
+        a, b, m = self.adapter_params(name)
+        g = LF.dora_scale(m, self._out_rows(self.get_base_weight()), a, b, self.scaling[name])  # (dim,)
+        return LF.dora_add(result, result, self._lora(name, x), g).to(result.dtype)
+
 
 class LoraConv(LoraLayer):
     """LoRA over nn.Conv1d/nn.Conv2d: A is a conv with the base's kernel/stride/padding/dilation into r
     channels, B a 1x1 conv back to out channels; merged kernel = scale * B·A. DoRA: one magnitude per output
     channel, stored (1, out, 1[, 1]) as PEFT does."""
-
-    supports_dora = True
 
     def __init__(self, base_layer: Union[nn.Conv1d, nn.Conv2d]) -> None:
         super().__init__(base_layer)
