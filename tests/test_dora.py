@@ -9,7 +9,7 @@ import json
 import peft
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -156,6 +156,36 @@ def test_merge_equals_on_the_fly_and_restores_bit_for_bit(fin, fout, r, bias, dt
     lp.unmerge(net, "d")
     assert torch.equal(net[0].base_layer.weight, w0)
     torch.testing.assert_close(net(x).detach(), want, atol=atol, rtol=rtol)
+
+
+@settings(max_examples=10, deadline=None)
+@given(rows=st.lists(st.sampled_from([None, "a", "plain"]), min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_route_rows_with_dora_equals_each_row_alone_with_gradients(rows, seed):
+    """Per-row routing (the multi-adapter training path): DoRA, LoRA and base rows in one batch give each row's
+    output and, summed, each adapter's gradients (A, B and m) of the rows run alone."""
+    model = _ours("mlp-bias")
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["net.0", "head"], init_lora_weights=False), "plain")
+    _randomize(model, seed)
+    params = {n: p for n, p in model.named_parameters() if ".a." in n or ".plain." in n}
+    for p in params.values():
+        p.requires_grad_(True)
+    x = torch.randn(len(rows), 16, generator=torch.Generator().manual_seed(seed))
+    with lp.route_rows(model, rows):
+        routed = model(x)
+    if routed.requires_grad:  # (not when every row is the base)
+        routed.pow(2).sum().backward()
+    got = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in params.items()}
+    model.zero_grad()
+    alone = []
+    for b, name in enumerate(rows):
+        lp.set_active(model, [] if name is None else name)
+        alone.append(model(x[b:b + 1]))
+        if alone[-1].requires_grad:
+            alone[-1].pow(2).sum().backward()
+    torch.testing.assert_close(routed, torch.cat(alone), atol=ATOL, rtol=RTOL)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.grad if p.grad is not None else torch.zeros_like(p), atol=ATOL,
+                                   rtol=RTOL, msg=n)
 
 
 def test_refuses_what_dora_does_not_define(tmp_path):
@@ -315,7 +345,7 @@ def _inputs(B, T, seed):
     return ids, (torch.arange(T)[None, :] >= (T - lengths)[:, None]).long()  # left padding
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[__import__("hypothesis").HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.lists(st.sampled_from([None, "d1", "d2", "plain"]), min_size=1, max_size=7), seed=st.integers(0, 2**16))
 def test_mixed_batch_of_dora_lora_and_base_rows_equals_each_row_alone_in_peft(served, rows, seed):
     eng, pm, _ = served
