@@ -499,3 +499,23 @@ def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
         eng.submit([5], "dora:0.5", greedy)
     with pytest.raises(lp.UnsupportedFeatureError, match="mixes DoRA"):
         eng.submit([5], "dora+plain", greedy)
+
+
+def test_bf16_base_dora_rows_agree_with_the_core_within_bf16_tolerance(tmp_path):
+    """A bf16 engine keeps [g; c] in bf16; its DoRA rows agree with the LoRA core over the bf16 base (adapters
+    in fp32 there, as in PEFT) within the bf16 tolerance."""
+    from loraplex.runtime import MultiLoraModel
+
+    d = _adapter_dir(gpt2_biased, tmp_path / "d", 7, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                     use_dora=True)
+    eng = MultiLoraModel(gpt2_biased(seed=0).to(torch.bfloat16))
+    eng.load("d", d, check_base_model=False)
+    ref = gpt2_biased(seed=0).to(torch.bfloat16)
+    lp.load_adapter(ref, d, "d", check_base_model=False)
+    ids, mask = _inputs(3, 5, 2)
+    with torch.no_grad():
+        want = torch.cat([ref(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits for b in (0, 1)])
+        lp.set_active(ref, [])
+        want = torch.cat([want, ref(input_ids=ids[2:], attention_mask=mask[2:]).logits])
+    atol, rtol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=["d", "d", None]), want, atol=atol, rtol=rtol)
