@@ -366,8 +366,13 @@ def test_dora_rows_beside_a_merged_lora_and_after_eviction(served, tmp_path):
     eng.merge("plain")
     try:
         torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)
+        eng.load("d2-late", dirs["d2"])  # loaded while "plain" is merged: g comes from the bare base all the same
+        late = eng.forward(ids, mask, adapters=["d2-late" if r == "d2" else r for r in rows])
+        torch.testing.assert_close(late, want, atol=ATOL, rtol=RTOL)
     finally:
         eng.unmerge()
+        if "d2-late" in eng:
+            eng.unload("d2-late")
     with pytest.raises(lp.UnsupportedFeatureError, match="DoRA"):
         eng.merge("d1")
     with pytest.raises(lp.UnsupportedFeatureError, match="includes a DoRA adapter"):
