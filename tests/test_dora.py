@@ -524,3 +524,34 @@ def test_bf16_base_dora_rows_agree_with_the_core_within_bf16_tolerance(tmp_path)
         want = torch.cat([want, ref(input_ids=ids[2:], attention_mask=mask[2:]).logits])
     atol, rtol = tolerance(torch.bfloat16)
     torch.testing.assert_close(eng.forward(ids, mask, adapters=["d", "d", None]), want, atol=atol, rtol=rtol)
+
+
+def test_train_dora_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """The magnitudes are part of the training state (optimizer moments included): a DoRA run that dies while
+    writing its second checkpoint and resumes from the first ends bit-identical to an uninterrupted run."""
+    from safetensors.torch import load_file
+    from test_train import config, make_tiny_base, write_data
+
+    from loraplex.train import checkpoint as ckpt_mod
+    from loraplex.train import train
+
+    base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
+    kw = dict(use_dora=True, dropout=0.1, save_every=2)
+    whole = train(config(base, [data["a"]], tmp_path / "whole", **kw))
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(config(base, [data["a"]], tmp_path / "crashed", **kw))
+    monkeypatch.undo()
+    resumed = train(config(base, [data["a"]], tmp_path / "crashed", resume=True, **kw))
+    assert resumed.resumed_from == 2
+    a, b = load_file(str(whole.out / WEIGHTS_NAME)), load_file(str(tmp_path / "crashed" / WEIGHTS_NAME))
+    assert a.keys() == b.keys() and any(k.endswith("lora_magnitude_vector") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
