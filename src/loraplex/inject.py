@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import (
-    AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetNotFoundError, UnsupportedFeatureError,
+    AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetNotFoundError,
+    UnsupportedFeatureError,
 )
 from .layers import Conv1D, LoraLayer, ModulesToSave, lora_layer_for
 

@@ -339,7 +339,8 @@ class Engine:
         try:
             for name, _ in mix:
                 leases.append(self.pool.acquire(name))
-            _check_dora_alone(mix, [self.pool.is_dora_slot(lease.slot) for lease in leases], "+".join(n for n, _ in mix))
+            dora = [self.pool.is_dora_slot(lease.slot) for lease in leases]
+            _check_dora_alone(mix, dora, "+".join(n for n, _ in mix))
         except LoraplexError:
             for lease in leases:
                 lease.release()
