@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import peft
 import pytest
@@ -486,9 +487,9 @@ def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
         store = AdapterStore(tmp_path, pool, hf, reserved={"base"})
         store.load("dora"), store.load("plain")
         return Engine(model, pool, TextCodec.for_model(None, hf.config), base_ids=("base",),
-                      config=EngineConfig(max_batch=4, max_prompt_tokens=32, max_new_tokens=16))
+                      config=EngineConfig(max_batch=4, max_prompt_tokens=32, max_new_tokens=16)), store
 
-    eng = engine()
+    eng, store = engine()
     pm = peft.PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path / "dora").eval()
     plan = eng.pool.plan([eng.pool.slot("dora")])
     with torch.no_grad():
@@ -499,11 +500,20 @@ def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
     while not all(h.done for h in handles):
         eng.step()
     for (p, m), h in zip(jobs, handles):
-        assert h.result().token_ids == engine().generate(p, m, greedy).token_ids
+        assert h.result().token_ids == engine()[0].generate(p, m, greedy).token_ids
     with pytest.raises(lp.UnsupportedFeatureError, match="mixes DoRA"):
         eng.submit([5], "dora:0.5", greedy)
     with pytest.raises(lp.UnsupportedFeatureError, match="mixes DoRA"):
         eng.submit([5], "dora+plain", greedy)
+    # a queued mix whose adapter becomes DoRA (replaced) before it starts fails alone; the others run
+    mixed, alone = eng.submit([5, 6], "plain:0.5", greedy), eng.submit([5, 6], "dora", greedy)
+    shutil.rmtree(tmp_path / "plain")
+    shutil.copytree(tmp_path / "dora", tmp_path / "plain")
+    store.load("plain", replace=True)
+    while not (mixed.done and alone.done):
+        eng.step()
+    assert mixed.result().finish_reason == "error" and "mixes DoRA" in str(mixed.result().error)
+    assert alone.result().finish_reason == "length"
 
 
 def test_bf16_base_dora_rows_agree_with_the_core_within_bf16_tolerance(tmp_path):
