@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     g.add_argument("--rank", type=int, default=8)
     g.add_argument("--alpha", type=float, default=16.0)
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: no dropout module at all)")
+    g.add_argument("--dora", dest="use_dora", action="store_true",
+                   help="DoRA (weight-decomposed LoRA): also learn a magnitude per output feature")
     g.add_argument("--targets", type=parse_targets, default=ALL_LINEAR,
                    help="'all-linear', a regex over module names, or a comma list (default all-linear)")
     g.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
@@ -86,7 +88,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig
     from .run import train
 
-    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "targets", "quantize",
+    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "use_dora", "targets", "quantize",
               "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",
               "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing",
               "eval_split", "skip_bad", "eval_every", "log_every", "save_every", "resume", "overwrite", "device",

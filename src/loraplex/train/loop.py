@@ -102,6 +102,7 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    use_dora: bool = False  # DoRA: also learn a per-output-row magnitude (LoraConfig.use_dora)
     targets: Union[str, list[str]] = ALL_LINEAR  # "all-linear", a regex, or module names
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -239,7 +240,7 @@ def concat_batches(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[st
 
 def adapter_params(model: nn.Module, name: str) -> list[nn.Parameter]:
     """Adapter `name`'s A/B tensors in module order (the order optimizer states are saved in)."""
-    return [t for _, layer in lora_layers(model) if name in layer.r for t in layer.adapter_tensors(name)]
+    return [t for _, layer in lora_layers(model) if name in layer.r for t in layer.adapter_params(name)]
 
 
 class Job:

@@ -165,7 +165,7 @@ def _train(config: TrainConfig, info) -> TrainResult:
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
     ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      target_modules=config.targets, base_model_name_or_path=config.base)
+                      use_dora=config.use_dora, target_modules=config.targets, base_model_name_or_path=config.base)
     _check_rank(model, lora)
     for name in data:
         if ckpt is not None and ckpt.adapter_dir(name).is_dir():
