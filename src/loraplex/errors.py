@@ -16,6 +16,10 @@ class ConfigError(LoraplexError, ValueError):
     """A LoraConfig (or a CLI option feeding one) holds an invalid value."""
 
 
+class DeviceError(ConfigError):
+    """A --device that is malformed or not present on this machine (loraplex.device)."""
+
+
 class UnsupportedFeatureError(LoraplexError, ValueError):
     """A file or config asks for a feature whose semantics loraplex does not implement (e.g. DoRA)."""
 

@@ -135,15 +135,18 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name: Optional[str] = None) -> AdapterFile:
-    """Write adapter `name` as a PEFT-readable directory, atomically. Returns what was written."""
+def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name: Optional[str] = None,
+                 fingerprint: Optional[dict[str, Any]] = None) -> AdapterFile:
+    """Write adapter `name` as a PEFT-readable directory, atomically. Returns what was written.
+    `fingerprint`: the base fingerprint to record, taken earlier (e.g. before FSDP sharded the base weights,
+    which it cannot read then); None: base_fingerprint(model)."""
     config = configs(model).get(name)
     tensors = adapter_state_dict(model, name)
     cfg = config.to_dict()
     if base_name is not None:
         cfg["base_model_name_or_path"] = base_name
     digest = content_hash(cfg, tensors)
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_fingerprint(model) if fingerprint is None else fingerprint
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": digest,
             "loraplex.base_fingerprint": json.dumps(fingerprint)}
     with atomic_directory(directory) as tmp:

@@ -25,14 +25,16 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import ConfigError, DataError
+from ..identity import base_fingerprint
 from ..inject import freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
 from ..store import load_adapter, save_adapter
 from . import checkpoint as ckpt_mod
+from . import fsdp
 from .data import Examples, split, tokenize
 from .distributed import barrier, gather_objects, init_distributed, shutdown
-from .loop import METRICS_FILE, Job, Trainer, TrainConfig, adapter_params
+from .loop import METRICS_FILE, Job, Trainer, TrainConfig, _LossModule, adapter_params
 from .plot import plot_losses
 from .sources import load_records
 
@@ -121,6 +123,9 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _train(config: TrainConfig, info) -> TrainResult:
+    if config.fsdp and not info.enabled:
+        raise ConfigError("--fsdp shards the model over the processes of a torchrun job, got one process; launch "
+                          "with `torchrun --nproc-per-node N -m loraplex train --fsdp ...` (N >= 2) or drop --fsdp")
     _prepare_out(config, info.is_main)
     barrier(info)
     model, tokenizer = load_base(config.base, num_layers=config.num_layers)
@@ -133,7 +138,8 @@ def _train(config: TrainConfig, info) -> TrainResult:
 
         # before inject: LoRA then wraps the QuantLinear layers (TrainConfig keeps nf4's options default for int8)
         quantize_model(model, config.quantize, block_size=config.quant_block_size, double_quant=config.double_quant)
-    model.to(info.device)
+    if not config.fsdp:  # FSDP moves each rank's shards to the device; the whole base never goes there
+        model.to(info.device)
     data, facts = _load_data(config, tokenizer)
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
     ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
@@ -145,15 +151,18 @@ def _train(config: TrainConfig, info) -> TrainResult:
         else:  # every adapter starts from the same seed: as if each were trained alone
             inject(model, lora, name, seed=config.seed, activate=False)
     freeze_base(model, None)
-    jobs = []
-    for name, (train_set, eval_set) in data.items():
-        params = adapter_params(model, name)
-        for p in params:
+    for name in data:
+        for p in adapter_params(model, name):
             p.requires_grad_(True)
-        jobs.append(Job(name, params, train_set, eval_set, config, info.world_size, pad_id))
+    module = fingerprint = None
+    if config.fsdp:  # before the jobs take their parameters: sharding replaces them
+        fingerprint = base_fingerprint(model)
+        module = fsdp.shard(_LossModule(model), model, info, bf16=config.bf16)
+    jobs = [Job(name, adapter_params(model, name), train_set, eval_set, config, info.world_size, pad_id)
+            for name, (train_set, eval_set) in data.items()]
     set_active(model, next(iter(data)) if len(data) == 1 else [])
     trainer = Trainer(model, jobs, config, info, config.out, identity=config.identity(), base_name=config.base,
-                      pad_id=pad_id)
+                      pad_id=pad_id, module=module, fingerprint=fingerprint)
     if ckpt is not None:
         trainer.restore(ckpt)
     rows = trainer.run(progress=config.progress)
@@ -179,9 +188,12 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
         "resumed_from_step": ckpt.state["step"] if ckpt is not None else None, "data": facts,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
+    with trainer.full_adapters():  # FSDP: gathers the adapter shards (every rank enters)
+        if is_main:
+            for job in trainer.jobs:
+                _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out,
+                           fingerprint=trainer.fingerprint)
     if is_main:
-        for job in trainer.jobs:
-            _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out)
         plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}")
         tmp = out / f".{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -191,14 +203,14 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
                        ckpt.state["step"] if ckpt is not None else None)
 
 
-def _save_into(model, name: str, directory: Path, base: str, *, shared: bool) -> None:
+def _save_into(model, name: str, directory: Path, base: str, *, shared: bool, fingerprint=None) -> None:
     """save_adapter replaces its whole directory; a `shared` DIR also holds metrics and checkpoints, so the
     adapter is written beside and its files moved in (each os.replace is atomic; weights first, config last)."""
     if not shared:
-        save_adapter(model, name, directory, base_name=base)
+        save_adapter(model, name, directory, base_name=base, fingerprint=fingerprint)
         return
     staging = directory / ".adapter.tmp"
-    save_adapter(model, name, staging, base_name=base)
+    save_adapter(model, name, staging, base_name=base, fingerprint=fingerprint)
     for f in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):
         os.replace(f, directory / f.name)
     staging.rmdir()
