@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
 from .export import DTYPES
+from .device import DEVICE_HELP, parse_device, resolve_device
 from .models import load_base
 from .probes import read_prompts
 from .store import write_png
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--no-base", action="store_true", help="leave the bare base out of the leaderboard")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -74,6 +76,7 @@ def _adapters(items: list[str]) -> list[str]:
 def run_eval(args: argparse.Namespace) -> int:
     metrics = [m for item in args.metrics for m in item.replace(",", " ").split()]
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
+    model.to(resolve_device(args.device))
     if tokenizer is None:
         raise ConfigError(f"base {args.base!r} has no tokenizer; eval needs a model directory with one")
     result = evaluate(model, tokenizer, _adapters(args.adapters), list(args.data), metrics=metrics,

@@ -259,8 +259,10 @@ class LoraLinear(LoraLayer):
 
     def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
         """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
-        unmerged adapter without dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
-        if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
+        unmerged adapter without dropout, over a plain, frozen, unhooked base in the adapter's dtype, outside
+        autocast (which would cast the node's GEMMs one by one); else None."""
+        if (self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused
+                or torch.is_autocast_enabled(x.device.type)):
             return None
         name, weight = self.active[0]
         base = self.base_layer

@@ -11,6 +11,7 @@ Output directory (rank 0 writes; each file replaced atomically):
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -119,6 +120,9 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         return _train(config, info)
     finally:
+        # free the model now: FSDP's hooks form reference cycles that would otherwise live until interpreter
+        # exit, where releasing their gloo work objects aborts the process (SIGABRT)
+        gc.collect()
         shutdown(info)
 
 
