@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import loraplex as lp
+from loraplex import models
 from loraplex.cli import main
 from loraplex.device import parse_device, present, resolve_device
 from loraplex.errors import DeviceError
@@ -154,3 +155,16 @@ def test_serve_on_device_and_in_bf16(device, adapter, tiny_base, tmp_path):  # n
     assert server.model.device.type == device and got == ref and len(got) == 8
     half, server = _greedy(device, "bf16", folder, tiny_base)
     assert server.model.dtype == torch.bfloat16 and server.pool.dtype == torch.bfloat16 and len(half) == 8
+
+
+@pytest.mark.parametrize("device", ACCELERATORS)
+def test_seeded_inject_gives_the_same_adapter_on_every_device(device):
+    """inject(seed=...) draws from a CPU generator; on an accelerator's base it gives the CPU's tensors."""
+    cfg = lp.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    on = {}
+    for d in ("cpu", device):
+        model = models.tiny_llama(seed=0).to(d)
+        lp.inject(model, cfg, "a", seed=7)
+        on[d] = lp.adapter_state_dict(model, "a")
+    for k, t in on["cpu"].items():
+        torch.testing.assert_close(on[device][k], t, atol=0, rtol=0)

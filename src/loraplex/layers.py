@@ -85,7 +85,19 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
         with torch.no_grad():
+            tensors = self.adapter_tensors(name)
+            if generator is None or tensors[0].device == generator.device:
+                self._init(name, init, generator)
+                return
+            # the seeded generator lives on another device (a CPU generator, a CUDA base): draw there and copy,
+            # so a seed gives the same adapter on every device
+            homes = [t.data for t in tensors]
+            for t in tensors:
+                t.data = torch.empty_like(t, device=generator.device)
             self._init(name, init, generator)
+            for t, home in zip(tensors, homes):
+                home.copy_(t.data)
+                t.data = home
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
