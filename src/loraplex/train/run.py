@@ -79,6 +79,19 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def rank_memory(device: torch.device) -> dict[str, Optional[int]]:
+    """This process's memory after training: peak and current RSS (VmRSS; None without /proc), and the peak
+    CUDA memory allocated on `device` (None off CUDA). What FSDP shrinks is the current (sharded) state."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        pass
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss, "peak_cuda_bytes": cuda}
+
+
 def _prepare_out(config: TrainConfig, is_main: bool) -> None:
     out = config.out
     earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
@@ -170,13 +183,13 @@ def _train(config: TrainConfig, info) -> TrainResult:
     if ckpt is not None:
         trainer.restore(ckpt)
     rows = trainer.run(progress=config.progress)
-    peak = max(gather_objects(peak_rss_bytes(), info))
-    result = _finish(config, model, trainer, facts, peak, info.is_main, ckpt)
+    memory = gather_objects(rank_memory(info.device), info)  # [rank 0's, rank 1's, ...]
+    result = _finish(config, model, trainer, facts, memory, info.is_main, ckpt)
     barrier(info)
     return result
 
 
-def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -> TrainResult:
+def _finish(config, model, trainer: Trainer, facts, memory, is_main: bool, ckpt) -> TrainResult:
     out = config.out
     adapters = {j.name: (out if len(trainer.jobs) == 1 else out / j.name) for j in trainer.jobs}
     report = parameter_report(model)
@@ -185,7 +198,8 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
                               "train_examples": j.train_examples, "eval_examples": j.eval_examples,
                               "steps": j.steps_done, "eval_loss_before": j.eval_before,
                               "eval_loss_after": j.eval_after} for j in trainer.jobs},
-        "trainable_params": report.trainable, "frozen_params": report.frozen, "peak_rss_bytes": peak,
+        "trainable_params": report.trainable, "frozen_params": report.frozen,
+        "peak_rss_bytes": max(m["peak_rss_bytes"] for m in memory), "memory_per_rank": memory,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "steps": trainer.step, "tokens": trainer.tokens, "train_seconds": round(trainer.elapsed, 3),
         "tokens_per_s": trainer.tokens / max(trainer.elapsed, 1e-9), "world_size": trainer.info.world_size,
