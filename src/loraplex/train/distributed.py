@@ -16,6 +16,7 @@ Only rank 0 writes files. Without torchrun (WORLD_SIZE unset or 1) everything he
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -104,8 +105,11 @@ def wrap(module: nn.Module, info: DistInfo, *, find_unused_parameters: bool) -> 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # buffers (rotary tables, quantized weights) are the same on every rank: no per-forward broadcast
-    return DDP(module, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters)
+    # buffers (rotary tables, quantized weights) are the same on every rank: no per-forward broadcast (the flag
+    # is forward_sync_buffers since torch 2.13, which deprecates broadcast_buffers; older torch has only that)
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+    return DDP(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_sync)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
