@@ -126,3 +126,24 @@ def test_fsdp_resume_after_sigkill_of_one_rank(fsdp_run, tiny_base, data, tmp_pa
 def test_fsdp_needs_torchrun(tiny_base, data, tmp_path):  # noqa: F811
     with pytest.raises(ConfigError, match="torchrun"):
         train(TrainConfig(base=str(tiny_base), data=str(data["a"]), out=tmp_path / "x", fsdp=True, progress=False))
+
+
+def test_fsdp_bf16_mixed_precision_trains_fp32_adapters_close_to_fp32(tiny_base, data, tmp_path):  # noqa: F811
+    """--fsdp --bf16: bf16 all-gathers and compute, fp32 shards updated; the adapter is fp32 and within the bf16
+    tolerance of the fp32 one-process run (6 steps)."""
+    settings = {**SETTINGS, "max_steps": 6}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "loraplex", "train", "--fsdp", "--bf16",
+           "--base", str(tiny_base), "--out", str(tmp_path / "bf16"), "--batch-size", "4", "--data", str(data["a"]),
+           *flags(settings)]
+    run = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = train(TrainConfig(base=str(tiny_base), data=str(data["a"]), out=tmp_path / "fp32", batch_size=8,
+                            progress=False, **settings))
+    finish(run)
+    got = tensors(tmp_path / "bf16")
+    assert {t.dtype for t in got.values()} == {torch.float32}
+    atol, rtol = tolerance(torch.bfloat16)
+    for k, t in tensors(ref.out).items():
+        torch.testing.assert_close(got[k], t, atol=atol, rtol=rtol)
+    rows = metrics(tmp_path / "bf16")
+    assert rows[0]["eval_loss"] != metrics(ref.out)[0]["eval_loss"]  # computed in bf16, not fp32
+    assert rows[0]["eval_loss"] == pytest.approx(metrics(ref.out)[0]["eval_loss"], rel=rtol, abs=atol)
