@@ -9,12 +9,13 @@ STAMP := $(VENV)/.loraplex-installed
 
 venv: $(STAMP)
 
-# Debian packages some parts use: `fortunes` (the fortunes:CATEGORY data source) and `chromium` (the /ui
-# browser test). Best effort: installed with apt-get when running as root; otherwise (or offline) the tests
-# that need them skip with a reason and the fortunes source says how to install it.
-SYSPKGS := fortunes chromium
+# Debian packages some parts use: `fortunes` (the fortunes:CATEGORY data source), `chromium` (the /ui
+# browser test) and `haproxy` (tests/test_scale_out.py). Best effort: installed with apt-get when running as
+# root; otherwise (or offline) the tests that need them skip with a reason and the fortunes source says how
+# to install it.
+SYSPKGS := fortunes chromium haproxy
 sysdeps:
-	@if [ -d /usr/share/games/fortunes ] && command -v chromium >/dev/null; then exit 0; fi; \
+	@if [ -d /usr/share/games/fortunes ] && command -v chromium >/dev/null && command -v haproxy >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages: $(SYSPKGS)"; \
 	  ( timeout 180 apt-get install -y -q --no-install-recommends $(SYSPKGS) \
