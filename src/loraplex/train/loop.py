@@ -314,20 +314,20 @@ class Trainer:
             return None
         self.model.eval()
         bs, world = self.config.batch_size, self.info.world_size
-        total = torch.zeros(2, dtype=torch.float64)  # (weighted loss sum, weighted target count)
+        total = torch.zeros(2, dtype=torch.float64, device=self.info.device)  # (weighted loss sum, target count)
         batches = list(Batcher(job.eval_unique, bs, seed=0, shuffle=False, pad_id=self.pad_id))
         for k in range(self.info.rank, math.ceil(len(batches) / world) * world, world):
             batch = batches[k] if k < len(batches) else batches[0]
             rows = batch["input_ids"].shape[0]
             w = (torch.tensor(job.eval_weights[k * bs:(k + 1) * bs], dtype=torch.float64) if k < len(batches)
-                 else torch.zeros(rows, dtype=torch.float64))
+                 else torch.zeros(rows, dtype=torch.float64)).to(self.info.device)
             batch = {key: v.to(self.info.device) for key, v in batch.items()}
             with self._route([job.name] * rows), self.autocast:
-                losses = self.module(batch).double().cpu()
-            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu()
+                losses = self.module(batch).double()
+            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double()
             total += torch.stack([(losses * w).sum(), (n * w).sum()])
         self.model.train()
-        total = all_reduce_sum(total.to(self.info.device), self.info).cpu()
+        total = all_reduce_sum(total, self.info).cpu()
         return float(total[0] / total[1])
 
     # -- one optimizer step for every unfinished job -------------------------------------------------------
@@ -343,7 +343,7 @@ class Trainer:
             for p in job.params:
                 p.grad = None
         self.model.train()
-        sums = torch.zeros(len(active), dtype=torch.float64)
+        sums = torch.zeros(len(active), dtype=torch.float64, device=info.device)  # on the device: no sync per micro
         for m in range(n_micro):
             parts, names, spans = [], [], []
             for j in active:
@@ -359,8 +359,8 @@ class Trainer:
                 loss = sum(losses[a:b].sum() * (world / targets[active[k].name]) for a, b, k in spans)
                 loss.backward()
             for a, b, k in spans:
-                sums[k] += float(losses[a:b].detach().double().sum())
-        sums = all_reduce_sum(sums.to(info.device), info).cpu()
+                sums[k] += losses[a:b].detach().double().sum()
+        sums = all_reduce_sum(sums, info).cpu()  # the step's one copy to the host
         out = {}
         max_norm = self.config.max_grad_norm or float("inf")
         for k, job in enumerate(active):
