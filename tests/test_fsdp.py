@@ -1,7 +1,7 @@
 """FSDP2 training: `torchrun --nproc-per-node 2 -m loraplex train --fsdp` (gloo, 2 CPU processes) shards the
 base and two adapters trained in one pass, and gives the adapters one process gives with the same global
 batch, within fp32 tolerance; a run whose rank 1 is SIGKILLed after a checkpoint, resumed, gives the adapters
-of a run never killed; bf16 mixed precision trains fp32 adapters close to the fp32 run."""
+of a run never killed; bf16 mixed precision trains fp32 adapters close to the fp32 run; QLoRA (nf4) works too."""
 
 from __future__ import annotations
 
@@ -147,3 +147,17 @@ def test_fsdp_bf16_mixed_precision_trains_fp32_adapters_close_to_fp32(tiny_base,
     rows = metrics(tmp_path / "bf16")
     assert rows[0]["eval_loss"] != metrics(ref.out)[0]["eval_loss"]  # computed in bf16, not fp32
     assert rows[0]["eval_loss"] == pytest.approx(metrics(ref.out)[0]["eval_loss"], rel=rtol, abs=atol)
+
+
+def test_fsdp_over_an_nf4_base_equals_one_process(tiny_base, data, tmp_path):  # noqa: F811
+    """QLoRA under FSDP: the NF4 weights are buffers (replicated), the float parameters and adapters sharded;
+    the adapter equals the one-process QLoRA run with the same global batch within fp32 tolerance."""
+    settings = {**SETTINGS, "max_steps": 6, "quantize": "nf4"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "loraplex", "train", "--fsdp",
+           "--base", str(tiny_base), "--out", str(tmp_path / "fsdp"), "--batch-size", "4", "--data", str(data["a"]),
+           *flags(settings)]
+    run = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = train(TrainConfig(base=str(tiny_base), data=str(data["a"]), out=tmp_path / "one", batch_size=8,
+                            progress=False, **settings))
+    finish(run)
+    assert_same(tensors(tmp_path / "fsdp"), tensors(ref.out), exact=False)
