@@ -85,7 +85,7 @@ class TrainConfig:
     double_quant: bool = False  # nf4: store the block absmax values in 8 bits too
     num_layers: Optional[int] = None
     out_per_data: bool = False  # one adapter per data source, all trained in one pass: out/<name>/
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (see distributed.resolve_device)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (loraplex.device)
     fsdp: bool = False  # under torchrun: shard base and adapters with FSDP2 (fsdp.py) instead of DDP
     bf16: bool = False  # bf16 compute over fp32 adapter weights (FSDP mixed precision, else autocast)
     progress: Optional[bool] = None  # progress bar on stderr; None: only when stderr is a terminal
