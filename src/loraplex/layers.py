@@ -98,7 +98,17 @@ class LoraLayer(nn.Module):
         self._create(name, r)
         with torch.no_grad():
             if init is not None:
-                self._init(name, init, generator)
+                tensors = self.adapter_tensors(name)
+                if generator is None or tensors[0].device == generator.device:
+                    self._init(name, init, generator)
+                else:  # the seeded generator lives on another device (a CPU generator, a CUDA base): draw there
+                    homes = [t.data for t in tensors]  # and copy, so a seed gives the same adapter on every device
+                    for t in tensors:
+                        t.data = torch.empty_like(t, device=generator.device)
+                    self._init(name, init, generator)
+                    for t, home in zip(tensors, homes):
+                        home.copy_(t.data)
+                        t.data = home
             if use_dora:  # created here; with init=None its value is the caller's to copy in
                 self._init_dora(name)
         for child in self.children():
@@ -366,8 +376,10 @@ class LoraLinear(LoraLayer):
 
     def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
         """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
-        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
-        if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
+        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype, outside
+        autocast (which would cast the node's GEMMs one by one); else None."""
+        if (self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused
+                or torch.is_autocast_enabled(x.device.type)):
             return None
         name, weight = self.active[0]
         if self.is_dora(name):

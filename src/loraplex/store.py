@@ -279,10 +279,11 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name: Optional[str] = None,
-                 overwrite: bool = False) -> AdapterFile:
+                 overwrite: bool = False, fingerprint: Optional[dict[str, Any]] = None) -> AdapterFile:
     """Write adapter `name` as a PEFT-readable directory (config per `peft_config_dict`), atomically (an existing
     non-empty `directory` is replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is
-    written. Returns what was written."""
+    written. Returns what was written. `fingerprint`: the base fingerprint to record, taken earlier (e.g. before
+    FSDP sharded the base weights, which it cannot read then); None: base_fingerprint(model)."""
     config = configs(model).get(name)
     tensors = adapter_state_dict(model, name)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -291,7 +292,7 @@ def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name:
                              f"was written to {str(directory)!r}")
     cfg = peft_config_dict(config, model, base_name)
     digest = content_hash(cfg, tensors)
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_fingerprint(model) if fingerprint is None else fingerprint
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": digest,
             "loraplex.base_fingerprint": json.dumps(fingerprint)}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
