@@ -61,7 +61,7 @@ def test_absent_device_is_refused_naming_the_present_ones(tiny_base, data, tmp_p
     assert resolve_device("cpu") == torch.device("cpu") and "cpu" in present()
     code = main(["train", "--base", str(tiny_base), "--data", str(data["a"]), "--out", str(tmp_path / "x"),
                  "--device", absent])
-    assert code == 2 and "no such device" in capsys.readouterr().err
+    assert code == 1 and "no such device" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
