@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import loraplex as lp
-from loraplex.cli import COMMANDS, build_parser, main
+from loraplex.cli import COMMANDS, build_parser, common_options, main
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama
 
@@ -29,7 +29,10 @@ def test_help_everywhere(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main(command + ["--help"])
     assert exc.value.code == 0
-    assert "usage: loraplex" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: loraplex" in out
+    if command:  # the common flags, added once in cli.py, reach every subcommand
+        assert "--no-progress" in out and "--log-level" in out
 
 
 def test_info_with_adapter(base_and_adapter, capsys):
@@ -77,15 +80,90 @@ def test_merge_two_adapters_with_weights(base_and_adapter, tmp_path):
 def test_cli_errors_are_one_clean_line(base_and_adapter, capsys):
     tmp, _ = base_and_adapter
     code = main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "nope"), "--out", str(tmp / "x")])
-    assert code == 2
+    assert code == 1
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("loraplex merge: error:") and "not a directory" in err
     assert not (tmp / "x").exists()
     assert main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--weights", "1", "2",
-                 "--out", str(tmp / "x")]) == 2
+                 "--out", str(tmp / "x")]) == 1
     assert "one weight per adapter" in capsys.readouterr().err
 
 
 def test_parser_builds_all_commands():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert set(COMMANDS) <= set(sub.choices)
+
+
+# One argv per command that fails inside the command (a path that does not exist), without loading a model.
+_MISSING = "/nonexistent/loraplex-test"
+FAILING = {
+    "info": ["info", _MISSING],
+    "merge": ["merge", "--base", _MISSING, "--adapter", _MISSING, "--out", "OUT"],
+    "verify": ["verify", "--base", _MISSING, "--adapter", _MISSING],
+    "train": ["train", "--base", _MISSING, "--data", _MISSING + ".jsonl", "--out", "OUT"],
+    "combine": ["combine", _MISSING, _MISSING + "2", "--weights", "1", "1", "--out", "OUT"],
+    "extract": ["extract", "--base", _MISSING, "--finetuned", _MISSING, "--out", "OUT"],
+    "serve": ["serve", "--base", _MISSING],
+    "eval": ["eval", "--base", _MISSING, "--adapters", _MISSING, "--data", _MISSING + ".jsonl"],
+    "promote": ["promote", "a", "--base", _MISSING, "--adapters", _MISSING, "--out", "OUT"],
+    "quantize": ["quantize", "--base", _MISSING, "--scheme", "int8", "--out", "OUT"],
+    "quant-report": ["quant-report", "--base", _MISSING, "--adapter", _MISSING],
+}
+
+
+def test_every_command_has_a_failing_case():
+    assert set(FAILING) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_exit_status_1_for_failures_2_for_usage(command, tmp_path, capsys):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in FAILING[command]]
+    assert main(argv) == 1  # a LoraplexError: one line on stderr, no traceback
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"loraplex {command}: error:") and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error
+        main(argv + ["--no-such-flag"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_no_progress_silences_every_bar(tmp_path, capsys):
+    """train draws loraplex's own bar (forced with --progress) and transformers draws its weight-loading bar;
+    --no-progress silences both, and the switch is undone when main returns."""
+    from test_train import make_tiny_base, write_data  # tiny Llama + character tokenizer
+
+    tmp = tmp_path
+    base, data = make_tiny_base(tmp / "base"), write_data(tmp / "data")["a"]
+    argv = ["train", "--base", str(base), "--data", str(data), "--out", str(tmp / "run"), "--max-steps", "2",
+            "--batch-size", "4", "--max-length", "32", "--overwrite"]
+    capsys.readouterr()
+    assert main(argv + ["--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" in err and "2/2" in err  # both bars are there to silence
+    assert main(argv + ["--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "|" not in err and "it/s" not in err and "step/s" not in err and "Loading weights" not in err, err
+    assert main(["info", str(base)]) == 0 and "Loading weights" in capsys.readouterr().err  # restored
+
+
+def test_log_level_sets_loraplex_and_transformers(tmp_path, capsys, caplog):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    def transformers_info() -> bool:
+        return any(r.name.startswith("transformers") and r.levelno == logging.INFO for r in caplog.records)
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    was = hf_logging.get_verbosity()
+    caplog.clear()
+    assert main(["info", str(tmp_path / "base")]) == 0 and not transformers_info()
+    assert main(["info", str(tmp_path / "base"), "--log-level", "INFO"]) == 0 and transformers_info()
+    assert hf_logging.get_verbosity() == was
+    capsys.readouterr()
+    args = build_parser().parse_args(["info", "x", "--log-level", "debug"])
+    with common_options(args):
+        assert logging.getLogger("loraplex").getEffectiveLevel() == logging.DEBUG
+        logging.getLogger("loraplex.cli_test").info("shown")
+    logging.getLogger("loraplex.cli_test").info("not shown")
+    err = capsys.readouterr().err
+    assert "loraplex.cli_test: INFO: shown" in err and "not shown" not in err

@@ -313,5 +313,5 @@ def test_training_facts_come_from_the_trainers_summary(tmp_path):
 def test_cli_errors_are_one_line(tiny_base_with_tokenizer, capsys):
     root = tiny_base_with_tokenizer
     assert main(["promote", "nope", "--base", str(root / "base"), "--adapters", str(root / "runs"),
-                 "--out", str(root / "x")]) == 2
+                 "--out", str(root / "x")]) == 1
     assert "no adapter 'nope'" in capsys.readouterr().err

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from loraplex import models
 from loraplex.errors import BaseModelError, ConfigError, LoraplexError
 from loraplex.functional import tolerance
-from loraplex.models import base_name, load_base, random_llama, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
+from loraplex.hub import hub_id_of
+from loraplex.models import (
+    base_id, base_name, load_base, random_llama, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp,
+)
 
 BUILDERS = [tiny_llama, tiny_gpt2, tiny_mlp, tiny_conv]
 
@@ -147,13 +159,13 @@ def test_load_base_rejects_bad_num_layers(tmp_path, tiny_llama, num_layers):
             load_base(spec, num_layers=num_layers)
 
 
-def test_load_base_errors_name_what_was_expected(tmp_path):
+def test_load_base_errors_name_what_was_expected(tmp_path, hub_cache):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.bin").write_bytes(b"x")
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     cases = {
-        "smollm3": "does not exist",
+        "smollm3": "holds no snapshot",  # a valid model id, not in the (empty) Hugging Face cache
         str(tmp_path / "missing"): "does not exist",
         str(tmp_path / "empty"): "no config.json",
         str(tmp_path / "file.bin"): "no config.json",
@@ -165,6 +177,104 @@ def test_load_base_errors_name_what_was_expected(tmp_path):
         assert "config.json" in str(info.value) and "smollm2, tiny-llama, tiny-gpt2" in str(info.value)
     with pytest.raises(BaseModelError, match="cannot load a causal LM"):
         load_base(tmp_path / "odd")
+
+
+# --- Hugging Face model ids, from a local cache (a real cache layout, made here; nothing is downloaded) -----
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache: HF_HUB_CACHE for subprocesses, huggingface_hub's constant for this one
+    (read once at import), offline."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hf-hub"
+    root.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def cache_model(root: Path, repo_id: str, model: nn.Module | Path, commit: str = "0c" * 20) -> Path:
+    """Put `model` (or a saved model directory's files) into the HF cache at `root` as huggingface_hub lays it
+    out: blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/main = <commit>. Returns the
+    snapshot directory."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    staging = root / ".staging"
+    if isinstance(model, Path):
+        shutil.copytree(model, staging)
+    else:
+        model.save_pretrained(staging)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for f in staging.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.move(f, blob)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    staging.rmdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_load_base_by_model_id_from_the_hf_cache(hub_cache):
+    snapshot = cache_model(hub_cache, "acme/tiny", tiny_llama(seed=4))
+    for spec in ("acme/tiny", str(snapshot)):  # the id, or the snapshot directory itself
+        model, tokenizer = load_base(spec)
+        _assert_same_state(model, tiny_llama(seed=4))
+        assert tokenizer is None and base_name(model) == "acme/tiny"  # the id, never the commit hash
+        assert base_id(spec) == "acme/tiny"
+    assert base_id("tiny-llama") == "tiny-llama" and base_id(str(hub_cache)) == hub_cache.name
+
+
+def test_served_base_id_is_the_model_id_not_the_snapshot_hash(hub_cache):
+    from loraplex.cli import build_parser
+    from loraplex.serve.cli import build_server
+    from test_train import make_tiny_base  # tiny Llama + character tokenizer (serving needs one)
+
+    snapshot = cache_model(hub_cache, "acme/tiny-chat", make_tiny_base(hub_cache.parent / "base"))
+    for spec in ("acme/tiny-chat", str(snapshot)):
+        args = ["serve", "--base", spec, "--max-prompt-tokens", "64", "--max-new-tokens", "8"]
+        server = build_server(build_parser().parse_args(args))
+        assert server.base_id == "acme/tiny-chat", spec
+
+
+def test_model_id_missing_from_the_hf_cache_names_where_it_looked(hub_cache):
+    with pytest.raises(BaseModelError, match="holds no snapshot") as info:
+        load_base("acme/absent")
+    assert str(hub_cache / "models--acme--absent") in str(info.value) and "never downloads" in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+def test_cli_base_by_model_id_offline(hub_cache):
+    cache_model(hub_cache, "acme/tiny", tiny_llama(seed=4))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    run = subprocess.run([sys.executable, "-m", "loraplex", "info", "acme/tiny", "--no-progress"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("base: acme/tiny  ("), run.stderr
+    run = subprocess.run([sys.executable, "-m", "loraplex", "info", "acme/absent"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1 and str(hub_cache) in run.stderr and "Traceback" not in run.stderr
+
+
+_ID_PART = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9_]|[.-](?=[A-Za-z0-9_])){0,20}", fullmatch=True).filter(
+    lambda part: not part.endswith(".git"))  # huggingface_hub's rules for a valid id
+
+
+@settings(max_examples=200, deadline=None)
+@given(org=st.one_of(st.none(), _ID_PART), name=_ID_PART, commit=st.from_regex(r"[0-9a-f]{40}", fullmatch=True))
+def test_hub_id_of_inverts_the_cache_folder_name(org, name, commit):
+    """huggingface_hub names the folder; hub_id_of reads the id back, for any valid id (and no other path)."""
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = name if org is None else f"{org}/{name}"
+    validate_repo_id(repo_id)
+    folder = Path("/cache/hub") / repo_folder_name(repo_id=repo_id, repo_type="model")
+    assert hub_id_of(folder / "snapshots" / commit) == repo_id
+    assert hub_id_of(folder / "snapshots" / commit / "sub") is None and hub_id_of(folder) is None
 
 
 # --- the embedded default: cache logic (fast, with a stand-in model) --------------------------------------
@@ -229,3 +339,14 @@ def test_smollm2_cached_copy_matches_gguf(smollm2_dir):
     atol, rtol = tolerance(torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(**ids).logits, gguf_model(**ids).logits, atol=atol, rtol=rtol)
+
+
+def test_smollm2_cache_dir_follows_the_umask(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "load_smollm2_gguf", lambda num_layers=None: (tiny_llama(), _tiny_tokenizer()))
+    old = os.umask(0o027)
+    try:
+        path = models.smollm2_path()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o750  # not mkdtemp's 0o700, not a fixed 0o755

@@ -444,4 +444,4 @@ def test_ui_data_lists_adapters_and_reads_results(served, http, tmp_path):
 
 def test_cli_refuses_a_missing_results_file(tmp_path, capsys):
     code = cli.main(["serve", "--base", "tiny-llama", "--results", str(tmp_path / "none.json")])
-    assert code == 2 and "loraplex eval --out" in capsys.readouterr().err
+    assert code == 1 and "loraplex eval --out" in capsys.readouterr().err

@@ -260,14 +260,14 @@ def test_cli_verify_record_and_check(fresh_adapter, tmp_path, capsys):
     assert main(argv + ["--dtypes", "fp32", "--variants", "merged", "--against", str(tmp_path / "bad")]) == 1
 
 
-def test_cli_errors_exit_2(fresh_adapter, tmp_path, capsys):
+def test_cli_errors_exit_1(fresh_adapter, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n\nworld\n")
-    assert main(["verify", "--base", "tiny-llama", "--adapter", str(fresh_adapter), "--prompts", str(prompts)]) == 2
+    assert main(["verify", "--base", "tiny-llama", "--adapter", str(fresh_adapter), "--prompts", str(prompts)]) == 1
     assert "need a tokenizer" in capsys.readouterr().err
-    assert main(["verify", "--adapter", str(fresh_adapter)]) == 2
+    assert main(["verify", "--adapter", str(fresh_adapter)]) == 1
     assert "--base is required" in capsys.readouterr().err
-    assert main(["verify", "--adapter", str(fresh_adapter), "--against", str(tmp_path)]) == 2
+    assert main(["verify", "--adapter", str(fresh_adapter), "--against", str(tmp_path)]) == 1
     assert "no golden logits" in capsys.readouterr().err
 
 

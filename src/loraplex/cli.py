@@ -1,16 +1,20 @@
 """`loraplex` command line: thin subcommands over the Python API (each mirrors a library call).
 
 Subcommands live beside the code they drive; each module has `register(subparsers)` that adds its parser
-and sets `func` (the handler, args -> exit code). Errors of the LoraplexError family print one clear line
-and exit with status 2; anything else is a bug and shows its traceback.
+and sets `func` (the handler, args -> exit code). Every subcommand also gets the common flags (`--progress /
+--no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error of the
+LoraplexError family prints one clear line on stderr, no traceback), 2 usage error (argparse); anything else
+is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Optional
 
 from . import __version__
@@ -32,13 +36,61 @@ COMMANDS = {
 }
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: whatever `register` adds, plus the flags every command shares."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        g = self.add_argument_group("common")
+        g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bars on stderr, loraplex's and transformers'/huggingface_hub's "
+                            "(default: ours only when stderr is a terminal; --no-progress silences all)")
+        g.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=None,
+                       help="level of the 'loraplex' logger and transformers' verbosity (default: leave both "
+                            "as they are: warnings; `serve` passes it to uvicorn, default info)")
+
+
+@contextlib.contextmanager
+def common_options(args: argparse.Namespace) -> Iterator[None]:
+    """Apply --no-progress and --log-level for the duration of a command (restored after, for callers of main)."""
+    with contextlib.ExitStack() as stack:
+        if args.progress is False:
+            from .probes import no_progress_bars  # transformers' switch also turns huggingface_hub's off
+
+            stack.enter_context(no_progress_bars())
+        if args.log_level is not None:
+            stack.enter_context(_log_level(getattr(logging, args.log_level.upper())))
+        yield
+
+
+@contextlib.contextmanager
+def _log_level(level: int) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    logger, was_hf = logging.getLogger("loraplex"), hf_logging.get_verbosity()
+    was, handler = logger.level, logging.StreamHandler(sys.stderr)  # lastResort would drop INFO/DEBUG
+    handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    logger.setLevel(level)
+    logger.addHandler(handler)
+    hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(was)
+        hf_logging.set_verbosity(was_hf)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraplex",
         description="LoRA adapters on one frozen base: inspect, train, serve side by side, combine, merge.",
     )
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
     registered: set[str] = set()
     for module_name in dict.fromkeys(COMMANDS.values()):
         module = importlib.import_module(module_name)
@@ -52,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with common_options(args):
+            return int(args.func(args) or 0)
     except LoraplexError as exc:
         print(f"loraplex {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

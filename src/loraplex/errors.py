@@ -120,3 +120,8 @@ class RequestTimeoutError(LoraplexError, TimeoutError):
 
 class UnauthorizedError(LoraplexError, PermissionError):
     """An admin operation was asked without the right API key (or with admin routes disabled)."""
+
+
+class MissingDependencyError(LoraplexError, ImportError):
+    """A command needs an optional dependency that is not installed; the message names the extra to install
+    (e.g. pip install 'loraplex[serve]')."""

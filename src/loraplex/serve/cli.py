@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..extras import require
 from .engine import EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("serve", help="serve many adapters over an OpenAI-compatible HTTP API",
                        description="Continuous batching across adapters on one base (Llama family). "
                                    "model = base id, adapter name, or a mix 'a:0.7+b:0.3'.")
-    p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', or a local transformers model directory")
+    p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', a local transformers model directory, "
+                   "or a Hugging Face model id in the local HF cache (never downloaded)")
     p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
@@ -55,22 +57,21 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    "the /ui page (default: ADAPTERS/eval_results.json when it exists)")
     p.add_argument("--single-adapter-batches", action="store_true",
                    help="naive baseline: batch only requests of one model at a time (for benchmarks)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
     return ["serve"]
 
 
 def build_server(args: argparse.Namespace):
     """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
-    from ..models import NAMES, load_base
+    require("serve", "serving")
+    from ..models import base_id, load_base
     from .app import Server
 
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
-    base_id = args.base if args.base in NAMES else Path(args.base).resolve().name
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
-    return Server(model, tokenizer, base_id=base_id, adapters_dir=args.adapters, config=config,
+    return Server(model, tokenizer, base_id=base_id(args.base), adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,
                   max_upload_bytes=int(args.max_upload_mb * 1e6), check_base_model=not args.no_check_base,
                   shutdown_timeout=args.timeout)
@@ -88,6 +89,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    require("serve", "loraplex serve")
     import uvicorn
 
     from .app import create_app
@@ -102,6 +104,6 @@ def run_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     server = build_server(args)
-    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(args.timeout))
+    uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port,
+                log_level=args.log_level or "info", timeout_graceful_shutdown=int(args.timeout))
     return 0

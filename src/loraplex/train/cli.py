@@ -78,8 +78,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (start fresh if none)")
     g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds an earlier run")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: only when stderr is a terminal)")
     p.set_defaults(func=run_train)
     return ["train"]
 

@@ -13,11 +13,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
 from ..store import write_png
 
 
 def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "") -> Path:
-    """Write the train/eval loss curves of `rows` to `path` (PNG) atomically; returns the path."""
+    """Write the train/eval loss curves of `rows` to `path` (PNG) atomically; returns the path.
+    Raises MissingDependencyError without matplotlib (the 'plot' extra)."""
+    require("plot", "drawing loss curves")
     import matplotlib
 
     matplotlib.use("Agg", force=False)  # keep a caller's backend if pyplot is already set up

@@ -4,7 +4,7 @@ Output directory (rank 0 writes; each file replaced atomically):
     DIR/adapter_config.json + adapter_model.safetensors   the adapter (one adapter), PEFT-loadable
     DIR/<name>/...                                        one adapter directory per source (out_per_data)
     DIR/metrics.jsonl    one JSON row per logged step and adapter (flushed as written)
-    DIR/loss.png         train and eval loss curves
+    DIR/loss.png         train and eval loss curves (skipped, with a warning, without the 'plot' extra)
     DIR/train_summary.json   params, peak memory, tokens, time, eval loss before/after
     DIR/checkpoint/      the last checkpoint (with save_every); `resume` continues from it
 """
@@ -12,6 +12,7 @@ Output directory (rank 0 writes; each file replaced atomically):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import resource
@@ -25,6 +26,7 @@ import torch
 
 from ..config import LoraConfig
 from ..errors import ConfigError, DataError
+from ..extras import available
 from ..inject import freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
@@ -182,7 +184,11 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
     if is_main:
         for job in trainer.jobs:
             _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out)
-        plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}")
+        if available("plot"):
+            plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}")
+        else:
+            logging.getLogger(__name__).warning(f"{LOSS_PNG} not drawn: matplotlib is not installed "
+                                                "(pip install 'loraplex[plot]')")
         tmp = out / f".{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, out / SUMMARY_FILE)
