@@ -130,14 +130,14 @@ def test_error_statuses_and_bodies(client, http):
     with pytest.raises(openai.NotFoundError) as exc:
         client.completions.create(model="nope", prompt="x")
     assert exc.value.body["code"] == "model_not_found"
-    _is_error(http.post("/v1/completions", json={"model": "legal"}), 422, "invalid_body")
-    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "temperature": -1}), 422)
-    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "n": 2}), 422)
-    _is_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    _is_error(http.post("/v1/completions", json={"model": "legal"}), 400, "invalid_body")
+    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "temperature": -1}), 400)
+    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "n": 17}), 400)
+    _is_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x" * 65}), 413, "request_too_large")
-    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 33}), 422)
-    _is_error(http.post("/v1/completions", json={"model": "legal:zz", "prompt": "x"}), 422)
-    _is_error(http.post("/v1/chat/completions", json={"model": "legal", "messages": []}), 422)
+    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 33}), 400)
+    _is_error(http.post("/v1/completions", json={"model": "legal:zz", "prompt": "x"}), 400)
+    _is_error(http.post("/v1/chat/completions", json={"model": "legal", "messages": []}), 400)
     _is_error(http.get("/v1/nothing-here"), 404)
 
 
@@ -235,18 +235,18 @@ def test_path_traversal_is_refused(served, http, tmp_path):
     folder = server.store.directory
     make_adapter(folder.parent / "outside", seed=5)  # a real adapter one level above the folder
     for name in ["../outside", "..", "a/b", "..\\outside", "/etc", "%2e%2e"]:
-        assert http.post("/v1/adapters", json={"name": name}, headers=ADMIN).status_code in (404, 422)
+        assert http.post("/v1/adapters", json={"name": name}, headers=ADMIN).status_code in (404, 400)
     for path in ["/v1/adapters/..%2Foutside", "/v1/adapters/../outside", "/v1/adapters/%2e%2e"]:
-        assert http.delete(path, headers=ADMIN).status_code in (404, 405, 422)
+        assert http.delete(path, headers=ADMIN).status_code in (404, 405, 400)
     good = zipped(folder / "legal")
     _is_error(http.post("/v1/adapters", params={"name": "../evil"}, content=good,
-                        headers={**ADMIN, "content-type": "application/zip"}), 422)
+                        headers={**ADMIN, "content-type": "application/zip"}), 400)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("../evil/adapter_config.json", "{}")
         zf.writestr("/abs/adapter_model.safetensors", "x")
     _is_error(http.post("/v1/adapters", params={"name": "evil"}, content=buf.getvalue(),
-                        headers={**ADMIN, "content-type": "application/zip"}), 422, "invalid_adapter")
+                        headers={**ADMIN, "content-type": "application/zip"}), 400, "invalid_adapter")
     assert not (folder.parent / "evil").exists() and not (folder / "evil").exists()
     assert "outside" not in server.store.names()
 
@@ -265,12 +265,12 @@ def test_upload_zip(served, client, http, tmp_path):
     _is_error(http.post("/v1/adapters", params={"name": "big"}, content=b"0" * 200_001,
                         headers={**ADMIN, "content-type": "application/zip"}), 413, "request_too_large")
     _is_error(http.post("/v1/adapters", params={"name": "junk"}, content=b"PK not really",
-                        headers={**ADMIN, "content-type": "application/zip"}), 422, "invalid_adapter")
+                        headers={**ADMIN, "content-type": "application/zip"}), 400, "invalid_adapter")
     other = models.tiny_llama(seed=0, num_hidden_layers=3)
     lp.inject(other, lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
     lp.save_adapter(other, "a", tmp_path / "other")
     _is_error(http.post("/v1/adapters", params={"name": "other"}, content=zipped(tmp_path / "other"),
-                        headers={**ADMIN, "content-type": "application/zip"}), 422)
+                        headers={**ADMIN, "content-type": "application/zip"}), 400)
     assert not (server.store.directory / "other").exists()
     assert http.delete("/v1/adapters/uploaded", headers=ADMIN).status_code == 200
 

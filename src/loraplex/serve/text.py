@@ -72,11 +72,24 @@ class TextCodec:
             eos_ids = eos_ids | {tokenizer.eos_token_id}
         return cls(tokenizer, eos_ids)
 
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None, *, special: bool = True) -> list[int]:
+        """Token ids of `text`; special=False leaves out the tokens the tokenizer adds (bos...)."""
         self.check_size([text], max_tokens)
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(text)
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
+
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (a byte that is part of a UTF-8 character: "\ufffd")."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return bytes([token]).decode("utf-8", errors="replace") if token < 256 else ""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> list[int]:
+        """One token's bytes: the raw byte for the byte vocabulary; else the UTF-8 of `token_text`."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return [token] if token < 256 else []
+        return list(self.token_text(token).encode("utf-8", "surrogatepass"))
 
     def decode(self, ids: Sequence[int]) -> str:
         if isinstance(self.tokenizer, ByteTokenizer):
