@@ -46,7 +46,6 @@ from .protocol import (
     TokenizeBody,
     chat_logprobs,
     completion_logprobs,
-    prompt_entries,
     refused,
     usage,
 )
@@ -341,7 +340,8 @@ def _choice(server: Server, body, res: Result, ids: list[int], index: int, chat:
                 "finish_reason": res.finish_reason}
     lp = None
     if body.logprobs is not None:
-        lp = completion_logprobs(codec, (prompt_entries(res, ids) if body.echo else []) + res.logprobs)
+        lp = completion_logprobs(codec, (ids if body.echo else []) + res.token_ids[: len(res.logprobs)],
+                                 (res.prompt_logprobs if body.echo else []) + res.logprobs)
     text = codec.decode(ids) + res.text if body.echo else res.text
     return {"index": index, "text": text, "finish_reason": res.finish_reason, "logprobs": lp}
 
@@ -371,15 +371,16 @@ async def _stream(server: Server, handles: list[Handle], queue: asyncio.Queue, r
         while done < len(handles):
             k, event = await queue.get()
             if event[0] == "prompt":  # completions with echo: the prompt first
-                lp = completion_logprobs(codec, event[1], offsets[k]) if body.logprobs is not None else None
-                yield chunk(k, codec.decode(prompts[k // rows]), lp=lp)
+                prompt = prompts[k // rows]
+                lp = completion_logprobs(codec, prompt, event[1], offsets[k]) if body.logprobs is not None else None
+                yield chunk(k, codec.decode(prompt), lp=lp)
             elif event[0] == "delta":
                 text, entry = event[1], event[3]
                 lp = None
                 if entry is not None and chat and body.logprobs:
                     lp = chat_logprobs(codec, [entry])
                 elif entry is not None and not chat and body.logprobs is not None:
-                    lp = completion_logprobs(codec, [entry], offsets[k])
+                    lp = completion_logprobs(codec, [entry.token], [entry], offsets[k])
                 yield chunk(k, text, lp=lp)
             else:
                 res: Result = event[1]

@@ -198,7 +198,7 @@ class Engine:
             self._ids += 1
             now = time.monotonic()
             seq = _Seq(Handle(self._ids, key, listener), key, mix, ids, params,
-                       Detokenizer(self.codec, params.stop), now,
+                       Detokenizer(self.codec, params.stop, ids), now,
                        now + self.config.timeout_s if self.config.timeout_s else math.inf,
                        params.generator(self.model.device), self.steps)
             if key not in self._waiting:

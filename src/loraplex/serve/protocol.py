@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from ..errors import ConfigError
 from ..runtime.generate import MAX_LOGPROBS, MAX_TEMPERATURE, SEED_RANGE, SamplingParams
-from .requests import Result, TokenLogprob
+from .requests import TokenLogprob
 from .text import TextCodec
 
 MAX_CHOICES = 16  # n and best_of per prompt
@@ -172,22 +172,23 @@ class DetokenizeBody(BaseModel):
 
 
 # ---- results as JSON ----------------------------------------------------------------------------------------
-def completion_logprobs(codec: TextCodec, entries: list[TokenLogprob | None], offset: int = 0) -> dict:
-    """OpenAI completions logprobs of consecutive positions (None = a position without logprobs: the first
-    prompt token); text offsets count characters from `offset`."""
+def completion_logprobs(codec: TextCodec, tokens: list[int], entries: list[TokenLogprob | None],
+                        offset: int = 0) -> dict:
+    """OpenAI completions logprobs of consecutive positions holding `tokens` (entries[j] None: a position
+    without logprobs, the first prompt token); text offsets count characters from `offset`."""
     out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        text = codec.token_text(e.token) if e is not None else None
+    for t, e in zip(tokens, entries, strict=True):
+        text = codec.token_text(t)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if e is None else e.logprob)
         if e is None:
             out["top_logprobs"].append(None)
         else:  # the chosen token first, so an alternative with the same text overwrites it (see the docstring)
             top = {text: e.logprob}
-            top.update((codec.token_text(t), lp) for t, lp in e.top)
+            top.update((codec.token_text(a), lp) for a, lp in e.top)
             out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
-        offset += len(text or "")
+        offset += len(text)
     return out
 
 
@@ -197,11 +198,6 @@ def chat_logprobs(codec: TextCodec, entries: list[TokenLogprob]) -> dict:
 
     return {"content": [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
                         for e in entries]}
-
-
-def prompt_entries(res: Result, prompt: list[int]) -> list[TokenLogprob | None]:
-    """The prompt positions of an echoed answer (logprob-less entries when logprobs were not asked)."""
-    return list(res.prompt_logprobs or [None] * len(prompt))
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
