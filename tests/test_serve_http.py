@@ -182,8 +182,8 @@ def test_client_disconnect_cancels_the_generation(served, stream):
         slow_step.set()
         time.sleep(0.2)  # 32 steps: >= 6.4 s to finish
 
-    before = server.engine.metrics.requests[(key, "cancelled")]
-    ok_before = server.engine.metrics.requests[(key, "ok")]
+    before = server.engine.metrics.value("loraplex_requests_total", adapter=key, status="cancelled")
+    ok_before = server.engine.metrics.value("loraplex_requests_total", adapter=key, status="ok")
     server.engine.on_step = slow
     try:
         body = {"model": key, "prompt": "hello", "max_tokens": 32, "stream": stream, **IGNORE_EOS}
@@ -197,10 +197,10 @@ def test_client_disconnect_cancels_the_generation(served, stream):
                     c.post("/v1/completions", json=body)
         assert slow_step.wait(5)
         deadline = time.monotonic() + 10  # bounded; "cancelled" can only come from the hang-up
-        while server.engine.metrics.requests[(key, "cancelled")] == before and time.monotonic() < deadline:
+        while server.engine.metrics.value("loraplex_requests_total", adapter=key, status="cancelled") == before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.engine.metrics.requests[(key, "cancelled")] == before + 1
-        assert server.engine.metrics.requests[(key, "ok")] == ok_before  # it did not run to the end
+        assert server.engine.metrics.value("loraplex_requests_total", adapter=key, status="cancelled") == before + 1
+        assert server.engine.metrics.value("loraplex_requests_total", adapter=key, status="ok") == ok_before  # it did not run to the end
     finally:
         server.engine.on_step = server.store.poll_evictions
 

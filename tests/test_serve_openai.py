@@ -391,3 +391,32 @@ def test_detokenizer_cost_does_not_grow_with_the_text(smol_codec):
     d = Detokenizer(counting, ("STOP",), [1, 2, 3])
     text = "".join(d.push(i) for i in ids) + d.flush()
     assert text == "word " * 300 and max(counting.lengths) <= 6
+
+
+# ---- (7) prometheus metrics -------------------------------------------------------------------------------
+def test_metrics_are_typed_and_count_refusals_and_token_timings(served, http, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        return {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+
+    def sample(families: dict, family: str, name: str, **labels) -> float:
+        return next((s.value for s in families[family].samples if s.name == name and s.labels == labels), 0.0)
+
+    before = scrape()
+    http.post("/v1/completions", json={"model": "legal", "prompt": "x", "tools": []})
+    http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    client.completions.create(model="tone", prompt="ab", max_tokens=5, temperature=0, extra_body=IGNORE_EOS)
+    after = scrape()
+    for family, kind in [("loraplex_requests", "counter"), ("loraplex_requests_refused", "counter"),
+                         ("loraplex_generated_tokens", "counter"), ("loraplex_time_to_first_token_seconds",
+                                                                     "histogram"),
+                         ("loraplex_inter_token_latency_seconds", "histogram"), ("loraplex_queue_waiting", "gauge")]:
+        assert after[family].type == kind
+    refused = "loraplex_requests_refused"
+    for status, code in [("400", "unsupported_field"), ("404", "model_not_found")]:
+        n = sample(after, refused, refused + "_total", status=status, code=code)
+        assert n == sample(before, refused, refused + "_total", status=status, code=code) + 1
+    ttft, itl = "loraplex_time_to_first_token_seconds", "loraplex_inter_token_latency_seconds"
+    assert sample(after, ttft, ttft + "_count", adapter="tone") == sample(before, ttft, ttft + "_count", adapter="tone") + 1
+    assert sample(after, itl, itl + "_count", adapter="tone") == sample(before, itl, itl + "_count", adapter="tone") + 4

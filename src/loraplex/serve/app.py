@@ -29,7 +29,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import AdapterNotFoundError, ConfigError, RequestTooLargeError, UnauthorizedError
@@ -78,6 +79,17 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.skipped: dict[str, str] = {}
         self.created = int(time.time())
+        eng, st = self.engine, self.pool.stats
+        self.metrics.add_gauges({
+            "loraplex_queue_waiting": ("Requests waiting for a lane.", lambda: eng.waiting),
+            "loraplex_running": ("Sequences in the running batch.", lambda: len(eng.running)),
+            "loraplex_adapters_loaded": ("Adapters loaded.", lambda: len(self.store.names())),
+            "loraplex_pool_resident_bytes": ("Adapter bytes in the fast tier.", lambda: st.resident_bytes),
+            "loraplex_pool_budget_bytes": ("Adapter pool budget (0 = none).", lambda: st.budget_bytes or 0),
+            "loraplex_pool_evictions": ("Pool evictions in all.", lambda: st.evictions),
+            "loraplex_kv_cache_bytes": ("KV cache bytes allocated.", lambda: eng.cache.nbytes),
+            "loraplex_engine_steps": ("Scheduler steps run.", lambda: eng.steps),
+        })
 
     def start(self) -> None:
         _, self.skipped = self.store.load_all()
@@ -115,7 +127,7 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.server = server
-    errors.install(app)
+    errors.install(app, on_refused=server.metrics.refused)
     app.include_router(ui.router)
     ui.set_results(app, results)
     eng = server.engine
@@ -130,18 +142,7 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        st = server.pool.stats
-        gauges = {
-            "loraplex_queue_waiting": ("Requests waiting for a lane.", lambda: eng.waiting),
-            "loraplex_running": ("Sequences in the running batch.", lambda: len(eng.running)),
-            "loraplex_adapters_loaded": ("Adapters loaded.", lambda: len(server.store.names())),
-            "loraplex_pool_resident_bytes": ("Adapter bytes in the fast tier.", lambda: st.resident_bytes),
-            "loraplex_pool_budget_bytes": ("Adapter pool budget (0 = none).", lambda: st.budget_bytes or 0),
-            "loraplex_pool_evictions": ("Pool evictions in all.", lambda: st.evictions),
-            "loraplex_kv_cache_bytes": ("KV cache bytes allocated.", lambda: eng.cache.nbytes),
-            "loraplex_engine_steps": ("Scheduler steps run.", lambda: eng.steps),
-        }
-        return PlainTextResponse(server.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def card(model_id: str) -> dict:
         parent = {} if model_id in server.base_ids else {"parent": server.base_id}

@@ -107,6 +107,7 @@ class _Seq:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per gen token when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cumulative_logprob: float = 0.0
+    last_token: float = 0.0  # time.monotonic() of the last generated token
     leases: list[Lease] = field(default_factory=list)
     assignment: tuple[tuple[int, float], ...] = ()
     lane: int = -1
@@ -402,6 +403,9 @@ class Engine:
         self._retire()
 
     def _accept(self, s: _Seq, token: int, logprob: TokenLogprob | None) -> None:
+        now = time.monotonic()
+        self.metrics.token(s.key, not s.gen, now - (s.last_token if s.gen else s.submitted))
+        s.last_token = now
         s.gen.append(token)
         if logprob is not None:
             s.logprobs.append(logprob)

@@ -12,6 +12,9 @@ before their bases. Every LoraplexError that is not listed is a server bug: 500.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -88,11 +91,17 @@ def stream_error(exc: LoraplexError) -> dict:
     return error_body(str(exc), type_, code, getattr(exc, "param", None))
 
 
-def install(app: FastAPI) -> None:
-    """Route every error the app can raise through this module."""
+def install(app: FastAPI, on_refused: Callable[[int, str | None], None] | None = None) -> None:
+    """Route every error the app can raise through this module; `on_refused(status, code)` is told of each
+    (the server counts refused requests)."""
+
+    def counted(response: JSONResponse) -> JSONResponse:
+        if on_refused is not None:
+            on_refused(response.status_code, json.loads(response.body)["error"]["code"])
+        return response
 
     async def on_loraplex(_: Request, exc: LoraplexError) -> JSONResponse:
-        return error_response(exc)
+        return counted(error_response(exc))
 
     async def on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
@@ -102,19 +111,20 @@ def install(app: FastAPI) -> None:
 
         unknown = [where(e) for e in errs if e.get("type") == "extra_forbidden"]
         if unknown:  # a field this server does not honour: refused by name, never ignored
-            return JSONResponse(error_body(
+            return counted(JSONResponse(error_body(
                 f"unsupported field(s) {', '.join(unknown[:5])}: this server does not implement them (see "
                 "docs/serving.md for every OpenAI field and whether it is supported); remove them",
-                "invalid_request_error", "unsupported_field", unknown[0]), status_code=400)
+                "invalid_request_error", "unsupported_field", unknown[0]), status_code=400))
         parts = [f"{where(e) or 'body'}: {e.get('msg')}" for e in errs[:5]]
         param = where(errs[0]) if errs else None
-        return JSONResponse(error_body("invalid request body: " + "; ".join(parts), "invalid_request_error",
-                                       "invalid_body", param or None), status_code=400)
+        return counted(JSONResponse(error_body("invalid request body: " + "; ".join(parts),
+                                               "invalid_request_error", "invalid_body", param or None),
+                                    status_code=400))
 
     async def on_http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = _BY_HTTP_STATUS.get(exc.status_code, "server_error" if exc.status_code >= 500 else "invalid_request_error")
-        return JSONResponse(error_body(str(exc.detail), type_, None), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return counted(JSONResponse(error_body(str(exc.detail), type_, None), status_code=exc.status_code,
+                                    headers=getattr(exc, "headers", None)))
 
     app.add_exception_handler(LoraplexError, on_loraplex)
     app.add_exception_handler(RequestValidationError, on_validation)
