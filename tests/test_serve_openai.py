@@ -17,11 +17,12 @@ from peft import PeftModel
 from reference_sampling import reference_distribution
 from serve_helpers import LoopbackServer, make_adapter
 from test_serve_engine import build
+from test_serve_hostile import NUMBERS
 from test_serve_http import ADMIN, IGNORE_EOS, new_server
 
 from loraplex import cli, models
 from loraplex.errors import ConfigError
-from loraplex.runtime.generate import SamplingParams, distribution
+from loraplex.runtime.generate import SamplingParams, distribution, sample_next
 from loraplex.serve.app import create_app
 from loraplex.serve.cli import build_server, check_args
 from loraplex.serve.text import Detokenizer, TextCodec
@@ -335,6 +336,25 @@ def test_penalised_greedy_decoding_equals_a_slow_loop_over_peft(tmp_path):
         dist = reference_distribution(logits.tolist(), p, prompt, out)
         out.append(max(range(len(dist)), key=dist.__getitem__))
     assert got == out
+
+
+@settings(max_examples=200, deadline=None)
+@given(top_k=NUMBERS, min_p=NUMBERS, freq=NUMBERS, pres=NUMBERS, rep=NUMBERS, bias=NUMBERS, t=NUMBERS,
+       scale=st.sampled_from([1.0, 1e-30, 1e30, 3e38]), rng=st.integers(0, 99))
+def test_new_sampling_fields_accept_only_values_the_sampler_can_use(top_k, min_p, freq, pres, rep, bias, t, scale,
+                                                                     rng):
+    """The issue-15 rule for the issue-18 fields: whatever SamplingParams accepts, the sampler turns any
+    finite logits (up to float32's largest) into a valid token; whatever it refuses is a ConfigError."""
+    try:
+        p = SamplingParams(temperature=t, top_k=top_k, min_p=min_p, frequency_penalty=freq, presence_penalty=pres,
+                           repetition_penalty=rep, logit_bias=((3, bias),))
+    except ConfigError:
+        return
+    g = torch.Generator().manual_seed(rng)
+    logits = (torch.randn(1, 64, generator=g) * scale).clamp(-3e38, 3e38)  # (1, 64) finite
+    ctx = [(torch.randint(0, 64, (4,), generator=g).tolist(), torch.randint(0, 64, (6,), generator=g).tolist())]
+    tok = int(sample_next(logits, [p], [p.generator(logits.device)], ctx)[0])
+    assert 0 <= tok < 64 and torch.isfinite(distribution(logits[0], p, *ctx[0])).all()
 
 
 def test_sampling_bounds_refuse_what_breaks_the_math():

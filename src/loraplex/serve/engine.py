@@ -61,7 +61,7 @@ from ..runtime.generate import sample_next
 from .adapters import check_adapter_name
 from .llama import CompactLlama
 from .metrics import Metrics
-from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob
+from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob, token_logprobs
 from .text import Detokenizer, TextCodec, check_prompt
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
@@ -512,15 +512,3 @@ class Engine:
                 self._cond.notify_all()
             self._thread.join()
 
-
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int | Sequence[int]) -> list[TokenLogprob]:
-    """logits (n, V) and the token taken at each of the n positions -> their raw logprobs (log_softmax over
-    the vocabulary) with the k (one k, or one per position) most likely alternatives."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-    ks = [k] * len(tokens) if isinstance(k, int) else list(k)
-    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()  # (n,)
-    kmax = min(max(ks, default=0), lp.shape[1])
-    vals, ids = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())  # (n, kmax)
-    vals, ids = vals.tolist(), ids.tolist()
-    return [TokenLogprob(t, c, tuple(zip(ids[j][:kj], vals[j][:kj])))
-            for j, (t, c, kj) in enumerate(zip(tokens, chosen, ks))]

@@ -89,10 +89,10 @@ class Metrics:
         """One label's counters now: {"requests" (finished, any status), "errors", "generated_tokens",
         "mean_latency_s" (0.0 before any request)}."""
         n = self.value("loraplex_request_latency_seconds_count", adapter=adapter)
-        return {"requests": sum(self.value("loraplex_requests_total", adapter=adapter, status=s)
-                                for s in ("ok", "error", "cancelled")),
-                "errors": self.value("loraplex_requests_total", adapter=adapter, status="error"),
-                "generated_tokens": self.value("loraplex_generated_tokens_total", adapter=adapter),
+        return {"requests": int(sum(self.value("loraplex_requests_total", adapter=adapter, status=s)
+                                    for s in ("ok", "error", "cancelled"))),
+                "errors": int(self.value("loraplex_requests_total", adapter=adapter, status="error")),
+                "generated_tokens": int(self.value("loraplex_generated_tokens_total", adapter=adapter)),
                 "mean_latency_s": self.value("loraplex_request_latency_seconds_sum", adapter=adapter) / n if n else 0.0}
 
     def render(self) -> bytes:

@@ -14,8 +14,10 @@ logit_bias, penalties and temperature (so they do not depend on the sampling val
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import torch
 
 from ..errors import LoraplexError, RequestTimeoutError
 from ..runtime.generate import SamplingParams
@@ -28,6 +30,19 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; k entries
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int | Sequence[int]) -> list[TokenLogprob]:
+    """logits (n, V) and the token taken at each of the n positions -> their raw logprobs (log_softmax over
+    the vocabulary) with the k (one k, or one per position) most likely alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    ks = [k] * len(tokens) if isinstance(k, int) else list(k)
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()  # (n,)
+    kmax = min(max(ks, default=0), lp.shape[1])
+    vals, ids = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())  # (n, kmax)
+    vals, ids = vals.tolist(), ids.tolist()
+    return [TokenLogprob(t, c, tuple(zip(ids[j][:kj], vals[j][:kj])))
+            for j, (t, c, kj) in enumerate(zip(tokens, chosen, ks))]
 
 
 @dataclass
@@ -47,7 +62,7 @@ class Result:
 Event = tuple
 Listener = Callable[[Event], None]
 
-__all__ = ["Event", "Handle", "Listener", "Result", "SamplingParams", "TokenLogprob"]
+__all__ = ["Event", "Handle", "Listener", "Result", "SamplingParams", "TokenLogprob", "token_logprobs"]
 
 
 class Handle:
