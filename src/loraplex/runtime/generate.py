@@ -75,12 +75,13 @@ MAX_REPETITION_PENALTY = 100.0
 class SamplingParams:
     """One request's sampling values, checked when built (ConfigError says which bound failed).
 
-    max_tokens >= 0 (0: the prompt is only read, for its prompt_logprobs); temperature in [0, 100] (< MIN_TEMPERATURE = greedy); top_p in (0, 1]; top_k >= -1 (0 and
-    -1 = all); min_p in [0, 1]; frequency_penalty, presence_penalty in [-2, 2]; repetition_penalty in (0, 100]
-    (1 = none); logit_bias: at most 1024 (token id >= 0, bias in [-100, 100]) pairs (ids are checked against
-    the vocabulary by whoever knows it); seed an int in SEED_RANGE or None; stop: at most 8 non-empty strings
-    of up to 256 characters; logprobs / prompt_logprobs: None or the number (0..20) of top alternatives to
-    report per generated / prompt token.
+    max_tokens >= 0 (0: the prompt is only read, for its prompt_logprobs); temperature in [0, 100]
+    (< MIN_TEMPERATURE = greedy); top_p in (0, 1]; top_k >= -1 (0 and -1 = all); min_p in [0, 1];
+    frequency_penalty, presence_penalty in [-2, 2]; repetition_penalty in (0, 100] (1 = none); logit_bias:
+    at most 1024 (token id >= 0, bias in [-100, 100]) pairs (ids are checked against the vocabulary by
+    whoever knows it); seed an int in SEED_RANGE or None; stop: at most 8 non-empty strings of up to 256
+    characters; logprobs / prompt_logprobs: None or the number (0..20) of top alternatives to report per
+    generated / prompt token.
     """
 
     max_tokens: int = 16
@@ -154,7 +155,8 @@ class SamplingParams:
         return None if self.seed is None or self.greedy else torch.Generator(device).manual_seed(self.seed)
 
 
-def adjust_logits(logits: torch.Tensor, p: SamplingParams, prompt: Sequence[int], output: Sequence[int]) -> torch.Tensor:
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, prompt: Sequence[int],
+                  output: Sequence[int]) -> torch.Tensor:
     """Step 1 of the module docstring for one row: logits (V,) float32 -> adjusted (V,), finite."""
     z = logits.clone()
     V = z.shape[0]
