@@ -32,8 +32,8 @@ from loraplex.errors import (
     RequestTooLargeError,
 )
 from loraplex.runtime.generate import MIN_TEMPERATURE, sample_next
-from loraplex.serve import SamplingParams
-from loraplex.serve.app import create_app
+from loraplex.serve import EngineConfig, SamplingParams
+from loraplex.serve.app import Server, create_app
 from loraplex.serve.text import ByteTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -56,7 +56,8 @@ NUMBERS = st.one_of(
 @example(t=1.0, p=1e-300, seed=None, scale=1.0, rng=0).via("issue 15: top_p 1e-300 killed the engine")
 def test_sampling_params_accept_only_values_the_sampler_can_use(t, p, seed, scale, rng):
     """Whatever SamplingParams accepts, the sampler turns any finite logits into a valid token, the most
-    likely one when the temperature is under MIN_TEMPERATURE; whatever it refuses is a ConfigError."""
+    likely one when the temperature is under MIN_TEMPERATURE or top_p is tiny; whatever it refuses is a
+    ConfigError."""
     try:
         params = SamplingParams(max_tokens=4, temperature=t, top_p=p, seed=seed)
     except ConfigError:
@@ -65,17 +66,21 @@ def test_sampling_params_accept_only_values_the_sampler_can_use(t, p, seed, scal
     logits = logits.clamp(-3e38, 3e38)  # (1, 64) finite, up to float32's largest magnitude
     tok = int(sample_next(logits, [params], [params.generator(logits.device)])[0])
     assert 0 <= tok < 64
-    if params.temperature < MIN_TEMPERATURE or params.top_p < 1e-6:
+    if params.temperature < MIN_TEMPERATURE:
         assert tok == int(logits[0].argmax())
+    elif params.top_p < 1e-6:  # only the most likely token is kept (ties broken either way)
+        probs = torch.softmax((logits[0] - logits[0].max()) / params.temperature, -1)
+        assert probs[tok] == probs.max()
 
 
 def test_sampling_params_refuse_what_breaks_the_math():
     for bad in [dict(temperature=math.nan), dict(temperature=math.inf), dict(temperature=-1e-9),
                 dict(temperature=100.5), dict(top_p=0.0), dict(top_p=math.nan), dict(top_p=1.5),
-                dict(seed=2**64), dict(seed=-(2**63) - 1), dict(seed=1.5), dict(max_tokens=-1),
-                dict(max_tokens=True), dict(temperature="1"), dict(stop=("",))]:
+                dict(seed=2**64), dict(seed=-(2**63) - 1), dict(seed=1.5), dict(seed=10**5000), dict(max_tokens=-1),
+                dict(max_tokens=True), dict(temperature="1"), dict(stop=("",)), dict(stop="ab")]:
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
     assert SamplingParams(temperature=1e-300).greedy and SamplingParams(seed=2**64 - 1, temperature=1.0).generator(
         torch.device("cpu")) is not None
 
@@ -87,23 +92,37 @@ def test_engine_survives_a_fuzz_of_every_numeric_field(tmp_path):
     _, eng, _ = build(tmp_path, ["r1", "r2"], max_new_tokens=8)
     want = eng.generate([5, 6, 7], "r1", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)).token_ids
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(t=NUMBERS, p=NUMBERS, n=NUMBERS, seed=NUMBERS, w1=NUMBERS, w2=NUMBERS)
-    @example(t=0.0, p=1.0, n=4, seed=None, w1=1e300, w2=None).via("issue 15: r1:1e300, greedy")
-    @example(t=0.0, p=1.0, n=4, seed=None, w1=1e38, w2=1e38).via("issue 15: r1:1e38+r2:1e38")
-    @example(t=1.0, p=1.0, n=4, seed=2**64, w1=None, w2=None).via("issue 15: seed >= 2**64")
-    def run(t, p, n, seed, w1, w2):
+    valid = st.fixed_dictionaries(dict(
+        t=st.floats(0, 100), p=st.floats(0, 1, exclude_min=True), n=st.integers(1, 8),
+        seed=st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1)),
+        w1=st.one_of(st.none(), st.floats(-100, 100)), w2=st.one_of(st.none(), st.floats(-100, 100))))
+    hostile = st.dictionaries(st.sampled_from(["t", "p", "n", "seed", "w1", "w2"]), NUMBERS, max_size=2)
+    ok = dict(t=0.0, p=1.0, n=4, seed=None, w1=None, w2=None)
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(v=valid, h=hostile)
+    @example(v=ok, h=dict(w1=1e300)).via("issue 15: r1:1e300, greedy")
+    @example(v=ok, h=dict(w1=1e38, w2=1e38)).via("issue 15: r1:1e38+r2:1e38")
+    @example(v=ok, h=dict(t=1.0, seed=2**64)).via("issue 15: seed >= 2**64")
+    @example(v=ok, h=dict(t=1e-300)).via("issue 15: temperature 1e-300")
+    @example(v=ok, h=dict(t=1.0, p=1e-300)).via("issue 15: top_p 1e-300")
+    def run(v, h):  # valid values with at most two replaced by hostile ones
+        t, p, n, seed, w1, w2 = ({**v, **h}[k] for k in ("t", "p", "n", "seed", "w1", "w2"))
         model = "r1" if w1 is None else f"r1:{w1!r}" + ("" if w2 is None else f"+r2:{w2!r}")
         try:
             res = eng.generate([5, 6, 7], model, SamplingParams(max_tokens=n, temperature=t, top_p=p, seed=seed,
                                                                  ignore_eos=True))
         except LoraplexError:
-            pass
+            refused.append(1)
         else:
             assert res.finish_reason in ("length", "stop") or isinstance(res.error, LoraplexError)
+            ran.append(res.finish_reason)
         assert eng.failed is None and not eng.lanes and not eng.waiting
 
+    ran: list[str] = []
+    refused: list[int] = []
     run()
+    assert len(ran) >= 20 and len(refused) >= 20  # both kinds were exercised
     after = eng.generate([5, 6, 7], "r1", SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     assert after.token_ids == want
 
@@ -159,6 +178,29 @@ def test_evicted_adapter_whose_files_vanished_fails_its_request_not_the_engine(t
     shutil.rmtree(tmp_path / "r1", ignore_errors=True)
     shutil.copytree(saved, tmp_path / "r1")  # the files come back: the adapter serves again, unmarked
     assert eng.generate(prompt, "r1", GREEDY).token_ids == want and "r1" not in store.broken
+
+
+def test_over_http_an_adapter_whose_files_vanished_is_a_4xx_and_listed_by_health(tmp_path):
+    """The issue's steps: --memory-budget for one adapter, request r1 and r2, remove DIR/r1, request r1."""
+    af = make_adapter(tmp_path / "r1", seed=1)
+    make_adapter(tmp_path / "r2", seed=2)
+    one = sum(t.numel() for t in af.tensors.values()) * 4
+    server = Server(models.tiny_llama(seed=0), None, base_id="tiny-llama", adapters_dir=tmp_path,
+                    config=EngineConfig(max_batch=2, max_prompt_tokens=16, max_new_tokens=8), memory_budget=one)
+    loop = LoopbackServer(create_app(server)).start()
+    try:
+        with httpx.Client(base_url=loop.url, timeout=30) as h:
+            for model in ["r1", "r2"]:
+                assert h.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 2}).status_code == 200
+            shutil.rmtree(tmp_path / "r1")
+            err = _is_error(h.post("/v1/completions", json={"model": "r1", "prompt": "x", "max_tokens": 2}), 400,
+                            "invalid_adapter")
+            assert "reloading adapter 'r1'" in err["message"]
+            health = h.get("/health")
+            assert health.status_code == 200 and list(health.json()["broken_adapters"]) == ["r1"]
+            assert h.post("/v1/completions", json={"model": "r2", "prompt": "x", "max_tokens": 2}).status_code == 200
+    finally:
+        loop.stop()
 
 
 # ---- start-up with broken adapters in the folder -------------------------------------------------------------
@@ -354,7 +396,8 @@ def test_tokenizing_runs_off_the_event_loop(tmp_path):
 
 # ---- the command line ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags,word", [(["--port", "99999"], "--port"), (["--port", "-1"], "--port"),
-                                        (["--timeout", "inf"], "--timeout"), (["--max-upload-mb", "nan"], "--max-upload-mb")])
+                                        (["--timeout", "inf"], "--timeout"),
+                                        (["--max-upload-mb", "nan"], "--max-upload-mb")])
 def test_cli_refuses_unusable_flag_values(tmp_path, capsys, flags, word):
     code = cli.main(["serve", "--base", "tiny-llama", "--adapters", str(tmp_path), "--api-key", KEY, *flags])
     err = capsys.readouterr().err

@@ -107,38 +107,41 @@ class SamplingParams:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not integer(self.max_tokens) or self.max_tokens < 0:
-            raise ConfigError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}")
+            raise ConfigError(f"max_tokens must be an integer >= 0, got {_shown(self.max_tokens)}")
         if not (number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
             raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
-                              f"got {self.temperature!r}")
+                              f"got {_shown(self.temperature)}")
         if not (number(self.top_p) and 0 < self.top_p <= 1):
-            raise ConfigError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}")
         if not (integer(self.top_k) and self.top_k >= -1):
-            raise ConfigError(f"top_k must be an integer >= -1 (0 or -1 = all tokens), got {self.top_k!r}")
+            raise ConfigError(f"top_k must be an integer >= -1 (0 or -1 = all tokens), got {_shown(self.top_k)}")
         if not (number(self.min_p) and 0 <= self.min_p <= 1):
-            raise ConfigError(f"min_p must be a number in [0, 1], got {self.min_p!r}")
+            raise ConfigError(f"min_p must be a number in [0, 1], got {_shown(self.min_p)}")
         for k in ("frequency_penalty", "presence_penalty"):
             if not (number(getattr(self, k)) and -2 <= getattr(self, k) <= 2):
-                raise ConfigError(f"{k} must be a number in [-2, 2], got {getattr(self, k)!r}")
+                raise ConfigError(f"{k} must be a number in [-2, 2], got {_shown(getattr(self, k))}")
         if not (number(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
             raise ConfigError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}] (1 = none), "
-                              f"got {self.repetition_penalty!r}")
+                              f"got {_shown(self.repetition_penalty)}")
         if not isinstance(self.logit_bias, tuple) or len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
                 isinstance(e, tuple) and len(e) == 2 and integer(e[0]) and e[0] >= 0 and number(e[1])
                 and -100 <= e[1] <= 100 for e in self.logit_bias):
             raise ConfigError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (integers >= 0) to biases "
-                              f"in [-100, 100], got {self.logit_bias!r:.200}")
+                              f"in [-100, 100], got {_shown(self.logit_bias)}")
         for k in ("logprobs", "prompt_logprobs"):
             v = getattr(self, k)
             if v is not None and not (integer(v) and 0 <= v <= MAX_LOGPROBS):
-                raise ConfigError(f"{k} must be null or an integer in [0, {MAX_LOGPROBS}], got {v!r}")
+                raise ConfigError(f"{k} must be null or an integer in [0, {MAX_LOGPROBS}], got {_shown(v)}")
         if self.seed is not None and not (integer(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or null, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or null, got {_shown(self.seed)}")
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.stop, tuple) or len(self.stop) > 8 or \
                 not all(isinstance(s, str) and 0 < len(s) <= 256 for s in self.stop):
-            raise ConfigError("stop must be at most 8 non-empty strings of up to 256 characters")
+            raise ConfigError(f"stop must be a tuple of at most 8 non-empty strings of up to 256 characters, "
+                              f"got {_shown(self.stop)}")
         if not isinstance(self.ignore_eos, bool):
-            raise ConfigError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+            raise ConfigError(f"ignore_eos must be true or false, got {_shown(self.ignore_eos)}")
 
     @property
     def greedy(self) -> bool:
@@ -153,6 +156,13 @@ class SamplingParams:
     def generator(self, device: torch.device) -> Optional[torch.Generator]:
         """The row's own generator (seeded), or None (torch's global one) when unseeded or greedy."""
         return None if self.seed is None or self.greedy else torch.Generator(device).manual_seed(self.seed)
+
+
+def _shown(v: object) -> str:
+    """A value for an error message, kept short (Python will not print an int of over 4300 digits)."""
+    if isinstance(v, int) and v.bit_length() > 128:
+        return f"an integer of {v.bit_length()} bits"
+    return repr(v)[:200]
 
 
 def adjust_logits(logits: torch.Tensor, p: SamplingParams, prompt: Sequence[int],

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import io
 import stat
-import zlib
 import tempfile
 import threading
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path

@@ -15,14 +15,14 @@ One `step()`:
   3. prefill the admitted requests together (right-padded) and sample their first token;
   4. decode one token for every running request in one batch, rows with different adapters side by side,
      and retire the finished ones.
-Requests therefore join and leave the running batch at every step.
+Requests therefore join and leave the running batch at every step. Greedy output does not depend on what
+else runs in the batch (checked by tests/test_serve_engine.py).
 
 A request never stops the engine: what can go wrong with one request fails that request alone, with a typed
 error: its adapter cannot be (re)loaded when it is admitted (files gone or changed after an eviction), or its
 logits are not finite (then its KV lane is zeroed, so the next request on that lane reads no NaN). Sampling
 values are bounded when `SamplingParams` is built, and the sampler cannot fail on finite logits. Only an
-error in the batched forward itself (a bug) fails every request and stops the engine. Greedy output does not depend on what
-else runs in the batch (checked by tests/test_serve_engine.py).
+error in the batched forward itself (a bug) fails every request and stops the engine.
 
 Lanes and plans. A request keeps its KV-cache lane (= its batch row) from admission to finish; a finished
 request leaves a dead row behind (decoded and ignored) until a new request takes the lane. So the batch's
@@ -176,7 +176,7 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None, *,
                listener: Listener | None = None) -> Handle:
-        """Queue a request (thread-safe). Raises 429/413/422/404-type errors at once; see `Handle`."""
+        """Queue a request (thread-safe). Raises 429/413/400/404-type errors at once; see `Handle`."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
