@@ -82,7 +82,7 @@ def build_server(args: argparse.Namespace):
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """Refuse flag values that argparse's types let through but the server cannot use (ConfigError, exit 2)."""
+    """Refuse flag values that argparse's types let through but the server cannot use (ConfigError, exit 1)."""
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
     for flag, value in (("--timeout", args.timeout), ("--max-upload-mb", args.max_upload_mb)):
