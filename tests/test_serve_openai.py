@@ -212,7 +212,8 @@ def test_unsupported_fields_are_refused_by_name(client, field, value):
 @pytest.mark.parametrize("body", [
     {"temperature": -1}, {"n": 0}, {"n": 2, "best_of": 1}, {"logprobs": 21}, {"top_k": -2}, {"min_p": 1.5},
     {"frequency_penalty": 3}, {"repetition_penalty": 0}, {"logit_bias": {"128": 1}}, {"logit_bias": {"x": 1}},
-    {"logit_bias": {"5": 101}}, {"best_of": 2, "stream": True}, {"prompt": []}, {"prompt": [[]]},
+    {"logit_bias": {"5": 101}}, {"logit_bias": {"9" * 5000: 1}}, {"logit_bias": {"\u0665": 1}},
+    {"best_of": 2, "stream": True}, {"prompt": []}, {"prompt": [[]]},
     {"max_tokens": 33}, {"stream_options": {"include_usage": True, "other": 1}}])
 def test_bad_values_are_400_with_the_openai_shape(http, body):
     r = http.post("/v1/completions", json={"model": "legal", "prompt": "x", **body})

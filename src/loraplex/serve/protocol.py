@@ -68,7 +68,7 @@ class _Body(BaseModel):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         bias = []
         for k, v in (self.logit_bias or {}).items():
-            if not k.lstrip("-").isdigit():
+            if not (k.isascii() and k.lstrip("-").isdigit() and len(k) <= 12):
                 raise refused("logit_bias", f"keys are token ids written as strings, like {{\"50256\": -100}}; "
                                             f"got {k!r}")
             bias.append((int(k), v))
