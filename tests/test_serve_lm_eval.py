@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import pytest
 import torch
@@ -28,6 +27,7 @@ task: {name}_mc
 dataset_path: json
 dataset_kwargs:
   data_files: {{test: {data}}}
+  cache_dir: {cache}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "Q: {{{{question}}}}\\nA:"
@@ -41,6 +41,7 @@ task: {name}_gen
 dataset_path: json
 dataset_kwargs:
   data_files: {{test: {data}}}
+  cache_dir: {cache}
 test_split: test
 output_type: generate_until
 doc_to_text: "Q: {{{{question}}}}\\nA:"
@@ -79,8 +80,9 @@ def setup(tmp_path_factory, smollm2_dir):
     data = root / "quiz.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "tasks").mkdir()
-    (root / "tasks" / "mc.yaml").write_text(TASKS.format(name="quiz", data=data))
-    (root / "tasks" / "gen.yaml").write_text(GEN.format(name="quiz", data=data))
+    cache = root / "datasets-cache"  # nothing is written outside the test's directory
+    (root / "tasks" / "mc.yaml").write_text(TASKS.format(name="quiz", data=data, cache=cache))
+    (root / "tasks" / "gen.yaml").write_text(GEN.format(name="quiz", data=data, cache=cache))
     hf, tokenizer = lp.models.load_base(str(root / "base"))
     server = Server(hf, tokenizer, base_id="tiny", adapters_dir=root / "adapters",
                     config=EngineConfig(max_batch=8, max_queue=64, max_prompt_tokens=96, max_new_tokens=32))
@@ -93,7 +95,6 @@ def evaluate(root, model: str, model_args: dict) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     return simple_evaluate(model=model, model_args=model_args, tasks=["quiz_mc", "quiz_gen"], batch_size=4,
                            task_manager=TaskManager(include_path=str(root / "tasks")), log_samples=True,
@@ -106,8 +107,9 @@ def per_item(out: dict, task: str) -> list:
 
 
 @pytest.mark.parametrize("adapter", [None, "quiz"])
-def test_lm_eval_local_completions_equals_hf_peft(setup, adapter):
+def test_lm_eval_local_completions_equals_hf_peft(setup, adapter, monkeypatch):
     root, loop = setup
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # local JSON only
     served = evaluate(root, "local-completions", {
         "base_url": f"{loop.url}/v1/completions", "model": adapter or "tiny", "tokenizer_backend": "huggingface",
         "tokenizer": str(root / "base"), "tokenized_requests": True, "num_concurrent": 1, "max_retries": 1,
