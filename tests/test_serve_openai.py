@@ -443,3 +443,12 @@ def test_metrics_are_typed_and_count_refusals_and_token_timings(served, http, cl
     for family, more in [(ttft, 1), (itl, 4)]:  # 5 tokens: the first, then 4 gaps
         assert sample(after, family, family + "_count", adapter="tone") == \
             sample(before, family, family + "_count", adapter="tone") + more
+
+
+def test_token_bytes_of_a_byte_level_tokenizer_are_the_raw_bytes(smol_codec):
+    """Chat logprobs' `bytes`: pieces of a UTF-8 character (an emoji over several tokens) are their real bytes,
+    so joining the tokens' bytes gives the text's UTF-8."""
+    text = "h\u00e9llo \u65e5\U0001F642 \u0645\u0631\u062d\u0628\u0627"
+    ids = smol_codec.tokenizer.encode(text, add_special_tokens=False)
+    assert bytes(b for t in ids for b in smol_codec.token_bytes(t)) == text.encode("utf-8")
+    assert smol_codec.token_bytes(smol_codec.tokenizer.eos_token_id) == list(b"<|im_end|>")

@@ -86,10 +86,20 @@ class TextCodec:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
     def token_bytes(self, token: int) -> list[int]:
-        """One token's bytes: the raw byte for the byte vocabulary; else the UTF-8 of `token_text`."""
+        """One token's bytes: the raw byte for the byte vocabulary; the bytes a byte-level BPE token stands for
+        (a piece of a UTF-8 character included); else the UTF-8 of `token_text`."""
         if isinstance(self.tokenizer, ByteTokenizer):
             return [token] if token < 256 else []
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if self._byte_level and token not in self.tokenizer.all_special_ids and all(c in _UNBYTE for c in piece):
+            return [_UNBYTE[c] for c in piece]
         return list(self.token_text(token).encode("utf-8", "surrogatepass"))
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether the tokenizer's decoder is GPT-2's ByteLevel (each vocabulary character stands for a byte)."""
+        decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
+        return type(decoder).__name__ == "ByteLevel"
 
     def decode(self, ids: Sequence[int]) -> str:
         if isinstance(self.tokenizer, ByteTokenizer):
@@ -108,6 +118,17 @@ class TextCodec:
 
 
 SIZE_MARGIN = 4
+
+
+def _gpt2_unbyte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: vocabulary character -> the byte it stands for (printable bytes
+    stand for themselves, the other 68 are shifted to chr(256 + k))."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + k): b for k, b in enumerate(shifted)}}
+
+
+_UNBYTE = _gpt2_unbyte()
 
 
 def utf8(text: str) -> bytes:
