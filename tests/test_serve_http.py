@@ -141,7 +141,7 @@ def test_error_statuses_and_bodies(client, http):
     _is_error(http.get("/v1/nothing-here"), 404)
 
 
-def test_queue_full_is_429(served, http):
+def test_queue_full_is_429(served, http, client):
     server, _ = served
     gate, paused = threading.Event(), threading.Event()
 
@@ -161,6 +161,8 @@ def test_queue_full_is_429(served, http):
                 break
         assert server.engine.waiting == server.engine.config.max_queue
         _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x"}), 429, "queue_full")
+        with pytest.raises(openai.RateLimitError):  # the official client's class for 429
+            client.completions.create(model="legal", prompt="x")
     finally:
         for h in handles:
             h.cancel()
@@ -386,10 +388,13 @@ def test_request_timeout_is_504_and_a_stream_error_event(tmp_path):
                                                 extra_body=IGNORE_EOS):
                 got.append(ch.choices[0].text)
         assert len("".join(got)) < 32  # the stream started, then ended with the error event
+        with pytest.raises(openai.InternalServerError) as exc:  # 5xx: the official client's class
+            client.completions.create(model="legal", prompt="slow", max_tokens=32, extra_body=IGNORE_EOS)
+        assert exc.value.status_code == 504
         short = client.completions.create(model="legal", prompt="q", max_tokens=2, extra_body=IGNORE_EOS)
         assert short.choices[0].finish_reason == "length"  # the server still serves after timeouts
         text = httpx.get(f"{loop.url}/metrics").text
-        assert 'loraplex_requests_total{adapter="legal",status="error"} 2' in text
+        assert 'loraplex_requests_total{adapter="legal",status="error"} 3' in text
     finally:
         loop.stop()
 
