@@ -98,7 +98,9 @@ def test_echo_logprobs_of_a_prompt_list_equal_peft(served, client, model):
 def test_echo_with_max_tokens_0_reads_only_the_prompt(served, client):
     server, _, folder = served
     p = [20, 21, 22, 23]
+    before = server.metrics.value("loraplex_prompt_tokens_total", adapter="tone")
     r = client.completions.create(model="tone", prompt=p, max_tokens=0, echo=True, logprobs=0)
+    assert server.metrics.value("loraplex_prompt_tokens_total", adapter="tone") == before + 4  # prefilled
     c = r.choices[0]
     assert c.text == server.codec.decode(p) and c.finish_reason == "length" and r.usage.completion_tokens == 0
     lp = ref_logprobs(reference(folder, "tone"), p)

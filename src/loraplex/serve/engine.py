@@ -435,7 +435,7 @@ class Engine:
             if tail:
                 s.handle._emit(("delta", tail, None, None))
         status = "ok" if error is None and reason != "cancelled" else ("cancelled" if error is None else "error")
-        self.metrics.request_done(s.key, status, len(s.prompt) if s.gen else 0, len(s.gen),
+        self.metrics.request_done(s.key, status, len(s.prompt) if s.gen or s.prompt_logprobs else 0, len(s.gen),
                                   time.monotonic() - s.submitted)
         s.handle._emit(("done", Result(s.detok.text if error is None else "", list(s.gen), reason,
                                        len(s.prompt), len(s.gen), error,
