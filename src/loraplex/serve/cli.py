@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', a local transformers model directory, "
                    "or a Hugging Face model id in the local HF cache (never downloaded)")
     p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the name(s) the base answers to instead of its id (as vLLM); the first is the one "
+                        "answers and /v1/models carry; 'base' always works too")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
@@ -77,7 +80,8 @@ def build_server(args: argparse.Namespace):
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
-    return Server(model, tokenizer, base_id=base_id(args.base), adapters_dir=args.adapters, config=config,
+    names = args.served_model_name or [base_id(args.base)]
+    return Server(model, tokenizer, base_id=names[0], aliases=names[1:], adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,
                   max_upload_bytes=int(args.max_upload_mb * 1e6), check_base_model=not args.no_check_base,
                   shutdown_timeout=args.timeout)
@@ -90,6 +94,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--timeout", args.timeout), ("--max-upload-mb", args.max_upload_mb)):
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a finite number > 0, got {value}")
+    for name in args.served_model_name or ():
+        if not name.strip() or len(name) > 256:
+            raise UsageError(f"--served-model-name: names must be 1-256 characters, not blank; got {name!r}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 
