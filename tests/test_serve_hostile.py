@@ -402,3 +402,24 @@ def test_cli_refuses_unusable_flag_values(tmp_path, capsys, flags, word):
     code = cli.main(["serve", "--base", "tiny-llama", "--adapters", str(tmp_path), "--api-key", KEY, *flags])
     err = capsys.readouterr().err
     assert code == 2 and word in err and "Traceback" not in err  # a UsageError: exit 2, as argparse
+
+
+def test_a_huge_body_is_refused_before_it_is_parsed(served, http):
+    """A JSON body over the cap (millions of token ids) is 413 by its Content-Length or, streamed without one,
+    as it arrives; nothing of it is parsed, and the server goes on answering."""
+    from loraplex.serve.bodylimit import MAX_REQUEST_BYTES
+
+    ids = ",".join(["1"] * (MAX_REQUEST_BYTES // 2 + 1))
+    body = ('{"model": "r1", "max_tokens": 1, "prompt": [' + ids + "]}").encode()
+    err = _is_error(http.post("/v1/completions", content=body, headers={"content-type": "application/json"}), 413)
+    assert "request body" in err["message"]
+
+    def chunked():  # no Content-Length: counted as it streams in
+        for i in range(0, len(body), 1 << 20):
+            yield body[i: i + (1 << 20)]
+    err = _is_error(http.post("/v1/completions", content=chunked(), headers={"content-type": "application/json"}),
+                    413)
+    assert "request body" in err["message"]
+    small = {"model": "r1", "prompt": [1, 2, 3], "max_tokens": 1}
+    assert http.post("/v1/completions", json=small).status_code == 200
+    assert http.get("/health").json()["status"] == "ok"

@@ -14,7 +14,8 @@
 field `ignore_eos` (bool) keeps generating past end-of-sequence. Admin routes need `Authorization: Bearer
 <--api-key>`; without --api-key they are disabled. Errors map to HTTP statuses in serve/errors.py only.
 A client that disconnects before its answer cancels the generation (it stops taking batch rows).
-Prompts are size-checked, then tokenized off the event loop (a huge prompt never delays other requests).
+Prompts are size-checked, then tokenized off the event loop (a huge prompt never delays other requests);
+bodies over 16 MiB are refused (413) before they are parsed (bodylimit.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from ..errors import AdapterNotFoundError, ConfigError, RequestTooLargeError, Un
 from ..runtime import AdapterPool
 from . import errors, ui
 from .adapters import AdapterStore
+from .bodylimit import MAX_REQUEST_BYTES, BodyLimit
 from .engine import Engine, EngineConfig, Handle, Result, SamplingParams
 from .llama import CompactLlama
 from .metrics import Metrics
@@ -128,6 +130,8 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.server = server
     errors.install(app, on_refused=server.metrics.refused)
+    app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES, exempt={"/v1/adapters"},  # uploads: their own limit
+                       on_refused=server.metrics.refused)
     app.include_router(ui.router)
     ui.set_results(app, results)
     eng = server.engine
