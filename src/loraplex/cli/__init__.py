@@ -17,22 +17,22 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
-from . import __version__
-from .errors import LoraplexError, UsageError
+from .. import __version__
+from ..errors import LoraplexError, UsageError
 
 # name -> module providing register(subparsers); order = order in --help
 COMMANDS = {
-    "info": "loraplex.commands",
-    "merge": "loraplex.commands",
-    "verify": "loraplex.verify",
-    "train": "loraplex.train.cli",
-    "combine": "loraplex.combine_cli",
-    "extract": "loraplex.combine_cli",
-    "serve": "loraplex.serve.cli",
-    "eval": "loraplex.eval_cli",
-    "promote": "loraplex.eval_cli",
-    "quantize": "loraplex.quant.cli",
-    "quant-report": "loraplex.quant.cli",
+    "info": "loraplex.cli.info",
+    "merge": "loraplex.cli.info",
+    "verify": "loraplex.workflows.verify",
+    "train": "loraplex.cli.train",
+    "combine": "loraplex.cli.combine",
+    "extract": "loraplex.cli.combine",
+    "serve": "loraplex.cli.serve",
+    "eval": "loraplex.cli.eval",
+    "promote": "loraplex.cli.eval",
+    "quantize": "loraplex.cli.quantize",
+    "quant-report": "loraplex.cli.quantize",
 }
 
 
@@ -58,7 +58,7 @@ def common_options(args: argparse.Namespace) -> Iterator[None]:
     """Apply --no-progress and --log-level for the duration of a command (restored after, for callers of main)."""
     with contextlib.ExitStack() as stack:
         if args.progress is False:
-            from .probes import no_progress_bars  # transformers' switch also turns huggingface_hub's off
+            from ..workflows.probes import no_progress_bars  # transformers' switch also turns huggingface_hub's off
 
             stack.enter_context(no_progress_bars())
         if args.log_level is not None:

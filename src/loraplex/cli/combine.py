@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from .combine import METHODS, combine, save_combined
-from .extract import extract_lora, save_extracted
-from .models import load_base
-from .store import check_output
+from ..workflows.combine import METHODS, combine, save_combined
+from ..workflows.extract import extract_lora, save_extracted
+from ..models import load_base
+from ..store import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:

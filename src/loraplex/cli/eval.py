@@ -8,15 +8,15 @@ import math
 import os
 from pathlib import Path
 
-from .errors import ConfigError
-from .extras import require
-from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
-from .export import DTYPES
-from .models import load_base
-from .probes import read_prompts
-from .store import check_output, write_png
-from .promote import CARD_NAME, promote
-from .verify import Row, VerifyReport
+from ..errors import ConfigError
+from ..extras import require
+from ..workflows.evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
+from ..workflows.export import DTYPES
+from ..models import load_base
+from ..workflows.probes import read_prompts
+from ..store import check_output, write_png
+from ..workflows.promote import CARD_NAME, promote
+from ..workflows.verify import Row, VerifyReport
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:

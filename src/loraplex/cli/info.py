@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 
-from .config import LoraConfig
-from .export import DTYPES, export_merged
-from .inject import inject
-from .models import base_name, load_base
-from .report import WeightArithmetic, format_table, human_bytes, parameter_report
-from .store import check_output, load_adapter, read_adapter
+from ..config import LoraConfig
+from ..workflows.export import DTYPES, export_merged
+from ..inject import inject
+from ..models import base_name, load_base
+from ..report import WeightArithmetic, format_table, human_bytes, parameter_report
+from ..store import check_output, load_adapter, read_adapter
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:

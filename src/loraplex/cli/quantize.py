@@ -15,11 +15,11 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..models import load_base
-from ..probes import read_prompts
+from ..workflows.probes import read_prompts
 from ..report import format_table, human_bytes
-from .compare import DEFAULT_PROBE_TEXTS, compare_merge_strategies, probe_ids_from_texts, random_probe_ids
-from .io import save_quantized
-from .linear import SCHEMES, quantize_model
+from ..quant.compare import DEFAULT_PROBE_TEXTS, compare_merge_strategies, probe_ids_from_texts, random_probe_ids
+from ..quant.io import save_quantized
+from ..quant.linear import SCHEMES, quantize_model
 
 BASE_HELP = "a local transformers model directory, 'smollm2' (the embedded default), 'tiny-llama' or 'tiny-gpt2'"
 

@@ -83,8 +83,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .loop import TrainConfig
-    from .run import train
+    from ..train.loop import TrainConfig
+    from ..train.run import train
 
     fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "targets", "quantize",
               "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",

@@ -34,15 +34,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import AdapterFileError, ConfigError, DataError
-from .inject import check_name, lora_layers, remove_adapter, route_rows
-from .layers import LoraLayer
-from .models import base_name, load_base
-from .report import format_table
-from .store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter, write_json
-from .train.data import IGNORE_INDEX, Batcher, Example, split, tokenize
-from .train.loop import FAST_LOSS_TYPES, INT_LIMIT, check_numbers
-from .train.sources import Record, load_records
+from ..errors import AdapterFileError, ConfigError, DataError
+from ..inject import check_name, lora_layers, remove_adapter, route_rows
+from ..layers import LoraLayer
+from ..models import base_name, load_base
+from ..report import format_table
+from ..store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter, write_json
+from ..train.data import IGNORE_INDEX, Batcher, Example, split, tokenize
+from ..train.loop import FAST_LOSS_TYPES, INT_LIMIT, check_numbers
+from ..train.sources import Record, load_records
 
 METRICS = {"loss": "lower", "perplexity": "lower", "accuracy": "higher", "exact_match": "higher"}  # better is
 DEFAULT_METRICS = tuple(METRICS)

@@ -35,19 +35,19 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from .errors import AdapterFileError, ConfigError, LoraplexError
+from ..errors import AdapterFileError, ConfigError, LoraplexError
 from .export import DTYPES, export_merged, parse_dtype
-from .functional import tolerance
-from .identity import base_fingerprint
-from .inject import disable_adapters, inject, lora_layers, route_rows
-from .merge import merge_and_unload
-from .models import base_name, load_base
+from ..functional import tolerance
+from ..identity import base_fingerprint
+from ..inject import disable_adapters, inject, lora_layers, route_rows
+from ..merge import merge_and_unload
+from ..models import base_name, load_base
 from .probes import (
     Probes, Reference, at_positions, compare, from_pretrained, make_probes, no_progress_bars, read_golden, read_prompts,
     run_logits, write_golden,
 )
-from .report import format_table
-from .store import AdapterFile, load_adapter, read_adapter
+from ..report import format_table
+from ..store import AdapterFile, load_adapter, read_adapter
 
 END_TO_END_FACTOR = 10  # whole-model outputs accumulate per-op rounding over layers: F x the per-op tolerance
 ALL_VARIANTS = ("merged", "on_the_fly", "mixed_batch", "quantized_int8", "quantized_nf4", "exported")
@@ -186,7 +186,7 @@ def _mixed_batch(ctx: Context, dtype: torch.dtype) -> torch.Tensor:
 def _quantized(scheme: str) -> Callable[[Context, torch.dtype], tuple[torch.Tensor, str]]:
     def run(ctx: Context, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
         try:
-            from .quant import quantize_model
+            from ..quant import quantize_model
 
             model = ctx.fresh(dtype)
             quantize_model(model, scheme, compute_dtype=dtype)
