@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 import loraplex as lp
-from loraplex.cli.eval import plot_results
+from loraplex.workflows.plot import plot_results
 from loraplex.workflows.evaluate import evaluate
 from loraplex.functional import tolerance
 from loraplex.models import load_base

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import loraplex as lp
 from loraplex.cli import main
-from loraplex.cli.eval import plot_results
+from loraplex.workflows.plot import plot_results
 from loraplex.workflows.evaluate import BASE, EvalResult, _greedy, _normalize, discover_adapters, evaluate
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama

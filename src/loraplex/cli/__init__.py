@@ -1,8 +1,8 @@
 """`loraplex` command line: thin subcommands over the Python API (each mirrors a library call).
 
-Subcommands live beside the code they drive; each module has `register(subparsers)` that adds its parser
-and sets `func` (the handler, args -> exit code). Every subcommand also gets the common flags (`--progress /
---no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error of the
+One module per subcommand, named after it (cli/info.py, cli/quant_report.py, ...); each has
+`register(subparsers)` that adds its parser and sets `func` (the handler, args -> exit code). Every subcommand
+also gets the common flags (`--progress / --no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error of the
 LoraplexError family prints one clear line on stderr, no traceback), 2 usage error (argparse); anything else
 is a bug and shows its traceback.
 """
@@ -23,16 +23,16 @@ from ..errors import LoraplexError, UsageError
 # name -> module providing register(subparsers); order = order in --help
 COMMANDS = {
     "info": "loraplex.cli.info",
-    "merge": "loraplex.cli.info",
-    "verify": "loraplex.workflows.verify",
+    "merge": "loraplex.cli.merge",
+    "verify": "loraplex.cli.verify",
     "train": "loraplex.cli.train",
     "combine": "loraplex.cli.combine",
-    "extract": "loraplex.cli.combine",
+    "extract": "loraplex.cli.extract",
     "serve": "loraplex.cli.serve",
     "eval": "loraplex.cli.eval",
-    "promote": "loraplex.cli.eval",
+    "promote": "loraplex.cli.promote",
     "quantize": "loraplex.cli.quantize",
-    "quant-report": "loraplex.cli.quantize",
+    "quant-report": "loraplex.cli.quant_report",
 }
 
 

@@ -1,7 +1,6 @@
-"""Quantization subcommands: `quantize` (write a quantized base) and `quant-report` (what merging costs).
+"""`loraplex quantize`: write a quantized base (int8 or NF4).
 
     loraplex quantize --base smollm2 --scheme nf4 --double-quant --out smollm2-nf4
-    loraplex quant-report --base smollm2 --adapter my_adapter --schemes int8 nf4
 A quantized directory loads back onto its float architecture with
 `load_quantized(load_base("smollm2")[0], "smollm2-nf4")`.
 """
@@ -9,15 +8,10 @@ A quantized directory loads back onto its float architecture with
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import DataError
 from ..models import load_base
-from ..workflows.probes import read_prompts
 from ..report import format_table, human_bytes
-from ..quant.compare import DEFAULT_PROBE_TEXTS, compare_merge_strategies, probe_ids_from_texts, random_probe_ids
 from ..quant.io import save_quantized
 from ..quant.linear import SCHEMES, quantize_model
 
@@ -36,23 +30,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=run_quantize)
 
-    p = sub.add_parser("quant-report", help="measure merging an adapter into a quantized base, three ways",
-                       description="Against the fp32 base with the adapter merged: the quantized base alone, "
-                                   "(a) requantize Q(deQ(Wq)+d), (b) from_original Q(W+d), (c) separate (on the fly); "
-                                   "max |dlogit|, KL, perplexity, greedy agreement, and a recommendation per scheme.")
-    p.add_argument("--base", required=True, help=BASE_HELP)
-    p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
-    p.add_argument("--schemes", nargs="+", default=["int8", "nf4"], choices=[*SCHEMES, "nf4+dq"],
-                   help="schemes to compare (default: int8 nf4); nf4+dq = nf4 with double quantization")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
-    p.add_argument("--prompts", help="probe text file, one prompt per line (default: built-in sentences; "
-                                     "random token ids for a base without a tokenizer)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per probe row (default 64)")
-    p.add_argument("--rows", type=int, default=4, help="probe rows at most (default 4)")
-    p.add_argument("--no-check-base", action="store_true", help="skip the adapter's base fingerprint check")
-    p.add_argument("--json", action="store_true", help="print the rows and recommendations as JSON")
-    p.set_defaults(func=run_quant_report)
-    return ["quantize", "quant-report"]
+    return ["quantize"]
 
 
 def run_quantize(args: argparse.Namespace) -> int:
@@ -69,25 +47,4 @@ def run_quantize(args: argparse.Namespace) -> int:
     print(format_table(rows, ["", ""], align="ll"))
     num = "" if args.num_layers is None else f", num_layers={args.num_layers}"
     print(f"wrote {out}; load it with load_quantized(load_base({args.base!r}{num})[0], {str(out)!r})")
-    return 0
-
-
-def run_quant_report(args: argparse.Namespace) -> int:
-    model, tokenizer = load_base(args.base, num_layers=args.num_layers)
-    if tokenizer is not None:
-        texts = DEFAULT_PROBE_TEXTS if args.prompts is None else read_prompts(args.prompts)
-        ids = probe_ids_from_texts(tokenizer, texts, seq_len=args.seq_len, max_rows=args.rows)
-    elif args.prompts is not None:
-        raise DataError(f"base {args.base!r} has no tokenizer, so --prompts cannot be tokenized; leave it out "
-                        "(random token ids are used)")  # fmt: skip
-    else:
-        ids = random_probe_ids(model.config.vocab_size, rows=args.rows, seq_len=args.seq_len)
-    result = compare_merge_strategies(model, args.adapter, ids, args.schemes, check_base_model=not args.no_check_base)
-    if args.json:
-        print(json.dumps({"probe_shape": list(result.probe_shape), "rows": [asdict(r) for r in result.rows],
-                          "recommendations": result.recommendations}, indent=2))
-        return 0
-    if tokenizer is None:
-        print("(no tokenizer: the probe is random token ids)")
-    print(result)
     return 0

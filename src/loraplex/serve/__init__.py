@@ -7,9 +7,8 @@
     adapters.py  AdapterStore: the adapter folder, uploads, validation, pool loading
     metrics.py   Prometheus text counters
     app.py       Server + FastAPI app (create_app); errors.py maps errors to HTTP statuses (the one place)
-    cli.py       `loraplex serve`
 
-FastAPI and uvicorn are imported only by app.py, errors.py and cli.py's run path.
+FastAPI and uvicorn are imported only by app.py, errors.py and the run path of `loraplex serve` (cli/serve.py).
 """
 
 from .engine import Engine, EngineConfig
