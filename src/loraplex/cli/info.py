@@ -10,6 +10,7 @@ from ..inject import inject
 from ..models import base_name, load_base
 from ..report import WeightArithmetic, format_table, human_bytes, parameter_report
 from ..store import load_adapter, read_adapter
+from .flags import default_of
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("base", help="a local transformers model directory, or 'smollm2' (the embedded default)")
     p.add_argument("adapter", nargs="?", help="an adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
-    p.add_argument("--rank", type=int, default=8, help="rank for the what-if report when no adapter is given")
+    p.add_argument("--rank", type=int, default=default_of(LoraConfig, "r"),
+                   help="rank for the what-if report when no adapter is given")
     p.add_argument("--modules", action="store_true", help="also list every LoRA module")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_info)
@@ -48,7 +50,7 @@ def run_info(args: argparse.Namespace) -> int:
         print(rep.table(per_module=args.modules))
         return 0
     # no adapter: what an r=--rank all-linear adapter would cost on this base
-    inject(model, LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules="all-linear"), "what_if")
+    inject(model, LoraConfig(r=args.rank, target_modules="all-linear"), "what_if")  # alpha: LoraConfig's
     rep = parameter_report(model)
     if args.json:
         print(json.dumps({"base": base_name(model), "params": rep.frozen, "rank": args.rank,

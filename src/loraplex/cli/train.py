@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -15,6 +16,8 @@ import sys
 from ..config import ALL_LINEAR
 from ..errors import ConfigError, UsageError
 from ..report import format_table, human_bytes
+from ..train.loop import TrainConfig
+from .flags import Flag, add_dataclass_flags
 
 _REGEX_CHARS = re.compile(r"[\\^$.|?*+()\[\]{}]")
 
@@ -33,66 +36,60 @@ def parse_targets(value: str) -> str | list[str]:
     return names
 
 
+# TrainConfig field -> its flag's help and group (names, types and defaults come from TrainConfig itself)
+FLAGS: dict[str, Flag] = {
+    "base": Flag("'smollm2' or a transformers model directory with a tokenizer"),
+    "data": Flag("x.jsonl, chatterbot:TOPIC or fortunes:CATEGORY (repeat for several)", overrides={"action": "append"}),
+    "out": Flag("output directory (adapter, metrics.jsonl, loss.png, summary)"),
+    "out_per_data": Flag("one adapter per --data, all trained in one pass over the base: OUT/<name>/"),
+    "rank": Flag(group="adapter"),
+    "alpha": Flag(group="adapter"),
+    "dropout": Flag("LoRA dropout (0: no dropout module at all)", "adapter"),
+    "targets": Flag("'all-linear', a regex over module names, or a comma list (default all-linear)", "adapter",
+                    {"type": parse_targets}),
+    "quantize": Flag("quantize the frozen base first (QLoRA with nf4)", "adapter",
+                     {"choices": ("none", "int8", "nf4")}),
+    "quant_block_size": Flag("nf4: elements per scale block (default 64; 32 or 16 stay closer to the float base)",
+                             "adapter"),
+    "double_quant": Flag("nf4: store the block scales in 8 bits too", "adapter"),
+    "num_layers": Flag("keep only the first N decoder layers of the base", "adapter"),
+    "lr": Flag(group="optimization"),
+    "weight_decay": Flag(group="optimization"),
+    "warmup_ratio": Flag(group="optimization"),
+    "max_grad_norm": Flag("clip per adapter (0 disables)", "optimization"),
+    "epochs": Flag(group="optimization"),
+    "max_steps": Flag("optimizer steps (overrides --epochs)", "optimization"),
+    "batch_size": Flag("rows per process per micro-batch", "optimization"),
+    "grad_accum": Flag("micro-batches per optimizer step", "optimization"),
+    "seed": Flag(group="optimization"),
+    "max_length": Flag("tokens per example (or per packed row)", "data"),
+    "packing": Flag("pack examples into rows of --max-length tokens", "data"),
+    "eval_split": Flag("fraction of distinct examples held out", "data"),
+    "skip_bad": Flag("skip malformed records (counted) instead of failing", "data"),
+    "eval_every": Flag("steps between evaluations (default: 4 per run; 0: end only)", "run"),
+    "log_every": Flag("steps between metrics rows", "run"),
+    "save_every": Flag("steps between checkpoints (0: none)", "run"),
+    "resume": Flag("continue from OUT/checkpoint (start fresh if none)", "run"),
+    "overwrite": Flag("start over in an OUT that holds an earlier run", "run"),
+    "device": Flag(group="run", overrides={"choices": ("auto", "cpu", "cuda")}),
+}
+
+
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser(
         "train", help="train LoRA adapters (several in one pass with --out-per-data; DDP under torchrun)",
         description="Train a LoRA adapter on a frozen base with loraplex's own loop (AdamW, warmup + cosine, "
                     "accumulation, clipping, held-out eval, atomic checkpoints). Under torchrun it trains with DDP.")
-    p.add_argument("--base", required=True, help="'smollm2' or a transformers model directory with a tokenizer")
-    p.add_argument("--data", required=True, action="append",
-                   help="x.jsonl, chatterbot:TOPIC or fortunes:CATEGORY (repeat for several)")
-    p.add_argument("--out", required=True, help="output directory (adapter, metrics.jsonl, loss.png, summary)")
-    p.add_argument("--out-per-data", action="store_true",
-                   help="one adapter per --data, all trained in one pass over the base: OUT/<name>/")
-    g = p.add_argument_group("adapter")
-    g.add_argument("--rank", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16.0)
-    g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: no dropout module at all)")
-    g.add_argument("--targets", type=parse_targets, default=ALL_LINEAR,
-                   help="'all-linear', a regex over module names, or a comma list (default all-linear)")
-    g.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
-                   help="quantize the frozen base first (QLoRA with nf4)")
-    g.add_argument("--quant-block-size", type=int, default=64,
-                   help="nf4: elements per scale block (default 64; 32 or 16 stay closer to the float base)")
-    g.add_argument("--double-quant", action="store_true", help="nf4: store the block scales in 8 bits too")
-    g.add_argument("--num-layers", type=int, help="keep only the first N decoder layers of the base")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--warmup-ratio", type=float, default=0.1)
-    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip per adapter (0 disables)")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per process per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("data")
-    g.add_argument("--max-length", type=int, default=512, help="tokens per example (or per packed row)")
-    g.add_argument("--packing", action="store_true", help="pack examples into rows of --max-length tokens")
-    g.add_argument("--eval-split", type=float, default=0.1, help="fraction of distinct examples held out")
-    g.add_argument("--skip-bad", action="store_true", help="skip malformed records (counted) instead of failing")
-    g = p.add_argument_group("run")
-    g.add_argument("--eval-every", type=int, help="steps between evaluations (default: 4 per run; 0: end only)")
-    g.add_argument("--log-every", type=int, default=1, help="steps between metrics rows")
-    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (start fresh if none)")
-    g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds an earlier run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_dataclass_flags(p, TrainConfig, FLAGS, skip={"progress": "the common --progress flag"})
     p.set_defaults(func=run_train)
     return ["train"]
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..train.loop import TrainConfig
     from ..train.run import train
 
-    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "targets", "quantize",
-              "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",
-              "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing",
-              "eval_split", "skip_bad", "eval_every", "log_every", "save_every", "resume", "overwrite", "device",
-              "progress")
     try:
-        config = TrainConfig(**{f: getattr(args, f) for f in fields})
+        config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     except ConfigError as exc:  # a flag value the checks refuse: a usage error, before anything is loaded
         raise UsageError(str(exc)) from None
     result = train(config)
