@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..extras import require
 from ..store import write_png
-from .evaluate import BASE, METRICS, EvalResult
+from .results import BASE, METRICS, EvalResult
 
 
 def plot_results(result: EvalResult, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
