@@ -297,7 +297,7 @@ def test_saved_files_record_sources_and_base(tmp_path):
     back = lp.read_adapter(out.path)  # verifies the recorded content hash
     assert back.content_hash == out.content_hash and back.base_fingerprint == lp.read_adapter(a).base_fingerprint
     with safe_open(str(out.path / "adapter_model.safetensors"), framework="pt") as fh:
-        record = json.loads(fh.metadata()["loraplex.workflows.combine"])
+        record = json.loads(fh.metadata()["loraplex.combine"])
     assert record["method"] == "linear" and record["weights"] == [0.5, 0.5]
     assert [s["path"] for s in record["sources"]] == [str(a), str(b)]
     assert json.loads((out.path / "loraplex_combine.json").read_text())["modules"][0]["rank"] == 2
