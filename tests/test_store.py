@@ -172,7 +172,6 @@ def test_refuses_edited_tensors_by_content_hash(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("use_dora", True, "use_dora=True"),
     ("lora_bias", True, "lora_bias=True"),
     ("layer_replication", [[0, 1]], "layer_replication"),
     ("some_future_knob", 3, "unknown adapter config key 'some_future_knob'"),

@@ -1,7 +1,7 @@
 """LoraConfig: the fields of PEFT's adapter_config.json that define a LoRA adapter, validated on construction.
 
 Serialized with `to_dict()` it is a valid PEFT `adapter_config.json`; `from_dict()` reads PEFT's files and
-refuses keys whose semantics loraplex does not implement (DoRA, LoRA bias, layer replication, ...).
+refuses keys whose semantics loraplex does not implement (LoRA bias, layer replication, ...).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ _IGNORED_KEYS = {
 }
 # PEFT keys that change what the adapter computes: accepted only at their "off" value.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None),
     "lora_bias": (False, None),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
@@ -66,6 +65,8 @@ class LoraConfig:
     matched against the full module name (str), or "all-linear" (every Linear/Conv1D but the output head).
     rank_pattern / alpha_pattern: {regex: value} overriding r / lora_alpha for modules whose name ends with a
     match (PEFT's `(.*\\.)?(pattern)$` rule).
+    use_dora: weight-decomposed LoRA (DoRA): each targeted module also learns a magnitude m (out,), and
+    computes y = m / ||W + scale B A||_row * (x @ (W + scale B A).T) + bias (see functional.py, docs/concepts.md).
     """
 
     r: int = 8
@@ -85,6 +86,7 @@ class LoraConfig:
     base_model_name_or_path: Union[str, None] = None
     task_type: Union[str, None] = None
     inference_mode: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -125,6 +127,8 @@ class LoraConfig:
         for name, value in self.alpha_pattern.items():
             _check_regex("alpha_pattern key", name)
             _check_alpha(f"alpha_pattern[{name!r}]", value)
+        if not isinstance(self.use_dora, bool):
+            raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         _check_init(self.init_lora_weights)
@@ -157,7 +161,7 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(d["target_modules"])
-        d.update(peft_type="LORA", use_dora=False, lora_bias=False, layer_replication=None, revision=None)
+        d.update(peft_type="LORA", lora_bias=False, layer_replication=None, revision=None)
         return d
 
     @classmethod
@@ -184,6 +188,8 @@ class LoraConfig:
                 )
         if isinstance(kwargs.get("target_modules"), (set, tuple)):
             kwargs["target_modules"] = list(kwargs["target_modules"])
+        if "use_dora" in kwargs and kwargs["use_dora"] is None:  # older PEFT files write null for "off"
+            kwargs["use_dora"] = False
         kwargs["rank_pattern"] = kwargs.get("rank_pattern") or {}
         kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
         return cls(**kwargs)

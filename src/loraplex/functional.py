@@ -145,3 +145,50 @@ def lora_embedding(
     `embedding_kwargs` are the base embedding's padding_idx/max_norm/... options.
     """
     return F.embedding(ids, lora_A.T, **embedding_kwargs) @ lora_B.T * scale
+
+
+# -- DoRA (weight-decomposed LoRA, PEFT's `use_dora`) -------------------------------------------------------
+# W' = m * (W + s B A) / ||W + s B A||_row : the direction is LoRA's, the per-output-row length is m (out,).
+# With g = m / ||W + s B A||_row (out,), detached from autograd as in PEFT and the DoRA paper (section 4.3):
+#     y = g * (x @ W.T + s (x @ A.T) @ B.T) + bias
+# g depends on the adapter only (not on the input), so a server computes it once per adapter.
+# Convolutions (PEFT's DoRA for Conv1d/2d) use the same formulas with W and delta flattened to (out, in * prod(k))
+# and g broadcast over the output's spatial dimensions.
+
+
+def dora_weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """||W + delta|| per output row, detached: weight and delta (out, in) -> (out,) (PEFT's `get_weight_norm`)."""
+    return torch.linalg.norm((weight + delta).detach(), dim=1)
+
+
+def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               scale: float) -> torch.Tensor:
+    """g = m / ||W + scale * B @ A||_row : magnitude (out,) (a conv's (1, out, 1[, 1])), weight (out, in[, *k]),
+    A (r, in[, *k]), B (out, r[, 1, 1]) -> (out,).
+
+    Computed in the dtype of `lora_A` (the adapter's, as PEFT does); the norm carries no gradient, m does.
+    """
+    dtype = lora_A.dtype
+    delta = scale * (lora_B.detach().flatten(1) @ lora_A.detach().flatten(1))  # (out, in * prod(k))
+    return magnitude.flatten() / dora_weight_norm(weight.flatten(1).to(dtype), delta).to(magnitude.dtype)
+
+
+def dora_add(result: torch.Tensor, base_out: torch.Tensor, lora_out: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """result + (g - 1) * base_out + g * lora_out  (PEFT's DoRA term, added onto `result`).
+
+    result: the base layer's output (bias included); base_out: W applied to x' WITHOUT bias, where x' is the
+    input the LoRA path sees (x itself, or its dropout in training); lora_out: the scaled LoRA path on x';
+    g: from `dora_scale`, shaped to broadcast over the feature dimension ((out,) for (..., out) outputs,
+    (out, 1[, 1]) for a conv's (N, out, *spatial)). Without dropout this is g * (result - bias + lora_out) + bias.
+    """
+    return result + (g - 1) * base_out + g * lora_out
+
+
+def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The merged DoRA weight g * (W + delta), rows scaled: weight, delta (out, in), g (out,) -> (out, in)."""
+    return g.unsqueeze(1) * (weight + delta)
+
+
+def dora_unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Inverse of `dora_merged_weight`: merged / g - delta (up to rounding) -> (out, in)."""
+    return merged / g.unsqueeze(1) - delta

@@ -171,6 +171,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
         module.add_adapter(
             name, config.rank_for(key), config.alpha_for(key), dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init=config.init_lora_weights if initialize else None, generator=generator,
+            use_dora=config.use_dora,
         )
     for key in copies:
         wrapper = modules[key] if isinstance(modules[key], ModulesToSave) else ModulesToSave(modules[key])
@@ -215,7 +216,7 @@ def freeze_base(model: nn.Module, trainable: Optional[str] = None) -> None:
     config = configs(model)[trainable]
     for _, layer in lora_layers(model):
         if trainable in layer.r:
-            for t in layer.adapter_tensors(trainable):
+            for t in layer.adapter_params(trainable):
                 t.requires_grad_(True)
             if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
@@ -278,6 +279,13 @@ def set_active(model: nn.Module, spec: ActiveSpec) -> None:
     active = _normalize(spec)
     for n, _ in active:
         _require(model, n)
+    dora = [(n, w) for n, w in active if configs(model)[n].use_dora]
+    if dora and (len(active) > 1 or dora[0][1] != 1.0):
+        raise UnsupportedFeatureError(
+            f"DoRA adapter {dora[0][0]!r} can be active only alone at weight 1.0, got {active}: DoRA rescales each "
+            "output row by its own magnitude, so a weighted mix with it is not defined; merge-free mixes need "
+            "plain LoRA adapters"
+        )
     owners = [n for n, _ in active if any(n in w.modules_to_save for _, w in _wrappers(model))]
     if len(owners) > 1:
         raise ConfigError(f"adapters {owners} each replace whole modules (modules_to_save); activate only one of them")

@@ -6,8 +6,11 @@ Module layout mirrors PEFT so state-dict keys interoperate:
     <path>.lora_B.<name>.weight  (out, r)
     <path>.lora_embedding_A.<name>  (r, num_embeddings)   Embedding: bare parameters
     <path>.lora_embedding_B.<name>  (embedding_dim, r)
+    <path>.lora_magnitude_vector.<name>.weight  (out,)  DoRA only: the learned magnitude m (conv: (1, out, 1[, 1]))
 
 Forward: y = base(x) + sum over active (name, w) not merged of  w * scale[name] * B[name](A[name](dropout(x))).
+A DoRA adapter (one active, weight 1) instead gives y = g * (x @ W.T + scale * B(A(x))) + bias with
+g = m / ||W + scale B A||_row (functional.py; PEFT's formula, dropout included).
 Merging is explicit (`merge`/`unmerge`), never a side effect of train()/eval().
 """
 
@@ -16,13 +19,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import functional as LF
-from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedModuleError
+from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedFeatureError, UnsupportedModuleError
 
 try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
     from transformers.pytorch_utils import Conv1D
@@ -40,12 +44,15 @@ class MergeRecord:
     unmerge leaves (computed at merge time with the same arithmetic).  residual: kept when an exact restore was
     requested, else None: (flat indices, original values) of the elements a plain unmerge would get wrong.
     versions: the in-place version counters of the adapter's tensors, so a changed adapter cannot be unmerged.
+    dora_scale: for a DoRA adapter, the g (out,) the merge scaled the rows by (computed from the unmerged base,
+    so unmerge can invert it); None for plain LoRA.
     """
 
     weight: float
     restore_error: float
     residual: Optional[tuple[torch.Tensor, torch.Tensor]]
     versions: tuple[int, ...]
+    dora_scale: Optional[torch.Tensor] = None
 
 
 class LoraLayer(nn.Module):
@@ -61,6 +68,7 @@ class LoraLayer(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoraMagnitude (weight (out,))
         self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
         self.merged: dict[str, MergeRecord] = {}
         self.disabled = False
@@ -74,11 +82,13 @@ class LoraLayer(nn.Module):
 
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
-        init: Optional[InitMode] = True, generator: Optional[torch.Generator] = None,
+        init: Optional[InitMode] = True, generator: Optional[torch.Generator] = None, use_dora: bool = False,
     ) -> None:
         """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
         "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op; None: left
-        uninitialized for the caller to copy weights in). Its modules take this wrapper's train/eval mode."""
+        uninitialized for the caller to copy weights in). `use_dora` adds the DoRA magnitude
+        m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A). Its modules take this wrapper's
+        train/eval mode."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
         self.r[name] = r
@@ -86,12 +96,24 @@ class LoraLayer(nn.Module):
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
+        with torch.no_grad():
+            if init is not None:
+                tensors = self.adapter_tensors(name)
+                if generator is None or tensors[0].device == generator.device:
+                    self._init(name, init, generator)
+                else:  # the seeded generator lives on another device (a CPU generator, a CUDA base): draw there
+                    homes = [t.data for t in tensors]  # and copy, so a seed gives the same adapter on every device
+                    for t in tensors:
+                        t.data = torch.empty_like(t, device=generator.device)
+                    self._init(name, init, generator)
+                    for t, home in zip(tensors, homes):
+                        home.copy_(t.data)
+                        t.data = home
+            if use_dora:  # created here; with init=None its value is the caller's to copy in
+                self._init_dora(name)
         for child in self.children():
             if child is not self.base_layer:
                 child.train(self.training)
-        if init is not None:
-            with torch.no_grad():
-                self._init(name, init, generator)
 
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
@@ -101,6 +123,8 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling):
             del table[name]
         del self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active = [(n, w) for n, w in self.active if n != name]
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -112,6 +136,14 @@ class LoraLayer(nn.Module):
         a, b = self._stores()
         return _tensor(a[name]), _tensor(b[name])
 
+    def adapter_params(self, name: str) -> tuple[torch.Tensor, ...]:
+        """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) if it has one."""
+        m = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
+        return self.adapter_tensors(name) + (() if m is None else (m,))
+
+    def is_dora(self, name: str) -> bool:
+        return name in self.lora_magnitude_vector
+
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -122,7 +154,11 @@ class LoraLayer(nn.Module):
         for name, weight in self.active:
             if name in self.merged:
                 continue  # already inside the base weight
-            result = self._add_lora(name, self.lora_dropout[name](x), result, weight)
+            if self.is_dora(name):
+                _check_dora_weight(name, weight, len(self.active))
+                result = self._add_dora(name, x, result)
+            else:
+                result = self._add_lora(name, self.lora_dropout[name](x), result, weight)
         return result
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
@@ -138,7 +174,10 @@ class LoraLayer(nn.Module):
             if name not in self.r:
                 continue
             rows = (idx == slot).nonzero().squeeze(1)  # (n_rows,)
-            if rows.numel():
+            if rows.numel() and self.is_dora(name):  # rescales its rows' whole output: replace them
+                rescaled = self._add_dora(name, x.index_select(0, rows), result.index_select(0, rows))
+                result = result.index_copy(0, rows, rescaled.to(result.dtype))
+            elif rows.numel():
                 d = self._lora(name, self.lora_dropout[name](x.index_select(0, rows)))
                 result = result.index_add(0, rows, d.to(result.dtype))
         return result
@@ -159,8 +198,34 @@ class LoraLayer(nn.Module):
         """The base weight without the merged adapters (up to rounding); the weight itself when none is merged."""
         w = self.get_base_weight()
         for name, rec in self.merged.items():
+            if rec.dora_scale is not None:  # the only merged adapter on this layer (merge refuses others)
+                return self._merge_maps(name, rec.weight, w, w.dtype, rec.dora_scale)[1](w)
             w = w - rec.weight * self.delta(name).to(w.dtype)
         return w
+
+    def _merge_maps(self, name: str, weight: float, w: torch.Tensor, compute: torch.dtype,
+                    g: Optional[torch.Tensor] = None) -> tuple[Callable, Callable, Optional[torch.Tensor]]:
+        """(W -> merged W, merged W -> W, g) in `compute`, W in the base's storage layout. Plain LoRA adds /
+        subtracts weight * delta; DoRA (weight 1) gives g * (W + delta) row-wise and back, with g = m / ||W +
+        delta||_row computed from `w` (the unmerged base) unless given."""
+        d = weight * self.delta(name).to(compute)
+        if not self.is_dora(name):
+            return (lambda t: t + d), (lambda t: t - d), None
+        rows, back = self._out_rows, (lambda t: self._from_out_rows(t, w.shape))
+        if g is None:
+            a, b, m = self.adapter_params(name)
+            g = LF.dora_scale(m.to(compute), rows(w.to(compute)), a.to(compute), b.to(compute), self.scaling[name])
+        d_rows = rows(d)
+        return (lambda t: back(LF.dora_merged_weight(rows(t), d_rows, g)),
+                lambda t: back(LF.dora_unmerged_weight(rows(t), d_rows, g)), g)
+
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor in the base weight's storage layout as (out, in * prod(k)) rows (DoRA's norm runs per row)."""
+        return t
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Inverse of `_out_rows` for a weight of storage shape `shape`."""
+        return t
 
     @torch.no_grad()
     def merge(self, name: str, weight: float = 1.0, *, safe: bool = True, exact: bool = False) -> MergeRecord:
@@ -170,13 +235,14 @@ class LoraLayer(nn.Module):
             raise MergeStateError(f"no adapter {name!r} on this layer; have {self.adapter_names}")
         if name in self.merged:
             raise MergeStateError(f"adapter {name!r} is already merged")
+        self.check_merge(name, weight)
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
-        d = weight * self.delta(name).to(compute)
-        merged = (w.to(compute) + d).to(w.dtype)
+        forward, back, g = self._merge_maps(name, weight, w, compute)
+        merged = forward(w.to(compute)).to(w.dtype)
         if safe and not torch.isfinite(merged).all():
             raise NonFiniteError(f"merging adapter {name!r} would write NaN/Inf into the base weight; nothing changed")
-        restored = (merged.to(compute) - d).to(w.dtype)
+        restored = back(merged.to(compute)).to(w.dtype)
         diff = w.to(compute) - restored.to(compute)
         err = float(diff.abs().max()) if diff.numel() else 0.0
         residual = None
@@ -184,9 +250,25 @@ class LoraLayer(nn.Module):
             idx = (restored != w).flatten().nonzero().squeeze(1)  # usually a small fraction of the elements
             residual = (idx, w.flatten()[idx].clone())
         self.set_base_weight(merged)
-        record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name))
+        record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name),
+                             dora_scale=g)
         self.merged[name] = record
         return record
+
+    def check_merge(self, name: str, weight: float) -> None:
+        """Raise what `merge(name, weight)` would refuse for DoRA, changing nothing: DoRA rescales whole rows of
+        W, so it merges only at weight 1 into a layer holding no other merge, and nothing merges on top of it
+        (the row scale g is defined from the bare base weight)."""
+        if self.is_dora(name) and weight != 1.0:
+            raise UnsupportedFeatureError(f"DoRA adapter {name!r} merges only with weight 1.0, got {weight}: a "
+                                          "scaled DoRA update is not defined (merge it at weight 1)")
+        if self.is_dora(name) and self.merged:
+            raise MergeStateError(f"cannot merge DoRA adapter {name!r}: {list(self.merged)} already merged into this "
+                                  "layer, and DoRA's row scale is defined from the bare base; unmerge them first")
+        dora = [n for n, rec in self.merged.items() if rec.dora_scale is not None]
+        if dora:
+            raise MergeStateError(f"cannot merge {name!r}: DoRA adapter {dora[0]!r} is merged into this layer and "
+                                  "rescaled its rows; unmerge it first")
 
     @torch.no_grad()
     def unmerge(self, name: str) -> MergeRecord:
@@ -198,7 +280,8 @@ class LoraLayer(nn.Module):
             raise MergeStateError(f"adapter {name!r} changed since it was merged; unmerge would not restore the base")
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
-        restored = (w.to(compute) - record.weight * self.delta(name).to(compute)).to(w.dtype)
+        back = self._merge_maps(name, record.weight, w, compute, record.dora_scale)[1]
+        restored = back(w.to(compute)).to(w.dtype)
         if record.residual is not None:
             idx, values = record.residual
             restored.view(-1)[idx] = values
@@ -211,7 +294,7 @@ class LoraLayer(nn.Module):
         return self.lora_A, self.lora_B
 
     def _versions(self, name: str) -> tuple[int, ...]:
-        return tuple(t._version for t in self.adapter_tensors(name))
+        return tuple(t._version for t in self.adapter_params(name))
 
     def _create(self, name: str, r: int) -> None:
         raise NotImplementedError
@@ -233,6 +316,14 @@ class LoraLayer(nn.Module):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _init_dora(self, name: str) -> None:
+        """Create the DoRA magnitude m = ||W + scale B A||_row of adapter `name` (so that g = 1)."""
+        raise NotImplementedError
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The base output `result` with DoRA adapter `name` applied (PEFT's formula for this layer type)."""
+        raise NotImplementedError
+
     def _lora_dtype(self) -> torch.dtype:
         """Adapters train in fp32 even over a bf16/fp16 base (PEFT's default autocast)."""
         w = self.get_base_weight()
@@ -240,6 +331,22 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.r}, active={self.active}, merged={list(self.merged)}"
+
+
+class DoraMagnitude(nn.Module):
+    """Holds one DoRA adapter's magnitude m as `.weight` (out,), PEFT's in-memory key layout."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+def _check_dora_weight(name: str, weight: float, n_active: int) -> None:
+    if weight != 1.0 or n_active != 1:
+        raise UnsupportedFeatureError(
+            f"DoRA adapter {name!r} runs only alone at weight 1.0 (got weight {weight} among {n_active} active "
+            "adapters): DoRA rescales the whole output row, so a weighted mix with it is not defined"
+        )
 
 
 class LoraLinear(LoraLayer):
@@ -269,10 +376,14 @@ class LoraLinear(LoraLayer):
 
     def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
         """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
-        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
-        if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
+        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype, outside
+        autocast (which would cast the node's GEMMs one by one); else None."""
+        if (self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused
+                or torch.is_autocast_enabled(x.device.type)):
             return None
         name, weight = self.active[0]
+        if self.is_dora(name):
+            return None
         base = self.base_layer
         a = self.lora_A[name].weight
         dropout = self.lora_dropout[name]
@@ -294,6 +405,37 @@ class LoraLinear(LoraLayer):
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
+
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T if self.fan_in_fan_out else t  # Conv1D stores (in, out)
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return t.T if self.fan_in_fan_out else t
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in) (Conv1D stores it transposed; a quantized base is dequantized)."""
+        return self._out_rows(self.get_base_weight())
+
+    def _init_dora(self, name: str) -> None:
+        a, b = self.adapter_tensors(name)
+        norm = LF.dora_weight_norm(self._weight_out_in().to(a.dtype), LF.delta_weight(a, b, self.scaling[name]))
+        self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(a.dtype))  # (out,): g = 1 at init
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA forward: result + (g - 1) * x' @ W.T + g * scale * B(A(x')), x' = dropout(x) in training
+        (then W x' is recomputed), else x' = x and x @ W.T = result - bias. In the adapter's dtype."""
+        a, b, m = self.adapter_params(name)
+        weight = self._weight_out_in().to(a.dtype)  # (out, in)
+        g = LF.dora_scale(m, weight, a, b, self.scaling[name])  # (out,)
+        xa, drop = x.to(a.dtype), self.lora_dropout[name]
+        if isinstance(drop, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_out = result if bias is None else result - bias
+        else:
+            xa = drop(xa)
+            base_out = F.linear(xa, weight)
+        lora_out = LF.lora_linear(xa, a, b, self.scaling[name])  # (..., out)
+        return LF.dora_add(result, base_out, lora_out, g).to(result.dtype)
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
         """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;
@@ -353,10 +495,30 @@ class LoraEmbedding(LoraLayer):
     def delta(self, name: str) -> torch.Tensor:
         return LF.delta_weight(*self.adapter_tensors(name), self.scaling[name]).T  # (num_embeddings, dim)
 
+    # DoRA (PEFT): the norm runs per embedding dimension, over the vocabulary, i.e. over the rows of E.T
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T  # (num_embeddings, dim) -> (dim, num_embeddings)
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return t.T
+
+    def _init_dora(self, name: str) -> None:
+        a, b = self.adapter_tensors(name)
+        w = self._out_rows(self.get_base_weight()).to(a.dtype)  # (dim, num_embeddings)
+        norm = LF.dora_weight_norm(w, LF.delta_weight(a, b, self.scaling[name]))  # (dim,)
+        self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(a.dtype))
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """g * (E[ids] + scale * A.T[ids] @ B.T): an embedding has no bias and no dropout (PEFT)."""
+        a, b, m = self.adapter_params(name)
+        g = LF.dora_scale(m, self._out_rows(self.get_base_weight()), a, b, self.scaling[name])  # (dim,)
+        return LF.dora_add(result, result, self._lora(name, x), g).to(result.dtype)
+
 
 class LoraConv(LoraLayer):
     """LoRA over nn.Conv1d/nn.Conv2d: A is a conv with the base's kernel/stride/padding/dilation into r
-    channels, B a 1x1 conv back to out channels; merged kernel = scale * B·A."""
+    channels, B a 1x1 conv back to out channels; merged kernel = scale * B·A. DoRA: one magnitude per output
+    channel, stored (1, out, 1[, 1]) as PEFT does."""
 
     def __init__(self, base_layer: Union[nn.Conv1d, nn.Conv2d]) -> None:
         super().__init__(base_layer)
@@ -384,6 +546,35 @@ class LoraConv(LoraLayer):
 
     def delta(self, name: str) -> torch.Tensor:
         return LF.conv_delta_weight(*self.adapter_tensors(name), self.scaling[name])
+
+    def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1)  # (out, in, *k) -> (out, in * prod(k))
+
+    def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return t.reshape(shape)
+
+    def _init_dora(self, name: str) -> None:
+        a, b = self.adapter_tensors(name)
+        w = self._out_rows(self.get_base_weight()).to(a.dtype)
+        norm = LF.dora_weight_norm(w, self._out_rows(LF.conv_delta_weight(a, b, self.scaling[name])))  # (out,)
+        spatial = (1,) * (self.get_base_weight().dim() - 2)
+        self.lora_magnitude_vector[name] = DoraMagnitude(norm.view(1, -1, *spatial).to(a.dtype))  # PEFT's shape
+
+    def _add_dora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """PEFT's conv DoRA forward (as LoraLinear's, with g broadcast over the spatial dimensions)."""
+        a, b, m = self.adapter_params(name)
+        base = self.base_layer
+        weight = base.weight.to(a.dtype)  # (out, in, *k)
+        spatial = (1,) * (weight.dim() - 2)
+        g = LF.dora_scale(m, weight, a, b, self.scaling[name]).view(-1, *spatial)  # (out, 1[, 1])
+        xa, drop = x.to(a.dtype), self.lora_dropout[name]
+        if isinstance(drop, nn.Identity) or not self.training:
+            base_out = result if base.bias is None else result - base.bias.view(-1, *spatial)
+        else:
+            xa = drop(xa)
+            conv = F.conv1d if weight.dim() == 3 else F.conv2d
+            base_out = conv(xa, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        return LF.dora_add(result, base_out, self._lora(name, xa), g).to(result.dtype)
 
 
 class ModulesToSave(nn.Module):

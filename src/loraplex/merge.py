@@ -37,6 +37,9 @@ def merge(model: nn.Module, name: str, weight: float = 1.0, *, safe: bool = True
     that makes a later `unmerge` restore the base bit for bit.
     """
     _require(model, name)
+    for _, layer in lora_layers(model):  # refusals that need no arithmetic (DoRA's rules): before any change
+        if name in layer.r:
+            layer.check_merge(name, weight)
     done = []
     try:
         for key, layer in lora_layers(model):

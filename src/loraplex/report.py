@@ -111,7 +111,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         row = ModuleRow(key, type(layer.base_layer).__name__, base_params, {}, {})
         report.targeted_base_params += base_params
         for a in layer.r:
-            tensors = layer.adapter_tensors(a)
+            tensors = layer.adapter_params(a)  # A, B (+ DoRA's magnitude)
             row.adapters[a] = sum(t.numel() for t in tensors)
             row.ranks[a] = layer.r[a]
             report.adapter_params[a] = report.adapter_params.get(a, 0) + row.adapters[a]

@@ -4,6 +4,8 @@ Tensor keys (adapter name removed, PEFT's `base_model.model.` prefix), e.g. for 
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight     (r, in)
     base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight     (out, r)
     base_model.model.model.embed_tokens.lora_embedding_A               (r, vocab)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector   (out,)  DoRA's m (in memory:
+                                                                         ...lora_magnitude_vector.<name>.weight)
     base_model.model.lm_head.weight                                     modules_to_save copy
 loraplex's own facts ride in the safetensors metadata header, which PEFT ignores:
     loraplex.version, loraplex.content_hash, loraplex.base_fingerprint (JSON).
@@ -43,7 +45,7 @@ from .functional import scaling
 from .identity import base_fingerprint, check_base, content_hash
 from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets, freeze_base, inject, lora_layers,
                      matches, remove_adapter, set_active)
-from .layers import LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
+from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
 from .models import NAMES, canonical_base_id
 
 CONFIG_NAME = "adapter_config.json"
@@ -236,6 +238,8 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{key}.lora_embedding_A"], out[f"{PREFIX}{key}.lora_embedding_B"] = a, b
         else:
             out[f"{PREFIX}{key}.lora_A.weight"], out[f"{PREFIX}{key}.lora_B.weight"] = a, b
+        if layer.is_dora(name):
+            out[f"{PREFIX}{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{key}.base_layer.bias"] = layer.base_layer.bias
     for key, wrapper in _wrappers(model):
@@ -275,10 +279,11 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name: Optional[str] = None,
-                 overwrite: bool = False) -> AdapterFile:
+                 overwrite: bool = False, fingerprint: Optional[dict[str, Any]] = None) -> AdapterFile:
     """Write adapter `name` as a PEFT-readable directory (config per `peft_config_dict`), atomically (an existing
     non-empty `directory` is replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is
-    written. Returns what was written."""
+    written. Returns what was written. `fingerprint`: the base fingerprint to record, taken earlier (e.g. before
+    FSDP sharded the base weights, which it cannot read then); None: base_fingerprint(model)."""
     config = configs(model).get(name)
     tensors = adapter_state_dict(model, name)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -287,7 +292,7 @@ def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name:
                              f"was written to {str(directory)!r}")
     cfg = peft_config_dict(config, model, base_name)
     digest = content_hash(cfg, tensors)
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_fingerprint(model) if fingerprint is None else fingerprint
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": digest,
             "loraplex.base_fingerprint": json.dumps(fingerprint)}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
@@ -401,6 +406,9 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         ka, kb = _factor_keys(key, isinstance(layer, LoraEmbedding))
         a_shape, b_shape = layer.adapter_shapes(config.rank_for(key))
         expected[ka], expected[kb] = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
+        if config.use_dora:  # m: (out,), a conv's (1, out, 1[, 1]) as PEFT stores it
+            shape = (1, b_shape[0], *b_shape[2:]) if isinstance(layer, LoraConv) else (b_shape[0],)
+            expected[f"{key}.lora_magnitude_vector"] = torch.empty(shape, device="meta")
     missing = [k for k in expected if k not in af.tensors]
     if missing:
         raise AdapterFileError(f"{what} lacks tensors for {len(missing)} targeted module(s), e.g. {missing[:3]}; "
@@ -501,6 +509,8 @@ def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
     for key, layer in lora_layers(model):
         if name in layer.r:
             dest.update(zip(_factor_keys(key, isinstance(layer, LoraEmbedding)), layer.adapter_tensors(name)))
+            if layer.is_dora(name):
+                dest[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
     for key, wrapper in _wrappers(model):
         if name in wrapper.modules_to_save:
             dest.update({f"{key}.{n}": t for n, t in wrapper.modules_to_save[name].state_dict().items()})

@@ -4,8 +4,9 @@
     field `max_steps: Optional[int] = None` -> --max-steps (type int, default None)
     field `packing: bool = False`        ->  --packing / --no-packing (default False)
     field `base: str` (no default)       ->  --base (required)
-A command supplies only what a dataclass cannot say: the help text, the group, and argparse overrides (a
-parsing `type`, `choices`, `action="append"`) in a table of `Flag`s keyed by field name.
+A command supplies only what a dataclass cannot say: the help text, the group, argparse overrides (a
+parsing `type`, `choices`, `action="append"`) and, rarely, another flag name, in a table of `Flag`s keyed
+by field name.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Flag:
     help: str = ""
     group: str = ""  # "" = the parser itself, else the title of an argument group
     overrides: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"type": parse_targets}
+    name: str = ""  # the flag's name when it is not the field's (use_dora -> --dora); "" = the field's
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -84,4 +86,4 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, table: Mappi
         elif "type" not in spec.overrides and "action" not in spec.overrides:
             raise TypeError(f"{cls.__name__}.{name}: type {hints[name]} has no argparse type; give one in its Flag")
         kwargs.update(spec.overrides)
-        groups[spec.group].add_argument("--" + name.replace("_", "-"), **kwargs)
+        groups[spec.group].add_argument("--" + (spec.name or name).replace("_", "-"), **kwargs)

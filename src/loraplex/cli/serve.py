@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..errors import ConfigError, UsageError
 from ..extras import require
 from ..serve.engine import EngineConfig
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest adapter upload (zip) in MB")
     p.add_argument("--no-check-base", action="store_true", help="skip the adapters' base fingerprint check")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype the base and the adapters are served in (default fp32; bf16 on GPUs)")
     p.add_argument("--results", help="eval results JSON written by `loraplex eval --out`: per-adapter metrics on "
                    "the /ui page (default: ADAPTERS/eval_results.json when it exists)")
     p.add_argument("--single-adapter-batches", action="store_true",
@@ -64,10 +68,12 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 def build_server(args: argparse.Namespace):
     """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
     require("serve", "serving")
+    from ..workflows.export import DTYPES
     from ..models import base_id, load_base
     from ..serve.app import Server
 
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
+    model.to(device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           timeout_s=args.timeout, single_adapter=args.single_adapter_batches)

@@ -3,6 +3,7 @@
     loraplex train --base smollm2 --data chatterbot:tech_support --out runs/tech --max-steps 60
     loraplex train --base smollm2 --data a.jsonl --data b.jsonl --out-per-data --out runs/ab
     torchrun --nproc-per-node 2 -m loraplex train --base smollm2 --data d.jsonl --out runs/ddp
+    torchrun --nproc-per-node 8 -m loraplex train --fsdp --bf16 --device cuda --base DIR --data d.jsonl --out runs/f
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import sys
 
 from ..config import ALL_LINEAR
+from ..device import DEVICE_HELP, parse_device
 from ..errors import ConfigError, UsageError
 from ..report import format_table, human_bytes
 from ..train.loop import TrainConfig
@@ -45,6 +47,8 @@ FLAGS: dict[str, Flag] = {
     "rank": Flag(group="adapter"),
     "alpha": Flag(group="adapter"),
     "dropout": Flag("LoRA dropout (0: no dropout module at all)", "adapter"),
+    "use_dora": Flag("DoRA (weight-decomposed LoRA): also learn a magnitude per output feature", "adapter",
+                     name="dora"),
     "targets": Flag("'all-linear', a regex over module names, or a comma list (default all-linear)", "adapter",
                     {"type": parse_targets}),
     "quantize": Flag("quantize the frozen base first (QLoRA with nf4)", "adapter",
@@ -71,7 +75,9 @@ FLAGS: dict[str, Flag] = {
     "save_every": Flag("steps between checkpoints (0: none)", "run"),
     "resume": Flag("continue from OUT/checkpoint (start fresh if none)", "run"),
     "overwrite": Flag("start over in an OUT that holds an earlier run", "run"),
-    "device": Flag(group="run", overrides={"choices": ("auto", "cpu", "cuda")}),
+    "device": Flag(DEVICE_HELP, "run", {"type": parse_device}),
+    "fsdp": Flag("under torchrun: shard the base and the adapters over the processes (FSDP2) instead of DDP", "run"),
+    "bf16": Flag("bf16 compute over fp32 adapter weights (FSDP mixed precision; otherwise autocast)", "run"),
 }
 
 

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError, MergeStateError, NonFiniteError, QuantConfigError
+from ..errors import ConfigError, MergeStateError, NonFiniteError, QuantConfigError, UnsupportedFeatureError
 from ..inject import _require, lora_layers
 from ..layers import InitMode, LoraLinear, MergeRecord
 from ..merge import merge, merged_adapters
@@ -128,6 +128,7 @@ class LoraQuantLinear(LoraLinear):
             raise MergeStateError(f"no adapter {name!r} on this layer; have {self.adapter_names}")
         if name in self.merged:
             raise MergeStateError(f"adapter {name!r} is already merged")
+        self.check_merge(name, weight)
         if self.merge_strategy is None:
             raise ConfigError(
                 f"merging adapter {name!r} into a quantized base needs an explicit strategy: "
@@ -142,6 +143,14 @@ class LoraQuantLinear(LoraLinear):
         if self.merge_strategy == "requantize":
             warnings.warn(REQUANTIZE_WARNING, QuantizedMergeWarning, stacklevel=3)  # the caller of loraplex.merge
         return self._merge(name, weight, self.merge_strategy, safe)
+
+    def check_merge(self, name: str, weight: float) -> None:
+        if self.is_dora(name):
+            raise UnsupportedFeatureError(
+                f"merging DoRA adapter {name!r} into a quantized base is not implemented (its row scale would be "
+                "re-rounded); keep it on the fly, or merge it into the float base"
+            )
+        super().check_merge(name, weight)
 
     @torch.no_grad()
     def _merge(self, name: str, weight: float, strategy: str, safe: bool) -> QuantMergeRecord:

@@ -8,6 +8,9 @@
 Semantics, per wrapped layer (W the base weight) and batch row b with adapters {name_k: w_k}:
     y[b] = base(x[b]) + sum_k w_k * scale_k * (x[b] @ A_k.T) @ B_k.T          (None / {} = base only)
 computed by `BatchPlan.apply_` (loraplex.runtime.ops) on the base layer's output, in place.
+A DoRA adapter d (PEFT's use_dora) serves its rows as PEFT does, y[b] = g_d * (x[b] @ W.T + scale_d *
+(x[b] @ A_d.T) @ B_d.T) + bias with g_d = m_d / ||W + scale_d B_d A_d||_row computed once at load
+(loraplex.runtime.rescale); it is served alone per row (a mix including it is refused) and never merged.
 
 How it works:
   - Wrapping. Each target Linear (or GPT-2 Conv1D, or loraplex QuantLinear) is replaced, once, by a
@@ -64,6 +67,7 @@ from ..layers import Conv1D
 from ..store import AdapterFile, PathLike, read_adapter
 from .ops import Assignment, BatchPlan
 from .pool import AdapterPool, Lease, PoolStats
+from .rescale import dora_rescales
 from .store import AdapterStore
 
 # What a caller may pass for one row: a name, None (base only), a Lease (a pinned version), or a weighted mix.
@@ -172,6 +176,12 @@ class Batch:
             for ref, w in a.items():
                 s = self._slot(ref)
                 out[s] = out.get(s, 0.0) + float(w)
+            dora = [s for s in out if self.engine.pool.is_dora_slot(s)]
+            if dora and (len(out) > 1 or out[dora[0]] != 1.0):
+                raise UnsupportedFeatureError(
+                    f"a weighted mix {dict(a)!r} includes a DoRA adapter: DoRA rescales the row's whole output by its "
+                    "own magnitude, so mixes with it are not defined; serve a DoRA adapter alone in its row"
+                )
             return out
         raise ConfigError(
             f"a row's adapter is a name, None, a Lease or a {{name: weight}} mix; got {type(a).__name__} {a!r}"
@@ -364,8 +374,10 @@ class MultiLoraModel:
             if check_base_model and af.base_fingerprint and af.base_fingerprint != self._fingerprint:
                 check_base(af.base_fingerprint, self.model, f"adapter {str(af.path)!r}")
             self._wrap_targets(name, tensors)
+            dora = dora_rescales(af, tensors, scales, lambda k: (
+                self._bare_weight(k), getattr(self._wrapped[k].base_layer, "bias", None)))
             self._sources[(name, af.content_hash)] = af.path
-            self.pool.add(name, af.content_hash, tensors, scales)
+            self.pool.add(name, af.content_hash, tensors, scales, dora)
             if old is not None:
                 self._sources.pop((name, old), None)  # a leased old version is never evicted: no reload needed
             return af.content_hash
@@ -402,6 +414,8 @@ class MultiLoraModel:
         tensors: LayerTensors = {}
         scales: dict[str, float] = {}
         for key, A in af.tensors.items():
+            if key.endswith(".lora_magnitude_vector") and cfg.use_dora:
+                continue  # read by _dora_scales
             if key.endswith(".lora_B.weight"):
                 if key[: -len(".lora_B.weight")] + ".lora_A.weight" not in af.tensors:
                     raise AdapterFileError(f"adapter {str(af.path)!r} has {key!r} but no matching lora_A")
@@ -427,6 +441,16 @@ class MultiLoraModel:
         if not tensors:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
         return tensors, scales
+
+    def _bare_weight(self, key: str) -> torch.Tensor:
+        """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
+        from ..quant.linear import QuantLinear  # lazy: loraplex.quant imports store, which imports inject
+
+        base = self._wrapped[key].base_layer
+        if isinstance(base, QuantLinear):
+            return base.quantized_weight().dequantize(torch.float32)  # merging into a quantized base is refused
+        w = self._restored(key) if self._merged is not None and key in self._merged.residuals else self._weight(key)
+        return w.T if _is_conv1d(base) else w
 
     def _reload(self, name: str, content_hash: str) -> LayerTensors:
         """The pool's loader: re-read an evicted adapter from its directory, refusing a changed file."""
@@ -484,6 +508,11 @@ class MultiLoraModel:
         with self._lock:
             if self._merged is not None:
                 raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged already; unmerge() first")
+            if self.pool.is_dora(name):
+                raise UnsupportedFeatureError(
+                    f"adapter {name!r} is DoRA: merging it would rescale the rows of W that every other request "
+                    "reads, so the runtime serves DoRA unmerged (loraplex.merge merges it into a model of its own)"
+                )
             lease = self.pool.acquire(name)
             try:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
@@ -508,16 +537,22 @@ class MultiLoraModel:
             if self._merged is None:
                 raise MergeStateError("no adapter is merged")
             m = self._merged
-            for k, (idx, values) in m.residuals.items():
-                A, B, scale = self.pool.tensors(m.lease.slot, k)
-                w = self._weight(k)
-                d = self._delta(k, A, B, scale, w)
-                restored = (w.to(d.dtype) - d).to(w.dtype)
-                restored.view(-1)[idx] = values
-                w.copy_(restored)
+            for k in m.residuals:
+                self._weight(k).copy_(self._restored(k))
             self._merged = None
             self._merge_epoch += 1
             m.lease.release()
+
+    def _restored(self, key: str) -> torch.Tensor:
+        """The weight of `key` (storage layout) with the merged adapter taken out exactly (W' - dW + residual)."""
+        m = self._merged
+        idx, values = m.residuals[key]
+        A, B, scale = self.pool.tensors(m.lease.slot, key)
+        w = self._weight(key)
+        d = self._delta(key, A, B, scale, w)
+        restored = (w.to(d.dtype) - d).to(w.dtype)
+        restored.view(-1)[idx] = values
+        return restored
 
     def _weight(self, key: str) -> torch.Tensor:
         return self._wrapped[key].base_layer.weight.data

@@ -23,6 +23,8 @@ and stores, per layer, the tensors its strategy needs (chosen once per plan, see
                single-slot assignment reads the pool's own tensors (w * scale goes in the matmul's alpha),
                so a plan for one adapter copies nothing.
 Rows whose assignment is base-only (or whose slots do not target a layer) are never read or written.
+DoRA slots (when `build_plan` is given a `rescale` source) add one step after the LoRA terms, per DoRA row:
+y[b] = g * y[b] + c with the slot's per-feature [g; c] (see loraplex.runtime.rescale for the rule).
 Adapter storage keeps each adapter at its own rank; padding exists only inside a plan, for its batch.
 """
 
@@ -37,6 +39,7 @@ from typing import Literal, Union
 import torch
 
 from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
+from .rescale import RescaleLayer, RescaleSource, dora_slot, rescale_layer
 
 # One row's adapters: ((slot, weight), ...); () = base only.
 Assignment = tuple[tuple[int, float], ...]
@@ -156,6 +159,7 @@ class BatchPlan:
     layers: dict[str, _GatherLayer | _SegmentLayer | None]  # None: no active row at that layer
     in_out: dict[str, tuple[int, int]]  # layer key -> (in_features, out_features)
     versions: dict[int, int] = field(default_factory=dict)  # slot -> content version it was built from
+    rescale: dict[str, RescaleLayer] = field(default_factory=dict)  # layers with DoRA rows (applied after LoRA)
 
     @property
     def num_rows(self) -> int:
@@ -174,7 +178,7 @@ class BatchPlan:
                 total += _nbytes(lay.A) + _nbytes(lay.Bt)
             elif isinstance(lay, _SegmentLayer):
                 total += sum(_nbytes(s.A) + _nbytes(s.Bt) for s in lay.segments if s.owned)
-        return total
+        return total + sum(_nbytes(r.gc) for r in self.rescale.values())
 
     def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add each row's LoRA output for layer `key` into y in place; x: (B, L, in) or (B, in); returns y."""
@@ -206,6 +210,8 @@ class BatchPlan:
                 "keep the adapter pool in the model's dtype"
             )
         lay.apply_(x, y)
+        if key in self.rescale:
+            self.rescale[key].apply_(y)  # DoRA rows: y[b] = g * y[b] + c, after their LoRA terms
         return out
 
 
@@ -218,6 +224,7 @@ def build_plan(
     device: torch.device | str = "cpu",
     strategy: Strategy = "auto",
     memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
+    rescale: RescaleSource | None = None,
 ) -> BatchPlan:
     """Build the batch plan for `assignments` (one per row) over `layers` {key: (in_features, out_features)}.
 
@@ -227,6 +234,7 @@ def build_plan(
     `memo` (optional) keeps, per single-slot assignment, its per-layer views of the source's tensors (no
     copies), so the next plan for that adapter skips reading them again (an adapter switch then costs a few
     microseconds per layer). The caller owns it and must drop every entry of a slot whose content changes or goes away.
+    `rescale(slot, key)` (optional) returns a DoRA slot's [g; c] (2, out) at `key`, None for plain LoRA.
     """
     rows_a = tuple(normalize_assignment(a) for a in assignments)
     distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
@@ -245,13 +253,17 @@ def build_plan(
     rows = _RowIndex(rows_of, row_u, device)
     per_u = [layer_views(get, a, layers, dtype=dtype, device=device, memo=memo) for a in distinct]
     built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
+    scaled: dict[str, RescaleLayer] = {}
     for key, (fin, fout) in layers.items():
+        if rescale is not None and (r := rescale_layer([dora_slot(rescale, a, key) for a in distinct], row_u, fout,
+                                                       device, dtype)) is not None:
+            scaled[key] = r
         virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
         if strategy == "gather":
             built[key] = _gather_layer(virt, rows, fin, fout, dtype, device)
         else:
             built[key] = _segment_layer(virt, rows)
-    return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()})
+    return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()}, rescale=scaled)
 
 
 def lora_batched_(

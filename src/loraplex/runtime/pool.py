@@ -15,6 +15,10 @@ used adapters that nobody leases are evicted from it. Where an evicted adapter g
 Reloaded content is checked against a fingerprint taken at `add`, so a loader that returns another version
 (a replaced file on disk) fails loudly instead of serving stale weights.
 
+A DoRA adapter also has, at each of its layers, a [g; c] (2, out) tensor (loraplex.runtime.rescale). These
+are small (2 * out values per layer), stay in the fast tier for the slot's whole life (eviction drops A and B
+only) and count against the budget while the slot exists.
+
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
 
@@ -71,6 +75,7 @@ class _Entry:
     slow: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # CPU copy (fast tier off-CPU, no loader)
     refs: int = 0  # outstanding leases
     retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
+    dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
 
 
 @dataclass(frozen=True)
@@ -175,11 +180,13 @@ class AdapterPool:
         return dict(self._layers)
 
     # ---- names and slots ----------------------------------------------------------------------------------
-    def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float]) -> int:
+    def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float],
+            dora: Mapping[str, torch.Tensor] | None = None) -> int:
         """Store an adapter (copies of `tensors`, in the pool's dtype and device) and return its slot.
 
         tensors: {layer_key: (A (r, in), B (out, r))}; scales: {layer_key: scale} for the same keys. Layers not
-        listed get no update from this adapter. Same name and hash again: returns the existing slot.
+        listed get no update from this adapter. dora: for a DoRA adapter, {layer_key: [g; c] (2, out)} for the
+        layers where it is DoRA (see loraplex.runtime.rescale). Same name and hash again: returns the existing slot.
         Same name, new hash: a new slot; the old one serves its leases until released, then is freed.
         """
         with self._lock:
@@ -192,12 +199,14 @@ class AdapterPool:
                 self._touch(cur)
                 return cur
             shapes, scl = self._check(name, tensors, scales)
+            gc = self._check_dora(name, dora or {}, shapes)
             nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
+            dbytes = sum(t.numel() * t.element_size() for t in gc.values())
             old = self._entries[cur] if cur is not None else None
             # an unleased old version is freed right after: its bytes count as available
             credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
             keep = frozenset([cur]) if credit else frozenset()
-            self._make_room(max(0, nbytes - credit), what=f"adapter {name!r}", keep=keep)
+            self._make_room(max(0, nbytes + dbytes - credit), what=f"adapter {name!r}", keep=keep)
             fast = self._to_fast(tensors)
             slow = None
             if self.loader is None and self.device.type != "cpu":
@@ -206,9 +215,9 @@ class AdapterPool:
                         for k, pair in fast.items()}
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
             self._entries[slot] = _Entry(
-                name, content_hash, next(self._versions), scl, shapes, _fingerprint(fast), nbytes, fast, slow
+                name, content_hash, next(self._versions), scl, shapes, _fingerprint(fast), nbytes, fast, slow, dora=gc
             )
-            self._resident_bytes += nbytes
+            self._resident_bytes += nbytes + dbytes
             self._lru[slot] = None
             self._by_name[name] = slot
             if cur is not None:
@@ -293,7 +302,7 @@ class AdapterPool:
                 self._live(s)
             self._ensure_resident(slots)
             plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
-                              strategy=strategy, memo=self._views)
+                              strategy=strategy, memo=self._views, rescale=self._rescale)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
             if self.max_plans:
@@ -337,6 +346,34 @@ class AdapterPool:
             return None
         A, Bt = e.fast[key]
         return A, Bt.T, e.scales[key]
+
+    def _rescale(self, slot: int, key: str) -> torch.Tensor | None:
+        return self._entries[slot].dora.get(key)
+
+    def is_dora(self, name: str) -> bool:
+        """Whether the current version of `name` is a DoRA adapter."""
+        with self._lock:
+            return bool(self._entries[self._slot_of(name)].dora)
+
+    def is_dora_slot(self, slot: int) -> bool:
+        """Whether `slot` holds a DoRA adapter."""
+        with self._lock:
+            return bool(self._live(slot).dora)
+
+    def _check_dora(self, name: str, dora: Mapping[str, torch.Tensor],
+                    shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+        """Validated fast-tier copies of a DoRA adapter's {key: [g; c] (2, out)}."""
+        out = {}
+        for key, t in dora.items():
+            if key not in shapes:
+                raise ConfigError(f"adapter {name!r}: DoRA tensor for layer {key!r}, which has no lora_A/lora_B")
+            if tuple(t.shape) != (2, shapes[key][2]):
+                raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: DoRA [g; c] must be "
+                                         f"(2, {shapes[key][2]}), got {tuple(t.shape)}")
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"adapter {name!r} layer {key!r}: DoRA scale holds NaN/Inf")
+            out[key] = torch.empty(t.shape, dtype=self.dtype, device=self.device).copy_(t.detach())
+        return out
 
     def _slot_of(self, name: str) -> int:
         slot = self._by_name.get(name)
@@ -492,6 +529,7 @@ class AdapterPool:
 
     def _free_slot(self, slot: int) -> None:
         e = self._entries.pop(slot)
+        self._resident_bytes -= sum(t.numel() * t.element_size() for t in e.dora.values())
         if e.fast is not None:
             self._resident_bytes -= e.nbytes
             del self._lru[slot]

@@ -20,6 +20,8 @@ reload from disk succeeds again or it is loaded, replaced or removed by name.
 An adapter file becomes pool tensors as (key = module name, e.g. "model.layers.0.self_attn.q_proj"):
     A = tensors[key + ".lora_A.weight"]  (r, in)   B = tensors[key + ".lora_B.weight"]  (out, r)
     scale = functional.scaling(config.rank_for(key), config.alpha_for(key), config.use_rslora)
+A DoRA adapter (use_dora) also holds key + ".lora_magnitude_vector" (out,); at load its per-layer [g; c] is
+computed once from the base (runtime.rescale.dora_rescales) and its rows are served per row like any other.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..functional import scaling
+from ..runtime.rescale import dora_rescales
 from ..identity import check_base
 from ..inject import check_name
 from ..runtime import AdapterPool
@@ -73,6 +76,8 @@ def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
                                       "modules_to_save, bias training and fan_in_fan_out are not served")
     tensors, scales = {}, {}
     for name in af.tensors:
+        if cfg.use_dora and name.endswith(".lora_magnitude_vector"):
+            continue  # DoRA's magnitudes: read by runtime.rescale.dora_rescales when the adapter is added
         if not name.endswith((_A, _B)):
             raise UnsupportedFeatureError(f"{what} holds {name!r}: only lora_A/lora_B of linear layers are served "
                                           "(no embedding LoRA, no extra weights)")
@@ -239,13 +244,19 @@ class AdapterStore:
 
     def _add(self, name: str, af: AdapterFile, verified=None) -> AdapterInfo:
         tensors, scales = verified or self._verify(af)
-        self.pool.add(name, af.content_hash, tensors, scales)
+        dora = dora_rescales(af, tensors, scales, self._base_layer)
+        self.pool.add(name, af.content_hash, tensors, scales, dora)
         info = AdapterInfo(name, af.content_hash, af.config.r, len(tensors), str(af.path))
         self._info[name] = info
         self.broken.pop(name, None)
         self.metrics.adapter_loaded(name)
         self.poll_evictions()
         return info
+
+    def _base_layer(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W (out, in), bias or None) of the base's projection `key` (the server never merges into it)."""
+        module = self.base.get_submodule(key)
+        return module.weight, module.bias
 
     def _reload(self, name: str, content_hash: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """AdapterPool loader: read the adapter back from disk after an eviction (same content only)."""

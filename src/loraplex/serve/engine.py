@@ -5,6 +5,7 @@ A request's `model` is resolved once, when it is submitted, into (adapter name, 
     "legal"                  one adapter                     (("legal", 1.0),)
     "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
 Mix weights are finite numbers in [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT] (0 drops that adapter from the row).
+A DoRA adapter is served alone, at weight 1 (a mix including one is refused: 422, see runtime.rescale).
 Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
 with even if they are replaced or removed meanwhile.
 
@@ -55,6 +56,7 @@ from ..errors import (
     QueueFullError,
     RequestTimeoutError,
     ShuttingDownError,
+    UnsupportedFeatureError,
 )
 from ..runtime import AdapterPool, Lease
 from ..runtime.generate import sample_next
@@ -66,6 +68,15 @@ from .text import Detokenizer, TextCodec, check_prompt
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
 MAX_MIX_WEIGHT = 100.0  # |weight| bound in a mix: larger ones only overflow activations
+
+
+def _check_dora_alone(mix: Mix, dora: list[bool], spec: str) -> None:
+    """Refuse a mix that includes a DoRA adapter (dora[i]: whether mix[i] is one): DoRA rescales its row's
+    whole output, so it is served alone at weight 1."""
+    if any(dora) and (len(mix) > 1 or mix[0][1] != 1.0):
+        names = [n for (n, _), d in zip(mix, dora) if d]
+        raise UnsupportedFeatureError(f"model {spec!r} mixes DoRA adapter(s) {names}: a DoRA adapter rescales the "
+                                      "whole output of its row, so it is served alone (model='name', weight 1)")
 
 
 @dataclass
@@ -168,6 +179,7 @@ class Engine:
                 raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
                                            f"({self.base_ids[0]!r}) nor a loaded adapter")
             mix.append((name, weight))
+        _check_dora_alone(mix, [self.pool.is_dora(n) for n, _ in mix], spec)
         return tuple(mix)
 
     def submit(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None, *,
@@ -292,7 +304,7 @@ class Engine:
                     self._pop(key)
                     self._finish(s, "error", exc)
                     continue
-                except LoraplexError as exc:  # removed after it was queued, or its files fail to reload
+                except LoraplexError as exc:  # removed or replaced by a DoRA version (in a mix) after it was queued, or its files fail to reload
                     self._pop(key)
                     self._finish(s, "error", exc)
                     continue
@@ -327,6 +339,8 @@ class Engine:
         try:
             for name, _ in mix:
                 leases.append(self.pool.acquire(name))
+            dora = [self.pool.is_dora_slot(lease.slot) for lease in leases]
+            _check_dora_alone(mix, dora, "+".join(n for n, _ in mix))
         except LoraplexError:
             for lease in leases:
                 lease.release()

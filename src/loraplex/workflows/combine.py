@@ -28,6 +28,8 @@ module (lora_alpha = r, no rsLoRA), so its delta is B_out @ A_out. With weights 
 
 modules_to_save copies are whole weights, not deltas: they are combined as sum_i w_i M_i, and only when every
 adapter carries the same copies and the weights sum to 1 (a weighted average); otherwise refused.
+DoRA adapters (use_dora) are refused: each rescales W + its own delta by its own magnitude, so no sum of deltas
+(and no single magnitude) reproduces a weighted mix of them; merge one into the base instead (loraplex.merge).
 With union=True a module some adapters do not target counts as a zero delta for them. Inputs must share one
 base: their loraplex base fingerprints must agree (inputs without one, e.g. written by PEFT, are not checked),
 and the full base-weight copies PEFT saves with embedding targets (`*.base_layer.weight`) must be equal; those
@@ -148,6 +150,12 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
     over the union of target modules instead of refusing adapters that target different modules.
     """
     afs = [a if isinstance(a, AdapterFile) else read_adapter(a) for a in adapters]
+    dora = [str(af.path) for af in afs if af.config.use_dora]
+    if dora:
+        raise UnsupportedFeatureError(
+            f"cannot combine DoRA adapters {dora}: each rescales its rows by its own magnitude, so no combination "
+            "rule is defined for them; combine plain LoRA adapters, or merge one DoRA adapter into the base"
+        )
     weights = _check_args(afs, weights, method, density, rank)
     fingerprint = _common_base(afs)
     parsed = [_split(af) for af in afs]
