@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 
 
 def build_server(args: argparse.Namespace):
-    """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
+    """The Server for parsed `serve` arguments (flags -> the Server constructor; tests build servers with it)."""
     require("serve", "serving")
     from ..workflows.export import DTYPES
     from ..models import base_id, load_base
