@@ -68,7 +68,7 @@ def test_core_api_and_commands_without_the_extras(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert "loraplex.serve.cli" in result["imported"] and "loraplex.train.plot" in result["imported"]
+    assert "loraplex.cli.serve" in result["imported"] and "loraplex.train.plot" in result["imported"]
     assert result["leaked"] == []
     assert result["codes"] == {"serve_help": 0, "serve": 1, "train": 0, "eval_plot": 1}
     assert "loraplex serve: error: loraplex serve needs 'fastapi'" in run.stderr

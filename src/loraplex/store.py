@@ -36,7 +36,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from .version import __version__
 from .config import ALL_LINEAR, LoraConfig
 from .errors import (AdapterFileError, ConfigError, LoraplexError, NonFiniteError, OutputExistsError,
                      ShapeMismatchError, TargetNotFoundError, UnsupportedFeatureError, UnsupportedModuleError,

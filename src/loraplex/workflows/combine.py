@@ -48,13 +48,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import (AdapterFileError, BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
+from ..errors import (AdapterFileError, BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
                      UnsupportedFeatureError)
 from .extract import COMPUTE, adapter_config, best_low_rank, grouped_rows, new_adapter, write_adapter
-from .functional import delta_weight, scaling
-from .identity import PROBE_RTOL
-from .report import format_table
-from .store import AdapterFile, read_adapter
+from ..functional import delta_weight, scaling
+from ..identity import PROBE_RTOL
+from ..report import format_table
+from ..store import AdapterFile, read_adapter
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
