@@ -17,10 +17,15 @@ from .models import canonical_base_id
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-# init_lora_weights: FRESH_INIT_MODES can start a new adapter; the others are plain LoRA on disk (the base is left
-# as it was), so a saved file is read like any other, but loraplex does not implement their initialization.
-FRESH_INIT_MODES = (True, False, "gaussian")
-INIT_MODES = (*FRESH_INIT_MODES, "orthogonal", "eva")
+# init_lora_weights: FRESH_INIT_MODES can start a new adapter; "eva" is plain LoRA on disk (the base is left as it
+# was), so a saved file is read like any other, but loraplex does not implement that initialization.
+# RESIDUAL_INITS (PiSSA, its fast-SVD form pissa_niter_<N>, OLoRA) start a new adapter from the base weight and
+# rewrite that weight in memory to the residual W - scale * B0 @ A0; loraplex saves them converted to a plain LoRA
+# on the original base (rank 2r, init_lora_weights=true), so a file with one of these names is never plain LoRA.
+FRESH_INIT_MODES = (True, False, "gaussian", "orthogonal")
+INIT_MODES = (*FRESH_INIT_MODES, "eva")
+RESIDUAL_INITS = ("pissa", "pissa_niter_<N>", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 # PEFT initializations that rewrite the base weights (PiSSA/OLoRA/CorDA/LoRA-GA keep a residual base, LoftQ a
 # quantized one) or change training (MiCA freezes lora_B): their files are not a plain LoRA on the original base.
 _REFUSED_INITS = {
@@ -131,7 +136,8 @@ class LoraConfig:
             raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        _check_init(self.init_lora_weights)
+        if not is_residual_init(self.init_lora_weights):
+            _check_init(self.init_lora_weights)
         for what in ("use_rslora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, what), bool):
                 raise ConfigError(f"{what} must be true or false, got {getattr(self, what)!r}")
@@ -186,6 +192,8 @@ class LoraConfig:
                     f"unknown adapter config key {key!r}={value!r}: its meaning is unknown to loraplex, "
                     "so the adapter cannot be applied faithfully"
                 )
+        if "init_lora_weights" in kwargs:  # a file made with a residual init is relative to the residual base
+            _check_init(kwargs["init_lora_weights"])
         if isinstance(kwargs.get("target_modules"), (set, tuple)):
             kwargs["target_modules"] = list(kwargs["target_modules"])
         if "use_dora" in kwargs and kwargs["use_dora"] is None:  # older PEFT files write null for "off"
@@ -193,6 +201,16 @@ class LoraConfig:
         kwargs["rank_pattern"] = kwargs.get("rank_pattern") or {}
         kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
         return cls(**kwargs)
+
+
+def is_residual_init(init: Any) -> bool:
+    """Is `init` one of RESIDUAL_INITS ("pissa", "pissa_niter_4", "olora"), which rewrite the base weight?"""
+    return isinstance(init, str) and (init in ("pissa", "olora") or _PISSA_NITER.fullmatch(init) is not None)
+
+
+def is_fresh_init(init: Any) -> bool:
+    """Can loraplex initialize a new adapter with `init` (FRESH_INIT_MODES or RESIDUAL_INITS)?"""
+    return isinstance(init, bool) or (isinstance(init, str) and init in FRESH_INIT_MODES) or is_residual_init(init)
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
@@ -223,9 +241,10 @@ def _check_init(init: Any) -> None:
             f"init_lora_weights={init!r}: {_REFUSED_INITS[refused]}, so the adapter is not a plain LoRA on the "
             "original base and loraplex cannot apply it faithfully. Convert it with PEFT first "
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...) turns PiSSA/OLoRA/CorDA into a "
-            "plain LoRA with init_lora_weights=true)"
+            "plain LoRA with init_lora_weights=true; loraplex's own PiSSA/OLoRA adapters are saved that way)"
         )
-    raise ConfigError(f"init_lora_weights must be one of {INIT_MODES}, got {init!r}")
+    raise ConfigError(f"init_lora_weights must be one of {INIT_MODES} (or, for a new adapter, {RESIDUAL_INITS}), "
+                      f"got {init!r}")
 
 
 def _check_regex(what: str, pattern: str) -> None:

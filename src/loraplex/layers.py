@@ -12,6 +12,9 @@ Forward: y = base(x) + sum over active (name, w) not merged of  w * scale[name] 
 A DoRA adapter (one active, weight 1) instead gives y = g * (x @ W.T + scale * B(A(x))) + bias with
 g = m / ||W + scale B A||_row (functional.py; PEFT's formula, dropout included).
 Merging is explicit (`merge`/`unmerge`), never a side effect of train()/eval().
+A residual init (PiSSA, OLoRA: LoraLinear only) rewrites the base weight to W - scale * B0 @ A0 when the adapter is
+added, explicitly requested by its init; `residual` keeps (A0, B0) so the base can be restored (remove_adapter)
+and the adapter saved as a plain LoRA on W (store.save_adapter). Such an adapter is alone on its layer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as LF
+from .config import is_residual_init
 from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedFeatureError, UnsupportedModuleError
 
 try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
@@ -71,6 +75,9 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoraMagnitude (weight (out,))
         self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
         self.merged: dict[str, MergeRecord] = {}
+        # residual-init adapters (PiSSA/OLoRA): name -> (A0 (r, in), B0 (out, r)), the initial factors whose
+        # scaled product was subtracted from the base weight; the base holds W_res = W - scale * B0 @ A0
+        self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.disabled = False
         # per-row routing (set by inject.route_rows): (adapter names, row -> index into names, -1 = base only)
         self.row_routing: Optional[tuple[list[str], torch.Tensor]] = None
@@ -86,11 +93,13 @@ class LoraLayer(nn.Module):
     ) -> None:
         """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
         "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op; None: left
-        uninitialized for the caller to copy weights in). `use_dora` adds the DoRA magnitude
+        uninitialized for the caller to copy weights in; "orthogonal", "pissa", "pissa_niter_<N>", "olora": see
+        LoraLinear._init; `check_new_adapter` says what is refused). `use_dora` adds the DoRA magnitude
         m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A). Its modules take this wrapper's
         train/eval mode."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
+        self.check_new_adapter(init, r)
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
@@ -108,6 +117,10 @@ class LoraLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             raise MergeStateError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        if name in self.residual:  # put back the base weight its init rewrote: W = W_res + scale * B0 @ A0
+            with torch.no_grad():
+                self.set_base_weight(self.unmerged_base_weight())
+            del self.residual[name]
         for store in self._stores():
             del store[name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -116,6 +129,27 @@ class LoraLayer(nn.Module):
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         self.active = [(n, w) for n, w in self.active if n != name]
+
+    def check_new_adapter(self, init: Optional[InitMode], r: int) -> None:
+        """Raise what `add_adapter(..., r, init=init)` refuses, changing nothing: an init this layer type does not
+        implement, and any second adapter beside a residual-init one (it rewrote the base the other would see)."""
+        if self.residual:
+            raise UnsupportedFeatureError(
+                f"adapter {next(iter(self.residual))!r} was initialized with a residual init (PiSSA/OLoRA) and "
+                f"rewrote the base weight of this {type(self.base_layer).__name__}; another adapter here would sit on "
+                "that residual, not on the base: remove it first, or save it (a plain LoRA) and load the file")
+        if is_residual_init(init) and self.r:
+            raise UnsupportedFeatureError(
+                f"init_lora_weights={init!r} rewrites the base weight of this {type(self.base_layer).__name__}, on "
+                f"which adapters {list(self.r)} already sit: start it on a model without adapters on these modules")
+        if init not in (None, True, False, "gaussian"):
+            self._check_init(init, r)
+
+    def _check_init(self, init: InitMode, r: int) -> None:
+        """Refuse an init beyond True/False/"gaussian" this layer type does not implement (LoraLinear does more)."""
+        raise UnsupportedFeatureError(
+            f"init_lora_weights={init!r} is implemented for Linear and GPT-2 Conv1D layers only, not for "
+            f"{type(self.base_layer).__name__}; use True, False or 'gaussian' here (e.g. exclude this module)")
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes (A, B) of a rank-r adapter on this layer, as `_create` makes them (nothing allocated)."""
@@ -185,12 +219,17 @@ class LoraLayer(nn.Module):
         self.base_layer.weight.data.copy_(weight)
 
     def unmerged_base_weight(self) -> torch.Tensor:
-        """The base weight without the merged adapters (up to rounding); the weight itself when none is merged."""
+        """The base weight without the merged adapters, and with what a residual init subtracted added back (up to
+        rounding): the weight itself when neither applies."""
         w = self.get_base_weight()
         for name, rec in self.merged.items():
             if rec.dora_scale is not None:  # the only merged adapter on this layer (merge refuses others)
-                return self._merge_maps(name, rec.weight, w, w.dtype, rec.dora_scale)[1](w)
+                w = self._merge_maps(name, rec.weight, w, w.dtype, rec.dora_scale)[1](w)
+                break
             w = w - rec.weight * self.delta(name).to(w.dtype)
+        for name, (a0, b0) in self.residual.items():  # the base holds W_res = W - scale * B0 @ A0
+            d0 = LF.delta_weight(a0, b0, self.scaling[name])  # (out, in)
+            w = w + self._from_out_rows(d0, w.shape).to(w.dtype)
         return w
 
     def _merge_maps(self, name: str, weight: float, w: torch.Tensor, compute: torch.dtype,
@@ -384,6 +423,67 @@ class LoraLinear(LoraLayer):
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
+
+    def _check_init(self, init: InitMode, r: int) -> None:
+        if init == "orthogonal":
+            if r % 2:
+                raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half of an "
+                                  f"orthogonal basis each), got r={r}")
+            return
+        if not is_residual_init(init):
+            super()._check_init(init, r)
+        if type(self.base_layer) is not nn.Linear and not self.fan_in_fan_out:
+            raise UnsupportedFeatureError(
+                f"init_lora_weights={init!r} rewrites the base weight, which loraplex does only for float nn.Linear "
+                f"and Conv1D layers, not {type(self.base_layer).__name__}: quantize after saving, or use another init")
+        if not self.get_base_weight().is_floating_point():
+            raise UnsupportedFeatureError(f"init_lora_weights={init!r} needs a float base weight, got "
+                                          f"{self.get_base_weight().dtype}")
+        if r > min(self.in_features, self.out_features):
+            raise ConfigError(f"init_lora_weights={init!r}: r={r} exceeds min(in, out) = "
+                              f"{min(self.in_features, self.out_features)}, the most singular/QR directions the base "
+                              "weight has: pass a smaller rank")
+
+    def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
+        """Beyond the common inits (LoraLayer._init), PEFT's, same math (W: the base weight (out, in), fp32):
+        "orthogonal": Q from QR of an (r, r) Gaussian; A = (G1 (in, r/2) @ Q[0::2]).T / 10, B = G2 (out, r/2) @
+            Q[1::2] / 10, so B @ A = 0 at the start while both train from non-zero values (r even).
+        "pissa": W = U S Vh (SVD), A = diag(sqrt(S_r / scale)) @ Vh_r, B = U_r @ diag(sqrt(S_r / scale));
+        "pissa_niter_<N>": the same from torch.svd_lowrank(W, r, niter=N) (randomized, fast);
+        "olora": W = Q R, A = R[:r], B = Q[:, :r].
+        The residual ones then rewrite the base weight to W - scale * B @ A (in its dtype) and keep (A, B) in
+        `residual`, so the layer's output is unchanged at the start up to that rounding."""
+        a, b = self.adapter_tensors(name)
+        r, scale = self.r[name], self.scaling[name]
+        if init == "orthogonal":
+            q = torch.linalg.qr(torch.randn(r, r, generator=generator))[0]  # (r, r)
+            a0 = (torch.randn(self.in_features, r // 2, generator=generator) @ q[0::2]).T / 10.0  # (r, in)
+            b0 = torch.randn(r // 2, self.out_features, generator=generator).T @ q[1::2] / 10.0  # (out, r)
+            a.copy_(a0)
+            b.copy_(b0)
+            return
+        if not is_residual_init(init):
+            return super()._init(name, init, generator)
+        w = self._weight_out_in()
+        dtype, w32 = w.dtype, w.float()  # (out, in)
+        if init == "olora":
+            q, rr = torch.linalg.qr(w32)  # (out, k), (k, in)
+            a0, b0 = rr[:r], q[:, :r]
+        else:
+            if init == "pissa":
+                u, sv, vh = torch.linalg.svd(w32, full_matrices=False)
+                u, sv, vh = u[:, :r], sv[:r], vh[:r]
+            else:
+                u, sv, v = _svd_lowrank(w32, r, int(init.rpartition("_")[2]), generator)
+                vh = v.T
+            root = torch.sqrt(sv / scale)  # (r,)
+            a0, b0 = root[:, None] * vh, u * root  # (r, in), (out, r)
+        a.copy_(a0)
+        b.copy_(b0)
+        a0, b0 = a.detach().clone(), b.detach().clone()
+        w_res = w32 - scale * (b0.float() @ a0.float())  # (out, in)
+        self.set_base_weight(self._from_out_rows(w_res.to(dtype), self.get_base_weight().shape))
+        self.residual[name] = (a0, b0)
 
     def _create(self, name: str, r: int) -> None:
         kw = dict(bias=False, device=self.get_base_weight().device, dtype=self._lora_dtype())
@@ -621,6 +721,18 @@ def lora_layer_for(module: nn.Module) -> LoraLayer:
         f"cannot put LoRA on a {type(module).__name__}; supported: nn.Linear, nn.Embedding, nn.Conv1d, "
         "nn.Conv2d, transformers Conv1D, loraplex QuantLinear"
     )
+
+
+def _svd_lowrank(w: torch.Tensor, r: int, niter: int, generator: Optional[torch.Generator]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.svd_lowrank(w, r, niter) -> (U (out, r), S (r,), V (in, r)); its random probe is drawn from
+    `generator` (via a seed for a forked global RNG, which svd_lowrank uses) when one is given."""
+    if generator is None:
+        return torch.svd_lowrank(w, q=r, niter=niter)
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return torch.svd_lowrank(w, q=r, niter=niter)
 
 
 def _tensor(p: Any) -> torch.Tensor:

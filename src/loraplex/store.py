@@ -20,9 +20,12 @@ a base (targets present, shapes fit) before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import json
+import math
+import math
 import os
 import shutil
 import uuid
@@ -225,7 +228,10 @@ def write_png(fig: Any, path: PathLike, *, overwrite: bool = False) -> Path:
 
 # -- model <-> PEFT state dict ------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of adapter `name` under PEFT's file keys (see module docstring)."""
+    """The tensors of adapter `name` under PEFT's file keys (see module docstring). A residual-init adapter
+    (PiSSA/OLoRA: the base holds W - scale * B0 @ A0) comes as the plain LoRA on the original base W that PEFT's
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes: delta = scale * (B @ A - B0 @ A0) =
+    scale * B' @ A' with A' = [A; A0] (2r, in) and B' = [B, -B0] (out, 2r); see `plain_lora_config`."""
     if name not in configs(model):
         raise LoraplexError(f"no adapter {name!r} on this model; loaded: {sorted(configs(model))}")
     config = configs(model)[name]
@@ -234,6 +240,9 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name not in layer.r:
             continue
         a, b = layer.adapter_tensors(name)
+        if name in layer.residual:
+            a0, b0 = layer.residual[name]
+            a, b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)  # (2r, in), (out, 2r)
         if isinstance(layer, LoraEmbedding):
             out[f"{PREFIX}{key}.lora_embedding_A"], out[f"{PREFIX}{key}.lora_embedding_B"] = a, b
         else:
@@ -252,6 +261,25 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             if pname.endswith("bias") and not skip:
                 out[f"{PREFIX}{pname}"] = p
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def plain_lora_config(config: LoraConfig) -> LoraConfig:
+    """The config a residual-init adapter is saved with (PEFT's conversion): every rank doubled and every alpha
+    doubled (times sqrt(2) with rsLoRA), so the scale is unchanged; init_lora_weights=true. (PEFT doubles
+    alpha_pattern values even with rsLoRA, which changes their scale; here they follow lora_alpha.)"""
+    k = math.sqrt(2) if config.use_rslora else 2
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=k * config.lora_alpha, init_lora_weights=True,
+        rank_pattern={p: 2 * v for p, v in config.rank_pattern.items()},
+        alpha_pattern={p: k * v for p, v in config.alpha_pattern.items()})
+
+
+def saved_config(model: nn.Module, name: str) -> LoraConfig:
+    """The config adapter `name` of `model` is saved with: its own, or `plain_lora_config` of it when a residual
+    init rewrote the base (the tensors `adapter_state_dict` gives then have rank 2r)."""
+    config = configs(model)[name]
+    residual = any(name in layer.residual for _, layer in lora_layers(model))
+    return plain_lora_config(config) if residual else config
 
 
 def peft_config_dict(config: LoraConfig, model: nn.Module, base_name: Optional[str] = None) -> dict[str, Any]:
@@ -282,9 +310,10 @@ def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name:
                  overwrite: bool = False) -> AdapterFile:
     """Write adapter `name` as a PEFT-readable directory (config per `peft_config_dict`), atomically (an existing
     non-empty `directory` is replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is
-    written. Returns what was written."""
-    config = configs(model).get(name)
+    written. A residual-init adapter (PiSSA/OLoRA) is written as a plain LoRA on the original base (rank 2r; see
+    `adapter_state_dict`), which PEFT and loraplex load on the untouched base. Returns what was written."""
     tensors = adapter_state_dict(model, name)
+    config = saved_config(model, name)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteError(f"adapter {name!r} holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[:2]}; nothing "
