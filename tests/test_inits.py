@@ -189,3 +189,71 @@ def test_residual_file_delta_equals_the_in_memory_update(fin, fout, data, init, 
     assert a.shape == (2 * r, fin) and cfg.r == 2 * r
     saved = w + lp.functional.delta_weight(a, b, lp.functional.scaling(cfg.r, cfg.lora_alpha))
     torch.testing.assert_close(saved, in_memory.detach(), atol=1e-4, rtol=1e-4)
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["pissa_niter_4", "olora", "orthogonal"])
+def test_train_with_init_flag_saves_what_peft_loads(init, tmp_path):
+    """`loraplex train --init X`: the loss drops; the file (plain LoRA) gives the same logits in PEFT and loraplex
+    on the untouched base."""
+    from test_train import make_tiny_base, write_data
+
+    from loraplex.cli import main
+
+    base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
+    out = tmp_path / "run"
+    assert main(["train", "--base", str(base), "--data", str(data["a"]), "--out", str(out), "--init", init,
+                 "--rank", "4", "--max-steps", "6", "--batch-size", "4", "--max-length", "64", "--eval-split", "0.25",
+                 "--lr", "1e-2", "--no-progress"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())["adapters"]["default"]
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    raw = json.loads((out / CONFIG_NAME).read_text())
+    assert raw["r"] == (4 if init == "orthogonal" else 8)
+    model, _ = lp.models.load_base(str(base))
+    lp.load_adapter(model, out, "t")
+    pm = peft.PeftModel.from_pretrained(lp.models.load_base(str(base))[0], out).eval()
+    ids = torch.randint(4, 99, (2, 10), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(model.eval(), ids), _logits(pm, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_train_pissa_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """A checkpoint holds the converted (rank-2r) file; resuming rebuilds the residual init and continues from
+    A = A'[:r], B = B'[:, :r], ending bit-identical to an uninterrupted run."""
+    from safetensors.torch import load_file
+    from test_train import config, make_tiny_base, write_data
+
+    from loraplex.store import WEIGHTS_NAME
+    from loraplex.train import checkpoint as ckpt_mod
+    from loraplex.train import train
+
+    base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
+    kw = dict(init="pissa", use_dora=True, save_every=2)
+    whole = train(config(base, [data["a"]], tmp_path / "whole", **kw))
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        train(config(base, [data["a"]], tmp_path / "crashed", **kw))
+    monkeypatch.undo()
+    resumed = train(config(base, [data["a"]], tmp_path / "crashed", resume=True, **kw))
+    assert resumed.resumed_from == 2
+    a, b = load_file(str(whole.out / WEIGHTS_NAME)), load_file(str(tmp_path / "crashed" / WEIGHTS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_config_refuses_inits_it_cannot_honour(tmp_path):
+    from loraplex.train import TrainConfig
+
+    with pytest.raises(lp.ConfigError, match="TrainConfig.init"):
+        TrainConfig(base="b", data=["d"], out=tmp_path, init="eva")
+    with pytest.raises(lp.ConfigError, match="one adapter"):
+        TrainConfig(base="b", data=["d1", "d2"], out=tmp_path, init="pissa", out_per_data=True)
+    with pytest.raises(lp.ConfigError, match="float base"):
+        TrainConfig(base="b", data=["d"], out=tmp_path, init="olora", quantize="nf4")

@@ -291,7 +291,7 @@ def test_inits_that_rewrite_the_base_are_refused(tmp_path, init, match):
     _edit_config(d, init_lora_weights=init)
     _refused(d, lp.UnsupportedFeatureError, f"{CONFIG_NAME}.*init_lora_weights='{init}': .*{match}")
     with pytest.raises(lp.UnsupportedFeatureError, match="cannot initialize a new adapter"):
-        lp.inject(tiny_llama(), lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="orthogonal"))
+        lp.inject(tiny_llama(), lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="eva"))
 
 
 def test_written_config_loads_with_auto_peft_model(tmp_path):

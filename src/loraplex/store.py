@@ -44,7 +44,7 @@ from .config import ALL_LINEAR, LoraConfig
 from .errors import (AdapterFileError, ConfigError, LoraplexError, NonFiniteError, OutputExistsError,
                      ShapeMismatchError, TargetNotFoundError, UnsupportedFeatureError, UnsupportedModuleError,
                      WriteError)
-from .functional import scaling
+from .functional import scaling, tolerance
 from .identity import base_fingerprint, check_base, content_hash
 from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets, freeze_base, inject, lora_layers,
                      matches, remove_adapter, set_active)
@@ -528,6 +528,43 @@ def load_adapter(model: nn.Module, directory: Union[PathLike, AdapterFile], name
     freeze_base(model, name if trainable else None)
     if activate:
         set_active(model, name)
+    return af
+
+
+def load_residual_state(model: nn.Module, name: str, directory: PathLike) -> AdapterFile:
+    """Continue residual-init adapter `name`, just injected into `model` (same config and seed, so the same
+    residual base and (A0, B0)), from the file `save_adapter` wrote for it (a training checkpoint): A = A'[:r],
+    B = B'[:, :r] and the DoRA magnitude. Refuses (AdapterFileError, nothing copied) a file that is not that
+    conversion of this adapter: other tensors, other shapes, or a second half other than this (A0, -B0)."""
+    af = read_adapter(directory)
+    todo: list[tuple[torch.Tensor, torch.Tensor]] = []
+    used: set[str] = set()
+    for key, layer in lora_layers(model):
+        if name not in layer.residual:
+            continue
+        (ka, kb), (a, b), (a0, b0) = _factor_keys(key, False), layer.adapter_tensors(name), layer.residual[name]
+        a2, b2, r = af.tensors.get(ka), af.tensors.get(kb), a.shape[0]
+        atol, rtol = tolerance(a0.dtype)
+        if (a2 is None or b2 is None or a2.shape != (2 * r, a.shape[1]) or b2.shape != (b.shape[0], 2 * r)
+                or not torch.allclose(a2[r:].to(a0), a0, atol=atol, rtol=rtol)
+                or not torch.allclose(b2[:, r:].to(b0), -b0, atol=atol, rtol=rtol)):
+            raise AdapterFileError(f"adapter {str(af.path)!r} at {key!r} is not the saved form of adapter {name!r} "
+                                   f"([A; A0], [B, -B0] of rank {2 * r} with this base's residual init): made with "
+                                   "another base, init, rank or seed? Resume with the original settings")
+        todo += [(a, a2[:r]), (b, b2[:, :r])]
+        used |= {ka, kb}
+        if layer.is_dora(name):
+            km, m = f"{key}.lora_magnitude_vector", layer.lora_magnitude_vector[name].weight
+            if km not in af.tensors or af.tensors[km].shape != m.shape:
+                raise AdapterFileError(f"adapter {str(af.path)!r} lacks {km!r} of shape {tuple(m.shape)}")
+            todo.append((m, af.tensors[km]))
+            used.add(km)
+    extra = sorted(set(af.tensors) - used)
+    if extra:
+        raise AdapterFileError(f"adapter {str(af.path)!r} holds {extra[:3]}, which adapter {name!r} does not have")
+    with torch.no_grad():
+        for dest, t in todo:
+            dest.copy_(t)
     return af
 
 

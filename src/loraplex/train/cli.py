@@ -33,6 +33,11 @@ def parse_targets(value: str) -> str | list[str]:
     return names
 
 
+def parse_init(value: str) -> bool | str:
+    """--init: "true"/"false" (any case) as booleans, anything else as given (TrainConfig checks it)."""
+    return {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+
+
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser(
         "train", help="train LoRA adapters (several in one pass with --out-per-data; DDP under torchrun)",
@@ -50,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (0: no dropout module at all)")
     g.add_argument("--dora", dest="use_dora", action="store_true",
                    help="DoRA (weight-decomposed LoRA): also learn a magnitude per output feature")
+    g.add_argument("--init", type=parse_init, default=True,
+                   help="init_lora_weights: true (default), false, gaussian, orthogonal, or pissa, pissa_niter_N, olora "
+                        "(these rewrite the frozen base in memory; the adapter is saved as a plain LoRA of rank 2r)")
     g.add_argument("--targets", type=parse_targets, default=ALL_LINEAR,
                    help="'all-linear', a regex over module names, or a comma list (default all-linear)")
     g.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
@@ -88,7 +96,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig
     from .run import train
 
-    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "use_dora", "targets", "quantize",
+    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "use_dora", "init", "targets", "quantize",
               "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",
               "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing",
               "eval_split", "skip_bad", "eval_every", "log_every", "save_every", "resume", "overwrite", "device",
