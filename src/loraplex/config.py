@@ -47,7 +47,6 @@ _IGNORED_KEYS = {
 }
 # PEFT keys that change what the adapter computes: accepted only at their "off" value.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "lora_bias": (False, None),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []),
@@ -72,6 +71,8 @@ class LoraConfig:
     match (PEFT's `(.*\\.)?(pattern)$` rule).
     use_dora: weight-decomposed LoRA (DoRA): each targeted module also learns a magnitude m (out,), and
     computes y = m / ||W + scale B A||_row * (x @ (W + scale B A).T) + bias (see functional.py, docs/concepts.md).
+    lora_bias: lora_B has a bias b (out,) too (PEFT's LoRA-B bias): y = base(x) + scale * (B A x + b), on linear
+    layers; merging adds scale * b to the base bias.
     """
 
     r: int = 8
@@ -92,6 +93,7 @@ class LoraConfig:
     task_type: Union[str, None] = None
     inference_mode: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -134,6 +136,12 @@ class LoraConfig:
             _check_alpha(f"alpha_pattern[{name!r}]", value)
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.lora_bias and (self.use_dora or is_residual_init(self.init_lora_weights)):
+            other = "use_dora=true" if self.use_dora else f"init_lora_weights={self.init_lora_weights!r}"
+            raise UnsupportedFeatureError(f"lora_bias=true with {other} is not implemented by loraplex; use lora_bias "
+                                          "with plain LoRA and a non-residual init")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not is_residual_init(self.init_lora_weights):
@@ -167,7 +175,7 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(d["target_modules"])
-        d.update(peft_type="LORA", lora_bias=False, layer_replication=None, revision=None)
+        d.update(peft_type="LORA", layer_replication=None, revision=None)
         return d
 
     @classmethod
@@ -196,8 +204,9 @@ class LoraConfig:
             _check_init(kwargs["init_lora_weights"])
         if isinstance(kwargs.get("target_modules"), (set, tuple)):
             kwargs["target_modules"] = list(kwargs["target_modules"])
-        if "use_dora" in kwargs and kwargs["use_dora"] is None:  # older PEFT files write null for "off"
-            kwargs["use_dora"] = False
+        for key in ("use_dora", "lora_bias"):
+            if key in kwargs and kwargs[key] is None:  # older PEFT files write null for "off"
+                kwargs[key] = False
         kwargs["rank_pattern"] = kwargs.get("rank_pattern") or {}
         kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
         return cls(**kwargs)

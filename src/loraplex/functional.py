@@ -61,9 +61,11 @@ def conv_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) 
     return (scale * (b @ a)).reshape(lora_B.shape[0], *lora_A.shape[1:]).to(lora_A.dtype)
 
 
-def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """The LoRA path of a linear layer: scale * (x @ A.T) @ B.T ; x: (..., in) -> (..., out)."""
-    return F.linear(F.linear(x, lora_A), lora_B) * scale
+def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                lora_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The LoRA path of a linear layer: scale * ((x @ A.T) @ B.T + b) ; x: (..., in) -> (..., out); b (out,) is
+    PEFT's LoRA-B bias (lora_bias), None for none."""
+    return F.linear(F.linear(x, lora_A), lora_B, lora_bias) * scale
 
 
 def lora_linear_add(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

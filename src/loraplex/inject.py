@@ -167,14 +167,15 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     modules = dict(model.named_modules())
     layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
     for key, module in layers.items():  # refused inits: nothing changed yet
-        module.check_new_adapter(config.init_lora_weights if initialize else None, config.rank_for(key))
+        module.check_new_adapter(config.init_lora_weights if initialize else None, config.rank_for(key),
+                                 config.lora_bias)
     for key, module in layers.items():  # every wrapper was built above: an unsupported module changed nothing
         if module is not modules[key]:
             _replace(model, key, module)
         module.add_adapter(
             name, config.rank_for(key), config.alpha_for(key), dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init=config.init_lora_weights if initialize else None, generator=generator,
-            use_dora=config.use_dora,
+            use_dora=config.use_dora, lora_bias=config.lora_bias,
         )
     for key in copies:
         wrapper = modules[key] if isinstance(modules[key], ModulesToSave) else ModulesToSave(modules[key])

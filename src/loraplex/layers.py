@@ -57,6 +57,7 @@ class MergeRecord:
     residual: Optional[tuple[torch.Tensor, torch.Tensor]]
     versions: tuple[int, ...]
     dora_scale: Optional[torch.Tensor] = None
+    bias_before: Optional[torch.Tensor] = None  # lora_bias: the base bias before scale * b was added to it
 
 
 class LoraLayer(nn.Module):
@@ -90,21 +91,24 @@ class LoraLayer(nn.Module):
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
         init: Optional[InitMode] = True, generator: Optional[torch.Generator] = None, use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
         "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op; None: left
         uninitialized for the caller to copy weights in; "orthogonal", "pissa", "pissa_niter_<N>", "olora": see
         LoraLinear._init; `check_new_adapter` says what is refused). `use_dora` adds the DoRA magnitude
-        m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A). Its modules take this wrapper's
-        train/eval mode."""
+        m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A). `lora_bias` gives lora_B a bias
+        (zero at the start; random with init False). Its modules take this wrapper's train/eval mode."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
-        self.check_new_adapter(init, r)
+        self.check_new_adapter(init, r, lora_bias)
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
+        if lora_bias:
+            self._add_lora_bias(name)
         with torch.no_grad():
             if init is not None:
                 self._init(name, init, generator)
@@ -130,7 +134,7 @@ class LoraLayer(nn.Module):
             del self.lora_magnitude_vector[name]
         self.active = [(n, w) for n, w in self.active if n != name]
 
-    def check_new_adapter(self, init: Optional[InitMode], r: int) -> None:
+    def check_new_adapter(self, init: Optional[InitMode], r: int, lora_bias: bool = False) -> None:
         """Raise what `add_adapter(..., r, init=init)` refuses, changing nothing: an init this layer type does not
         implement, and any second adapter beside a residual-init one (it rewrote the base the other would see)."""
         if self.residual:
@@ -144,6 +148,16 @@ class LoraLayer(nn.Module):
                 f"which adapters {list(self.r)} already sit: start it on a model without adapters on these modules")
         if init not in (None, True, False, "gaussian"):
             self._check_init(init, r)
+        if lora_bias and not self._takes_lora_bias():
+            raise UnsupportedFeatureError(f"lora_bias is implemented for float Linear and GPT-2 Conv1D layers only, not "
+                                          f"{type(self.base_layer).__name__}: exclude this module or drop lora_bias")
+
+    def _takes_lora_bias(self) -> bool:
+        return False
+
+    def lora_b_bias(self, name: str) -> Optional[torch.Tensor]:
+        """PEFT's LoRA-B bias b (out,) of adapter `name` (lora_bias), or None."""
+        return None
 
     def _check_init(self, init: InitMode, r: int) -> None:
         """Refuse an init beyond True/False/"gaussian" this layer type does not implement (LoraLinear does more)."""
@@ -163,7 +177,8 @@ class LoraLayer(nn.Module):
     def adapter_params(self, name: str) -> tuple[torch.Tensor, ...]:
         """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) if it has one."""
         m = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
-        return self.adapter_tensors(name) + (() if m is None else (m,))
+        b = self.lora_b_bias(name)  # never with DoRA (LoraConfig refuses the pair)
+        return self.adapter_tensors(name) + (() if m is None else (m,)) + (() if b is None else (b,))
 
     def is_dora(self, name: str) -> bool:
         return name in self.lora_magnitude_vector
@@ -279,8 +294,9 @@ class LoraLayer(nn.Module):
             idx = (restored != w).flatten().nonzero().squeeze(1)  # usually a small fraction of the elements
             residual = (idx, w.flatten()[idx].clone())
         self.set_base_weight(merged)
+        bias_before = self._merge_lora_bias(name, weight)
         record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name),
-                             dora_scale=g)
+                             dora_scale=g, bias_before=bias_before)
         self.merged[name] = record
         return record
 
@@ -288,6 +304,10 @@ class LoraLayer(nn.Module):
         """Raise what `merge(name, weight)` would refuse for DoRA, changing nothing: DoRA rescales whole rows of
         W, so it merges only at weight 1 into a layer holding no other merge, and nothing merges on top of it
         (the row scale g is defined from the bare base weight)."""
+        if self.lora_b_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
+            raise UnsupportedFeatureError(f"adapter {name!r} has a LoRA-B bias (lora_bias) but this "
+                                          f"{type(self.base_layer).__name__} has no bias to merge it into (as in PEFT); "
+                                          "keep it on the fly")
         if self.is_dora(name) and weight != 1.0:
             raise UnsupportedFeatureError(f"DoRA adapter {name!r} merges only with weight 1.0, got {weight}: a "
                                           "scaled DoRA update is not defined (merge it at weight 1)")
@@ -315,8 +335,27 @@ class LoraLayer(nn.Module):
             idx, values = record.residual
             restored.view(-1)[idx] = values
         self.set_base_weight(restored)
+        biased = [n for n, rec in self.merged.items() if rec.bias_before is not None]  # in merge order
         del self.merged[name]
+        if record.bias_before is not None:  # the first LoRA-B bias merge holds the bare base bias, bit for bit
+            bias = self.base_layer.bias.data
+            if len(biased) == 1:
+                bias.copy_(record.bias_before)
+            else:
+                bias.sub_((record.weight * self.scaling[name] * self.lora_b_bias(name).detach()).to(bias.dtype))
+                if biased[0] == name:  # hand the bare base bias on to the next one
+                    self.merged[biased[1]].bias_before = record.bias_before
         return record
+
+    def _merge_lora_bias(self, name: str, weight: float) -> Optional[torch.Tensor]:
+        """Add weight * scale * b (lora_bias) to the base bias; returns the bias before, or None (no LoRA-B bias)."""
+        b = self.lora_b_bias(name)
+        if b is None:
+            return None
+        bias = self.base_layer.bias.data
+        before = bias.clone()
+        bias.add_((weight * self.scaling[name] * b.detach()).to(bias.dtype))
+        return before
 
     # -- subclass hooks --------------------------------------------------------------------------------
     def _stores(self) -> tuple[Any, Any]:
@@ -326,6 +365,10 @@ class LoraLayer(nn.Module):
         return tuple(t._version for t in self.adapter_params(name))
 
     def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _add_lora_bias(self, name: str) -> None:
+        """Give adapter `name`'s lora_B a zero bias (out,); only layers whose `_takes_lora_bias` is True."""
         raise NotImplementedError
 
     def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
@@ -339,6 +382,9 @@ class LoraLayer(nn.Module):
         elif init is False:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+            if self.lora_b_bias(name) is not None:  # nn.Linear's default bias init, as PEFT leaves it
+                bound = 1 / math.sqrt(self.r[name])
+                nn.init.uniform_(self.lora_b_bias(name), -bound, bound, generator=generator)
         else:
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
 
@@ -409,7 +455,7 @@ class LoraLinear(LoraLayer):
         if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
             return None
         name, weight = self.active[0]
-        if self.is_dora(name):
+        if self.is_dora(name) or self.lora_b_bias(name) is not None:
             return None
         base = self.base_layer
         a = self.lora_A[name].weight
@@ -492,7 +538,17 @@ class LoraLinear(LoraLayer):
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
+        return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name], self.lora_b_bias(name))
+
+    def _takes_lora_bias(self) -> bool:
+        return isinstance(self.base_layer, nn.Linear) or self.fan_in_fan_out
+
+    def lora_b_bias(self, name: str) -> Optional[torch.Tensor]:
+        return self.lora_B[name].bias
+
+    def _add_lora_bias(self, name: str) -> None:
+        b = self.lora_B[name]
+        b.bias = nn.Parameter(torch.zeros(self.out_features, device=b.weight.device, dtype=b.weight.dtype))
 
     def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.T if self.fan_in_fan_out else t  # Conv1D stores (in, out)
@@ -529,7 +585,7 @@ class LoraLinear(LoraLayer):
         """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;
         otherwise (e.g. a bf16 base under fp32 adapters) the generic cast-and-add."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if result.dtype != a.dtype:
+        if result.dtype != a.dtype or self.lora_b_bias(name) is not None:
             return super()._add_lora(name, x, result, weight)
         return LF.lora_linear_add(result, x.to(a.dtype), a, b, weight * self.scaling[name])
 

@@ -249,6 +249,8 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{key}.lora_A.weight"], out[f"{PREFIX}{key}.lora_B.weight"] = a, b
         if layer.is_dora(name):
             out[f"{PREFIX}{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
+        if layer.lora_b_bias(name) is not None:  # PEFT's lora_bias: lora_B is an nn.Linear with a bias
+            out[f"{PREFIX}{key}.lora_B.bias"] = layer.lora_b_bias(name)
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{key}.base_layer.bias"] = layer.base_layer.bias
     for key, wrapper in _wrappers(model):
@@ -437,6 +439,8 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         if config.use_dora:  # m: (out,), a conv's (1, out, 1[, 1]) as PEFT stores it
             shape = (1, b_shape[0], *b_shape[2:]) if isinstance(layer, LoraConv) else (b_shape[0],)
             expected[f"{key}.lora_magnitude_vector"] = torch.empty(shape, device="meta")
+        if config.lora_bias and not isinstance(layer, LoraEmbedding):  # b (out,); inject refuses other layers
+            expected[f"{key}.lora_B.bias"] = torch.empty(b_shape[0], device="meta")
     missing = [k for k in expected if k not in af.tensors]
     if missing:
         raise AdapterFileError(f"{what} lacks tensors for {len(missing)} targeted module(s), e.g. {missing[:3]}; "
@@ -576,6 +580,8 @@ def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
             dest.update(zip(_factor_keys(key, isinstance(layer, LoraEmbedding)), layer.adapter_tensors(name)))
             if layer.is_dora(name):
                 dest[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
+            if layer.lora_b_bias(name) is not None:
+                dest[f"{key}.lora_B.bias"] = layer.lora_b_bias(name)
     for key, wrapper in _wrappers(model):
         if name in wrapper.modules_to_save:
             dest.update({f"{key}.{n}": t for n, t in wrapper.modules_to_save[name].state_dict().items()})
