@@ -131,3 +131,17 @@ def test_runtime_and_server_refuse_lora_bias_files_with_a_typed_error(tmp_path):
         MultiLoraModel._layer_tensors(af)
     with pytest.raises(lp.UnsupportedFeatureError, match="lora_B.bias"):
         pool_tensors(af, {k: (64, 64) for k in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")})
+
+
+def test_a_config_with_lora_bias_but_no_bias_tensors_is_refused(tmp_path):
+    import json
+
+    from loraplex.store import CONFIG_NAME
+
+    model = tiny_llama(seed=1)
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
+    lp.save_adapter(model, "a", tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(cfg | {"lora_bias": True}))
+    with pytest.raises(lp.AdapterFileError, match="lora_B.bias"):
+        lp.load_adapter(tiny_llama(seed=1), tmp_path / "a")

@@ -172,7 +172,7 @@ def test_refuses_edited_tensors_by_content_hash(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("lora_bias", True, "lora_bias=True"),
+    ("use_qalora", True, "use_qalora=True"),
     ("layer_replication", [[0, 1]], "layer_replication"),
     ("some_future_knob", 3, "unknown adapter config key 'some_future_knob'"),
     ("peft_type", "IA3", "peft_type 'IA3'"),
