@@ -118,19 +118,27 @@ def test_refusals_are_typed_and_change_nothing(tmp_path):
         lp.merge(mlp, "a")
 
 
-def test_runtime_and_server_refuse_lora_bias_files_with_a_typed_error(tmp_path):
-    """The multi-adapter runtime and the server apply (A, B, scale) per row; a LoRA-B bias has no slot there."""
-    from loraplex.runtime.model import MultiLoraModel
+@pytest.mark.parametrize("fields, match", [
+    (dict(target_modules=["q_proj"], lora_bias=True), "lora_B.bias"),
+    (dict(target_modules=["q_proj", "embed_tokens"]), "lora_embedding_A"),
+    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save|lm_head"),
+])
+def test_runtime_and_server_refuse_what_has_no_row_wise_form_with_a_typed_error(fields, match, tmp_path):
+    """The multi-adapter runtime and the server apply (A, B, scale) of linear layers per row; a LoRA-B bias,
+    embedding LoRA and modules_to_save copies have no slot there: refused (UnsupportedFeatureError), nothing kept."""
+    from loraplex.runtime import MultiLoraModel
     from loraplex.serve.adapters import pool_tensors
 
     model = tiny_llama(seed=1)
-    lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False), "a")
+    lp.inject(model, lp.LoraConfig(r=2, init_lora_weights=False, **fields), "a")
     lp.save_adapter(model, "a", tmp_path / "a")
-    af = lp.read_adapter(tmp_path / "a")
-    with pytest.raises(lp.UnsupportedFeatureError, match="lora_B.bias"):
-        MultiLoraModel._layer_tensors(af)
-    with pytest.raises(lp.UnsupportedFeatureError, match="lora_B.bias"):
-        pool_tensors(af, {k: (64, 64) for k in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj")})
+    engine = MultiLoraModel(tiny_llama(seed=1))
+    with pytest.raises(lp.UnsupportedFeatureError, match=match):
+        engine.load("a", tmp_path / "a")
+    assert engine.stats.adapters == 0
+    layers = {f"model.layers.{i}.self_attn.q_proj": (64, 64) for i in range(2)}
+    with pytest.raises(lp.UnsupportedFeatureError, match=match):
+        pool_tensors(lp.read_adapter(tmp_path / "a"), layers)
 
 
 def test_a_config_with_lora_bias_but_no_bias_tensors_is_refused(tmp_path):
