@@ -491,44 +491,25 @@ class LoraLinear(LoraLayer):
                               "weight has: pass a smaller rank")
 
     def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
-        """Beyond the common inits (LoraLayer._init), PEFT's, same math (W: the base weight (out, in), fp32):
-        "orthogonal": Q from QR of an (r, r) Gaussian; A = (G1 (in, r/2) @ Q[0::2]).T / 10, B = G2 (out, r/2) @
-            Q[1::2] / 10, so B @ A = 0 at the start while both train from non-zero values (r even).
-        "pissa": W = U S Vh (SVD), A = diag(sqrt(S_r / scale)) @ Vh_r, B = U_r @ diag(sqrt(S_r / scale));
-        "pissa_niter_<N>": the same from torch.svd_lowrank(W, r, niter=N) (randomized, fast);
-        "olora": W = Q R, A = R[:r], B = Q[:, :r].
-        The residual ones then rewrite the base weight to W - scale * B @ A (in its dtype) and keep (A, B) in
-        `residual`, so the layer's output is unchanged at the start up to that rounding."""
+        """Beyond the common inits (LoraLayer._init), PEFT's "orthogonal" (LF.orthogonal_factors) and the residual
+        ones, "pissa", "pissa_niter_<N>", "olora" (LF.residual_factors of the base weight W (out, in)): those then
+        rewrite the base weight to W - scale * B @ A (in its dtype) and keep (A, B) in `residual`, so the layer's
+        output is unchanged at the start up to that rounding."""
         a, b = self.adapter_tensors(name)
-        r, scale = self.r[name], self.scaling[name]
         if init == "orthogonal":
-            q = torch.linalg.qr(torch.randn(r, r, generator=generator))[0]  # (r, r)
-            a0 = (torch.randn(self.in_features, r // 2, generator=generator) @ q[0::2]).T / 10.0  # (r, in)
-            b0 = torch.randn(r // 2, self.out_features, generator=generator).T @ q[1::2] / 10.0  # (out, r)
+            a0, b0 = LF.orthogonal_factors(self.in_features, self.out_features, self.r[name], generator)
             a.copy_(a0)
             b.copy_(b0)
             return
         if not is_residual_init(init):
             return super()._init(name, init, generator)
-        w = self._weight_out_in()
-        dtype, w32 = w.dtype, w.float()  # (out, in)
-        if init == "olora":
-            q, rr = torch.linalg.qr(w32)  # (out, k), (k, in)
-            a0, b0 = rr[:r], q[:, :r]
-        else:
-            if init == "pissa":
-                u, sv, vh = torch.linalg.svd(w32, full_matrices=False)
-                u, sv, vh = u[:, :r], sv[:r], vh[:r]
-            else:
-                u, sv, v = _svd_lowrank(w32, r, int(init.rpartition("_")[2]), generator)
-                vh = v.T
-            root = torch.sqrt(sv / scale)  # (r,)
-            a0, b0 = root[:, None] * vh, u * root  # (r, in), (out, r)
+        w = self._weight_out_in()  # (out, in)
+        a0, b0 = LF.residual_factors(w, self.r[name], self.scaling[name], init, generator)
         a.copy_(a0)
         b.copy_(b0)
         a0, b0 = a.detach().clone(), b.detach().clone()
-        w_res = w32 - scale * (b0.float() @ a0.float())  # (out, in)
-        self.set_base_weight(self._from_out_rows(w_res.to(dtype), self.get_base_weight().shape))
+        w_res = w.float() - self.scaling[name] * (b0.float() @ a0.float())  # (out, in)
+        self.set_base_weight(self._from_out_rows(w_res.to(w.dtype), self.get_base_weight().shape))
         self.residual[name] = (a0, b0)
 
     def _create(self, name: str, r: int) -> None:
@@ -777,18 +758,6 @@ def lora_layer_for(module: nn.Module) -> LoraLayer:
         f"cannot put LoRA on a {type(module).__name__}; supported: nn.Linear, nn.Embedding, nn.Conv1d, "
         "nn.Conv2d, transformers Conv1D, loraplex QuantLinear"
     )
-
-
-def _svd_lowrank(w: torch.Tensor, r: int, niter: int, generator: Optional[torch.Generator]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.svd_lowrank(w, r, niter) -> (U (out, r), S (r,), V (in, r)); its random probe is drawn from
-    `generator` (via a seed for a forked global RNG, which svd_lowrank uses) when one is given."""
-    if generator is None:
-        return torch.svd_lowrank(w, q=r, niter=niter)
-    devices = [w.device] if w.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return torch.svd_lowrank(w, q=r, niter=niter)
 
 
 def _tensor(p: Any) -> torch.Tensor:
