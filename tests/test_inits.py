@@ -257,3 +257,13 @@ def test_train_config_refuses_inits_it_cannot_honour(tmp_path):
         TrainConfig(base="b", data=["d1", "d2"], out=tmp_path, init="pissa", out_per_data=True)
     with pytest.raises(lp.ConfigError, match="float base"):
         TrainConfig(base="b", data=["d"], out=tmp_path, init="olora", quantize="nf4")
+
+
+@pytest.mark.parametrize("value, match", [("eva", "TrainConfig.init"), ("corda", "TrainConfig.init"),
+                                          ("PISSA", "TrainConfig.init")])
+def test_train_init_flag_refuses_unknown_values_as_usage_errors(value, match, tmp_path, capsys):
+    from loraplex.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--base", "b", "--data", "d.jsonl", "--out", str(out), "--init", value]) == 2
+    assert match in capsys.readouterr().err and not out.exists()
