@@ -267,3 +267,19 @@ def test_train_init_flag_refuses_unknown_values_as_usage_errors(value, match, tm
     out = tmp_path / "run"
     assert main(["train", "--base", "b", "--data", "d.jsonl", "--out", str(out), "--init", value]) == 2
     assert match in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_bf16_base_residual_round_trip_within_the_bf16_tolerance(init, tmp_path):
+    """The residual is computed in fp32 and stored in the base's bf16 (as PEFT does); adapters stay fp32."""
+    atol, rtol = tolerance(torch.bfloat16)
+    base = tiny_llama(seed=1).to(torch.bfloat16)
+    model = tiny_llama(seed=1).to(torch.bfloat16)
+    lp.inject(model, lp.LoraConfig(init_lora_weights=init, **KW), "a")
+    assert next(iter(lp.lora_layers(model)))[1].adapter_tensors("a")[0].dtype == torch.float32
+    torch.testing.assert_close(_logits(model).float(), _logits(base).float(), atol=atol, rtol=rtol)
+    _train_like(model)
+    want = _logits(model).float()
+    lp.save_adapter(model, "a", tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(tiny_llama(seed=1).to(torch.bfloat16), tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(pm).float(), want, atol=atol, rtol=rtol)
