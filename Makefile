@@ -5,16 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loraplex-installed
 
-.PHONY: demo test bench venv sysdeps clean
+.PHONY: demo test bench venv sysdeps clean gpu-check
 
 venv: $(STAMP)
 
-# Debian packages some parts use: `fortunes` (the fortunes:CATEGORY data source) and `chromium` (the /ui
-# browser test). Best effort: installed with apt-get when running as root; otherwise (or offline) the tests
-# that need them skip with a reason and the fortunes source says how to install it.
-SYSPKGS := fortunes chromium
+# Debian packages some parts use: `fortunes` (the fortunes:CATEGORY data source), `chromium` (the /ui
+# browser test) and `haproxy` (tests/test_scale_out.py). Best effort: installed with apt-get when running as
+# root; otherwise (or offline) the tests that need them skip with a reason and the fortunes source says how
+# to install it.
+SYSPKGS := fortunes chromium haproxy
 sysdeps:
-	@if [ -d /usr/share/games/fortunes ] && command -v chromium >/dev/null; then exit 0; fi; \
+	@if [ -d /usr/share/games/fortunes ] && command -v chromium >/dev/null && command -v haproxy >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing Debian packages: $(SYSPKGS)"; \
 	  ( timeout 180 apt-get install -y -q --no-install-recommends $(SYSPKGS) \
@@ -38,6 +39,17 @@ test: $(STAMP) sysdeps
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# The GPU suite (tests marked gpu; and the 2-process FSDP test, on gloo, which proves the installed torch's
+# FSDP2) and a short benchmark, on the first machine with a CUDA device (~2 minutes on one H200). Builds NO venv: PY must already have
+# torch (a CUDA build), transformers, peft, safetensors, tokenizers, pytest and hypothesis; tests that need
+# fastapi skip without it. Tiny random models only, nothing downloaded.  `make gpu-check PY=python3`
+gpu-check:
+	$(PY) -c "import torch; assert torch.cuda.is_available(), 'make gpu-check: torch sees no CUDA device'; \
+	print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))"
+	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider -m gpu tests/test_devices.py
+	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k two_processes_equal_one_process
+	PYTHONPATH=src $(PY) bench/bench_gpu.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -471,7 +471,7 @@ def test_a_refused_dora_merge_changes_no_layer():
 
 def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
     """The compact decoder's engine: a DoRA adapter's logits equal PEFT's; continuous batching of DoRA, LoRA
-    and base requests gives each its solo greedy tokens; a mix with DoRA is refused (422-type) at submit."""
+    and base requests gives each its solo greedy tokens; a mix with DoRA is refused (400-type) at submit."""
     from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
     from loraplex.serve.adapters import AdapterStore
     from loraplex.serve.text import TextCodec

@@ -21,8 +21,8 @@ ATOL, RTOL = tolerance(torch.float32)
 CASES = {  # name: (builder, input, config kwargs); tiny_mlp's net.0/head have biases, net.2 none
     "mlp": (tiny_mlp, X_MLP, dict(r=2, lora_alpha=4, target_modules=["net.0", "net.2", "head"])),
     "gpt2-conv1d": (tiny_gpt2, IDS, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
-    "llama": (lambda seed: tiny_llama(seed=seed, attention_bias=True, mlp_bias=True), IDS, dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                    rank_pattern={"down_proj": 2})),
+    "llama": (lambda seed: tiny_llama(seed=seed, attention_bias=True, mlp_bias=True), IDS,
+              dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2})),
 }
 
 

@@ -130,18 +130,18 @@ def test_error_statuses_and_bodies(client, http):
     with pytest.raises(openai.NotFoundError) as exc:
         client.completions.create(model="nope", prompt="x")
     assert exc.value.body["code"] == "model_not_found"
-    _is_error(http.post("/v1/completions", json={"model": "legal"}), 422, "invalid_body")
-    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "temperature": -1}), 422)
-    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "n": 2}), 422)
-    _is_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 422)
+    _is_error(http.post("/v1/completions", json={"model": "legal"}), 400, "invalid_body")
+    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "temperature": -1}), 400)
+    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "n": 17}), 400)
+    _is_error(http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
     _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x" * 65}), 413, "request_too_large")
-    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 33}), 422)
-    _is_error(http.post("/v1/completions", json={"model": "legal:zz", "prompt": "x"}), 422)
-    _is_error(http.post("/v1/chat/completions", json={"model": "legal", "messages": []}), 422)
+    _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x", "max_tokens": 33}), 400)
+    _is_error(http.post("/v1/completions", json={"model": "legal:zz", "prompt": "x"}), 400)
+    _is_error(http.post("/v1/chat/completions", json={"model": "legal", "messages": []}), 400)
     _is_error(http.get("/v1/nothing-here"), 404)
 
 
-def test_queue_full_is_429(served, http):
+def test_queue_full_is_429(served, http, client):
     server, _ = served
     gate, paused = threading.Event(), threading.Event()
 
@@ -161,6 +161,8 @@ def test_queue_full_is_429(served, http):
                 break
         assert server.engine.waiting == server.engine.config.max_queue
         _is_error(http.post("/v1/completions", json={"model": "legal", "prompt": "x"}), 429, "queue_full")
+        with pytest.raises(openai.RateLimitError):  # the official client's class for 429
+            client.completions.create(model="legal", prompt="x")
     finally:
         for h in handles:
             h.cancel()
@@ -182,8 +184,8 @@ def test_client_disconnect_cancels_the_generation(served, stream):
         slow_step.set()
         time.sleep(0.2)  # 32 steps: >= 6.4 s to finish
 
-    before = server.engine.metrics.requests[(key, "cancelled")]
-    ok_before = server.engine.metrics.requests[(key, "ok")]
+    before = server.engine.metrics.value("loraplex_requests_total", adapter=key, status="cancelled")
+    ok_before = server.engine.metrics.value("loraplex_requests_total", adapter=key, status="ok")
     server.engine.on_step = slow
     try:
         body = {"model": key, "prompt": "hello", "max_tokens": 32, "stream": stream, **IGNORE_EOS}
@@ -197,10 +199,10 @@ def test_client_disconnect_cancels_the_generation(served, stream):
                     c.post("/v1/completions", json=body)
         assert slow_step.wait(5)
         deadline = time.monotonic() + 10  # bounded; "cancelled" can only come from the hang-up
-        while server.engine.metrics.requests[(key, "cancelled")] == before and time.monotonic() < deadline:
+        while server.engine.metrics.value("loraplex_requests_total", adapter=key, status="cancelled") == before and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert server.engine.metrics.requests[(key, "cancelled")] == before + 1
-        assert server.engine.metrics.requests[(key, "ok")] == ok_before  # it did not run to the end
+        assert server.engine.metrics.value("loraplex_requests_total", adapter=key, status="cancelled") == before + 1
+        assert server.engine.metrics.value("loraplex_requests_total", adapter=key, status="ok") == ok_before  # it did not run to the end
     finally:
         server.engine.on_step = server.store.poll_evictions
 
@@ -235,18 +237,18 @@ def test_path_traversal_is_refused(served, http, tmp_path):
     folder = server.store.directory
     make_adapter(folder.parent / "outside", seed=5)  # a real adapter one level above the folder
     for name in ["../outside", "..", "a/b", "..\\outside", "/etc", "%2e%2e"]:
-        assert http.post("/v1/adapters", json={"name": name}, headers=ADMIN).status_code in (404, 422)
+        assert http.post("/v1/adapters", json={"name": name}, headers=ADMIN).status_code in (404, 400)
     for path in ["/v1/adapters/..%2Foutside", "/v1/adapters/../outside", "/v1/adapters/%2e%2e"]:
-        assert http.delete(path, headers=ADMIN).status_code in (404, 405, 422)
+        assert http.delete(path, headers=ADMIN).status_code in (404, 405, 400)
     good = zipped(folder / "legal")
     _is_error(http.post("/v1/adapters", params={"name": "../evil"}, content=good,
-                        headers={**ADMIN, "content-type": "application/zip"}), 422)
+                        headers={**ADMIN, "content-type": "application/zip"}), 400)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("../evil/adapter_config.json", "{}")
         zf.writestr("/abs/adapter_model.safetensors", "x")
     _is_error(http.post("/v1/adapters", params={"name": "evil"}, content=buf.getvalue(),
-                        headers={**ADMIN, "content-type": "application/zip"}), 422, "invalid_adapter")
+                        headers={**ADMIN, "content-type": "application/zip"}), 400, "invalid_adapter")
     assert not (folder.parent / "evil").exists() and not (folder / "evil").exists()
     assert "outside" not in server.store.names()
 
@@ -265,12 +267,12 @@ def test_upload_zip(served, client, http, tmp_path):
     _is_error(http.post("/v1/adapters", params={"name": "big"}, content=b"0" * 200_001,
                         headers={**ADMIN, "content-type": "application/zip"}), 413, "request_too_large")
     _is_error(http.post("/v1/adapters", params={"name": "junk"}, content=b"PK not really",
-                        headers={**ADMIN, "content-type": "application/zip"}), 422, "invalid_adapter")
+                        headers={**ADMIN, "content-type": "application/zip"}), 400, "invalid_adapter")
     other = models.tiny_llama(seed=0, num_hidden_layers=3)
     lp.inject(other, lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
     lp.save_adapter(other, "a", tmp_path / "other")
     _is_error(http.post("/v1/adapters", params={"name": "other"}, content=zipped(tmp_path / "other"),
-                        headers={**ADMIN, "content-type": "application/zip"}), 422)
+                        headers={**ADMIN, "content-type": "application/zip"}), 400)
     assert not (server.store.directory / "other").exists()
     assert http.delete("/v1/adapters/uploaded", headers=ADMIN).status_code == 200
 
@@ -386,10 +388,13 @@ def test_request_timeout_is_504_and_a_stream_error_event(tmp_path):
                                                 extra_body=IGNORE_EOS):
                 got.append(ch.choices[0].text)
         assert len("".join(got)) < 32  # the stream started, then ended with the error event
+        with pytest.raises(openai.InternalServerError) as exc:  # 5xx: the official client's class
+            client.completions.create(model="legal", prompt="slow", max_tokens=32, extra_body=IGNORE_EOS)
+        assert exc.value.status_code == 504
         short = client.completions.create(model="legal", prompt="q", max_tokens=2, extra_body=IGNORE_EOS)
         assert short.choices[0].finish_reason == "length"  # the server still serves after timeouts
         text = httpx.get(f"{loop.url}/metrics").text
-        assert 'loraplex_requests_total{adapter="legal",status="error"} 2' in text
+        assert 'loraplex_requests_total{adapter="legal",status="error"} 3' in text
     finally:
         loop.stop()
 

@@ -19,7 +19,7 @@ from loraplex.train import TrainConfig, train
 from test_train import assert_same, data, subprocess_env, tensors, tiny_base  # noqa: F401  (fixtures)
 
 TORCHRUN = Path(shutil.which("torchrun") or Path(__import__("sys").executable).with_name("torchrun"))
-COMMON = dict(max_length=64, eval_split=0.25, lr=1e-2, epochs=2, grad_accum=2, seed=3, dropout=0.0,
+COMMON = dict(max_length=64, eval_split=0.25, lr=1e-2, epochs=2, grad_accum=2, seed=3, dropout=0.0, device="cpu",
               max_grad_norm=0.5)
 
 

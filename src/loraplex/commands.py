@@ -7,6 +7,7 @@ import json
 import os
 
 from .config import LoraConfig
+from .device import DEVICE_HELP, parse_device, resolve_device
 from .export import DTYPES, export_merged
 from .inject import inject
 from .models import base_name, load_base
@@ -38,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
     p.add_argument("--no-check-base", action="store_true", help="skip the base fingerprint check")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    p.add_argument("--device", type=parse_device, default="auto", help=f"where to merge: {DEVICE_HELP}")
     p.set_defaults(func=run_merge)
     return ["info", "merge"]
 
@@ -86,6 +88,7 @@ def run_merge(args: argparse.Namespace) -> int:
     inputs = [*args.adapter, *([args.base] if os.path.exists(args.base) else [])]
     check_output(args.out, overwrite=args.overwrite, inputs=inputs)  # before the base loads
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
+    model.to(resolve_device(args.device))
     rep = export_merged(model, tokenizer, args.adapter, args.out, weights=args.weights, dtype=args.dtype,
                         check_base_model=not args.no_check_base, overwrite=args.overwrite, inputs=inputs)
     rows = [[a["path"], a["content_hash"][:12], a["weight"]] for a in rep.adapters]

@@ -21,6 +21,10 @@ class UsageError(ConfigError):
     as for argparse's own usage errors)."""
 
 
+class DeviceError(ConfigError):
+    """A --device that is malformed or not present on this machine (loraplex.device)."""
+
+
 class UnsupportedFeatureError(LoraplexError, ValueError):
     """A file or config asks for a feature whose semantics loraplex does not implement (e.g. DoRA)."""
 

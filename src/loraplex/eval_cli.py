@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .extras import require
 from .evaluate import BASE, DEFAULT_METRICS, METRICS, EvalResult, evaluate
 from .export import DTYPES
+from .device import DEVICE_HELP, parse_device, resolve_device
 from .models import load_base
 from .probes import read_prompts
 from .store import check_output, write_png
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--no-base", action="store_true", help="leave the bare base out of the leaderboard")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
@@ -82,6 +84,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if path:
             check_output(path, overwrite=args.overwrite, inputs=[p for p in named if os.path.exists(p)])
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
+    model.to(resolve_device(args.device))
     if tokenizer is None:
         raise ConfigError(f"base {args.base!r} has no tokenizer; eval needs a model directory with one")
     result = evaluate(model, tokenizer, _adapters(args.adapters), list(args.data), metrics=metrics,

@@ -1,6 +1,7 @@
 """Optional dependencies ("extras"): the core API (inject, load, save, merge, train) imports none of them.
 
     serve   fastapi, uvicorn    `loraplex serve`, loraplex.serve.app
+            prometheus_client   its /metrics
     plot    matplotlib          train's loss.png, `loraplex eval --plot`
 
 Code that needs an extra calls `require(extra)` before importing its modules, so a missing one is a
@@ -14,7 +15,7 @@ import importlib.util
 
 from .errors import MissingDependencyError
 
-EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn"), "plot": ("matplotlib",)}
+EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",)}
 
 
 def available(extra: str) -> bool:

@@ -111,7 +111,17 @@ class LoraLayer(nn.Module):
             self._add_lora_bias(name)
         with torch.no_grad():
             if init is not None:
-                self._init(name, init, generator)
+                tensors = self.adapter_tensors(name)
+                if generator is None or tensors[0].device == generator.device:
+                    self._init(name, init, generator)
+                else:  # the seeded generator lives on another device (a CPU generator, a CUDA base): draw there
+                    homes = [t.data for t in tensors]  # and copy, so a seed gives the same adapter on every device
+                    for t in tensors:
+                        t.data = torch.empty_like(t, device=generator.device)
+                    self._init(name, init, generator)
+                    for t, home in zip(tensors, homes):
+                        home.copy_(t.data)
+                        t.data = home
             if use_dora:  # created here; with init=None its value is the caller's to copy in
                 self._init_dora(name)
         for child in self.children():
@@ -149,8 +159,8 @@ class LoraLayer(nn.Module):
         if init not in (None, True, False, "gaussian"):
             self._check_init(init, r)
         if lora_bias and not self._takes_lora_bias():
-            raise UnsupportedFeatureError(f"lora_bias is implemented for float Linear and GPT-2 Conv1D layers only, not "
-                                          f"{type(self.base_layer).__name__}: exclude this module or drop lora_bias")
+            raise UnsupportedFeatureError(f"lora_bias is implemented for float Linear and GPT-2 Conv1D layers only, "
+                                          f"not {type(self.base_layer).__name__}: exclude this module or drop lora_bias")
 
     def _takes_lora_bias(self) -> bool:
         return False
@@ -306,8 +316,8 @@ class LoraLayer(nn.Module):
         (the row scale g is defined from the bare base weight)."""
         if self.lora_b_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
             raise UnsupportedFeatureError(f"adapter {name!r} has a LoRA-B bias (lora_bias) but this "
-                                          f"{type(self.base_layer).__name__} has no bias to merge it into (as in PEFT); "
-                                          "keep it on the fly")
+                                          f"{type(self.base_layer).__name__} has no bias to merge it into (as in "
+                                          "PEFT); keep it on the fly")
         if self.is_dora(name) and weight != 1.0:
             raise UnsupportedFeatureError(f"DoRA adapter {name!r} merges only with weight 1.0, got {weight}: a "
                                           "scaled DoRA update is not defined (merge it at weight 1)")
@@ -451,8 +461,10 @@ class LoraLinear(LoraLayer):
 
     def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
         """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
-        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype; else None."""
-        if self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused:
+        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype, outside
+        autocast (which would cast the node's GEMMs one by one); else None."""
+        if (self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused
+                or torch.is_autocast_enabled(x.device.type)):
             return None
         name, weight = self.active[0]
         if self.is_dora(name) or self.lora_b_bias(name) is not None:

@@ -309,11 +309,13 @@ def _is_causal_lm(model: nn.Module) -> bool:
 
 
 def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name: Optional[str] = None,
-                 overwrite: bool = False) -> AdapterFile:
+                 overwrite: bool = False, fingerprint: Optional[dict[str, Any]] = None) -> AdapterFile:
     """Write adapter `name` as a PEFT-readable directory (config per `peft_config_dict`), atomically (an existing
     non-empty `directory` is replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is
     written. A residual-init adapter (PiSSA/OLoRA) is written as a plain LoRA on the original base (rank 2r; see
-    `adapter_state_dict`), which PEFT and loraplex load on the untouched base. Returns what was written."""
+    `adapter_state_dict`), which PEFT and loraplex load on the untouched base. Returns what was written.
+    `fingerprint`: the base fingerprint to record, taken earlier (e.g. before FSDP sharded the base weights,
+    which it cannot read then); None: base_fingerprint(model)."""
     tensors = adapter_state_dict(model, name)
     config = saved_config(model, name)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
@@ -322,7 +324,7 @@ def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name:
                              f"was written to {str(directory)!r}")
     cfg = peft_config_dict(config, model, base_name)
     digest = content_hash(cfg, tensors)
-    fingerprint = base_fingerprint(model)
+    fingerprint = base_fingerprint(model) if fingerprint is None else fingerprint
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": digest,
             "loraplex.base_fingerprint": json.dumps(fingerprint)}
     with atomic_directory(directory, overwrite=overwrite) as tmp:

@@ -7,12 +7,18 @@ The loop, for prompts p_b (token lists) left-padded to length T:
 Padding is masked out of attention and positions count real tokens only, so each row computes what it
 would alone: greedy output is the same as running the request by itself (tested).
 
-Sampling per row b (`sample_next`, the one sampler of generate, the server and evaluate): temperature
-t_b < MIN_TEMPERATURE (0 included) -> argmax; otherwise softmax((logits - max) / t_b), kept to the smallest
-set of most likely tokens whose mass reaches top_p_b (never fewer than the most likely one), renormalised,
-drawn with row b's own generator (seeded with seed_b when given), so a seeded request samples the same
-tokens whatever batch it is in. `SamplingParams` holds one row's values and refuses, when built, any value
-outside the bounds below, inside which the math cannot overflow or divide by zero for finite logits.
+Sampling per row b (`sample_next`, the one sampler of generate, the server and evaluate), in vLLM's order:
+  1. logits are adjusted (`adjust_logits`): + logit_bias[token]; repetition_penalty r on every token seen in
+     the prompt or the output (l > 0 -> l / r, else l * r); - frequency_penalty * count_in_output[token];
+     - presence_penalty * (count_in_output[token] > 0);
+  2. temperature t_b < MIN_TEMPERATURE (0 included) -> argmax of the adjusted logits; otherwise
+     softmax((l - max) / t_b), then keep the tokens with p >= min_p * p_max, then the top_k most likely (0 = all),
+     renormalise, then the smallest set of most likely tokens whose mass reaches top_p (never fewer than
+     the most likely one), drawn with row b's own generator (seeded with seed_b when given), so a seeded
+     request samples the same tokens whatever batch it is in.
+`SamplingParams` holds one row's values and refuses, when built, any value outside the bounds below, inside
+which the math cannot overflow or divide by zero for finite logits (adjusted logits are clamped to float32's
+finite range). Logprobs are not the sampler's business: the server reports log_softmax of the raw logits.
 
 A row finishes on an end-of-sequence token ("stop"; not included in its tokens), when its decoded text
 contains a stop string ("stop"; the text is cut before it), or after max_new_tokens ("length"). Finished
@@ -60,14 +66,22 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
 MIN_TEMPERATURE = 1e-4  # below it (0 included) a row decodes greedily: softmax(l / t) is argmax up to near-ties
 MAX_TEMPERATURE = 100.0
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20  # top alternatives a request may ask for per token (OpenAI's and vLLM's default limit)
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
+MAX_REPETITION_PENALTY = 100.0
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """One request's sampling values, checked when built (ConfigError says which bound failed).
 
-    max_tokens >= 1; temperature 0 or in [0, 100] (< MIN_TEMPERATURE = greedy); top_p in (0, 1]; seed an int
-    in SEED_RANGE or None; stop: at most 8 non-empty strings of up to 256 characters.
+    max_tokens >= 0 (0: the prompt is only read, for its prompt_logprobs); temperature in [0, 100]
+    (< MIN_TEMPERATURE = greedy); top_p in (0, 1]; top_k >= -1 (0 and -1 = all); min_p in [0, 1];
+    frequency_penalty, presence_penalty in [-2, 2]; repetition_penalty in (0, 100] (1 = none); logit_bias:
+    at most 1024 (token id >= 0, bias in [-100, 100]) pairs (ids are checked against the vocabulary by
+    whoever knows it); seed an int in SEED_RANGE or None; stop: at most 8 non-empty strings of up to 256
+    characters; logprobs / prompt_logprobs: None or the number (0..20) of top alternatives to report per
+    generated / prompt token.
     """
 
     max_tokens: int = 16
@@ -76,20 +90,49 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def number(v: object) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be an integer >= 1, got {_shown(self.max_tokens)}")
+        def integer(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not integer(self.max_tokens) or self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be an integer >= 0, got {_shown(self.max_tokens)}")
         if not (number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
             raise ConfigError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
                               f"got {_shown(self.temperature)}")
         if not (number(self.top_p) and 0 < self.top_p <= 1):
             raise ConfigError(f"top_p must be a number in (0, 1], got {_shown(self.top_p)}")
-        if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                                          and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+        if not (integer(self.top_k) and self.top_k >= -1):
+            raise ConfigError(f"top_k must be an integer >= -1 (0 or -1 = all tokens), got {_shown(self.top_k)}")
+        if not (number(self.min_p) and 0 <= self.min_p <= 1):
+            raise ConfigError(f"min_p must be a number in [0, 1], got {_shown(self.min_p)}")
+        for k in ("frequency_penalty", "presence_penalty"):
+            if not (number(getattr(self, k)) and -2 <= getattr(self, k) <= 2):
+                raise ConfigError(f"{k} must be a number in [-2, 2], got {_shown(getattr(self, k))}")
+        if not (number(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise ConfigError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}] (1 = none), "
+                              f"got {_shown(self.repetition_penalty)}")
+        if not isinstance(self.logit_bias, tuple) or len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
+                isinstance(e, tuple) and len(e) == 2 and integer(e[0]) and e[0] >= 0 and number(e[1])
+                and -100 <= e[1] <= 100 for e in self.logit_bias):
+            raise ConfigError(f"logit_bias must map at most {MAX_LOGIT_BIAS} token ids (integers >= 0) to biases "
+                              f"in [-100, 100], got {_shown(self.logit_bias)}")
+        for k in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, k)
+            if v is not None and not (integer(v) and 0 <= v <= MAX_LOGPROBS):
+                raise ConfigError(f"{k} must be null or an integer in [0, {MAX_LOGPROBS}], got {_shown(v)}")
+        if self.seed is not None and not (integer(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
             raise ConfigError(f"seed must be an integer in [-2**63, 2**64 - 1] or null, got {_shown(self.seed)}")
         if isinstance(self.stop, list):
             object.__setattr__(self, "stop", tuple(self.stop))
@@ -104,6 +147,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether step 1 (logit_bias and penalties) changes anything."""
+        return bool(self.logit_bias) or self.repetition_penalty != 1 or self.frequency_penalty != 0 or \
+            self.presence_penalty != 0
+
     def generator(self, device: torch.device) -> Optional[torch.Generator]:
         """The row's own generator (seeded), or None (torch's global one) when unseeded or greedy."""
         return None if self.seed is None or self.greedy else torch.Generator(device).manual_seed(self.seed)
@@ -116,22 +165,72 @@ def _shown(v: object) -> str:
     return repr(v)[:200]
 
 
-def sample_next(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
-                generators: Sequence[Optional[torch.Generator]]) -> torch.Tensor:
-    """One next token per row from finite logits (B, V): greedy where temperature < MIN_TEMPERATURE, else
-    top-p sampling. Never divides by zero or overflows: logits are shifted so the largest is 0 first."""
+def adjust_logits(logits: torch.Tensor, p: SamplingParams, prompt: Sequence[int],
+                  output: Sequence[int]) -> torch.Tensor:
+    """Step 1 of the module docstring for one row: logits (V,) float32 -> adjusted (V,), finite."""
+    z = logits.clone()
+    V = z.shape[0]
+    if p.logit_bias:
+        ids = torch.tensor([i for i, _ in p.logit_bias], device=z.device)
+        z.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=z.device, dtype=z.dtype))
+    out = torch.as_tensor(list(output), dtype=torch.long, device=z.device)
+    if p.repetition_penalty != 1:
+        seen = torch.zeros(V, dtype=torch.bool, device=z.device)
+        seen[torch.as_tensor(list(prompt), dtype=torch.long, device=z.device)] = True
+        seen[out] = True
+        z = torch.where(seen, torch.where(z > 0, z / p.repetition_penalty, z * p.repetition_penalty), z)
+    if (p.frequency_penalty or p.presence_penalty) and len(out):
+        counts = torch.bincount(out, minlength=V).to(z.dtype)  # (V,)
+        z = z - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(z.dtype)
+    big = torch.finfo(z.dtype).max
+    return z.clamp(-big, big)
+
+
+def _sorted_distribution(z: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2 for one row of adjusted logits z (V,): the kept probabilities sorted descending (V,) (zeros for
+    dropped tokens, not renormalised after top_p) and the token order (V,)."""
+    z = (z - z.max()) / p.temperature  # (V,) <= 0: exp never overflows, the top token has exp(0) = 1
+    sorted_p, order = torch.softmax(z, dim=-1).sort(descending=True)
+    if p.min_p > 0 or p.top_k > 0:
+        keep = sorted_p >= p.min_p * sorted_p[0]
+        if p.top_k > 0:
+            keep[p.top_k:] = False
+        keep[0] = True
+        sorted_p = sorted_p * keep
+        sorted_p = sorted_p / sorted_p.sum()
+    keep = (sorted_p.cumsum(0) - sorted_p) < p.top_p  # the most likely tokens until their mass reaches p ...
+    keep[0] = True  # ... and always the first (p rounds to 0 in float32 below ~1e-45)
+    return sorted_p * keep, order
+
+
+def distribution(logits: torch.Tensor, p: SamplingParams, prompt: Sequence[int] = (),
+                 output: Sequence[int] = ()) -> torch.Tensor:
+    """The probabilities (V,) `sample_next` draws one row's token from (one-hot at the argmax when greedy)."""
+    z = adjust_logits(logits.float(), p, prompt, output)
+    if p.greedy:
+        return torch.nn.functional.one_hot(z.argmax(), z.shape[0]).float()
+    sorted_p, order = _sorted_distribution(z, p)
+    return torch.zeros_like(sorted_p).scatter(0, order, sorted_p / sorted_p.sum())
+
+
+def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]],
+                contexts: Optional[Sequence[tuple[Sequence[int], Sequence[int]]]] = None) -> torch.Tensor:
+    """One next token per row from finite logits (B, V) (see the module docstring). contexts[b] = (prompt ids,
+    output ids so far) of row b, needed only by rows with penalties. Never divides by zero or overflows."""
     logits = logits.float()
     out = logits.argmax(dim=-1)  # (B,)
-    for b, (t, p) in enumerate(zip(temperature, top_p)):
-        if t < MIN_TEMPERATURE:
+    for b, p in enumerate(params):
+        if p.greedy and not p.adjusts:
             continue
-        z = (logits[b] - logits[b].max()) / t  # (V,) <= 0: exp never overflows, the top token has exp(0) = 1
-        sorted_p, order = torch.softmax(z, dim=-1).sort(descending=True)
-        keep = (sorted_p.cumsum(0) - sorted_p) < p  # the most likely tokens until their mass reaches p ...
-        keep[0] = True  # ... and always the first (p rounds to 0 in float32 below ~1e-45)
-        sorted_p = sorted_p * keep
+        if p.adjusts and contexts is None:
+            raise ConfigError("penalties need each row's prompt and output ids: pass contexts")
+        z = adjust_logits(logits[b], p, *contexts[b]) if p.adjusts else logits[b]
+        if p.greedy:
+            out[b] = z.argmax()
+            continue
+        sorted_p, order = _sorted_distribution(z, p)
         u = torch.rand((), generator=generators[b], device=logits.device) * sorted_p.sum()
-        i = int(torch.searchsorted(sorted_p.cumsum(0), u, right=True).clamp(max=int(keep.sum()) - 1))
+        i = int(torch.searchsorted(sorted_p.cumsum(0), u, right=True).clamp(max=int((sorted_p > 0).sum()) - 1))
         out[b] = order[i]
     return out
 
@@ -200,7 +299,6 @@ def generate(
         raise ConfigError("stop strings need a tokenizer: MultiLoraModel(..., tokenizer=tok)")
     params = [SamplingParams(max_tokens=max_new_tokens, temperature=t, top_p=p, seed=s) for t, p, s in
               zip(_per_row(temperature, B, "temperature"), _per_row(top_p, B, "top_p"), _per_row(seed, B, "seed"))]
-    temps, tops = [p.temperature for p in params], [p.top_p for p in params]
     device = engine.pool.device
     gens = [p.generator(device) for p in params]
     eos = _eos_ids(engine, eos_token_id)
@@ -216,7 +314,7 @@ def generate(
         logits = batch(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
         for step in range(max_new_tokens):
-            nxt = sample_next(logits, temps, tops, gens)  # (B,)
+            nxt = sample_next(logits, params, gens)  # (B,)
             for b, t in enumerate(nxt.tolist()):
                 if reason[b] is not None:
                     continue

@@ -2,14 +2,15 @@
 
     llama.py     CompactLlama: the Llama-family forward with per-sequence KV cache lanes, LoRA via BatchPlan
     engine.py    Engine: scheduler (continuous batching, round-robin over adapters), limits, shutdown
-    requests.py  SamplingParams (from runtime.generate), Result, Handle (a submitted request)
+    requests.py  SamplingParams (from runtime.generate), Result, TokenLogprob, Handle (a submitted request)
     text.py      tokenizers, chat prompts, incremental detokenizing
     adapters.py  AdapterStore: the adapter folder, uploads, validation, pool loading
-    metrics.py   Prometheus text counters
+    metrics.py   Prometheus metrics (prometheus_client, imported when a Metrics is built)
+    protocol.py  the OpenAI wire format: request bodies (pydantic) -> SamplingParams, results -> JSON
     app.py       Server + FastAPI app (create_app); errors.py maps errors to HTTP statuses (the one place)
     cli.py       `loraplex serve`
 
-FastAPI and uvicorn are imported only by app.py, errors.py and cli.py's run path.
+FastAPI, uvicorn and pydantic are imported only by app.py, protocol.py, errors.py and cli.py's run path.
 """
 
 from .engine import Engine, EngineConfig

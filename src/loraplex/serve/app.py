@@ -24,22 +24,32 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from typing import Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ..errors import ConfigError, RequestTooLargeError, UnauthorizedError
+from ..errors import AdapterNotFoundError, ConfigError, RequestTooLargeError, UnauthorizedError
 from ..runtime import AdapterPool
-from ..runtime.generate import MAX_TEMPERATURE, SEED_RANGE
 from . import errors, ui
 from .adapters import AdapterStore
 from .engine import Engine, EngineConfig, Handle, Result, SamplingParams
 from .llama import CompactLlama
 from .metrics import Metrics
+from .protocol import (
+    ChatBody,
+    CompletionBody,
+    DetokenizeBody,
+    TokenizeBody,
+    chat_logprobs,
+    completion_logprobs,
+    refused,
+    usage,
+)
 from .text import TextCodec
 
 BASE_ALIAS = "base"
@@ -51,9 +61,11 @@ class Server:
 
     def __init__(self, hf_model, tokenizer, *, base_id: str, adapters_dir=None, config: EngineConfig | None = None,
                  memory_budget: int | None = None, api_key: str | None = None, max_upload_bytes: int = 64 << 20,
-                 check_base_model: bool = True, shutdown_timeout: float | None = 30.0) -> None:
-        self.base_id = base_id
-        self.base_ids = (base_id,) if base_id == BASE_ALIAS else (base_id, BASE_ALIAS)
+                 check_base_model: bool = True, shutdown_timeout: float | None = 30.0,
+                 aliases: Sequence[str] = ()) -> None:
+        self.base_id = base_id  # the name answers carry; `aliases` (--served-model-name's others) and "base" too
+        self.served = tuple(dict.fromkeys((base_id, *aliases)))
+        self.base_ids = tuple(dict.fromkeys((*self.served, BASE_ALIAS)))
         self.model = CompactLlama(hf_model)
         self.metrics = Metrics()
         self.pool = AdapterPool(self.model.layer_shapes(), budget_bytes=memory_budget, dtype=self.model.dtype,
@@ -67,6 +79,17 @@ class Server:
         self.shutdown_timeout = shutdown_timeout
         self.skipped: dict[str, str] = {}
         self.created = int(time.time())
+        eng, st = self.engine, self.pool.stats
+        self.metrics.add_gauges({
+            "loraplex_queue_waiting": ("Requests waiting for a lane.", lambda: eng.waiting),
+            "loraplex_running": ("Sequences in the running batch.", lambda: len(eng.running)),
+            "loraplex_adapters_loaded": ("Adapters loaded.", lambda: len(self.store.names())),
+            "loraplex_pool_resident_bytes": ("Adapter bytes in the fast tier.", lambda: st.resident_bytes),
+            "loraplex_pool_budget_bytes": ("Adapter pool budget (0 = none).", lambda: st.budget_bytes or 0),
+            "loraplex_pool_evictions": ("Pool evictions in all.", lambda: st.evictions),
+            "loraplex_kv_cache_bytes": ("KV cache bytes allocated.", lambda: eng.cache.nbytes),
+            "loraplex_engine_steps": ("Scheduler steps run.", lambda: eng.steps),
+        })
 
     def start(self) -> None:
         _, self.skipped = self.store.load_all()
@@ -84,72 +107,7 @@ class Server:
             raise UnauthorizedError("admin routes need the header 'Authorization: Bearer <api key>'")
 
 
-# ---- request bodies ---------------------------------------------------------------------------------------
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    n: int | None = 1
-    stream: bool | None = False
-    stop: Union[str, list[str], None] = None
-    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    ignore_eos: bool = False
-    stream_options: dict | None = None
-    logprobs: Union[bool, int, None] = None
-
-    def params(self, default_max: int) -> SamplingParams:
-        if self.n not in (None, 1):
-            raise ConfigError(f"n={self.n}: this server returns one choice per request; send n=1")
-        if self.logprobs:
-            raise ConfigError("logprobs are not supported by this server")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(max_tokens=self.max_tokens or default_max,
-                              temperature=1.0 if self.temperature is None else self.temperature,
-                              top_p=1.0 if self.top_p is None else self.top_p, stop=stop, seed=self.seed,
-                              ignore_eos=self.ignore_eos)
-
-
-class CompletionBody(_Body):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    echo: bool | None = False
-
-    def prompt_ids(self, codec: TextCodec, max_tokens: int) -> list[int]:
-        p = self.prompt
-        if self.echo:
-            raise ConfigError("echo is not supported by this server")
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise ConfigError(f"got {len(p)} prompts; this server takes one prompt per request")
-            p = p[0]
-        return codec.encode(p, max_tokens) if isinstance(p, str) else list(p)
-
-
-class _Part(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[_Part], None] = None
-
-    def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        if any(p.type != "text" for p in self.content):
-            raise ConfigError("only text content parts are supported")
-        return "".join(p.text or "" for p in self.content)
-
-
-class ChatBody(_Body):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-
+# ---- request bodies (the OpenAI ones are in protocol.py) ------------------------------------------------
 class AdapterBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -169,7 +127,7 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
 
     app = FastAPI(title="loraplex", lifespan=lifespan)
     app.state.server = server
-    errors.install(app)
+    errors.install(app, on_refused=server.metrics.refused)
     app.include_router(ui.router)
     ui.set_results(app, results)
     eng = server.engine
@@ -184,25 +142,54 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        st = server.pool.stats
-        gauges = {
-            "loraplex_queue_waiting": ("Requests waiting for a lane.", lambda: eng.waiting),
-            "loraplex_running": ("Sequences in the running batch.", lambda: len(eng.running)),
-            "loraplex_adapters_loaded": ("Adapters loaded.", lambda: len(server.store.names())),
-            "loraplex_pool_resident_bytes": ("Adapter bytes in the fast tier.", lambda: st.resident_bytes),
-            "loraplex_pool_budget_bytes": ("Adapter pool budget (0 = none).", lambda: st.budget_bytes or 0),
-            "loraplex_pool_evictions": ("Pool evictions in all.", lambda: st.evictions),
-            "loraplex_kv_cache_bytes": ("KV cache bytes allocated.", lambda: eng.cache.nbytes),
-            "loraplex_engine_steps": ("Scheduler steps run.", lambda: eng.steps),
-        }
-        return PlainTextResponse(server.metrics.render(gauges), media_type="text/plain; version=0.0.4")
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def card(model_id: str) -> dict:
+        parent = {} if model_id in server.base_ids else {"parent": server.base_id}
+        return {"id": model_id, "object": "model", "created": server.created, "owned_by": "loraplex",
+                "max_model_len": eng.context, **parent}
 
     @app.get("/v1/models")
     async def models():
-        data = [{"id": server.base_id, "object": "model", "created": server.created, "owned_by": "loraplex"}]
-        data += [{"id": n, "object": "model", "created": server.created, "owned_by": "loraplex",
-                  "parent": server.base_id} for n in server.store.names()]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [card(m) for m in (*server.served, *server.store.names())]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        """One model: a served base name, "base", an adapter, or a valid mix of loaded adapters; else 404."""
+        try:
+            eng.parse_model(model_id)
+        except ConfigError:
+            raise AdapterNotFoundError(f"model {model_id!r} does not exist: it is neither the base "
+                                       f"({server.base_id!r}), a loaded adapter, nor a mix of them") from None
+        return card(model_id)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody):
+        """vLLM's /tokenize (see protocol.TokenizeBody)."""
+        if body.model is not None:
+            eng.parse_model(body.model)
+        limit = eng.config.max_prompt_tokens
+        if (body.prompt is None) == (body.messages is None):
+            raise refused("prompt", "send either prompt (text) or messages (a chat), exactly one of them")
+        if body.messages is not None:
+            if not body.add_special_tokens:
+                raise refused("add_special_tokens", "a chat is rendered by its template, which writes the "
+                                                    "special tokens itself; leave add_special_tokens out")
+            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+            ids = await asyncio.to_thread(server.codec.chat, msgs, limit)
+        else:
+            ids = await asyncio.to_thread(server.codec.encode, body.prompt, limit, special=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": eng.context, "tokens": ids,
+                "token_strs": [server.codec.token_text(t) for t in ids] if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody):
+        if body.model is not None:
+            eng.parse_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < server.model.vocab]
+        if bad:
+            raise refused("tokens", f"token ids must be in [0, {server.model.vocab}); got {bad[:5]}")
+        return {"prompt": await asyncio.to_thread(server.codec.decode, body.tokens)}
 
     @app.get("/v1/adapters")
     async def adapters():
@@ -242,18 +229,16 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        params = body.params(16)
-        ids = await asyncio.to_thread(body.prompt_ids, server.codec, server.engine.config.max_prompt_tokens)
-        return await _serve(server, request, body, ids, params, chat=False)
+        params = [body.params(16, j) for j in range(body.rows())]
+        prompts = await asyncio.to_thread(_encode_all, server, body.prompts())
+        return await _serve(server, request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
-        if body.max_completion_tokens and not body.max_tokens:
-            body.max_tokens = body.max_completion_tokens
-        params = body.params(server.engine.config.max_new_tokens)
+        params = [body.params(eng.config.max_new_tokens, j) for j in range(body.rows())]
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = await asyncio.to_thread(server.codec.chat, msgs, server.engine.config.max_prompt_tokens)
-        return await _serve(server, request, body, ids, params, chat=True)
+        ids = await asyncio.to_thread(server.codec.chat, msgs, eng.config.max_prompt_tokens)
+        return await _serve(server, request, body, [ids], params, chat=True)
 
     return app
 
@@ -272,89 +257,147 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _submit(server: Server, ids: list[int], model: str, params: SamplingParams) -> tuple[Handle, asyncio.Queue]:
+def _encode_all(server: Server, prompts: list) -> list[list[int]]:
+    return [server.codec.encode(p, server.engine.config.max_prompt_tokens) if isinstance(p, str) else list(p)
+            for p in prompts]
+
+
+def _submit_all(server: Server, prompts: list[list[int]], model: str, params: list[SamplingParams]
+                ) -> tuple[list[Handle], asyncio.Queue]:
+    """Submit len(params) rows per prompt (row k = prompt k // len(params), copy k % len(params)); the queue
+    gets (k, event) for each of their events. All or none: a refused row cancels the ones before it."""
+    if len(prompts) * len(params) > server.engine.config.max_queue:
+        raise RequestTooLargeError(f"{len(prompts)} prompts x {len(params)} answers = {len(prompts) * len(params)} "
+                                   f"rows; this server queues at most {server.engine.config.max_queue} (--queue-size)")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
-    def listener(event) -> None:  # called on the engine thread
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody reads this request's events any more
-            pass
+    def listener(k: int):
+        def put(event) -> None:  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (k, event))
+            except RuntimeError:  # the event loop is closed: nobody reads this request's events any more
+                pass
+        return put
 
-    return server.engine.submit(ids, model, params, listener=listener), queue
+    handles: list[Handle] = []
+    try:
+        for ids in prompts:
+            for p in params:
+                handles.append(server.engine.submit(ids, model, p, listener=listener(len(handles))))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        raise
+    return handles, queue
 
 
-async def _serve(server: Server, request: Request, body: _Body, ids: list[int], params: SamplingParams, *,
-                 chat: bool):
-    """Run one request; a client that disconnects before the answer cancels its generation (streamed: at the
+async def _serve(server: Server, request: Request, body: CompletionBody | ChatBody, prompts: list[list[int]],
+                 params: list[SamplingParams], *, chat: bool):
+    """Run one request's rows; a client that disconnects before the answer cancels them (streamed: at the
     next chunk; not streamed: within DISCONNECT_POLL_S)."""
-    handle, queue = _submit(server, ids, body.model, params)
+    handles, queue = _submit_all(server, prompts, body.model, params)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
-        usage = bool((body.stream_options or {}).get("include_usage"))
-        return StreamingResponse(_stream(handle, queue, rid, created, body.model, chat, usage),
+        return StreamingResponse(_stream(server, handles, queue, rid, created, body, prompts, chat),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    results: list[Result | None] = [None] * len(handles)
     try:
-        while True:  # the client is checked after every event (a delta per step) and every DISCONNECT_POLL_S
+        while any(r is None for r in results):  # the client is checked after every event and DISCONNECT_POLL_S
             try:
-                event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                k, event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
                 if event[0] == "done":
-                    break
+                    results[k] = event[1]
+                    if event[1].error is not None:
+                        return errors.error_response(event[1].error)
             except asyncio.TimeoutError:
                 pass
             if await request.is_disconnected():
                 return Response(status_code=499)  # nobody reads it; the finally cancels the generation
     finally:
-        if not handle.done:
-            handle.cancel()
-    res: Result = event[1]
-    if res.error is not None:
-        return errors.error_response(res.error)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": res.text}, "finish_reason": res.finish_reason}
-              if chat else {"index": 0, "text": res.text, "finish_reason": res.finish_reason, "logprobs": None})
+        for h in handles:
+            if not h.done:
+                h.cancel()
+    rows, n = len(params), body.n or 1
+    choices, generated = [], 0
+    for i, ids in enumerate(prompts):
+        group = results[i * rows:(i + 1) * rows]
+        if rows > n:  # best_of: the n answers of highest cumulative logprob
+            group = sorted(group, key=lambda r: -r.cumulative_logprob)[:n]
+        for j, res in enumerate(group):
+            generated += res.completion_tokens
+            choices.append(_choice(server, body, res, ids, i * n + j, chat))
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": body.model, "choices": [choice], "usage": _usage(res)}
+            "model": body.model, "choices": choices,
+            "usage": usage(sum(len(ids) for ids in prompts), generated)}
 
 
-def _usage(res: Result) -> dict:
-    return {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-            "total_tokens": res.prompt_tokens + res.completion_tokens}
+def _choice(server: Server, body, res: Result, ids: list[int], index: int, chat: bool) -> dict:
+    codec = server.codec
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": res.text},
+                "logprobs": chat_logprobs(codec, res.logprobs) if body.logprobs else None,
+                "finish_reason": res.finish_reason}
+    lp = None
+    if body.logprobs is not None:
+        lp = completion_logprobs(codec, (ids if body.echo else []) + res.token_ids[: len(res.logprobs)],
+                                 (res.prompt_logprobs if body.echo else []) + res.logprobs)
+    text = codec.decode(ids) + res.text if body.echo else res.text
+    return {"index": index, "text": text, "finish_reason": res.finish_reason, "logprobs": lp}
 
 
-async def _stream(handle: Handle, queue: asyncio.Queue, rid: str, created: int, model: str, chat: bool, usage: bool):
+async def _stream(server: Server, handles: list[Handle], queue: asyncio.Queue, rid: str, created: int, body,
+                  prompts: list[list[int]], chat: bool):
+    """Server-sent events: every choice's chunks interleaved (each names its index), the finish chunk of
+    each, the usage chunk if asked, then [DONE]. An error in any row ends the stream with an error event."""
     obj = "chat.completion.chunk" if chat else "text_completion"
+    codec, rows = server.codec, len(handles) // len(prompts)
+    offsets = [0] * len(handles)  # characters streamed per choice (completions' text_offset)
 
-    def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+    def chunk(k: int, text: str | None, finish: str | None = None, lp=None, role: bool = False) -> str:
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        return _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]})
+            choice = {"index": k, "text": text or "", "logprobs": lp, "finish_reason": finish}
+            offsets[k] += len(text or "")
+        return _sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]})
 
     try:
         if chat:
-            yield chunk(None, None, role=True)
-        while True:
-            event = await queue.get()
-            if event[0] == "delta":
-                yield chunk(event[1], None)
-                continue
-            res: Result = event[1]
-            if res.error is not None:
-                yield _sse(errors.stream_error(res.error))
-                return
-            yield chunk(None if chat else "", res.finish_reason)
-            if usage:
-                yield _sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
-                            "usage": _usage(res)})
-            yield "data: [DONE]\n\n"
-            return
+            for k in range(len(handles)):
+                yield chunk(k, None, role=True)
+        done, generated = 0, 0
+        while done < len(handles):
+            k, event = await queue.get()
+            if event[0] == "prompt":  # completions with echo: the prompt first
+                prompt = prompts[k // rows]
+                lp = completion_logprobs(codec, prompt, event[1], offsets[k]) if body.logprobs is not None else None
+                yield chunk(k, codec.decode(prompt), lp=lp)
+            elif event[0] == "delta":
+                text, entry = event[1], event[3]
+                lp = None
+                if entry is not None and chat and body.logprobs:
+                    lp = chat_logprobs(codec, [entry])
+                elif entry is not None and not chat and body.logprobs is not None:
+                    lp = completion_logprobs(codec, [entry.token], [entry], offsets[k])
+                yield chunk(k, text, lp=lp)
+            else:
+                res: Result = event[1]
+                if res.error is not None:
+                    yield _sse(errors.stream_error(res.error))
+                    return
+                done, generated = done + 1, generated + res.completion_tokens
+                yield chunk(k, None if chat else "", res.finish_reason)
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield _sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
+                        "usage": usage(sum(len(ids) for ids in prompts), generated)})
+        yield "data: [DONE]\n\n"
     finally:
-        if not handle.done:
-            handle.cancel()
+        for h in handles:
+            if not h.done:
+                h.cancel()
 
 
 def _sse(obj: dict) -> str:

@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..errors import ConfigError, UsageError
 from ..extras import require
 from .engine import EngineConfig
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', a local transformers model directory, "
                    "or a Hugging Face model id in the local HF cache (never downloaded)")
     p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
+    p.add_argument("--served-model-name", nargs="+", metavar="NAME",
+                   help="the name(s) the base answers to instead of its id (as vLLM); the first is the one "
+                        "answers and /v1/models carry; 'base' always works too")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
@@ -53,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest adapter upload (zip) in MB")
     p.add_argument("--no-check-base", action="store_true", help="skip the adapters' base fingerprint check")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype the base and the adapters are served in (default fp32; bf16 on GPUs)")
     p.add_argument("--results", help="eval results JSON written by `loraplex eval --out`: per-adapter metrics on "
                    "the /ui page (default: ADAPTERS/eval_results.json when it exists)")
     p.add_argument("--single-adapter-batches", action="store_true",
@@ -64,14 +71,17 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 def build_server(args: argparse.Namespace):
     """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
     require("serve", "serving")
+    from ..export import DTYPES
     from ..models import base_id, load_base
     from .app import Server
 
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
+    model.to(device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                           timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
-    return Server(model, tokenizer, base_id=base_id(args.base), adapters_dir=args.adapters, config=config,
+    names = args.served_model_name or [base_id(args.base)]
+    return Server(model, tokenizer, base_id=names[0], aliases=names[1:], adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,
                   max_upload_bytes=int(args.max_upload_mb * 1e6), check_base_model=not args.no_check_base,
                   shutdown_timeout=args.timeout)
@@ -84,6 +94,9 @@ def check_args(args: argparse.Namespace) -> None:
     for flag, value in (("--timeout", args.timeout), ("--max-upload-mb", args.max_upload_mb)):
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"{flag} must be a finite number > 0, got {value}")
+    for name in args.served_model_name or ():
+        if not name.strip() or len(name) > 256:
+            raise UsageError(f"--served-model-name: names must be 1-256 characters, not blank; got {name!r}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
 

@@ -5,7 +5,7 @@ A request's `model` is resolved once, when it is submitted, into (adapter name, 
     "legal"                  one adapter                     (("legal", 1.0),)
     "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
 Mix weights are finite numbers in [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT] (0 drops that adapter from the row).
-A DoRA adapter is served alone, at weight 1 (a mix including one is refused: 422, see runtime.rescale).
+A DoRA adapter is served alone, at weight 1 (a mix including one is refused: 400, see runtime.rescale).
 Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
 with even if they are replaced or removed meanwhile.
 
@@ -63,7 +63,7 @@ from ..runtime.generate import sample_next
 from .adapters import check_adapter_name
 from .llama import CompactLlama
 from .metrics import Metrics
-from .requests import Handle, Listener, Result, SamplingParams
+from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob, token_logprobs
 from .text import Detokenizer, TextCodec, check_prompt
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
@@ -115,6 +115,10 @@ class _Seq:
     generator: torch.Generator | None
     queued_step: int  # engine step count when submitted
     gen: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per gen token when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float = 0.0
+    last_token: float = 0.0  # time.monotonic() of the last generated token
     leases: list[Lease] = field(default_factory=list)
     assignment: tuple[tuple[int, float], ...] = ()
     lane: int = -1
@@ -184,7 +188,7 @@ class Engine:
 
     def submit(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None, *,
                listener: Listener | None = None) -> Handle:
-        """Queue a request (thread-safe). Raises 429/413/422/404-type errors at once; see `Handle`."""
+        """Queue a request (thread-safe). Raises 429/413/400/404-type errors at once; see `Handle`."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ConfigError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -192,6 +196,9 @@ class Engine:
             raise ConfigError(f"max_tokens is {params.max_tokens}; this server generates at most "
                               f"{self.config.max_new_tokens} (--max-new-tokens)")
         ids = check_prompt(prompt, vocab=self.model.vocab, max_prompt_tokens=self.config.max_prompt_tokens)
+        bad = [i for i, _ in params.logit_bias if i >= self.model.vocab]
+        if bad:
+            raise ConfigError(f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {self.model.vocab})")
         mix = self.parse_model(model)
         key = self.base_ids[0] if not mix else "+".join(f"{n}:{w:g}" if w != 1.0 else n for n, w in mix)
         with self._cond:
@@ -204,7 +211,7 @@ class Engine:
             self._ids += 1
             now = time.monotonic()
             seq = _Seq(Handle(self._ids, key, listener), key, mix, ids, params,
-                       Detokenizer(self.codec, params.stop), now,
+                       Detokenizer(self.codec, params.stop, ids), now,
                        now + self.config.timeout_s if self.config.timeout_s else math.inf,
                        params.generator(self.model.device), self.steps)
             if key not in self._waiting:
@@ -355,8 +362,27 @@ class Engine:
         lengths = torch.tensor([len(s.prompt) for s in new])
         assignments = [s.assignment for s in new]
         plan = self.pool.plan(assignments) if any(assignments) else None
-        logits = self.model.prefill(ids.to(self.model.device), lengths, self.cache, [s.lane for s in new], plan)
-        self._sample_and_accept(new, logits)
+        echo = [s for s in new if s.params.prompt_logprobs is not None]
+        out = self.model.prefill(ids.to(self.model.device), lengths, self.cache, [s.lane for s in new], plan,
+                                 hidden=bool(echo))
+        logits, hidden = out if echo else (out, None)  # (n, V), (n, L, H)
+        for i, s in enumerate(new):
+            if s.params.prompt_logprobs is None:
+                continue
+            lp = self.model.head(hidden[i, : len(s.prompt) - 1])  # (len - 1, V): row j predicts prompt[j + 1]
+            if not torch.isfinite(lp).all():
+                self.cache.clear_lane(s.lane)
+                self._finish(s, "error", NonFiniteError(
+                    f"the model's scores over the prompt for model {s.key!r} are NaN/Inf (the adapter weights "
+                    "times the mix weights overflow); lower the mix weights or check the adapter"))
+                continue
+            s.prompt_logprobs = [None, *token_logprobs(lp, s.prompt[1:], s.params.prompt_logprobs)]
+            s.handle._emit(("prompt", s.prompt_logprobs))
+        for s in new:
+            if s.params.max_tokens == 0 and not s.finished:
+                self._finish(s, "length")  # only the prompt was asked for
+        keep = [i for i, s in enumerate(new) if not s.finished]
+        self._sample_and_accept([new[i] for i in keep], logits[keep])
 
     def _decode(self) -> None:
         """One token for every lane; a dead lane decodes a dummy token at position 0 of its own cache."""
@@ -377,20 +403,35 @@ class Engine:
                 "adapter weights times the mix weights overflow); lower the mix weights or check the adapter"))
         keep = [i for i, ok in enumerate(finite) if ok]
         live = [rows[i] for i in keep]
-        tokens = sample_next(logits[keep], [s.params.temperature for s in live], [s.params.top_p for s in live],
-                             [s.generator for s in live]).tolist()
-        for s, tok in zip(live, tokens):
-            self._accept(s, tok)
+        tokens = sample_next(logits[keep], [s.params for s in live], [s.generator for s in live],
+                             [(s.prompt, s.gen) for s in live]).tolist()
+        want = [j for j, s in enumerate(live) if s.params.logprobs is not None]
+        entries: list[TokenLogprob | None] = [None] * len(live)
+        if want:
+            got = token_logprobs(logits[keep][want], [tokens[j] for j in want],
+                                 [live[j].params.logprobs for j in want])
+            for j, e in zip(want, got):
+                entries[j] = e
+        for s, tok, e in zip(live, tokens, entries):
+            self._accept(s, tok, e)
         self._retire()
 
-    def _accept(self, s: _Seq, token: int) -> None:
+    def _accept(self, s: _Seq, token: int, logprob: TokenLogprob | None) -> None:
+        now = time.monotonic()
+        self.metrics.token(s.key, not s.gen, now - (s.last_token if s.gen else s.submitted))
+        s.last_token = now
         s.gen.append(token)
+        if logprob is not None:
+            s.logprobs.append(logprob)
+            s.cumulative_logprob += logprob.logprob
         if token in self.codec.eos_ids and not s.params.ignore_eos:
+            if logprob is not None:
+                s.handle._emit(("delta", "", token, logprob))
             self._finish(s, "stop")
             return
         delta = s.detok.push(token)
-        if delta:
-            s.handle._emit(("delta", delta, token))
+        if delta or logprob is not None:
+            s.handle._emit(("delta", delta, token, logprob))
         if s.detok.stopped:
             self._finish(s, "stop")
         elif len(s.gen) >= s.params.max_tokens or len(s.prompt) + len(s.gen) >= self.context:
@@ -406,12 +447,14 @@ class Engine:
         if error is None:
             tail = s.detok.flush()
             if tail:
-                s.handle._emit(("delta", tail, None))
+                s.handle._emit(("delta", tail, None, None))
         status = "ok" if error is None and reason != "cancelled" else ("cancelled" if error is None else "error")
-        self.metrics.request_done(s.key, status, len(s.prompt) if s.gen else 0, len(s.gen),
+        self.metrics.request_done(s.key, status, len(s.prompt) if s.gen or s.prompt_logprobs else 0, len(s.gen),
                                   time.monotonic() - s.submitted)
         s.handle._emit(("done", Result(s.detok.text if error is None else "", list(s.gen), reason,
-                                       len(s.prompt), len(s.gen), error)))
+                                       len(s.prompt), len(s.gen), error,
+                                       s.logprobs if s.params.logprobs is not None else None,
+                                       s.prompt_logprobs, s.cumulative_logprob)))
 
     def _retire(self) -> None:
         """Free the lanes of finished requests (the plan stays: their rows run dead until reused)."""
@@ -482,3 +525,4 @@ class Engine:
                 self._abort = True
                 self._cond.notify_all()
             self._thread.join()
+

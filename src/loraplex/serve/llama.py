@@ -182,8 +182,10 @@ class CompactLlama:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, lanes: list[int],
-                plan: BatchPlan | None = None) -> torch.Tensor:
-        """ids (n, L) right-padded, lengths (n,) -> logits (n, V) at each row's last real token.
+                plan: BatchPlan | None = None, *, hidden: bool = False):
+        """ids (n, L) right-padded, lengths (n,) -> logits (n, V) at each row's last real token; with
+        hidden=True, (those logits, final-norm hidden states (n, L, H) of every position) (`head` makes
+        logits of them).
 
         Writes keys/values of positions 0..L-1 of row j into lane lanes[j] (pads included; they lie past
         the lane's length and are masked until overwritten).
@@ -201,7 +203,12 @@ class CompactLlama:
 
         h = self._forward(ids, pos, plan, attend)  # (n, L, H)
         last = h[torch.arange(n, device=self.device), lengths.to(self.device) - 1]  # (n, H)
-        return F.linear(last, self.lm_head)  # (n, V)
+        logits = self.head(last)  # (n, V)
+        return (logits, h) if hidden else logits
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states (..., H) -> logits (..., V)."""
+        return F.linear(h, self.lm_head)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -1,113 +1,102 @@
-"""Serving metrics in the Prometheus text exposition format (version 0.0.4), with per-adapter labels.
+"""Serving metrics with prometheus_client, one registry per server, per-adapter labels (`adapter`: an
+adapter name, the base's id, or a mix spec as normalised by the engine):
 
-Counters (label `adapter`: an adapter name, the base's id, or a mix spec as requested):
-    loraplex_requests_total{adapter, status}       finished requests by status ("ok", "error", "cancelled")
-    loraplex_prompt_tokens_total{adapter}          prompt tokens prefilled
-    loraplex_generated_tokens_total{adapter}       tokens generated
-    loraplex_request_latency_seconds{adapter}      histogram: submit -> finish
-    loraplex_adapter_loads_total{adapter}          adds and replacements through the server
-    loraplex_adapter_evictions_total{adapter}      times the adapter left the pool's fast tier (memory budget)
-Gauges are read at scrape time from callables given to `render` (queue length, running, pool bytes...).
+    loraplex_requests_total{adapter, status}              counter: finished requests ("ok", "error", "cancelled")
+    loraplex_requests_refused_total{status, code}         counter: requests answered with an error before they ran
+    loraplex_prompt_tokens_total{adapter}                 counter: prompt tokens prefilled
+    loraplex_generated_tokens_total{adapter}              counter: tokens generated
+    loraplex_request_latency_seconds{adapter}             histogram: submit -> finish
+    loraplex_time_to_first_token_seconds{adapter}         histogram: submit -> first generated token
+    loraplex_inter_token_latency_seconds{adapter}         histogram: between consecutive tokens of a request
+    loraplex_adapter_loads_total{adapter}                 counter: adds and replacements through the server
+    loraplex_adapter_evictions_total{adapter}             counter: times the adapter left the pool's fast tier
+Gauges (`add_gauges`) are read at scrape time from callables (queue length, running, pool bytes...).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 
+from ..extras import require
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
-    """Thread-safe counters; `render()` gives the /metrics page."""
+    """The server's counters and histograms (thread-safe: prometheus_client locks); `render()` gives /metrics."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)  # (adapter, status) -> count
-        self.prompt_tokens: dict[str, int] = defaultdict(int)
-        self.generated_tokens: dict[str, int] = defaultdict(int)
-        self.loads: dict[str, int] = defaultdict(int)
-        self.evictions: dict[str, int] = defaultdict(int)
-        self._lat_buckets: dict[str, list[int]] = {}  # adapter -> count per bucket (not cumulative)
-        self._lat_sum: dict[str, float] = defaultdict(float)
-        self._lat_count: dict[str, int] = defaultdict(int)
+        require("serve", "the serving metrics")  # prometheus_client comes with the serve extra
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = r = CollectorRegistry()
+        self._requests = Counter("loraplex_requests", "Finished requests by adapter and status.",
+                                 ["adapter", "status"], registry=r)
+        self._refused = Counter("loraplex_requests_refused", "Requests answered with an error before they ran, "
+                                "by HTTP status and error code.", ["status", "code"], registry=r)
+        self._prompt = Counter("loraplex_prompt_tokens", "Prompt tokens prefilled, by adapter.", ["adapter"],
+                               registry=r)
+        self._generated = Counter("loraplex_generated_tokens", "Tokens generated, by adapter.", ["adapter"],
+                                  registry=r)
+        self._latency = Histogram("loraplex_request_latency_seconds", "Request latency (submit to finish), by "
+                                  "adapter.", ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self._ttft = Histogram("loraplex_time_to_first_token_seconds", "Submit to first generated token, by "
+                               "adapter.", ["adapter"], buckets=LATENCY_BUCKETS, registry=r)
+        self._itl = Histogram("loraplex_inter_token_latency_seconds", "Time between consecutive tokens of a "
+                              "request, by adapter.", ["adapter"], buckets=TOKEN_BUCKETS, registry=r)
+        self._loads = Counter("loraplex_adapter_loads", "Adapter loads and replacements, by name.", ["adapter"],
+                              registry=r)
+        self._evictions = Counter("loraplex_adapter_evictions", "Evictions from the adapter pool's fast tier, by "
+                                  "name.", ["adapter"], registry=r)
 
     def request_done(self, adapter: str, status: str, prompt_tokens: int, generated: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(adapter, status)] += 1
-            self.prompt_tokens[adapter] += prompt_tokens
-            self.generated_tokens[adapter] += generated
-            b = self._lat_buckets.setdefault(adapter, [0] * len(LATENCY_BUCKETS))
-            for i, le in enumerate(LATENCY_BUCKETS):
-                if seconds <= le:
-                    b[i] += 1
-                    break
-            self._lat_sum[adapter] += seconds
-            self._lat_count[adapter] += 1
+        self._requests.labels(adapter, status).inc()
+        self._prompt.labels(adapter).inc(prompt_tokens)
+        self._generated.labels(adapter).inc(generated)
+        self._latency.labels(adapter).observe(seconds)
+
+    def token(self, adapter: str, first: bool, seconds: float) -> None:
+        """A generated token: `seconds` since submission (the first) or since the previous token."""
+        (self._ttft if first else self._itl).labels(adapter).observe(seconds)
+
+    def refused(self, status: int, code: str | None) -> None:
+        self._refused.labels(str(status), code or "").inc()
 
     def adapter_loaded(self, name: str) -> None:
-        with self._lock:
-            self.loads[name] += 1
+        self._loads.labels(name).inc()
 
     def adapter_evicted(self, name: str) -> None:
-        with self._lock:
-            self.evictions[name] += 1
+        self._evictions.labels(name).inc()
+
+    def add_gauges(self, gauges: Mapping[str, tuple[str, Callable[[], float]]]) -> None:
+        """Gauges read at scrape time: {metric name: (help, read())}."""
+        from prometheus_client import Gauge
+
+        for name, (help_, read) in gauges.items():
+            Gauge(name, help_, registry=self.registry).set_function(read)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's value now (0.0 before it was ever set), e.g. value("loraplex_requests_total",
+        adapter="legal", status="ok")."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+    def labels(self, name: str, label: str) -> dict[str, float]:
+        """{value of `label`: sample value} over the samples called `name` (e.g. evictions by adapter)."""
+        return {s.labels[label]: s.value for m in self.registry.collect() for s in m.samples if s.name == name}
 
     def snapshot(self, adapter: str) -> dict[str, float]:
         """One label's counters now: {"requests" (finished, any status), "errors", "generated_tokens",
         "mean_latency_s" (0.0 before any request)}."""
-        with self._lock:
-            n = self._lat_count.get(adapter, 0)
-            return {"requests": sum(v for (a, _), v in self.requests.items() if a == adapter),
-                    "errors": self.requests.get((adapter, "error"), 0),
-                    "generated_tokens": self.generated_tokens.get(adapter, 0),
-                    "mean_latency_s": self._lat_sum.get(adapter, 0.0) / n if n else 0.0}
+        n = self.value("loraplex_request_latency_seconds_count", adapter=adapter)
+        return {"requests": int(sum(self.value("loraplex_requests_total", adapter=adapter, status=s)
+                                    for s in ("ok", "error", "cancelled"))),
+                "errors": int(self.value("loraplex_requests_total", adapter=adapter, status="error")),
+                "generated_tokens": int(self.value("loraplex_generated_tokens_total", adapter=adapter)),
+                "mean_latency_s": self.value("loraplex_request_latency_seconds_sum", adapter=adapter) / n if n else 0.0}
 
-    def render(self, gauges: Mapping[str, tuple[str, Callable[[], float]]] = {}) -> str:
-        """The exposition text; `gauges` = {metric name: (help, read())}."""
-        out: list[str] = []
-        with self._lock:
-            _family(out, "loraplex_requests_total", "counter", "Finished requests by adapter and status.",
-                    [({"adapter": a, "status": s}, v) for (a, s), v in sorted(self.requests.items())])
-            _family(out, "loraplex_prompt_tokens_total", "counter", "Prompt tokens prefilled, by adapter.",
-                    [({"adapter": a}, v) for a, v in sorted(self.prompt_tokens.items())])
-            _family(out, "loraplex_generated_tokens_total", "counter", "Tokens generated, by adapter.",
-                    [({"adapter": a}, v) for a, v in sorted(self.generated_tokens.items())])
-            out.append("# HELP loraplex_request_latency_seconds Request latency (submit to finish), by adapter.")
-            out.append("# TYPE loraplex_request_latency_seconds histogram")
-            for a in sorted(self._lat_buckets):
-                cum = 0
-                for le, n in zip(LATENCY_BUCKETS, self._lat_buckets[a]):
-                    cum += n
-                    out.append(f"loraplex_request_latency_seconds_bucket{_labels({'adapter': a, 'le': repr(le)})} {cum}")
-                out.append(f"loraplex_request_latency_seconds_bucket{_labels({'adapter': a, 'le': '+Inf'})} "
-                           f"{self._lat_count[a]}")
-                out.append(f"loraplex_request_latency_seconds_sum{_labels({'adapter': a})} {self._lat_sum[a]:.6f}")
-                out.append(f"loraplex_request_latency_seconds_count{_labels({'adapter': a})} {self._lat_count[a]}")
-            _family(out, "loraplex_adapter_loads_total", "counter", "Adapter loads and replacements, by name.",
-                    [({"adapter": a}, v) for a, v in sorted(self.loads.items())])
-            _family(out, "loraplex_adapter_evictions_total", "counter",
-                    "Evictions from the adapter pool's fast tier, by name.",
-                    [({"adapter": a}, v) for a, v in sorted(self.evictions.items())])
-        for name, (help_, read) in gauges.items():
-            _family(out, name, "gauge", help_, [({}, read())])
-        return "\n".join(out) + "\n"
+    def render(self) -> bytes:
+        """The exposition text (Prometheus text format)."""
+        from prometheus_client import generate_latest
 
-
-def _family(out: list[str], name: str, kind: str, help_: str, samples: list[tuple[dict, float]]) -> None:
-    out.append(f"# HELP {name} {help_}")
-    out.append(f"# TYPE {name} {kind}")
-    for labels, value in samples:
-        out.append(f"{name}{_labels(labels)} {_num(value)}")
-
-
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    esc = {k: str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in labels.items()}
-    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(float(v))
+        return generate_latest(self.registry)

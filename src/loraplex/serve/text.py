@@ -72,11 +72,34 @@ class TextCodec:
             eos_ids = eos_ids | {tokenizer.eos_token_id}
         return cls(tokenizer, eos_ids)
 
-    def encode(self, text: str, max_tokens: int | None = None) -> list[int]:
+    def encode(self, text: str, max_tokens: int | None = None, *, special: bool = True) -> list[int]:
+        """Token ids of `text`; special=False leaves out the tokens the tokenizer adds (bos...)."""
         self.check_size([text], max_tokens)
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(text)
-        return list(self.tokenizer.encode(text, add_special_tokens=True))
+        return list(self.tokenizer.encode(text, add_special_tokens=special))
+
+    def token_text(self, token: int) -> str:
+        """One token's text, special tokens included (a byte that is part of a UTF-8 character: "\ufffd")."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return bytes([token]).decode("utf-8", errors="replace") if token < 256 else ""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> list[int]:
+        """One token's bytes: the raw byte for the byte vocabulary; the bytes a byte-level BPE token stands for
+        (a piece of a UTF-8 character included); else the UTF-8 of `token_text`."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return [token] if token < 256 else []
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if self._byte_level and token not in self.tokenizer.all_special_ids and all(c in _UNBYTE for c in piece):
+            return [_UNBYTE[c] for c in piece]
+        return list(self.token_text(token).encode("utf-8", "surrogatepass"))
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        """Whether the tokenizer's decoder is GPT-2's ByteLevel (each vocabulary character stands for a byte)."""
+        decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
+        return type(decoder).__name__ == "ByteLevel"
 
     def decode(self, ids: Sequence[int]) -> str:
         if isinstance(self.tokenizer, ByteTokenizer):
@@ -95,6 +118,17 @@ class TextCodec:
 
 
 SIZE_MARGIN = 4
+
+
+def _gpt2_unbyte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: vocabulary character -> the byte it stands for (printable bytes
+    stand for themselves, the other 68 are shifted to chr(256 + k))."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + k): b for k, b in enumerate(shifted)}}
+
+
+_UNBYTE = _gpt2_unbyte()
 
 
 def utf8(text: str) -> bytes:
@@ -120,41 +154,67 @@ def check_prompt(ids: Sequence[int], *, vocab: int, max_prompt_tokens: int) -> l
     return ids
 
 
+PROMPT_CONTEXT = 5  # prompt tokens the first decode window starts with (as vLLM)
+
+
 @dataclass
 class Detokenizer:
-    """Turns the growing list of generated ids into text deltas, cutting at the first stop string.
+    """Turns generated ids into text deltas incrementally, cutting at the first stop string.
 
-    `push(id)` returns the text that is now final: text still ending in an incomplete UTF-8 character
-    ("\\ufffd"), or that could be the beginning of a stop string, is held back until the next token.
+    Offset-based, as vLLM and TGI: `push(id)` decodes only a short window of ids, ids[prefix:] against
+    ids[prefix:read], and the new text is the difference. The first window starts with the prompt's last
+    PROMPT_CONTEXT tokens, so the first generated token keeps a leading space that SentencePiece-style
+    decoders drop at the start of a text. A window whose text ends in an incomplete UTF-8 character
+    ("\ufffd") grows until the character is complete (`flush` at the end gives whatever is left), so a
+    character split across tokens is never garbled and never repeated. Text that could be the beginning of a
+    stop string is held back until the next token.
     """
 
     codec: TextCodec
     stop: tuple[str, ...] = ()
-    ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded text of `ids`, cut at a stop string once one is found
+    prompt: Sequence[int] = ()
+    ids: list[int] = field(default_factory=list)  # the prompt's last tokens, then the generated ones
+    prefix: int = 0  # ids[prefix:read] decode to text already in `text` (the window's context)
+    read: int = 0
+    text: str = ""  # decoded generated text, cut at a stop string once one is found
     sent: int = 0  # characters of `text` already returned
     stopped: bool = False
 
+    def __post_init__(self) -> None:
+        self.ids = list(self.prompt[-PROMPT_CONTEXT:])
+        self.read = len(self.ids)
+
     def push(self, token: int) -> str:
         self.ids.append(token)
-        self.text = self.codec.decode(self.ids)
-        for s in self.stop:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text, self.stopped = self.text[:at], True
+        new = self._window()
+        if new and not new.endswith("\ufffd"):
+            self._add(new)
         if self.stopped:
             return self.flush()
-        keep = len(self.text)
-        while keep > self.sent and self.text[keep - 1] == "\ufffd":
-            keep -= 1
-        keep -= _held_for_stop(self.text[:keep], self.stop)
+        keep = len(self.text) - _held_for_stop(self.text, self.stop)
         delta, self.sent = self.text[self.sent: max(keep, self.sent)], max(keep, self.sent)
         return delta
 
     def flush(self) -> str:
-        """Everything not yet returned (at the end of generation)."""
+        """Everything not yet returned (at the end of generation), an incomplete last character included."""
+        if not self.stopped and self.read < len(self.ids):
+            self._add(self._window())
         delta, self.sent = self.text[self.sent:], len(self.text)
         return delta
+
+    def _window(self) -> str:
+        """The text ids[read:] add after ids[prefix:read] ('' if none yet)."""
+        before = self.codec.decode(self.ids[self.prefix: self.read])
+        after = self.codec.decode(self.ids[self.prefix:])
+        return after[len(before):] if len(after) > len(before) else ""
+
+    def _add(self, new: str) -> None:
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=0) + 1)
+        self.text += new
+        self.prefix, self.read = self.read, len(self.ids)
+        cuts = [at for at in (self.text.find(s, start) for s in self.stop) if at >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[: min(cuts)], True
 
 
 def _held_for_stop(text: str, stop: Sequence[str]) -> int:

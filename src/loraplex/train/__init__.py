@@ -1,4 +1,4 @@
-"""Training: data sources, tokenization with loss masks, splitting and batching; the loop, checkpoints, DDP."""
+"""Training: data sources, tokenization with loss masks, splitting and batching; the loop, checkpoints, DDP, FSDP."""
 
 from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from .data import IGNORE_INDEX, Batcher, Example, Examples, split, tokenize

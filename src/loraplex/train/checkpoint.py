@@ -68,14 +68,15 @@ def _as_tuple(x: Any) -> Any:
 
 
 def save_checkpoint(out_dir: str | Path, *, model: torch.nn.Module, adapters: list[str], state: dict[str, Any],
-                    optimizers: dict[str, Any], schedulers: dict[str, Any], rng: list[dict[str, Any]],
-                    base_name: str | None = None) -> Path:
-    """Write DIR/checkpoint atomically (see the module doc); returns its path. `state` is JSON-ready."""
+                    optimizers: dict[str, dict[str, Any]], schedulers: dict[str, Any], rng: list[dict[str, Any]],
+                    base_name: str | None = None, fingerprint: dict[str, Any] | None = None) -> Path:
+    """Write DIR/checkpoint atomically (see the module doc); returns its path. `state` is JSON-ready.
+    `optimizers`: each adapter's optimizer state dict. `fingerprint`: the base fingerprint the adapters record (None: computed from `model`)."""
     target = Path(out_dir) / CHECKPOINT_DIR
     with atomic_directory(target, overwrite=True) as tmp:  # replaces the previous checkpoint
         for name in adapters:
-            save_adapter(model, name, tmp / "adapters" / name, base_name=base_name)
-        trainer = {"optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+            save_adapter(model, name, tmp / "adapters" / name, base_name=base_name, fingerprint=fingerprint)
+        trainer = {"optimizers": optimizers,
                    "schedulers": {n: s.state_dict() for n, s in schedulers.items()}, "rng": rng}
         torch.save(trainer, tmp / TRAINER_FILE)
         write_json(tmp / STATE_FILE, state)  # last: a directory with state.json is complete

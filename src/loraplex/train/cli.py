@@ -3,6 +3,7 @@
     loraplex train --base smollm2 --data chatterbot:tech_support --out runs/tech --max-steps 60
     loraplex train --base smollm2 --data a.jsonl --data b.jsonl --out-per-data --out runs/ab
     torchrun --nproc-per-node 2 -m loraplex train --base smollm2 --data d.jsonl --out runs/ddp
+    torchrun --nproc-per-node 8 -m loraplex train --fsdp --bf16 --device cuda --base DIR --data d.jsonl --out runs/f
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import sys
 
 from ..config import ALL_LINEAR
+from ..device import DEVICE_HELP, parse_device
 from ..errors import ConfigError, UsageError
 from ..report import format_table, human_bytes
 
@@ -56,8 +58,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     g.add_argument("--dora", dest="use_dora", action="store_true",
                    help="DoRA (weight-decomposed LoRA): also learn a magnitude per output feature")
     g.add_argument("--init", type=parse_init, default=True,
-                   help="init_lora_weights: true (default), false, gaussian, orthogonal, or pissa, pissa_niter_N, olora "
-                        "(these rewrite the frozen base in memory; the adapter is saved as a plain LoRA of rank 2r)")
+                   help="init_lora_weights: true (default), false, gaussian, orthogonal, or pissa, pissa_niter_N, "
+                        "olora (these rewrite the frozen base in memory; the adapter is saved as a plain LoRA of rank "
+                        "2r)")
     g.add_argument("--targets", type=parse_targets, default=ALL_LINEAR,
                    help="'all-linear', a regex over module names, or a comma list (default all-linear)")
     g.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
@@ -87,7 +90,11 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: none)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint (start fresh if none)")
     g.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds an earlier run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the base and the adapters over the processes (FSDP2) instead of DDP")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 compute over fp32 adapter weights (FSDP mixed precision; otherwise autocast)")
     p.set_defaults(func=run_train)
     return ["train"]
 
@@ -96,11 +103,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import TrainConfig
     from .run import train
 
-    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "use_dora", "init", "targets", "quantize",
-              "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",
+    fields = ("base", "data", "out", "out_per_data", "rank", "alpha", "dropout", "use_dora", "init", "targets",
+              "quantize", "quant_block_size", "double_quant", "num_layers", "lr", "weight_decay", "warmup_ratio",
               "max_grad_norm", "epochs", "max_steps", "batch_size", "grad_accum", "seed", "max_length", "packing",
               "eval_split", "skip_bad", "eval_every", "log_every", "save_every", "resume", "overwrite", "device",
-              "progress")
+              "fsdp", "bf16", "progress")
     try:
         config = TrainConfig(**{f: getattr(args, f) for f in fields})
     except ConfigError as exc:  # a flag value the checks refuse: a usage error, before anything is loaded

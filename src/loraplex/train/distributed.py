@@ -16,6 +16,7 @@ Only rank 0 writes files. Without torchrun (WORLD_SIZE unset or 1) everything he
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import ConfigError
+from ..device import parse_device, resolve_device
+from ..errors import ConfigError, DeviceError
 from .data import IGNORE_INDEX
 
 
@@ -47,15 +49,20 @@ class DistInfo:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group: NCCL on CUDA,
-    gloo on CPU. `device`: "auto" (cuda:LOCAL_RANK when CUDA is available, else cpu), "cpu" or "cuda"."""
+    gloo on CPU. `device`: a --device value (loraplex.device); under torchrun "auto" and "cuda" mean
+    cuda:LOCAL_RANK (one GPU per process), and a fixed cuda:N or mps is refused (no per-rank choice)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' was asked for, but torch sees no CUDA device")
-    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    dev = resolve_device(device)
+    if world > 1 and dev.type == "cuda":
+        if parse_device(device) not in ("auto", "cuda"):
+            raise DeviceError(f"--device {device} under torchrun: expected auto or cuda (each process takes "
+                              "cuda:LOCAL_RANK); set CUDA_VISIBLE_DEVICES to choose the GPUs")
+        dev = resolve_device(f"cuda:{local}")
+    if world > 1 and dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {device} under torchrun: expected cpu or cuda (torch.distributed has no "
+                          f"backend for {dev.type}); train on one process there")
+    use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world <= 1:
@@ -98,8 +105,11 @@ def wrap(module: nn.Module, info: DistInfo, *, find_unused_parameters: bool) -> 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    # buffers (rotary tables, quantized weights) are the same on every rank: no per-forward broadcast
-    return DDP(module, device_ids=ids, forward_sync_buffers=False, find_unused_parameters=find_unused_parameters)
+    # buffers (rotary tables, quantized weights) are the same on every rank: no per-forward broadcast (the flag
+    # is forward_sync_buffers since torch 2.13, which deprecates broadcast_buffers; older torch has only that)
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    no_sync = {"forward_sync_buffers" if new else "broadcast_buffers": False}
+    return DDP(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **no_sync)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

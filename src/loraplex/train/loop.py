@@ -35,9 +35,11 @@ import torch.nn.functional as F
 from ..inject import lora_layers, route_rows
 from . import checkpoint as ckpt_mod
 from ..config import ALL_LINEAR, FRESH_INIT_MODES, RESIDUAL_INITS, is_fresh_init, is_residual_init
+from ..device import parse_device
 from ..errors import ConfigError, NonFiniteError, WriteError
 from ..quant import QuantSpec
 from .data import IGNORE_INDEX, Batcher, Example
+from . import fsdp
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, shard, wrap
 
 FAST_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo2", "phi3", "smollm3"})
@@ -128,7 +130,9 @@ class TrainConfig:
     double_quant: bool = False  # nf4: store the block absmax values in 8 bits too
     num_layers: Optional[int] = None
     out_per_data: bool = False  # one adapter per data source, all trained in one pass: out/<name>/
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (loraplex.device)
+    fsdp: bool = False  # under torchrun: shard base and adapters with FSDP2 (fsdp.py) instead of DDP
+    bf16: bool = False  # bf16 compute over fp32 adapter weights (FSDP mixed precision, else autocast)
     progress: Optional[bool] = None  # progress bar on stderr; None: only when stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -150,6 +154,7 @@ class TrainConfig:
                               f"got quantize={self.quantize!r}")
         if self.quantize == "nf4":
             QuantSpec("nf4", self.quant_block_size, self.double_quant)  # QuantConfigError on a bad block size
+        self.device = parse_device(self.device)
         self.out = Path(self.out)
 
     def identity(self) -> dict[str, Any]:
@@ -297,26 +302,37 @@ class Job:
         return {"steps_done": self.steps_done, "batcher": self.batcher.state_dict(),
                 "eval_before": self.eval_before}
 
-    def restore(self, state: dict[str, Any], optimizer: dict, scheduler: dict) -> None:
+    def restore(self, state: dict[str, Any], optimizer: Optional[dict], scheduler: dict) -> None:
+        """`optimizer` None: the caller loads the optimizer state (sharded: fsdp.load_optimizer_state)."""
         self.batcher.load_state_dict(state["batcher"])
         self._it = None
         self.steps_done, self.eval_before = state["steps_done"], state["eval_before"]
-        self.optimizer.load_state_dict(optimizer)
+        if optimizer is not None:
+            self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(scheduler)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------
 
 class Trainer:
-    """Runs jobs to completion over one model; rank 0 writes metrics/checkpoints under `out` (if given)."""
+    """Runs jobs to completion over one model; rank 0 writes metrics/checkpoints under `out` (if given).
+
+    `module`: the loss module already sharded by fsdp.shard (the jobs' params must be taken after sharding);
+    None: the loop wraps `_LossModule(model)` itself (DDP under torchrun). `fingerprint`: the base fingerprint
+    recorded in checkpoints (taken before sharding; None: computed from `model` at save time)."""
 
     def __init__(self, model: nn.Module, jobs: Sequence[Job], config: TrainConfig, info: DistInfo = DistInfo(),
                  out: Optional[Path] = None, *, identity: Optional[dict] = None, base_name: Optional[str] = None,
-                 pad_id: int = 0) -> None:
+                 pad_id: int = 0, module: Optional[nn.Module] = None, fingerprint: Optional[dict] = None) -> None:
         self.model, self.jobs, self.config, self.info, self.out = model, list(jobs), config, info, out
         self.routed = len(self.jobs) > 1  # several adapters: route rows; otherwise the active adapter runs
         # several adapters: a finished adapter (or a short last step) leaves tensors without gradients
-        self.module = wrap(_LossModule(model), info, find_unused_parameters=self.routed)
+        self.module = module if module is not None else wrap(_LossModule(model), info,
+                                                             find_unused_parameters=self.routed)
+        self.sharded, self.fingerprint = fsdp.is_sharded(self.module), fingerprint
+        # bf16 without FSDP: autocast (FSDP's mixed-precision policy casts the sharded parameters instead)
+        self.autocast = (torch.autocast(info.device.type, dtype=torch.bfloat16) if config.bf16 and not self.sharded
+                         else contextlib.nullcontext())
         self.identity, self.base_name, self.pad_id = identity or {}, base_name, pad_id
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.rows: list[dict[str, Any]] = []
@@ -330,24 +346,26 @@ class Trainer:
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, job: Job) -> Optional[float]:
-        """Mean next-token loss over the job's held-out examples (whole batches split across ranks)."""
+        """Mean next-token loss over the job's held-out examples (whole batches split across ranks; every rank
+        runs the same number of forwards, the missing ones on batch 0 with weight 0, as FSDP needs)."""
         if not job.eval_unique:
             return None
         self.model.eval()
-        bs = self.config.batch_size
-        total = torch.zeros(2, dtype=torch.float64)  # (weighted loss sum, weighted target count)
-        batches = Batcher(job.eval_unique, bs, seed=0, shuffle=False, pad_id=self.pad_id)
-        for k, batch in enumerate(batches):
-            if k % self.info.world_size != self.info.rank:
-                continue
-            w = torch.tensor(job.eval_weights[k * bs:(k + 1) * bs], dtype=torch.float64)
+        bs, world = self.config.batch_size, self.info.world_size
+        total = torch.zeros(2, dtype=torch.float64, device=self.info.device)  # (weighted loss sum, target count)
+        batches = list(Batcher(job.eval_unique, bs, seed=0, shuffle=False, pad_id=self.pad_id))
+        for k in range(self.info.rank, math.ceil(len(batches) / world) * world, world):
+            batch = batches[k] if k < len(batches) else batches[0]
+            rows = batch["input_ids"].shape[0]
+            w = (torch.tensor(job.eval_weights[k * bs:(k + 1) * bs], dtype=torch.float64) if k < len(batches)
+                 else torch.zeros(rows, dtype=torch.float64)).to(self.info.device)
             batch = {key: v.to(self.info.device) for key, v in batch.items()}
-            with self._route([job.name] * len(w)):
-                losses = row_losses(self.model, batch).double().cpu()
-            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double().cpu()
+            with self._route([job.name] * rows), self.autocast:
+                losses = self.module(batch).double()
+            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).double()
             total += torch.stack([(losses * w).sum(), (n * w).sum()])
         self.model.train()
-        total = all_reduce_sum(total.to(self.info.device), self.info).cpu()
+        total = all_reduce_sum(total, self.info).cpu()
         return float(total[0] / total[1])
 
     # -- one optimizer step for every unfinished job -------------------------------------------------------
@@ -363,7 +381,7 @@ class Trainer:
             for p in job.params:
                 p.grad = None
         self.model.train()
-        sums = torch.zeros(len(active), dtype=torch.float64)
+        sums = torch.zeros(len(active), dtype=torch.float64, device=info.device)  # on the device: no sync per micro
         for m in range(n_micro):
             parts, names, spans = [], [], []
             for j in active:
@@ -373,18 +391,18 @@ class Trainer:
                     names += [j.name] * part["input_ids"].shape[0]
                     parts.append(part)
             batch = concat_batches(parts, self.pad_id)
-            sync = m == n_micro - 1 or not info.enabled
-            with (contextlib.nullcontext() if sync else self.module.no_sync()), self._route(names):
+            sync = m == n_micro - 1 or not info.enabled or self.sharded  # FSDP reduce-scatters every micro-batch
+            with (contextlib.nullcontext() if sync else self.module.no_sync()), self._route(names), self.autocast:
                 losses = self.module(batch)  # (B,) per-row sums
                 loss = sum(losses[a:b].sum() * (world / targets[active[k].name]) for a, b, k in spans)
                 loss.backward()
             for a, b, k in spans:
-                sums[k] += float(losses[a:b].detach().double().sum())
-        sums = all_reduce_sum(sums.to(info.device), info).cpu()
+                sums[k] += losses[a:b].detach().double().sum()
+        sums = all_reduce_sum(sums, info).cpu()  # the step's one copy to the host
         out = {}
         max_norm = self.config.max_grad_norm or float("inf")
         for k, job in enumerate(active):
-            norm = torch.nn.utils.clip_grad_norm_(job.params, max_norm)  # per adapter, after the all-reduce
+            norm = fsdp.clip_grad_norm(job.params, max_norm)  # per adapter, after the all-reduce
             lr = job.optimizer.param_groups[0]["lr"]
             loss_k = float(sums[k]) / targets[job.name]
             if not (math.isfinite(loss_k) and math.isfinite(float(norm))):  # same on every rank: both are reduced
@@ -415,7 +433,10 @@ class Trainer:
         ckpt_mod.check_compatible(ckpt, self.identity, self.info.world_size)
         state, trainer = ckpt.state, ckpt.trainer
         for job in self.jobs:
-            job.restore(state["jobs"][job.name], trainer["optimizers"][job.name], trainer["schedulers"][job.name])
+            optimizer = trainer["optimizers"][job.name]
+            job.restore(state["jobs"][job.name], None if self.sharded else optimizer, trainer["schedulers"][job.name])
+            if self.sharded:
+                fsdp.load_optimizer_state(self.module, job.optimizer, optimizer)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         ckpt_mod.set_rng_state(trainer["rng"][self.info.rank])
         lines = state["metrics_lines"]
@@ -429,15 +450,22 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         rng = gather_objects(ckpt_mod.rng_state(), self.info)
-        if self.info.is_main and self.out is not None:
-            state = {"step": self.step, "world_size": self.info.world_size, "metrics_lines": len(self.rows),
-                     "identity": self.identity, "tokens": self.tokens, "elapsed": self.elapsed,
-                     "jobs": {j.name: j.state() for j in self.jobs}}
-            ckpt_mod.save_checkpoint(self.out, model=self.model, adapters=[j.name for j in self.jobs], state=state,
-                                     optimizers={j.name: j.optimizer for j in self.jobs},
-                                     schedulers={j.name: j.scheduler for j in self.jobs}, rng=rng,
-                                     base_name=self.base_name)
+        optimizers = {j.name: (fsdp.optimizer_state(self.module, j.optimizer) if self.sharded
+                               else j.optimizer.state_dict()) for j in self.jobs}  # sharded: a collective
+        with self.full_adapters():
+            if self.info.is_main and self.out is not None:
+                state = {"step": self.step, "world_size": self.info.world_size, "metrics_lines": len(self.rows),
+                         "identity": self.identity, "tokens": self.tokens, "elapsed": self.elapsed,
+                         "jobs": {j.name: j.state() for j in self.jobs}}
+                ckpt_mod.save_checkpoint(self.out, model=self.model, adapters=[j.name for j in self.jobs],
+                                         state=state, optimizers=optimizers,
+                                         schedulers={j.name: j.scheduler for j in self.jobs}, rng=rng,
+                                         base_name=self.base_name, fingerprint=self.fingerprint)
         barrier(self.info)
+
+    def full_adapters(self):
+        """Context in which the adapters are full tensors on every rank (see fsdp.full_adapters)."""
+        return fsdp.full_adapters(self.model) if self.sharded else contextlib.nullcontext()
 
     def run(self, *, progress: Optional[bool] = None) -> list[dict[str, Any]]:
         """Train every job to its last step; returns the metrics rows (also appended to out/metrics.jsonl)."""

@@ -11,6 +11,7 @@ Output directory (rank 0 writes; each file replaced atomically):
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -27,14 +28,16 @@ import torch
 from ..config import LoraConfig, is_residual_init
 from ..errors import ConfigError, DataError, OutputExistsError, WriteError
 from ..extras import available
+from ..identity import base_fingerprint
 from ..inject import find_targets, freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
 from ..store import check_output, load_adapter, load_residual_state, save_adapter, write_json
 from . import checkpoint as ckpt_mod
+from . import fsdp
 from .data import Examples, split, tokenize
 from .distributed import barrier, gather_objects, init_distributed, shutdown
-from .loop import METRICS_FILE, Job, Trainer, TrainConfig, adapter_params
+from .loop import METRICS_FILE, Job, Trainer, TrainConfig, _LossModule, adapter_params
 from .plot import plot_losses
 from .sources import load_records
 
@@ -76,6 +79,19 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def rank_memory(device: torch.device) -> dict[str, Optional[int]]:
+    """This process's memory after training: peak and current RSS (VmRSS; None without /proc), and the peak
+    CUDA memory allocated on `device` (None off CUDA). What FSDP shrinks is the current (sharded) state."""
+    rss = None
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), None)
+    except OSError:
+        pass
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss, "peak_cuda_bytes": cuda}
 
 
 def _prepare_out(config: TrainConfig, is_main: bool) -> None:
@@ -144,10 +160,16 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         return _train(config, info)
     finally:
+        # free the model now: FSDP's hooks form reference cycles that would otherwise live until interpreter
+        # exit, where releasing their gloo work objects aborts the process (SIGABRT)
+        gc.collect()
         shutdown(info)
 
 
 def _train(config: TrainConfig, info) -> TrainResult:
+    if config.fsdp and not info.enabled:
+        raise ConfigError("--fsdp shards the model over the processes of a torchrun job, got one process; launch "
+                          "with `torchrun --nproc-per-node N -m loraplex train --fsdp ...` (N >= 2) or drop --fsdp")
     _prepare_out(config, info.is_main)
     barrier(info)
     model, tokenizer = load_base(config.base, num_layers=config.num_layers)
@@ -160,7 +182,8 @@ def _train(config: TrainConfig, info) -> TrainResult:
 
         # before inject: LoRA then wraps the QuantLinear layers (TrainConfig keeps nf4's options default for int8)
         quantize_model(model, config.quantize, block_size=config.quant_block_size, double_quant=config.double_quant)
-    model.to(info.device)
+    if not config.fsdp:  # FSDP moves each rank's shards to the device; the whole base never goes there
+        model.to(info.device)
     data, facts = _load_data(config, tokenizer)
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
     ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
@@ -176,25 +199,28 @@ def _train(config: TrainConfig, info) -> TrainResult:
         else:  # every adapter starts from the same seed: as if each were trained alone
             inject(model, lora, name, seed=config.seed, activate=False)
     freeze_base(model, None)
-    jobs = []
-    for name, (train_set, eval_set) in data.items():
-        params = adapter_params(model, name)
-        for p in params:
+    for name in data:
+        for p in adapter_params(model, name):
             p.requires_grad_(True)
-        jobs.append(Job(name, params, train_set, eval_set, config, info.world_size, pad_id))
+    module = fingerprint = None
+    if config.fsdp:  # before the jobs take their parameters: sharding replaces them
+        fingerprint = base_fingerprint(model)
+        module = fsdp.shard(_LossModule(model), model, info, bf16=config.bf16)
+    jobs = [Job(name, adapter_params(model, name), train_set, eval_set, config, info.world_size, pad_id)
+            for name, (train_set, eval_set) in data.items()]
     set_active(model, next(iter(data)) if len(data) == 1 else [])
     trainer = Trainer(model, jobs, config, info, config.out, identity=config.identity(), base_name=config.base,
-                      pad_id=pad_id)
+                      pad_id=pad_id, module=module, fingerprint=fingerprint)
     if ckpt is not None:
         trainer.restore(ckpt)
     rows = trainer.run(progress=config.progress)
-    peak = max(gather_objects(peak_rss_bytes(), info))
-    result = _finish(config, model, trainer, facts, peak, info.is_main, ckpt)
+    memory = gather_objects(rank_memory(info.device), info)  # [rank 0's, rank 1's, ...]
+    result = _finish(config, model, trainer, facts, memory, info.is_main, ckpt)
     barrier(info)
     return result
 
 
-def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -> TrainResult:
+def _finish(config, model, trainer: Trainer, facts, memory, is_main: bool, ckpt) -> TrainResult:
     out = config.out
     adapters = {j.name: (out if len(trainer.jobs) == 1 else out / j.name) for j in trainer.jobs}
     report = parameter_report(model)
@@ -203,16 +229,20 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
                               "train_examples": j.train_examples, "eval_examples": j.eval_examples,
                               "steps": j.steps_done, "eval_loss_before": j.eval_before,
                               "eval_loss_after": j.eval_after} for j in trainer.jobs},
-        "trainable_params": report.trainable, "frozen_params": report.frozen, "peak_rss_bytes": peak,
+        "trainable_params": report.trainable, "frozen_params": report.frozen,
+        "peak_rss_bytes": max(m["peak_rss_bytes"] for m in memory), "memory_per_rank": memory,
         "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "steps": trainer.step, "tokens": trainer.tokens, "train_seconds": round(trainer.elapsed, 3),
         "tokens_per_s": trainer.tokens / max(trainer.elapsed, 1e-9), "world_size": trainer.info.world_size,
         "resumed_from_step": ckpt.state["step"] if ckpt is not None else None, "data": facts,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
+    with trainer.full_adapters():  # FSDP: gathers the adapter shards (every rank enters)
+        if is_main:
+            for job in trainer.jobs:
+                _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out,
+                           fingerprint=trainer.fingerprint)
     if is_main:
-        for job in trainer.jobs:
-            _save_into(model, job.name, adapters[job.name], config.base, shared=adapters[job.name] == out)
         if available("plot"):
             plot_losses(trainer.rows, out / LOSS_PNG, title=f"loraplex train: {config.base}", overwrite=True)
         else:
@@ -224,14 +254,14 @@ def _finish(config, model, trainer: Trainer, facts, peak, is_main: bool, ckpt) -
                        ckpt.state["step"] if ckpt is not None else None)
 
 
-def _save_into(model, name: str, directory: Path, base: str, *, shared: bool) -> None:
+def _save_into(model, name: str, directory: Path, base: str, *, shared: bool, fingerprint=None) -> None:
     """save_adapter replaces its whole directory; a `shared` DIR also holds metrics and checkpoints, so the
     adapter is written beside and its files moved in (each os.replace is atomic; weights first, config last)."""
     if not shared:  # OUT/<name>: _prepare_out already applied the overwrite rule to OUT
-        save_adapter(model, name, directory, base_name=base, overwrite=True)
+        save_adapter(model, name, directory, base_name=base, overwrite=True, fingerprint=fingerprint)
         return
-    staging = directory / ".adapter.tmp"
-    save_adapter(model, name, staging, base_name=base, overwrite=True)  # a killed run's staging is ours to replace
+    staging = directory / ".adapter.tmp"  # a killed run's staging is ours to replace
+    save_adapter(model, name, staging, base_name=base, overwrite=True, fingerprint=fingerprint)
     for f in sorted(staging.iterdir(), key=lambda p: p.suffix == ".json"):
         os.replace(f, directory / f.name)
     staging.rmdir()
