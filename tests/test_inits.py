@@ -283,3 +283,26 @@ def test_bf16_base_residual_round_trip_within_the_bf16_tolerance(init, tmp_path)
     lp.save_adapter(model, "a", tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(tiny_llama(seed=1).to(torch.bfloat16), tmp_path / "a").eval()
     torch.testing.assert_close(_logits(pm).float(), want, atol=atol, rtol=rtol)
+
+
+def test_fsdp_pissa_equals_one_process(tmp_path):
+    """Under FSDP the residual init runs before sharding (every rank the same SVD); the saved plain LoRA equals the
+    one-process run with the same global batch within fp32 tolerance."""
+    import subprocess
+
+    from test_fsdp import SETTINGS, finish
+    from test_train import assert_same, make_tiny_base, subprocess_env, tensors, write_data
+    from test_train_distributed import TORCHRUN, flags
+
+    from loraplex.train import TrainConfig, train
+
+    base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
+    settings = {**SETTINGS, "max_steps": 4, "init": "pissa_niter_2"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "loraplex", "train", "--fsdp", "--base",
+           str(base), "--out", str(tmp_path / "fsdp"), "--batch-size", "4", "--data", str(data["a"]), *flags(settings)]
+    run = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ref = train(TrainConfig(base=str(base), data=str(data["a"]), out=tmp_path / "one", batch_size=8, progress=False,
+                            **settings))
+    finish(run)
+    assert json.loads((tmp_path / "fsdp" / CONFIG_NAME).read_text())["r"] == 16
+    assert_same(tensors(tmp_path / "fsdp"), tensors(ref.out), exact=False)
