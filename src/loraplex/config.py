@@ -1,7 +1,7 @@
 """LoraConfig: the fields of PEFT's adapter_config.json that define a LoRA adapter, validated on construction.
 
 Serialized with `to_dict()` it is a valid PEFT `adapter_config.json`; `from_dict()` reads PEFT's files and
-refuses keys whose semantics loraplex does not implement (LoRA bias, layer replication, ...).
+refuses keys whose semantics loraplex does not implement (layer replication, target_parameters, ...).
 """
 
 from __future__ import annotations
