@@ -111,7 +111,7 @@ class LoraLayer(nn.Module):
             self._add_lora_bias(name)
         with torch.no_grad():
             if init is not None:
-                tensors = self.adapter_tensors(name)
+                tensors = self.adapter_params(name)  # A, B (and a LoRA-B bias); no DoRA magnitude yet
                 if generator is None or tensors[0].device == generator.device:
                     self._init(name, init, generator)
                 else:  # the seeded generator lives on another device (a CPU generator, a CUDA base): draw there
@@ -185,7 +185,8 @@ class LoraLayer(nn.Module):
         return _tensor(a[name]), _tensor(b[name])
 
     def adapter_params(self, name: str) -> tuple[torch.Tensor, ...]:
-        """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) if it has one."""
+        """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) or the LoRA-B bias
+        b (out,) if it has one."""
         m = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
         b = self.lora_b_bias(name)  # never with DoRA (LoraConfig refuses the pair)
         return self.adapter_tensors(name) + (() if m is None else (m,)) + (() if b is None else (b,))
@@ -517,9 +518,9 @@ class LoraLinear(LoraLayer):
             return super()._init(name, init, generator)
         w = self._weight_out_in()  # (out, in)
         a0, b0 = LF.residual_factors(w, self.r[name], self.scaling[name], init, generator)
+        a0, b0 = a0.to(a.dtype), b0.to(b.dtype)  # what the adapter holds, kept on the base's device
         a.copy_(a0)
         b.copy_(b0)
-        a0, b0 = a.detach().clone(), b.detach().clone()
         w_res = w.float() - self.scaling[name] * (b0.float() @ a0.float())  # (out, in)
         self.set_base_weight(self._from_out_rows(w_res.to(w.dtype), self.get_base_weight().shape))
         self.residual[name] = (a0, b0)
