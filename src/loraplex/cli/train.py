@@ -38,6 +38,11 @@ def parse_targets(value: str) -> str | list[str]:
     return names
 
 
+def parse_init(value: str) -> bool | str:
+    """--init: "true"/"false" (any case) as booleans, anything else as given (TrainConfig checks it)."""
+    return {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+
+
 # TrainConfig field -> its flag's help and group (names, types and defaults come from TrainConfig itself)
 FLAGS: dict[str, Flag] = {
     "base": Flag("'smollm2' or a transformers model directory with a tokenizer"),
@@ -49,6 +54,9 @@ FLAGS: dict[str, Flag] = {
     "dropout": Flag("LoRA dropout (0: no dropout module at all)", "adapter"),
     "use_dora": Flag("DoRA (weight-decomposed LoRA): also learn a magnitude per output feature", "adapter",
                      name="dora"),
+    "init": Flag("init_lora_weights: true (default), false, gaussian, orthogonal, or pissa, pissa_niter_N, olora "
+                 "(these rewrite the frozen base in memory; the adapter is saved as a plain LoRA of rank 2r)",
+                 "adapter", {"type": parse_init}),
     "targets": Flag("'all-linear', a regex over module names, or a comma list (default all-linear)", "adapter",
                     {"type": parse_targets}),
     "quantize": Flag("quantize the frozen base first (QLoRA with nf4)", "adapter",
