@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_helpers import LoopbackServer, make_adapter, rewrite_adapter
 from test_serve_engine import GREEDY, build
-from test_serve_http import ADMIN, KEY, _is_error, new_server, zipped
+from test_serve_http import ADMIN, KEY, _is_error, http_client, new_server, serving, zipped
 
 from loraplex import cli, models
 from loraplex.errors import (
@@ -246,18 +246,13 @@ def test_broken_adapters_in_the_folder_are_skipped_and_reported(tmp_path):
 # ---- HTTP: uploads, names, text, sizes ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
-    folder = tmp_path_factory.mktemp("adapters")
-    for i, name in enumerate(["r1", "r2"]):
-        make_adapter(folder / name, seed=i + 1)
-    server = new_server(folder)
-    loop = LoopbackServer(create_app(server)).start()
-    yield server, loop
-    loop.stop()
+    with serving(tmp_path_factory.mktemp("adapters"), ["r1", "r2"]) as running:
+        yield running
 
 
 @pytest.fixture
 def http(served):
-    with httpx.Client(base_url=served[1].url, timeout=30) as c:
+    with http_client(served[1].url) as c:
         yield c
 
 

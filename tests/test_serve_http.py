@@ -5,16 +5,17 @@ is bounded in count and time. Expected texts come from an Engine run on the same
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 from serve_helpers import LoopbackServer, make_adapter
 
 import loraplex as lp
@@ -39,15 +40,29 @@ def new_server(folder: Path, **cfg) -> Server:
                   api_key=KEY, max_upload_bytes=200_000, shutdown_timeout=30)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, one_thread):
-    folder = tmp_path_factory.mktemp("adapters")
-    for i, name in enumerate(["legal", "tone", "swap"]):
+@contextlib.contextmanager
+def serving(folder: Path, names: list[str]) -> Iterator[tuple[Server, LoopbackServer]]:
+    """A tiny server on loopback over `folder`, which gets one random adapter per name (seeds 1, 2, ...)."""
+    for i, name in enumerate(names):
         make_adapter(folder / name, seed=i + 1)
     server = new_server(folder)
     loop = LoopbackServer(create_app(server)).start()
-    yield server, loop
-    loop.stop()
+    try:
+        yield server, loop
+    finally:
+        loop.stop()
+
+
+@contextlib.contextmanager
+def http_client(url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, one_thread):
+    with serving(tmp_path_factory.mktemp("adapters"), ["legal", "tone", "swap"]) as running:
+        yield running
 
 
 @pytest.fixture
@@ -57,7 +72,7 @@ def client(served):
 
 @pytest.fixture
 def http(served):
-    with httpx.Client(base_url=served[1].url, timeout=30) as c:
+    with http_client(served[1].url) as c:
         yield c
 
 

@@ -7,7 +7,6 @@ reference (hypothesis), penalties per row in one batch, and the incremental deto
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 import torch
@@ -15,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 from reference_sampling import reference_distribution
-from serve_helpers import LoopbackServer, make_adapter
+from serve_helpers import LoopbackServer
 from test_serve_engine import build
 from test_serve_hostile import NUMBERS
-from test_serve_http import ADMIN, IGNORE_EOS, new_server
+from test_serve_http import ADMIN, IGNORE_EOS, http_client, serving
 
 from loraplex import cli, models
 from loraplex.errors import ConfigError
@@ -34,12 +33,8 @@ TOL = dict(atol=1e-4, rtol=1e-4)  # float32 logprobs: the compact decoder vs tra
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("adapters")
-    for i, name in enumerate(["legal", "tone"]):
-        make_adapter(folder / name, seed=i + 1)
-    server = new_server(folder)
-    loop = LoopbackServer(create_app(server)).start()
-    yield server, loop, folder
-    loop.stop()
+    with serving(folder, ["legal", "tone"]) as (server, loop):
+        yield server, loop, folder
 
 
 @pytest.fixture
@@ -49,7 +44,7 @@ def client(served):
 
 @pytest.fixture
 def http(served):
-    with httpx.Client(base_url=served[1].url, timeout=30) as c:
+    with http_client(served[1].url) as c:
         yield c
 
 

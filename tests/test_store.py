@@ -4,8 +4,6 @@ atomic writes."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import peft
 import pytest

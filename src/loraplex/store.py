@@ -25,7 +25,6 @@ import errno
 import glob
 import json
 import math
-import math
 import os
 import shutil
 import uuid

@@ -52,7 +52,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     gloo on CPU. `device`: a --device value (loraplex.device); under torchrun "auto" and "cuda" mean
     cuda:LOCAL_RANK (one GPU per process), and a fixed cuda:N or mps is refused (no per-rank choice)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
     if world > 1 and dev.type == "cuda":
         if parse_device(device) not in ("auto", "cuda"):

@@ -213,7 +213,7 @@ def _train(config: TrainConfig, info) -> TrainResult:
                       pad_id=pad_id, module=module, fingerprint=fingerprint)
     if ckpt is not None:
         trainer.restore(ckpt)
-    rows = trainer.run(progress=config.progress)
+    trainer.run(progress=config.progress)
     memory = gather_objects(rank_memory(info.device), info)  # [rank 0's, rank 1's, ...]
     result = _finish(config, model, trainer, facts, memory, info.is_main, ckpt)
     barrier(info)
