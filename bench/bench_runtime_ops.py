@@ -22,7 +22,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from loraplex.functional import lora_linear
 from loraplex.runtime import AdapterPool

@@ -6,7 +6,6 @@ float weight with the scheme's own quantizer (tests/test_quant.py checks those a
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
