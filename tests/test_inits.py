@@ -221,30 +221,15 @@ def test_train_pissa_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """A checkpoint holds the converted (rank-2r) file; resuming rebuilds the residual init and continues from
     A = A'[:r], B = B'[:, :r], ending bit-identical to an uninterrupted run."""
     from safetensors.torch import load_file
-    from test_train import config, make_tiny_base, write_data
+    from test_train import crash_at_second_checkpoint_then_resume, make_tiny_base, write_data
 
     from loraplex.store import WEIGHTS_NAME
-    from loraplex.train import checkpoint as ckpt_mod
-    from loraplex.train import train
 
     base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
-    kw = dict(init="pissa", use_dora=True, save_every=2)
-    whole = train(config(base, [data["a"]], tmp_path / "whole", **kw))
-    real_save, calls = torch.save, []
-
-    def failing_save(obj, path, *a, **k):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real_save(obj, path, *a, **k)
-
-    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError, match="simulated"):
-        train(config(base, [data["a"]], tmp_path / "crashed", **kw))
-    monkeypatch.undo()
-    resumed = train(config(base, [data["a"]], tmp_path / "crashed", resume=True, **kw))
+    whole, resumed = crash_at_second_checkpoint_then_resume(monkeypatch, base, data["a"], tmp_path, init="pissa",
+                                                            use_dora=True, save_every=2)
     assert resumed.resumed_from == 2
-    a, b = load_file(str(whole.out / WEIGHTS_NAME)), load_file(str(tmp_path / "crashed" / WEIGHTS_NAME))
+    a, b = load_file(str(whole.out / WEIGHTS_NAME)), load_file(str(resumed.out / WEIGHTS_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

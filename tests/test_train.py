@@ -469,13 +469,14 @@ def test_out_dir_guard_and_resume_refuses_other_settings(tiny_base, data, tmp_pa
         train(config(tiny_base, [data["a"]], out, resume=True, lr=5e-3))
 
 
-def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_path, monkeypatch):
-    """A failure while writing checkpoint #2, and a kill between atomic_directory's two renames, both leave
-    checkpoint #1 usable; resuming from it ends where an uninterrupted run ends."""
-    whole = train(config(tiny_base, [data["a"]], tmp_path / "whole", dropout=0.1, save_every=2))
+def crash_at_second_checkpoint_then_resume(monkeypatch, base: Path, data_path: Path, tmp_path: Path, **kw):
+    """Train to the end in tmp_path/whole; then again in tmp_path/crashed with the second checkpoint dying half
+    written (a simulated full disk), checked to leave checkpoint #1 (step 2 for save_every=2) in place, and resume
+    it. Returns (uninterrupted result, resumed result)."""
+    whole = train(config(base, [data_path], tmp_path / "whole", **kw))
     real_save, calls = torch.save, []
 
-    def failing_save(obj, path, *a, **k):  # the second checkpoint dies half written
+    def failing_save(obj, path, *a, **k):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
@@ -484,11 +485,19 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_pat
     out = tmp_path / "crashed"
     monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
     with pytest.raises(OSError, match="simulated"):
-        train(config(tiny_base, [data["a"]], out, dropout=0.1, save_every=2))
+        train(config(base, [data_path], out, **kw))
     monkeypatch.undo()
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == kw["save_every"]
+    return whole, train(config(base, [data_path], out, resume=True, **kw))
+
+
+def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_path, monkeypatch):
+    """A failure while writing checkpoint #2, and a kill between atomic_directory's two renames, both leave
+    checkpoint #1 usable; resuming from it ends where an uninterrupted run ends."""
+    whole, resumed = crash_at_second_checkpoint_then_resume(monkeypatch, tiny_base, data["a"], tmp_path,
+                                                            dropout=0.1, save_every=2)
+    out = resumed.out
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint.tmp")]  # the half-written one is gone
-    resumed = train(config(tiny_base, [data["a"]], out, dropout=0.1, save_every=2, resume=True))
     assert resumed.resumed_from == 2
     assert_same(tensors(whole.out), tensors(out), exact=True)
 
