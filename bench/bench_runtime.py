@@ -60,10 +60,11 @@ def interleaved_medians(fns: dict, reps: int, budget_s: float = 0.05) -> Timing:
     return out
 
 
-def write_adapters(base: torch.nn.Module, root: Path, n: int) -> list[Path]:
-    """n random r=8 all-linear adapters for `base`, in PEFT's layout (loraplex.save_adapter)."""
+def write_adapters(base: torch.nn.Module, root: Path, n: int, use_dora: bool = False) -> list[Path]:
+    """n random r=8 all-linear adapters for `base`, in PEFT's layout (loraplex.save_adapter); DoRA ones keep
+    their initial magnitude m = ||W||_row, so with random A, B their row scale g is not 1."""
     model = copy.deepcopy(base)
-    lp.inject(model, lp.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear"), "x")
+    lp.inject(model, lp.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", use_dora=use_dora), "x")
     gen = torch.Generator().manual_seed(0)
     dirs = []
     with torch.no_grad():

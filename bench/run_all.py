@@ -21,6 +21,7 @@ SCRIPTS: dict[str, list[str]] = {
     "runtime_ops": [],
     "runtime": ["--smollm2"],
     "train": [],
+    "dora": [],
     "quant": [],
     "serve": [],
 }

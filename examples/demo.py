@@ -30,11 +30,11 @@ import torch
 from safetensors.torch import load_file
 
 import loraplex as lp
-from loraplex.eval_cli import plot_results
-from loraplex.evaluate import evaluate
+from loraplex.workflows.plot import plot_results
+from loraplex.workflows.evaluate import evaluate
 from loraplex.functional import tolerance
 from loraplex.models import load_base
-from loraplex.promote import CARD_NAME, promote
+from loraplex.workflows.promote import CARD_NAME, promote
 from loraplex.runtime import MultiLoraModel
 from loraplex.train import TrainConfig, train
 

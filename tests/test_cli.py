@@ -33,7 +33,7 @@ def test_help_everywhere(command, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "usage: loraplex" in out
-    if command:  # the common flags, added once in cli.py, reach every subcommand
+    if command:  # the common flags, added once in cli/__init__.py, reach every subcommand
         assert "--no-progress" in out and "--log-level" in out
 
 

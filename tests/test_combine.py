@@ -17,12 +17,12 @@ from safetensors import safe_open
 
 import loraplex as lp
 from loraplex.cli import main
-from loraplex.combine import METHODS, PRUNING, combine, dare_mask, save_combined
+from loraplex.workflows.combine import METHODS, PRUNING, combine, dare_mask, save_combined
 from loraplex.config import LoraConfig
 from loraplex.errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, OutputExistsError,
                              ShapeMismatchError, UnsupportedFeatureError)
-from loraplex.export import merge_into
-from loraplex.extract import extract_lora
+from loraplex.workflows.export import merge_into
+from loraplex.workflows.extract import extract_lora
 from loraplex.functional import tolerance
 from loraplex.models import tiny_conv, tiny_gpt2, tiny_llama
 from loraplex.store import AdapterFile
@@ -458,7 +458,7 @@ def test_combine_after_a_killed_one_and_on_a_full_disk(tmp_path, capsys, monkeyp
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("loraplex.extract.save_file", full)
+    monkeypatch.setattr("loraplex.workflows.extract.save_file", full)
     assert main(["combine", str(a), "--weights", "0.5", "--out", str(tmp_path / "mix")]) == 1
     assert "cannot write" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # the stale folder went, no new one stayed

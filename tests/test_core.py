@@ -227,7 +227,7 @@ def test_layers_to_transform_and_exclude():
     (dict(r=4, target_modules=["q"], bias="some"), "bias must be one of"),
     (dict(r=4, target_modules=["q"], rank_pattern={"v": 0}), r"rank_pattern\['v'\]"),
     (dict(r=4, target_modules=["q"], layers_to_transform=[-1]), "layers_to_transform"),
-    (dict(r=4, target_modules=["q"], init_lora_weights="pissa"), "pissa"),
+    (dict(r=4, target_modules=["q"], init_lora_weights="loftq"), "loftq"),
     (dict(r=4, target_modules=["q"], layers_pattern="layers"), "set layers_to_transform too"),
     (dict(r=4, target_modules="q", layers_pattern="layers"), "need target_modules as a list"),
     (dict(r=4, target_modules=["q"], rank_pattern=["q"]), "rank_pattern must be a mapping"),

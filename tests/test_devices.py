@@ -130,7 +130,7 @@ def test_eval_and_merge_on_accelerator_equal_cpu(device, adapter, tiny_base, dat
 
 def _greedy(device: str, dtype: str, adapters_dir: Path, tiny_base: Path) -> tuple[list[int], "object"]:
     pytest.importorskip("fastapi")
-    from loraplex.serve.cli import build_server, register
+    from loraplex.cli.serve import build_server, register
     from loraplex.serve.requests import SamplingParams
 
     parser = argparse.ArgumentParser()

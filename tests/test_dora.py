@@ -397,7 +397,7 @@ RUNTIME_BASE = {"LlamaForCausalLM": tiny_llama, "GPT2LMHeadModel": gpt2_biased}
 
 
 def test_combine_refuses_dora_inputs(tmp_path):
-    from loraplex.combine import combine
+    from loraplex.workflows.combine import combine
 
     dora = _adapter_dir(tiny_mlp, tmp_path / "d", 1, r=2, target_modules=["net.0"], use_dora=True)
     plain = _adapter_dir(tiny_mlp, tmp_path / "p", 2, r=2, target_modules=["net.0"])
@@ -409,8 +409,8 @@ def test_combine_refuses_dora_inputs(tmp_path):
 def test_verify_and_export_a_dora_adapter(tmp_path):
     """`verify` passes every exact variant (merged, on the fly, mixed batch, exported) for a DoRA adapter, and
     the exported merged model computes what PEFT's merge_and_unload computes."""
-    from loraplex.export import merge_into
-    from loraplex.verify import verify
+    from loraplex.workflows.export import merge_into
+    from loraplex.workflows.verify import verify
 
     d = _adapter_dir(tiny_llama, tmp_path / "d", 3, r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
     report = verify(tiny_llama(seed=0), d, dtypes=("fp32",), variants=("merged", "on_the_fly", "mixed_batch",

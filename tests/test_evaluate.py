@@ -18,14 +18,14 @@ from transformers import AutoModelForCausalLM
 
 import loraplex as lp
 from loraplex.cli import main
-from loraplex.eval_cli import plot_results
-from loraplex.evaluate import BASE, EvalResult, _greedy, _normalize, discover_adapters, evaluate
+from loraplex.workflows.plot import plot_results
+from loraplex.workflows.evaluate import BASE, EvalResult, _greedy, _normalize, discover_adapters, evaluate
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama
 from loraplex.errors import OutputExistsError, ParityError, WriteError
-from loraplex.promote import CARD_NAME, REPORT_NAME, _training, promote
+from loraplex.workflows.promote import CARD_NAME, REPORT_NAME, _training, promote
 from loraplex.train.data import IGNORE_INDEX, Example
-from loraplex.verify import Tolerance
+from loraplex.workflows.verify import Tolerance
 
 NAMES = ("alpha", "beta")
 STOP = 2  # tiny-llama's eos_token_id
@@ -294,7 +294,7 @@ def test_promote_refuses_stale_results_and_failed_parity(adapters, tmp_path, mon
     stale.scores["alpha"] = {"loss": 0.1, "accuracy": 1.0}
     with pytest.raises(lp.ConfigError, match="evaluate it again"):
         promote("best", tiny_llama(seed=0), adapters, tmp_path / "x", eval_results=stale)
-    monkeypatch.setattr("loraplex.promote.tolerance_for", lambda dtype: Tolerance(0.0, 0.0, 0.0))
+    monkeypatch.setattr("loraplex.workflows.promote.tolerance_for", lambda dtype: Tolerance(0.0, 0.0, 0.0))
     with pytest.raises(ParityError, match="nothing written"):
         promote("alpha", tiny_llama(seed=0), adapters, tmp_path / "y")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging left behind

@@ -13,13 +13,13 @@ from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
 from loraplex import models
-from loraplex.evaluate import evaluate
 from loraplex.runtime import AdapterPool, MultiLoraModel
 from loraplex.runtime.generate import stop_ids
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
 from loraplex.serve.adapters import AdapterStore
 from loraplex.serve.text import TextCodec
 from loraplex.train.data import IGNORE_INDEX, Example
+from loraplex.workflows.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 

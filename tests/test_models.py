@@ -231,7 +231,7 @@ def test_load_base_by_model_id_from_the_hf_cache(hub_cache):
 
 def test_served_base_id_is_the_model_id_not_the_snapshot_hash(hub_cache):
     from loraplex.cli import build_parser
-    from loraplex.serve.cli import build_server
+    from loraplex.cli.serve import build_server
     from test_train import make_tiny_base  # tiny Llama + character tokenizer (serving needs one)
 
     snapshot = cache_model(hub_cache, "acme/tiny-chat", make_tiny_base(hub_cache.parent / "base"))

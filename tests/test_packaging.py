@@ -16,7 +16,8 @@ from loraplex.extras import EXTRAS, require
 
 ROOT = Path(__file__).parents[1]
 OPTIONAL = sorted(m for modules in EXTRAS.values() for m in modules)  # fastapi, matplotlib, uvicorn
-SERVE_ONLY = {"loraplex.serve.app", "loraplex.serve.errors", "loraplex.serve.ui"}  # the HTTP layer itself
+SERVE_ONLY = {"loraplex.serve.app", "loraplex.serve.bodylimit", "loraplex.serve.errors",  # the HTTP layer itself
+              "loraplex.serve.ui"}
 
 # Run with the optional modules absent (None in sys.modules: `import x` raises ImportError, find_spec is None).
 WITHOUT_EXTRAS = f"""
@@ -68,7 +69,7 @@ def test_core_api_and_commands_without_the_extras(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert "loraplex.serve.cli" in result["imported"] and "loraplex.train.plot" in result["imported"]
+    assert "loraplex.cli.serve" in result["imported"] and "loraplex.train.plot" in result["imported"]
     assert result["leaked"] == []
     assert result["codes"] == {"serve_help": 0, "serve": 1, "train": 0, "eval_plot": 1}
     assert "loraplex serve: error: loraplex serve needs 'fastapi'" in run.stderr

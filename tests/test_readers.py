@@ -16,10 +16,10 @@ from safetensors.torch import save_file
 
 import loraplex as lp
 from loraplex import models, store
-from loraplex.combine import combine
 from loraplex.errors import AdapterFileError, ShapeMismatchError
 from loraplex.runtime import MultiLoraModel
 from loraplex.serve.adapters import pool_tensors
+from loraplex.workflows.combine import combine
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -20,7 +20,7 @@ from serve_helpers import LoopbackServer, make_adapter
 import loraplex as lp
 from loraplex import cli, models
 from loraplex.errors import ConfigError, QueueFullError
-from loraplex.evaluate import BASE, EvalResult
+from loraplex.workflows.evaluate import BASE, EvalResult
 from loraplex.serve import Engine, EngineConfig, SamplingParams
 from loraplex.serve.app import Server, create_app
 from loraplex.serve.ui import set_results

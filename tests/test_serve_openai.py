@@ -24,7 +24,7 @@ from loraplex import cli, models
 from loraplex.errors import ConfigError
 from loraplex.runtime.generate import SamplingParams, distribution, sample_next
 from loraplex.serve.app import create_app
-from loraplex.serve.cli import build_server, check_args
+from loraplex.cli.serve import build_server, check_args
 from loraplex.serve.text import Detokenizer, TextCodec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread

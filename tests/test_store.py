@@ -172,7 +172,7 @@ def test_refuses_edited_tensors_by_content_hash(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, match", [
-    ("lora_bias", True, "lora_bias=True"),
+    ("use_qalora", True, "use_qalora=True"),
     ("layer_replication", [[0, 1]], "layer_replication"),
     ("some_future_knob", 3, "unknown adapter config key 'some_future_knob'"),
     ("peft_type", "IA3", "peft_type 'IA3'"),
@@ -291,7 +291,7 @@ def test_inits_that_rewrite_the_base_are_refused(tmp_path, init, match):
     _edit_config(d, init_lora_weights=init)
     _refused(d, lp.UnsupportedFeatureError, f"{CONFIG_NAME}.*init_lora_weights='{init}': .*{match}")
     with pytest.raises(lp.UnsupportedFeatureError, match="cannot initialize a new adapter"):
-        lp.inject(tiny_llama(), lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="orthogonal"))
+        lp.inject(tiny_llama(), lp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="eva"))
 
 
 def test_written_config_loads_with_auto_peft_model(tmp_path):

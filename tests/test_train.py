@@ -32,7 +32,7 @@ from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
 from loraplex.train.loop import INT_LIMIT, NUMERIC_FIELDS, head_logits
 from loraplex.train import checkpoint as ckpt_mod
-from loraplex.train.cli import parse_targets
+from loraplex.cli.train import parse_targets
 from loraplex.train.data import Example
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 import loraplex as lp
-from loraplex.evaluate import BASE, EvalResult
+from loraplex.workflows.evaluate import BASE, EvalResult
 from loraplex.models import tiny_llama
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loraplex as lp
-import loraplex.probes as probes_mod
-import loraplex.verify as V
+import loraplex.workflows.probes as probes_mod
+import loraplex.workflows.verify as V
 from loraplex.cli import main
 from loraplex.errors import AdapterFileError, ConfigError, UnsupportedModuleError
-from loraplex.export import export_merged
+from loraplex.workflows.export import export_merged
 from loraplex.models import load_base, tiny_llama
-from loraplex.probes import Reference, compare, make_probes, read_golden
+from loraplex.workflows.probes import Reference, compare, make_probes, read_golden
 
 EXACT = ("merged", "on_the_fly", "mixed_batch", "exported")
 

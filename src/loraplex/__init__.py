@@ -4,7 +4,7 @@ Train adapters, keep them separate and serve many side by side, combine them wit
 chosen one into the base for deployment. Adapter files are PEFT's format.
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from .config import LoraConfig  # noqa: E402
 from .errors import *  # noqa: E402,F401,F403

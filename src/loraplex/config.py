@@ -1,7 +1,7 @@
 """LoraConfig: the fields of PEFT's adapter_config.json that define a LoRA adapter, validated on construction.
 
 Serialized with `to_dict()` it is a valid PEFT `adapter_config.json`; `from_dict()` reads PEFT's files and
-refuses keys whose semantics loraplex does not implement (LoRA bias, layer replication, ...).
+refuses keys whose semantics loraplex does not implement (layer replication, target_parameters, ...).
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ from .models import canonical_base_id
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-# init_lora_weights: FRESH_INIT_MODES can start a new adapter; the others are plain LoRA on disk (the base is left
-# as it was), so a saved file is read like any other, but loraplex does not implement their initialization.
-FRESH_INIT_MODES = (True, False, "gaussian")
-INIT_MODES = (*FRESH_INIT_MODES, "orthogonal", "eva")
+# init_lora_weights: FRESH_INIT_MODES can start a new adapter; "eva" is plain LoRA on disk (the base is left as it
+# was), so a saved file is read like any other, but loraplex does not implement that initialization.
+# RESIDUAL_INITS (PiSSA, its fast-SVD form pissa_niter_<N>, OLoRA) start a new adapter from the base weight and
+# rewrite that weight in memory to the residual W - scale * B0 @ A0; loraplex saves them converted to a plain LoRA
+# on the original base (rank 2r, init_lora_weights=true), so a file with one of these names is never plain LoRA.
+FRESH_INIT_MODES = (True, False, "gaussian", "orthogonal")
+INIT_MODES = (*FRESH_INIT_MODES, "eva")
+RESIDUAL_INITS = ("pissa", "pissa_niter_<N>", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 # PEFT initializations that rewrite the base weights (PiSSA/OLoRA/CorDA/LoRA-GA keep a residual base, LoftQ a
 # quantized one) or change training (MiCA freezes lora_B): their files are not a plain LoRA on the original base.
 _REFUSED_INITS = {
@@ -42,7 +47,6 @@ _IGNORED_KEYS = {
 }
 # PEFT keys that change what the adapter computes: accepted only at their "off" value.
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "lora_bias": (False, None),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
     "trainable_token_indices": (None, {}, []),
@@ -67,6 +71,8 @@ class LoraConfig:
     match (PEFT's `(.*\\.)?(pattern)$` rule).
     use_dora: weight-decomposed LoRA (DoRA): each targeted module also learns a magnitude m (out,), and
     computes y = m / ||W + scale B A||_row * (x @ (W + scale B A).T) + bias (see functional.py, docs/concepts.md).
+    lora_bias: lora_B has a bias b (out,) too (PEFT's LoRA-B bias): y = base(x) + scale * (B A x + b), on linear
+    layers; merging adds scale * b to the base bias.
     """
 
     r: int = 8
@@ -87,6 +93,7 @@ class LoraConfig:
     task_type: Union[str, None] = None
     inference_mode: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -129,9 +136,16 @@ class LoraConfig:
             _check_alpha(f"alpha_pattern[{name!r}]", value)
         if not isinstance(self.use_dora, bool):
             raise ConfigError(f"use_dora must be true or false, got {self.use_dora!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.lora_bias and (self.use_dora or is_residual_init(self.init_lora_weights)):
+            other = "use_dora=true" if self.use_dora else f"init_lora_weights={self.init_lora_weights!r}"
+            raise UnsupportedFeatureError(f"lora_bias=true with {other} is not implemented by loraplex; use lora_bias "
+                                          "with plain LoRA and a non-residual init")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        _check_init(self.init_lora_weights)
+        if not is_residual_init(self.init_lora_weights):
+            _check_init(self.init_lora_weights)
         for what in ("use_rslora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, what), bool):
                 raise ConfigError(f"{what} must be true or false, got {getattr(self, what)!r}")
@@ -161,7 +175,7 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["target_modules"], list):
             d["target_modules"] = sorted(d["target_modules"])
-        d.update(peft_type="LORA", lora_bias=False, layer_replication=None, revision=None)
+        d.update(peft_type="LORA", layer_replication=None, revision=None)
         return d
 
     @classmethod
@@ -186,13 +200,26 @@ class LoraConfig:
                     f"unknown adapter config key {key!r}={value!r}: its meaning is unknown to loraplex, "
                     "so the adapter cannot be applied faithfully"
                 )
+        if "init_lora_weights" in kwargs:  # a file made with a residual init is relative to the residual base
+            _check_init(kwargs["init_lora_weights"])
         if isinstance(kwargs.get("target_modules"), (set, tuple)):
             kwargs["target_modules"] = list(kwargs["target_modules"])
-        if "use_dora" in kwargs and kwargs["use_dora"] is None:  # older PEFT files write null for "off"
-            kwargs["use_dora"] = False
+        for key in ("use_dora", "lora_bias"):
+            if key in kwargs and kwargs[key] is None:  # older PEFT files write null for "off"
+                kwargs[key] = False
         kwargs["rank_pattern"] = kwargs.get("rank_pattern") or {}
         kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
         return cls(**kwargs)
+
+
+def is_residual_init(init: Any) -> bool:
+    """Is `init` one of RESIDUAL_INITS ("pissa", "pissa_niter_4", "olora"), which rewrite the base weight?"""
+    return isinstance(init, str) and (init in ("pissa", "olora") or _PISSA_NITER.fullmatch(init) is not None)
+
+
+def is_fresh_init(init: Any) -> bool:
+    """Can loraplex initialize a new adapter with `init` (FRESH_INIT_MODES or RESIDUAL_INITS)?"""
+    return isinstance(init, bool) or (isinstance(init, str) and init in FRESH_INIT_MODES) or is_residual_init(init)
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
@@ -223,9 +250,10 @@ def _check_init(init: Any) -> None:
             f"init_lora_weights={init!r}: {_REFUSED_INITS[refused]}, so the adapter is not a plain LoRA on the "
             "original base and loraplex cannot apply it faithfully. Convert it with PEFT first "
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...) turns PiSSA/OLoRA/CorDA into a "
-            "plain LoRA with init_lora_weights=true)"
+            "plain LoRA with init_lora_weights=true; loraplex's own PiSSA/OLoRA adapters are saved that way)"
         )
-    raise ConfigError(f"init_lora_weights must be one of {INIT_MODES}, got {init!r}")
+    raise ConfigError(f"init_lora_weights must be one of {INIT_MODES} (or, for a new adapter, {RESIDUAL_INITS}), "
+                      f"got {init!r}")
 
 
 def _check_regex(what: str, pattern: str) -> None:

@@ -61,9 +61,11 @@ def conv_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) 
     return (scale * (b @ a)).reshape(lora_B.shape[0], *lora_A.shape[1:]).to(lora_A.dtype)
 
 
-def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
-    """The LoRA path of a linear layer: scale * (x @ A.T) @ B.T ; x: (..., in) -> (..., out)."""
-    return F.linear(F.linear(x, lora_A), lora_B) * scale
+def lora_linear(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                lora_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The LoRA path of a linear layer: scale * ((x @ A.T) @ B.T + b) ; x: (..., in) -> (..., out); b (out,) is
+    PEFT's LoRA-B bias (lora_bias), None for none."""
+    return F.linear(F.linear(x, lora_A), lora_B, lora_bias) * scale
 
 
 def lora_linear_add(result: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -192,3 +194,53 @@ def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, g: torch.Tenso
 def dora_unmerged_weight(merged: torch.Tensor, delta: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Inverse of `dora_merged_weight`: merged / g - delta (up to rounding) -> (out, in)."""
     return merged / g.unsqueeze(1) - delta
+
+
+# -- initializations that read or make orthogonal bases (PEFT's init_lora_weights; layers.LoraLinear._init) -----
+
+def orthogonal_factors(in_features: int, out_features: int, r: int, generator: Optional[torch.Generator] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "orthogonal" init (r even): Q from QR of an (r, r) Gaussian; A = (G1 (in, r/2) @ Q[0::2]).T / 10
+    (r, in), B = G2 (out, r/2) @ Q[1::2] / 10 (out, r). The rows of Q are orthonormal, so B @ A = 0 exactly in
+    exact arithmetic while both factors are non-zero."""
+    if r % 2:
+        raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half of an orthogonal "
+                          f"basis each), got r={r}")
+    q = torch.linalg.qr(torch.randn(r, r, generator=generator))[0]  # (r, r)
+    a = (torch.randn(in_features, r // 2, generator=generator) @ q[0::2]).T / 10.0  # (r, in)
+    b = torch.randn(r // 2, out_features, generator=generator).T @ q[1::2] / 10.0  # (out, r)
+    return a, b
+
+
+def residual_factors(weight: torch.Tensor, r: int, scale: float, init: str,
+                     generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) in fp32 of a residual init from weight W (out, in); the base then becomes
+    W - scale * B @ A (the caller writes it):
+        "pissa":           W = U S Vh (SVD), A = diag(sqrt(S_r / scale)) @ Vh_r, B = U_r @ diag(sqrt(S_r / scale))
+        "pissa_niter_<N>": the same from torch.svd_lowrank(W, r, niter=N) (randomized; probe from `generator`)
+        "olora":           W = Q R (QR), A = R[:r], B = Q[:, :r]
+    """
+    w = weight.float()
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)  # (out, k), (k, in)
+        return rr[:r], q[:, :r]
+    if init == "pissa":
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+        u, sv, vh = u[:, :r], sv[:r], vh[:r]
+    else:
+        u, sv, v = _svd_lowrank(w, r, int(init.rpartition("_")[2]), generator)
+        vh = v.T
+    root = torch.sqrt(sv / scale)  # (r,)
+    return root[:, None] * vh, u * root
+
+
+def _svd_lowrank(w: torch.Tensor, r: int, niter: int, generator: Optional[torch.Generator]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.svd_lowrank(w, r, niter) -> (U (out, r), S (r,), V (in, r)); its random probe is drawn from
+    `generator` (via a seed for a forked global RNG, which svd_lowrank uses) when one is given."""
+    if generator is None:
+        return torch.svd_lowrank(w, q=r, niter=niter)
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return torch.svd_lowrank(w, q=r, niter=niter)

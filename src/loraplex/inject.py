@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .config import ALL_LINEAR, FRESH_INIT_MODES, LoraConfig
+from .config import ALL_LINEAR, FRESH_INIT_MODES, RESIDUAL_INITS, LoraConfig, is_fresh_init
 from .errors import (AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetNotFoundError,
                      UnsupportedFeatureError)
 from .layers import Conv1D, LoraLayer, ModulesToSave, lora_layer_for
@@ -150,28 +150,32 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     `config.bias` train. With `activate` the new adapter becomes the only active one. New wrappers take the
     train/eval mode of the module they wrap. `initialize=False` leaves A/B uninitialized for the caller to fill
     (store.load_adapter does), so any init_lora_weights of a saved file is accepted; a new adapter needs one
-    of FRESH_INIT_MODES.
+    of FRESH_INIT_MODES or RESIDUAL_INITS. A residual init (PiSSA, OLoRA) also rewrites the targeted base weights
+    to the residual W - scale * B0 @ A0 (layers.py), alone on those modules; `remove_adapter` puts W back.
     """
     check_name(name)
     if name in configs(model):
         raise AdapterExistsError(f"adapter {name!r} already exists on this model; remove it or pick another name")
-    if initialize and config.init_lora_weights not in FRESH_INIT_MODES:
+    if initialize and not is_fresh_init(config.init_lora_weights):
         raise UnsupportedFeatureError(
             f"init_lora_weights={config.init_lora_weights!r} is read from saved adapters, but loraplex cannot "
-            f"initialize a new adapter that way; use one of {FRESH_INIT_MODES}"
+            f"initialize a new adapter that way; use one of {FRESH_INIT_MODES} or {RESIDUAL_INITS}"
         )
     targets = find_targets(model, config)
     copies = _modules_to_save_targets(model, config, targets)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     modules = dict(model.named_modules())
     layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
+    for key, module in layers.items():  # refused inits: nothing changed yet
+        module.check_new_adapter(config.init_lora_weights if initialize else None, config.rank_for(key),
+                                 config.lora_bias)
     for key, module in layers.items():  # every wrapper was built above: an unsupported module changed nothing
         if module is not modules[key]:
             _replace(model, key, module)
         module.add_adapter(
             name, config.rank_for(key), config.alpha_for(key), dropout=config.lora_dropout,
             use_rslora=config.use_rslora, init=config.init_lora_weights if initialize else None, generator=generator,
-            use_dora=config.use_dora,
+            use_dora=config.use_dora, lora_bias=config.lora_bias,
         )
     for key in copies:
         wrapper = modules[key] if isinstance(modules[key], ModulesToSave) else ModulesToSave(modules[key])
@@ -307,6 +311,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the base; unmerge them before disabling adapters")
+    _refuse_residual(model, "disabling adapters")
     mods = [m for _, m in lora_layers(model)] + [w for _, w in _wrappers(model)]
     previous = [m.disabled for m in mods]
     for m in mods:
@@ -316,6 +321,16 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(mods, previous):
             m.disabled = was
+
+
+def _refuse_residual(model: nn.Module, what: str) -> None:
+    """Refuse `what` (which runs base-only rows) on a model whose base a residual init rewrote."""
+    held = sorted({n for _, layer in lora_layers(model) for n in layer.residual})
+    if held:
+        raise UnsupportedFeatureError(
+            f"adapters {held} were initialized with a residual init (PiSSA/OLoRA), which rewrote the base weights "
+            f"in memory, so {what} would run the residual, not the base: save the adapter (a plain LoRA on the "
+            "original base) and load it into a fresh base, or remove_adapter it first")
 
 
 @contextlib.contextmanager
@@ -332,6 +347,7 @@ def route_rows(model: nn.Module, adapters: Sequence[Optional[str]]) -> Iterator[
     owners = [n for n in names if any(n in w.modules_to_save for _, w in _wrappers(model))]
     if owners:
         raise ConfigError(f"adapters {owners} replace whole modules (modules_to_save) and cannot be routed per row")
+    _refuse_residual(model, "per-row routing")
     device = next(model.parameters()).device
     idx = torch.tensor([-1 if a is None else names.index(a) for a in adapters], dtype=torch.long, device=device)
     layers = [layer for _, layer in lora_layers(model)]

@@ -12,6 +12,9 @@ Forward: y = base(x) + sum over active (name, w) not merged of  w * scale[name] 
 A DoRA adapter (one active, weight 1) instead gives y = g * (x @ W.T + scale * B(A(x))) + bias with
 g = m / ||W + scale B A||_row (functional.py; PEFT's formula, dropout included).
 Merging is explicit (`merge`/`unmerge`), never a side effect of train()/eval().
+A residual init (PiSSA, OLoRA: LoraLinear only) rewrites the base weight to W - scale * B0 @ A0 when the adapter is
+added, explicitly requested by its init; `residual` keeps (A0, B0) so the base can be restored (remove_adapter)
+and the adapter saved as a plain LoRA on W (store.save_adapter). Such an adapter is alone on its layer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import functional as LF
+from .config import is_residual_init
 from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedFeatureError, UnsupportedModuleError
 
 try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
@@ -53,6 +57,7 @@ class MergeRecord:
     residual: Optional[tuple[torch.Tensor, torch.Tensor]]
     versions: tuple[int, ...]
     dora_scale: Optional[torch.Tensor] = None
+    bias_before: Optional[torch.Tensor] = None  # lora_bias: the base bias before scale * b was added to it
 
 
 class LoraLayer(nn.Module):
@@ -71,6 +76,9 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoraMagnitude (weight (out,))
         self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
         self.merged: dict[str, MergeRecord] = {}
+        # residual-init adapters (PiSSA/OLoRA): name -> (A0 (r, in), B0 (out, r)), the initial factors whose
+        # scaled product was subtracted from the base weight; the base holds W_res = W - scale * B0 @ A0
+        self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.disabled = False
         # per-row routing (set by inject.route_rows): (adapter names, row -> index into names, -1 = base only)
         self.row_routing: Optional[tuple[list[str], torch.Tensor]] = None
@@ -83,22 +91,27 @@ class LoraLayer(nn.Module):
     def add_adapter(
         self, name: str, r: int, lora_alpha: float, *, dropout: float = 0.0, use_rslora: bool = False,
         init: Optional[InitMode] = True, generator: Optional[torch.Generator] = None, use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Create adapter `name` of rank r, initialized per `init` (True: A kaiming-uniform, B zero;
         "gaussian": A ~ N(0, 1/r), B zero; False: both random, so the adapter is not a no-op; None: left
-        uninitialized for the caller to copy weights in). `use_dora` adds the DoRA magnitude
-        m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A). Its modules take this wrapper's
-        train/eval mode."""
+        uninitialized for the caller to copy weights in; "orthogonal", "pissa", "pissa_niter_<N>", "olora": see
+        LoraLinear._init; `check_new_adapter` says what is refused). `use_dora` adds the DoRA magnitude
+        m = ||W + scale B A||_row (so a fresh adapter computes W + scale B A). `lora_bias` gives lora_B a bias
+        (zero at the start; random with init False). Its modules take this wrapper's train/eval mode."""
         if name in self.r:
             raise ConfigError(f"adapter {name!r} already exists on this layer")
+        self.check_new_adapter(init, r, lora_bias)
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
+        if lora_bias:
+            self._add_lora_bias(name)
         with torch.no_grad():
             if init is not None:
-                tensors = self.adapter_tensors(name)
+                tensors = self.adapter_params(name)  # A, B (and a LoRA-B bias); no DoRA magnitude yet
                 if generator is None or tensors[0].device == generator.device:
                     self._init(name, init, generator)
                 else:  # the seeded generator lives on another device (a CPU generator, a CUDA base): draw there
@@ -118,6 +131,10 @@ class LoraLayer(nn.Module):
     def remove_adapter(self, name: str) -> None:
         if name in self.merged:
             raise MergeStateError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge it first")
+        if name in self.residual:  # put back the base weight its init rewrote: W = W_res + scale * B0 @ A0
+            with torch.no_grad():
+                self.set_base_weight(self.unmerged_base_weight())
+            del self.residual[name]
         for store in self._stores():
             del store[name]
         for table in (self.r, self.lora_alpha, self.scaling):
@@ -126,6 +143,37 @@ class LoraLayer(nn.Module):
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
         self.active = [(n, w) for n, w in self.active if n != name]
+
+    def check_new_adapter(self, init: Optional[InitMode], r: int, lora_bias: bool = False) -> None:
+        """Raise what `add_adapter(..., r, init=init)` refuses, changing nothing: an init this layer type does not
+        implement, and any second adapter beside a residual-init one (it rewrote the base the other would see)."""
+        if self.residual:
+            raise UnsupportedFeatureError(
+                f"adapter {next(iter(self.residual))!r} was initialized with a residual init (PiSSA/OLoRA) and "
+                f"rewrote the base weight of this {type(self.base_layer).__name__}; another adapter here would sit on "
+                "that residual, not on the base: remove it first, or save it (a plain LoRA) and load the file")
+        if is_residual_init(init) and self.r:
+            raise UnsupportedFeatureError(
+                f"init_lora_weights={init!r} rewrites the base weight of this {type(self.base_layer).__name__}, on "
+                f"which adapters {list(self.r)} already sit: start it on a model without adapters on these modules")
+        if init not in (None, True, False, "gaussian"):
+            self._check_init(init, r)
+        if lora_bias and not self._takes_lora_bias():
+            raise UnsupportedFeatureError(f"lora_bias is implemented for float Linear and GPT-2 Conv1D layers only, "
+                                          f"not {type(self.base_layer).__name__}: exclude this module or drop lora_bias")
+
+    def _takes_lora_bias(self) -> bool:
+        return False
+
+    def lora_b_bias(self, name: str) -> Optional[torch.Tensor]:
+        """PEFT's LoRA-B bias b (out,) of adapter `name` (lora_bias), or None."""
+        return None
+
+    def _check_init(self, init: InitMode, r: int) -> None:
+        """Refuse an init beyond True/False/"gaussian" this layer type does not implement (LoraLinear does more)."""
+        raise UnsupportedFeatureError(
+            f"init_lora_weights={init!r} is implemented for Linear and GPT-2 Conv1D layers only, not for "
+            f"{type(self.base_layer).__name__}; use True, False or 'gaussian' here (e.g. exclude this module)")
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes (A, B) of a rank-r adapter on this layer, as `_create` makes them (nothing allocated)."""
@@ -137,9 +185,11 @@ class LoraLayer(nn.Module):
         return _tensor(a[name]), _tensor(b[name])
 
     def adapter_params(self, name: str) -> tuple[torch.Tensor, ...]:
-        """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) if it has one."""
+        """Every tensor of adapter `name` that trains: (A, B), plus the DoRA magnitude m (out,) or the LoRA-B bias
+        b (out,) if it has one."""
         m = self.lora_magnitude_vector[name].weight if name in self.lora_magnitude_vector else None
-        return self.adapter_tensors(name) + (() if m is None else (m,))
+        b = self.lora_b_bias(name)  # never with DoRA (LoraConfig refuses the pair)
+        return self.adapter_tensors(name) + (() if m is None else (m,)) + (() if b is None else (b,))
 
     def is_dora(self, name: str) -> bool:
         return name in self.lora_magnitude_vector
@@ -195,12 +245,17 @@ class LoraLayer(nn.Module):
         self.base_layer.weight.data.copy_(weight)
 
     def unmerged_base_weight(self) -> torch.Tensor:
-        """The base weight without the merged adapters (up to rounding); the weight itself when none is merged."""
+        """The base weight without the merged adapters, and with what a residual init subtracted added back (up to
+        rounding): the weight itself when neither applies."""
         w = self.get_base_weight()
         for name, rec in self.merged.items():
             if rec.dora_scale is not None:  # the only merged adapter on this layer (merge refuses others)
-                return self._merge_maps(name, rec.weight, w, w.dtype, rec.dora_scale)[1](w)
+                w = self._merge_maps(name, rec.weight, w, w.dtype, rec.dora_scale)[1](w)
+                break
             w = w - rec.weight * self.delta(name).to(w.dtype)
+        for name, (a0, b0) in self.residual.items():  # the base holds W_res = W - scale * B0 @ A0
+            d0 = LF.delta_weight(a0, b0, self.scaling[name])  # (out, in)
+            w = w + self._from_out_rows(d0, w.shape).to(w.dtype)
         return w
 
     def _merge_maps(self, name: str, weight: float, w: torch.Tensor, compute: torch.dtype,
@@ -250,8 +305,9 @@ class LoraLayer(nn.Module):
             idx = (restored != w).flatten().nonzero().squeeze(1)  # usually a small fraction of the elements
             residual = (idx, w.flatten()[idx].clone())
         self.set_base_weight(merged)
+        bias_before = self._merge_lora_bias(name, weight)
         record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name),
-                             dora_scale=g)
+                             dora_scale=g, bias_before=bias_before)
         self.merged[name] = record
         return record
 
@@ -259,6 +315,10 @@ class LoraLayer(nn.Module):
         """Raise what `merge(name, weight)` would refuse for DoRA, changing nothing: DoRA rescales whole rows of
         W, so it merges only at weight 1 into a layer holding no other merge, and nothing merges on top of it
         (the row scale g is defined from the bare base weight)."""
+        if self.lora_b_bias(name) is not None and getattr(self.base_layer, "bias", None) is None:
+            raise UnsupportedFeatureError(f"adapter {name!r} has a LoRA-B bias (lora_bias) but this "
+                                          f"{type(self.base_layer).__name__} has no bias to merge it into (as in "
+                                          "PEFT); keep it on the fly")
         if self.is_dora(name) and weight != 1.0:
             raise UnsupportedFeatureError(f"DoRA adapter {name!r} merges only with weight 1.0, got {weight}: a "
                                           "scaled DoRA update is not defined (merge it at weight 1)")
@@ -286,8 +346,27 @@ class LoraLayer(nn.Module):
             idx, values = record.residual
             restored.view(-1)[idx] = values
         self.set_base_weight(restored)
+        biased = [n for n, rec in self.merged.items() if rec.bias_before is not None]  # in merge order
         del self.merged[name]
+        if record.bias_before is not None:  # the first LoRA-B bias merge holds the bare base bias, bit for bit
+            bias = self.base_layer.bias.data
+            if len(biased) == 1:
+                bias.copy_(record.bias_before)
+            else:
+                bias.sub_((record.weight * self.scaling[name] * self.lora_b_bias(name).detach()).to(bias.dtype))
+                if biased[0] == name:  # hand the bare base bias on to the next one
+                    self.merged[biased[1]].bias_before = record.bias_before
         return record
+
+    def _merge_lora_bias(self, name: str, weight: float) -> Optional[torch.Tensor]:
+        """Add weight * scale * b (lora_bias) to the base bias; returns the bias before, or None (no LoRA-B bias)."""
+        b = self.lora_b_bias(name)
+        if b is None:
+            return None
+        bias = self.base_layer.bias.data
+        before = bias.clone()
+        bias.add_((weight * self.scaling[name] * b.detach()).to(bias.dtype))
+        return before
 
     # -- subclass hooks --------------------------------------------------------------------------------
     def _stores(self) -> tuple[Any, Any]:
@@ -297,6 +376,10 @@ class LoraLayer(nn.Module):
         return tuple(t._version for t in self.adapter_params(name))
 
     def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _add_lora_bias(self, name: str) -> None:
+        """Give adapter `name`'s lora_B a zero bias (out,); only layers whose `_takes_lora_bias` is True."""
         raise NotImplementedError
 
     def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
@@ -310,6 +393,9 @@ class LoraLayer(nn.Module):
         elif init is False:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=generator)
+            if self.lora_b_bias(name) is not None:  # nn.Linear's default bias init, as PEFT leaves it
+                bound = 1 / math.sqrt(self.r[name])
+                nn.init.uniform_(self.lora_b_bias(name), -bound, bound, generator=generator)
         else:
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
 
@@ -382,7 +468,7 @@ class LoraLinear(LoraLayer):
                 or torch.is_autocast_enabled(x.device.type)):
             return None
         name, weight = self.active[0]
-        if self.is_dora(name):
+        if self.is_dora(name) or self.lora_b_bias(name) is not None:
             return None
         base = self.base_layer
         a = self.lora_A[name].weight
@@ -397,6 +483,48 @@ class LoraLinear(LoraLayer):
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
 
+    def _check_init(self, init: InitMode, r: int) -> None:
+        if init == "orthogonal":
+            if r % 2:
+                raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank (A and B take half of an "
+                                  f"orthogonal basis each), got r={r}")
+            return
+        if not is_residual_init(init):
+            super()._check_init(init, r)
+        if type(self.base_layer) is not nn.Linear and not self.fan_in_fan_out:
+            raise UnsupportedFeatureError(
+                f"init_lora_weights={init!r} rewrites the base weight, which loraplex does only for float nn.Linear "
+                f"and Conv1D layers, not {type(self.base_layer).__name__}: quantize after saving, or use another init")
+        if not self.get_base_weight().is_floating_point():
+            raise UnsupportedFeatureError(f"init_lora_weights={init!r} needs a float base weight, got "
+                                          f"{self.get_base_weight().dtype}")
+        if r > min(self.in_features, self.out_features):
+            raise ConfigError(f"init_lora_weights={init!r}: r={r} exceeds min(in, out) = "
+                              f"{min(self.in_features, self.out_features)}, the most singular/QR directions the base "
+                              "weight has: pass a smaller rank")
+
+    def _init(self, name: str, init: InitMode, generator: Optional[torch.Generator]) -> None:
+        """Beyond the common inits (LoraLayer._init), PEFT's "orthogonal" (LF.orthogonal_factors) and the residual
+        ones, "pissa", "pissa_niter_<N>", "olora" (LF.residual_factors of the base weight W (out, in)): those then
+        rewrite the base weight to W - scale * B @ A (in its dtype) and keep (A, B) in `residual`, so the layer's
+        output is unchanged at the start up to that rounding."""
+        a, b = self.adapter_tensors(name)
+        if init == "orthogonal":
+            a0, b0 = LF.orthogonal_factors(self.in_features, self.out_features, self.r[name], generator)
+            a.copy_(a0)
+            b.copy_(b0)
+            return
+        if not is_residual_init(init):
+            return super()._init(name, init, generator)
+        w = self._weight_out_in()  # (out, in)
+        a0, b0 = LF.residual_factors(w, self.r[name], self.scaling[name], init, generator)
+        a0, b0 = a0.to(a.dtype), b0.to(b.dtype)  # what the adapter holds, kept on the base's device
+        a.copy_(a0)
+        b.copy_(b0)
+        w_res = w.float() - self.scaling[name] * (b0.float() @ a0.float())  # (out, in)
+        self.set_base_weight(self._from_out_rows(w_res.to(w.dtype), self.get_base_weight().shape))
+        self.residual[name] = (a0, b0)
+
     def _create(self, name: str, r: int) -> None:
         kw = dict(bias=False, device=self.get_base_weight().device, dtype=self._lora_dtype())
         self.lora_A[name] = nn.Linear(self.in_features, r, **kw)
@@ -404,7 +532,17 @@ class LoraLinear(LoraLayer):
 
     def _lora(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name])
+        return LF.lora_linear(x.to(a.dtype), a, b, self.scaling[name], self.lora_b_bias(name))
+
+    def _takes_lora_bias(self) -> bool:
+        return isinstance(self.base_layer, nn.Linear) or self.fan_in_fan_out
+
+    def lora_b_bias(self, name: str) -> Optional[torch.Tensor]:
+        return self.lora_B[name].bias
+
+    def _add_lora_bias(self, name: str) -> None:
+        b = self.lora_B[name]
+        b.bias = nn.Parameter(torch.zeros(self.out_features, device=b.weight.device, dtype=b.weight.dtype))
 
     def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.T if self.fan_in_fan_out else t  # Conv1D stores (in, out)
@@ -441,7 +579,7 @@ class LoraLinear(LoraLayer):
         """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;
         otherwise (e.g. a bf16 base under fp32 adapters) the generic cast-and-add."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if result.dtype != a.dtype:
+        if result.dtype != a.dtype or self.lora_b_bias(name) is not None:
             return super()._add_lora(name, x, result, weight)
         return LF.lora_linear_add(result, x.to(a.dtype), a, b, weight * self.scaling[name])
 

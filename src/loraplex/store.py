@@ -20,9 +20,11 @@ a base (targets present, shapes fit) before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import glob
 import json
+import math
 import os
 import shutil
 import uuid
@@ -36,12 +38,12 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
+from .version import __version__
 from .config import ALL_LINEAR, LoraConfig
 from .errors import (AdapterFileError, ConfigError, LoraplexError, NonFiniteError, OutputExistsError,
                      ShapeMismatchError, TargetNotFoundError, UnsupportedFeatureError, UnsupportedModuleError,
                      WriteError)
-from .functional import scaling
+from .functional import scaling, tolerance
 from .identity import base_fingerprint, check_base, content_hash
 from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets, freeze_base, inject, lora_layers,
                      matches, remove_adapter, set_active)
@@ -226,7 +228,10 @@ def write_png(fig: Any, path: PathLike, *, overwrite: bool = False) -> Path:
 
 # -- model <-> PEFT state dict ------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of adapter `name` under PEFT's file keys (see module docstring)."""
+    """The tensors of adapter `name` under PEFT's file keys (see module docstring). A residual-init adapter
+    (PiSSA/OLoRA: the base holds W - scale * B0 @ A0) comes as the plain LoRA on the original base W that PEFT's
+    save_pretrained(path_initial_model_for_weight_conversion=...) writes: delta = scale * (B @ A - B0 @ A0) =
+    scale * B' @ A' with A' = [A; A0] (2r, in) and B' = [B, -B0] (out, 2r); see `plain_lora_config`."""
     if name not in configs(model):
         raise LoraplexError(f"no adapter {name!r} on this model; loaded: {sorted(configs(model))}")
     config = configs(model)[name]
@@ -235,12 +240,17 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         if name not in layer.r:
             continue
         a, b = layer.adapter_tensors(name)
+        if name in layer.residual:
+            a0, b0 = layer.residual[name]
+            a, b = torch.cat([a, a0], dim=0), torch.cat([b, -b0], dim=1)  # (2r, in), (out, 2r)
         if isinstance(layer, LoraEmbedding):
             out[f"{PREFIX}{key}.lora_embedding_A"], out[f"{PREFIX}{key}.lora_embedding_B"] = a, b
         else:
             out[f"{PREFIX}{key}.lora_A.weight"], out[f"{PREFIX}{key}.lora_B.weight"] = a, b
         if layer.is_dora(name):
             out[f"{PREFIX}{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
+        if layer.lora_b_bias(name) is not None:  # PEFT's lora_bias: lora_B is an nn.Linear with a bias
+            out[f"{PREFIX}{key}.lora_B.bias"] = layer.lora_b_bias(name)
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{key}.base_layer.bias"] = layer.base_layer.bias
     for key, wrapper in _wrappers(model):
@@ -253,6 +263,25 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             if pname.endswith("bias") and not skip:
                 out[f"{PREFIX}{pname}"] = p
     return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def plain_lora_config(config: LoraConfig) -> LoraConfig:
+    """The config a residual-init adapter is saved with (PEFT's conversion): every rank doubled and every alpha
+    doubled (times sqrt(2) with rsLoRA), so the scale is unchanged; init_lora_weights=true. (PEFT doubles
+    alpha_pattern values even with rsLoRA, which changes their scale; here they follow lora_alpha.)"""
+    k = math.sqrt(2) if config.use_rslora else 2
+    return dataclasses.replace(
+        config, r=2 * config.r, lora_alpha=k * config.lora_alpha, init_lora_weights=True,
+        rank_pattern={p: 2 * v for p, v in config.rank_pattern.items()},
+        alpha_pattern={p: k * v for p, v in config.alpha_pattern.items()})
+
+
+def saved_config(model: nn.Module, name: str) -> LoraConfig:
+    """The config adapter `name` of `model` is saved with: its own, or `plain_lora_config` of it when a residual
+    init rewrote the base (the tensors `adapter_state_dict` gives then have rank 2r)."""
+    config = configs(model)[name]
+    residual = any(name in layer.residual for _, layer in lora_layers(model))
+    return plain_lora_config(config) if residual else config
 
 
 def peft_config_dict(config: LoraConfig, model: nn.Module, base_name: Optional[str] = None) -> dict[str, Any]:
@@ -283,10 +312,12 @@ def save_adapter(model: nn.Module, name: str, directory: PathLike, *, base_name:
                  overwrite: bool = False, fingerprint: Optional[dict[str, Any]] = None) -> AdapterFile:
     """Write adapter `name` as a PEFT-readable directory (config per `peft_config_dict`), atomically (an existing
     non-empty `directory` is replaced only with `overwrite`). NaN/Inf weights raise NonFiniteError and nothing is
-    written. Returns what was written. `fingerprint`: the base fingerprint to record, taken earlier (e.g. before
-    FSDP sharded the base weights, which it cannot read then); None: base_fingerprint(model)."""
-    config = configs(model).get(name)
+    written. A residual-init adapter (PiSSA/OLoRA) is written as a plain LoRA on the original base (rank 2r; see
+    `adapter_state_dict`), which PEFT and loraplex load on the untouched base. Returns what was written.
+    `fingerprint`: the base fingerprint to record, taken earlier (e.g. before FSDP sharded the base weights,
+    which it cannot read then); None: base_fingerprint(model)."""
     tensors = adapter_state_dict(model, name)
+    config = saved_config(model, name)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise NonFiniteError(f"adapter {name!r} holds NaN/Inf in {len(bad)} tensor(s), e.g. {bad[:2]}; nothing "
@@ -448,6 +479,8 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         if config.use_dora:  # m: (out,), a conv's (1, out, 1[, 1]) as PEFT stores it
             shape = (1, b_shape[0], *b_shape[2:]) if isinstance(layer, LoraConv) else (b_shape[0],)
             expected[f"{key}.lora_magnitude_vector"] = torch.empty(shape, device="meta")
+        if config.lora_bias and not isinstance(layer, LoraEmbedding):  # b (out,); inject refuses other layers
+            expected[f"{key}.lora_B.bias"] = torch.empty(b_shape[0], device="meta")
     missing = [k for k in expected if k not in af.tensors]
     if missing:
         raise AdapterFileError(f"{what} lacks tensors for {len(missing)} targeted module(s), e.g. {missing[:3]}; "
@@ -542,6 +575,43 @@ def load_adapter(model: nn.Module, directory: Union[PathLike, AdapterFile], name
     return af
 
 
+def load_residual_state(model: nn.Module, name: str, directory: PathLike) -> AdapterFile:
+    """Continue residual-init adapter `name`, just injected into `model` (same config and seed, so the same
+    residual base and (A0, B0)), from the file `save_adapter` wrote for it (a training checkpoint): A = A'[:r],
+    B = B'[:, :r] and the DoRA magnitude. Refuses (AdapterFileError, nothing copied) a file that is not that
+    conversion of this adapter: other tensors, other shapes, or a second half other than this (A0, -B0)."""
+    af = read_adapter(directory)
+    todo: list[tuple[torch.Tensor, torch.Tensor]] = []
+    used: set[str] = set()
+    for key, layer in lora_layers(model):
+        if name not in layer.residual:
+            continue
+        (ka, kb), (a, b), (a0, b0) = factor_keys(key, False), layer.adapter_tensors(name), layer.residual[name]
+        a2, b2, r = af.tensors.get(ka), af.tensors.get(kb), a.shape[0]
+        atol, rtol = tolerance(a0.dtype)
+        if (a2 is None or b2 is None or a2.shape != (2 * r, a.shape[1]) or b2.shape != (b.shape[0], 2 * r)
+                or not torch.allclose(a2[r:].to(a0), a0, atol=atol, rtol=rtol)
+                or not torch.allclose(b2[:, r:].to(b0), -b0, atol=atol, rtol=rtol)):
+            raise AdapterFileError(f"adapter {str(af.path)!r} at {key!r} is not the saved form of adapter {name!r} "
+                                   f"([A; A0], [B, -B0] of rank {2 * r} with this base's residual init): made with "
+                                   "another base, init, rank or seed? Resume with the original settings")
+        todo += [(a, a2[:r]), (b, b2[:, :r])]
+        used |= {ka, kb}
+        if layer.is_dora(name):
+            km, m = f"{key}.lora_magnitude_vector", layer.lora_magnitude_vector[name].weight
+            if km not in af.tensors or af.tensors[km].shape != m.shape:
+                raise AdapterFileError(f"adapter {str(af.path)!r} lacks {km!r} of shape {tuple(m.shape)}")
+            todo.append((m, af.tensors[km]))
+            used.add(km)
+    extra = sorted(set(af.tensors) - used)
+    if extra:
+        raise AdapterFileError(f"adapter {str(af.path)!r} holds {extra[:3]}, which adapter {name!r} does not have")
+    with torch.no_grad():
+        for dest, t in todo:
+            dest.copy_(t)
+    return af
+
+
 def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
     """Copy the (validated) tensors of `af` into adapter `name` just injected into `model`."""
     dest: dict[str, torch.Tensor] = {}
@@ -550,6 +620,8 @@ def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
             dest.update(zip(factor_keys(key, isinstance(layer, LoraEmbedding)), layer.adapter_tensors(name)))
             if layer.is_dora(name):
                 dest[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
+            if layer.lora_b_bias(name) is not None:
+                dest[f"{key}.lora_B.bias"] = layer.lora_b_bias(name)
     for key, wrapper in _wrappers(model):
         if name in wrapper.modules_to_save:
             dest.update({f"{key}.{n}": t for n, t in wrapper.modules_to_save[name].state_dict().items()})

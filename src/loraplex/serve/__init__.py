@@ -8,9 +8,10 @@
     metrics.py   Prometheus metrics (prometheus_client, imported when a Metrics is built)
     protocol.py  the OpenAI wire format: request bodies (pydantic) -> SamplingParams, results -> JSON
     app.py       Server + FastAPI app (create_app); errors.py maps errors to HTTP statuses (the one place)
-    cli.py       `loraplex serve`
+    bodylimit.py a cap on request bodies before they are parsed (413)
 
-FastAPI, uvicorn and pydantic are imported only by app.py, protocol.py, errors.py and cli.py's run path.
+FastAPI, uvicorn and pydantic are imported only by app.py, protocol.py, errors.py, bodylimit.py and the run
+path of `loraplex serve` (cli/serve.py).
 """
 
 from .engine import Engine, EngineConfig

@@ -34,7 +34,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 from ..errors import ConfigError
-from ..evaluate import BASE, METRICS, EvalResult
+from ..workflows.results import BASE, METRICS, EvalResult
 
 RESULTS_FILE = "eval_results.json"
 ResultsLike = Union[EvalResult, str, os.PathLike, None]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..inject import lora_layers, route_rows
 from . import checkpoint as ckpt_mod
-from ..config import ALL_LINEAR
+from ..config import ALL_LINEAR, FRESH_INIT_MODES, RESIDUAL_INITS, is_fresh_init, is_residual_init
 from ..device import parse_device
 from ..errors import ConfigError, NonFiniteError, WriteError
 from ..quant import QuantSpec
@@ -105,6 +105,7 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     use_dora: bool = False  # DoRA: also learn a per-output-row magnitude (LoraConfig.use_dora)
+    init: Union[bool, str] = True  # LoraConfig.init_lora_weights: FRESH_INIT_MODES or RESIDUAL_INITS (PiSSA, OLoRA)
     targets: Union[str, list[str]] = ALL_LINEAR  # "all-linear", a regex, or module names
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -139,6 +140,13 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("TrainConfig.data: expected at least one data source, got none")
         check_numbers("TrainConfig", {key: getattr(self, key) for key in NUMERIC_FIELDS}, NUMERIC_FIELDS)
+        if not is_fresh_init(self.init):
+            raise ConfigError(f"TrainConfig.init: expected one of {FRESH_INIT_MODES} or {RESIDUAL_INITS}, "
+                              f"got {self.init!r}")
+        if is_residual_init(self.init) and (self.quantize != "none" or (self.out_per_data and len(self.data) > 1)):
+            raise ConfigError(f"TrainConfig.init={self.init!r} rewrites the frozen base weights for one adapter: it "
+                              "needs a float base (quantize='none') and one adapter (not out_per_data over several "
+                              "sources)")
         if self.quantize not in ("none", "int8", "nf4"):
             raise ConfigError(f"TrainConfig.quantize: expected 'none', 'int8' or 'nf4', got {self.quantize!r}")
         if self.quantize != "nf4" and (self.quant_block_size != 64 or self.double_quant):

@@ -25,14 +25,14 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import LoraConfig
+from ..config import LoraConfig, is_residual_init
 from ..errors import ConfigError, DataError, OutputExistsError, WriteError
 from ..extras import available
 from ..identity import base_fingerprint
 from ..inject import find_targets, freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
-from ..store import check_output, load_adapter, save_adapter, write_json
+from ..store import check_output, load_adapter, load_residual_state, save_adapter, write_json
 from . import checkpoint as ckpt_mod
 from . import fsdp
 from .data import Examples, split, tokenize
@@ -187,11 +187,14 @@ def _train(config: TrainConfig, info) -> TrainResult:
     data, facts = _load_data(config, tokenizer)
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
     ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                      use_dora=config.use_dora, target_modules=config.targets, base_model_name_or_path=config.base)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=config.use_dora,
+                      init_lora_weights=config.init, target_modules=config.targets, base_model_name_or_path=config.base)
     _check_rank(model, lora)
     for name in data:
-        if ckpt is not None and ckpt.adapter_dir(name).is_dir():
+        if ckpt is not None and ckpt.adapter_dir(name).is_dir() and is_residual_init(config.init):
+            inject(model, lora, name, seed=config.seed, activate=False)  # the same residual base and (A0, B0) ...
+            load_residual_state(model, name, ckpt.adapter_dir(name))  # ... then the checkpoint's A, B (and m)
+        elif ckpt is not None and ckpt.adapter_dir(name).is_dir():
             load_adapter(model, ckpt.adapter_dir(name), name, activate=False)
         else:  # every adapter starts from the same seed: as if each were trained alone
             inject(model, lora, name, seed=config.seed, activate=False)

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..errors import ConfigError, UsageError
 from ..extras import require
-from .engine import EngineConfig
+from ..serve.engine import EngineConfig
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -69,11 +69,11 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 
 
 def build_server(args: argparse.Namespace):
-    """The Server for parsed `serve` arguments (also used by bench/bench_serve.py)."""
+    """The Server for parsed `serve` arguments (flags -> the Server constructor; tests build servers with it)."""
     require("serve", "serving")
-    from ..export import DTYPES
+    from ..workflows.export import DTYPES
     from ..models import base_id, load_base
-    from .app import Server
+    from ..serve.app import Server
 
     model, tokenizer = load_base(args.base, num_layers=args.num_layers)
     model.to(device=resolve_device(args.device), dtype=DTYPES[args.dtype])
@@ -105,7 +105,7 @@ def run_serve(args: argparse.Namespace) -> int:
     require("serve", "loraplex serve")
     import uvicorn
 
-    from .app import create_app
+    from ..serve.app import create_app
 
     check_args(args)
     if args.adapters is not None and not Path(args.adapters).is_dir():

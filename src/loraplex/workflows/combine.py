@@ -48,13 +48,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
+from ..errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
                      UnsupportedFeatureError)
 from .extract import COMPUTE, adapter_config, best_low_rank, grouped_rows, new_adapter, write_adapter
-from .functional import delta_weight
-from .identity import PROBE_RTOL
-from .report import format_table
-from .store import AdapterFile, factor_keys, lora_modules, read_adapter, unread_keys
+from ..functional import delta_weight
+from ..identity import PROBE_RTOL
+from ..report import format_table
+from ..store import AdapterFile, factor_keys, lora_modules, read_adapter, unread_keys
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")

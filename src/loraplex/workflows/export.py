@@ -15,11 +15,11 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from . import __version__
-from .errors import ConfigError
-from .inject import eject
-from .merge import merge
-from .store import AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
+from .. import __version__
+from ..errors import ConfigError
+from ..inject import eject
+from ..merge import merge
+from ..store import AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PathLike = Union[str, os.PathLike]

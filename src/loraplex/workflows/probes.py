@@ -42,7 +42,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import AdapterFileError, ConfigError, ShapeMismatchError
+from ..errors import AdapterFileError, ConfigError, ShapeMismatchError
 
 GOLDEN_TENSORS = "golden.safetensors"
 GOLDEN_JSON = "golden.json"

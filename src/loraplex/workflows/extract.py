@@ -30,17 +30,17 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from . import __version__
-from .config import LoraConfig
-from .errors import (BaseMismatchError, ConfigError, NonFiniteError, ShapeMismatchError, TargetNotFoundError,
+from .. import __version__
+from ..config import LoraConfig
+from ..errors import (BaseMismatchError, ConfigError, NonFiniteError, ShapeMismatchError, TargetNotFoundError,
                      UnsupportedModuleError)
-from .functional import delta_weight
-from .identity import base_fingerprint, content_hash
-from .inject import find_targets
-from .layers import Conv1D
-from .models import base_name
-from .report import format_table
-from .store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, factor_keys, write_json
+from ..functional import delta_weight
+from ..identity import base_fingerprint, content_hash
+from ..inject import find_targets
+from ..layers import Conv1D
+from ..models import base_name
+from ..report import format_table
+from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, factor_keys, write_json
 
 PathLike = Union[str, os.PathLike]
 COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back

@@ -21,7 +21,6 @@ To add a variant (e.g. the multi-adapter runtime), add one entry to VARIANTS: a 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -35,19 +34,19 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-from .errors import AdapterFileError, ConfigError, LoraplexError
+from ..errors import AdapterFileError, ConfigError, LoraplexError
 from .export import DTYPES, export_merged, parse_dtype
-from .functional import tolerance
-from .identity import base_fingerprint
-from .inject import disable_adapters, inject, lora_layers, route_rows
-from .merge import merge_and_unload
-from .models import base_name, load_base
+from ..functional import tolerance
+from ..identity import base_fingerprint
+from ..inject import disable_adapters, inject, lora_layers, route_rows
+from ..merge import merge_and_unload
+from ..models import base_name, load_base
 from .probes import (
-    Probes, Reference, at_positions, compare, from_pretrained, make_probes, no_progress_bars, read_golden, read_prompts,
-    run_logits, write_golden,
+    Probes, Reference, at_positions, compare, from_pretrained, make_probes, no_progress_bars, read_golden, run_logits,
+    write_golden,
 )
-from .report import format_table
-from .store import AdapterFile, load_adapter, read_adapter
+from ..report import format_table
+from ..store import AdapterFile, load_adapter, read_adapter
 
 END_TO_END_FACTOR = 10  # whole-model outputs accumulate per-op rounding over layers: F x the per-op tolerance
 ALL_VARIANTS = ("merged", "on_the_fly", "mixed_batch", "quantized_int8", "quantized_nf4", "exported")
@@ -186,7 +185,7 @@ def _mixed_batch(ctx: Context, dtype: torch.dtype) -> torch.Tensor:
 def _quantized(scheme: str) -> Callable[[Context, torch.dtype], tuple[torch.Tensor, str]]:
     def run(ctx: Context, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
         try:
-            from .quant import quantize_model
+            from ..quant import quantize_model
 
             model = ctx.fresh(dtype)
             quantize_model(model, scheme, compute_dtype=dtype)
@@ -351,49 +350,3 @@ def check_golden(deployment: Union[PathLike, nn.Module], adapter_dir: PathLike) 
     report.rows.append(row)
     return report
 
-
-# -- CLI -------------------------------------------------------------------------------------------------------
-def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser(
-        "verify", help="parity report: merged / on-the-fly / mixed batch / quantized / exported vs the reference",
-        description="Compare each way of running an adapter with base + adapter on the fly in fp32 on a probe "
-                    "set: max |delta logit|, KL, greedy agreement, PASS/FAIL per dtype. Exit status 1 when a "
-                    "required check fails. See docs/verify.md.")
-    p.add_argument("--base", help="a local transformers model directory, or 'smollm2' / 'tiny-llama'")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
-    p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: built-in prompts)")
-    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES), metavar="DTYPE",
-                   help=f"dtypes to run each variant in, of {sorted(DTYPES)} (default: fp32 bf16)")
-    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
-                   help=f"variants to compare, of {list(VARIANTS)} (default: all)")
-    p.add_argument("--max-length", type=int, default=32, help="tokens per probe (default 32)")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
-    p.add_argument("--record-golden", action="store_true",
-                   help="store the reference logits in the adapter directory (golden.safetensors + golden.json)")
-    p.add_argument("--against", metavar="DIR",
-                   help="a deployed merged model directory to check against the stored golden logits")
-    p.set_defaults(func=run_verify)
-    return ["verify"]
-
-
-def run_verify(args: argparse.Namespace) -> int:
-    if args.base is None and (args.against is None or args.record_golden):
-        raise ConfigError("--base is required (only --against alone checks a deployment without it)")
-    lines, report = [], VerifyReport("", args.adapter)
-    if args.base is not None:
-        prompts = read_prompts(args.prompts) if args.prompts else None
-        report = verify(args.base, args.adapter, prompts=prompts, dtypes=args.dtypes, variants=args.variants,
-                        max_length=args.max_length, num_layers=args.num_layers)
-        print(f"base {report.base}  adapter {report.adapter} ({report.context.adapter.content_hash[:12]})  "
-              f"probes: {report.probes.source}, {report.probes.positions} positions; reference: fp32 on the fly")
-        if args.record_golden:
-            facts = record_golden_from(report, args.adapter)
-            lines.append(f"recorded golden logits in {args.adapter}: {facts['logits']}, {facts['positions']} "
-                         f"positions, {facts['bytes']:,} bytes")
-    if args.against is not None:
-        report.rows.extend(check_golden(args.against, args.adapter).rows)
-    print(report.table())
-    print(report.summary())
-    for line in lines:
-        print(line)
-    return 0 if report.passed else 1

@@ -26,14 +26,14 @@ from typing import Any, Optional, Union
 
 import torch.nn as nn
 
-from . import __version__
-from .errors import AdapterNotFoundError, ConfigError, ParityError
+from .. import __version__
+from ..errors import AdapterNotFoundError, ConfigError, ParityError
 from .evaluate import BASE, METRICS, AdapterSpec, EvalResult, discover_adapters
 from .export import DTYPES, export_merged, parse_dtype
-from .inject import lora_layers, remove_adapter
-from .models import base_name, load_base
+from ..inject import lora_layers, remove_adapter
+from ..models import base_name, load_base
 from .probes import Reference, at_positions, make_probes, run_logits
-from .store import CONFIG_NAME, AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
+from ..store import CONFIG_NAME, AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
 from .verify import Row, VerifyReport, judge, tolerance_for
 
 CARD_NAME = "MODEL_CARD.md"
@@ -172,7 +172,7 @@ def _metrics(results: Optional[EvalResult], name: str) -> Optional[dict[str, Any
 def _training(adapter_dir: Path) -> Optional[dict[str, Any]]:
     """Facts from the trainer's train_summary.json: in the adapter directory itself (one adapter per run), or in
     its parent (`train --out-per-data`: one entry per adapter directory, one source per adapter)."""
-    from .train.run import source_name
+    from ..train.run import source_name
 
     for place, own in ((adapter_dir, True), (adapter_dir.parent, False)):
         try:

@@ -1,8 +1,8 @@
 """`loraplex` command line: thin subcommands over the Python API (each mirrors a library call).
 
-Subcommands live beside the code they drive; each module has `register(subparsers)` that adds its parser
-and sets `func` (the handler, args -> exit code). Every subcommand also gets the common flags (`--progress /
---no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error of the
+One module per subcommand, named after it (cli/info.py, cli/quant_report.py, ...); each has
+`register(subparsers)` that adds its parser and sets `func` (the handler, args -> exit code). Every subcommand
+also gets the common flags (`--progress / --no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error of the
 LoraplexError family prints one clear line on stderr, no traceback), 2 usage error (argparse); anything else
 is a bug and shows its traceback.
 """
@@ -17,22 +17,22 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Optional
 
-from . import __version__
-from .errors import LoraplexError, UsageError
+from .. import __version__
+from ..errors import LoraplexError, UsageError
 
 # name -> module providing register(subparsers); order = order in --help
 COMMANDS = {
-    "info": "loraplex.commands",
-    "merge": "loraplex.commands",
-    "verify": "loraplex.verify",
-    "train": "loraplex.train.cli",
-    "combine": "loraplex.combine_cli",
-    "extract": "loraplex.combine_cli",
-    "serve": "loraplex.serve.cli",
-    "eval": "loraplex.eval_cli",
-    "promote": "loraplex.eval_cli",
-    "quantize": "loraplex.quant.cli",
-    "quant-report": "loraplex.quant.cli",
+    "info": "loraplex.cli.info",
+    "merge": "loraplex.cli.merge",
+    "verify": "loraplex.cli.verify",
+    "train": "loraplex.cli.train",
+    "combine": "loraplex.cli.combine",
+    "extract": "loraplex.cli.extract",
+    "serve": "loraplex.cli.serve",
+    "eval": "loraplex.cli.eval",
+    "promote": "loraplex.cli.promote",
+    "quantize": "loraplex.cli.quantize",
+    "quant-report": "loraplex.cli.quant_report",
 }
 
 
@@ -58,7 +58,7 @@ def common_options(args: argparse.Namespace) -> Iterator[None]:
     """Apply --no-progress and --log-level for the duration of a command (restored after, for callers of main)."""
     with contextlib.ExitStack() as stack:
         if args.progress is False:
-            from .probes import no_progress_bars  # transformers' switch also turns huggingface_hub's off
+            from ..workflows.probes import no_progress_bars  # transformers' switch also turns huggingface_hub's off
 
             stack.enter_context(no_progress_bars())
         if args.log_level is not None:

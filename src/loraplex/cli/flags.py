@@ -1,0 +1,89 @@
+"""Command-line flags derived from a config dataclass: its fields give the names, types and defaults once.
+
+    field `grad_accum: int = 1`          ->  --grad-accum (type int, default 1)
+    field `max_steps: Optional[int] = None` -> --max-steps (type int, default None)
+    field `packing: bool = False`        ->  --packing / --no-packing (default False)
+    field `base: str` (no default)       ->  --base (required)
+A command supplies only what a dataclass cannot say: the help text, the group, argparse overrides (a
+parsing `type`, `choices`, `action="append"`) and, rarely, another flag name, in a table of `Flag`s keyed
+by field name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+_SCALARS = (int, float, str)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """What the command line adds to one dataclass field: help, the argument group, argparse overrides."""
+
+    help: str = ""
+    group: str = ""  # "" = the parser itself, else the title of an argument group
+    overrides: Mapping[str, Any] = field(default_factory=dict)  # e.g. {"type": parse_targets}
+    name: str = ""  # the flag's name when it is not the field's (use_dora -> --dora); "" = the field's
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of dataclass field `name` of `cls` (its default_factory called); KeyError when it has none."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
+
+
+def _scalar_type(hint: Any) -> type | None:
+    """int/float/str/bool for a hint (Optional[X] -> X; str | Path -> str); None when no scalar fits."""
+    if hint in (*_SCALARS, bool):
+        return hint
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return _scalar_type(args[0])
+        if set(args) == {str, Path}:
+            return str
+    return None
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, table: Mapping[str, Flag],
+                        skip: Mapping[str, str] | None = None) -> None:
+    """Add one --flag per field of dataclass `cls` to `parser` (in `table` order, then the fields the table
+    leaves out), dest = the field name, default = the field's default (required when it has none).
+    bool fields become --x / --no-x (BooleanOptionalAction). `skip`: field -> why it has no flag here (e.g.
+    another flag of the command sets it). A field whose type maps to no argparse type must name one in its
+    `overrides` (TypeError otherwise), as must every key of `table` name a field (KeyError otherwise)."""
+    fields, skip = {f.name: f for f in dataclasses.fields(cls)}, skip or {}
+    unknown = (set(table) | set(skip)) - set(fields)
+    if unknown:
+        raise KeyError(f"{cls.__name__} has no fields {sorted(unknown)}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {"": parser}
+    for name in [*table, *(n for n in fields if n not in table and n not in skip)]:
+        spec = table.get(name, Flag())
+        if spec.group not in groups:
+            groups[spec.group] = parser.add_argument_group(spec.group)
+        kwargs: dict[str, Any] = {"dest": name, "help": spec.help or None}
+        try:
+            kwargs["default"] = default_of(cls, name)
+        except KeyError:
+            kwargs["required"] = True
+        kind = _scalar_type(hints[name])
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is not None:
+            kwargs["type"] = kind
+        elif "type" not in spec.overrides and "action" not in spec.overrides:
+            raise TypeError(f"{cls.__name__}.{name}: type {hints[name]} has no argparse type; give one in its Flag")
+        kwargs.update(spec.overrides)
+        groups[spec.group].add_argument("--" + (spec.name or name).replace("_", "-"), **kwargs)

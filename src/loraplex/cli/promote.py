@@ -1,0 +1,48 @@
+"""`loraplex promote`: merge the chosen adapter, check parity, write the deployable directory with a model card."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..workflows.export import DTYPES
+from ..workflows.probes import read_prompts
+from ..workflows.promote import CARD_NAME, promote
+from ..workflows.verify import Row, VerifyReport
+from .eval import adapter_args
+
+
+def register(sub: argparse._SubParsersAction) -> list[str]:
+    p = sub.add_parser(
+        "promote", help="merge the chosen adapter, check parity, write a deployable directory + MODEL_CARD.md",
+        description="W' = W + scale * B @ A written as a plain transformers directory; then loaded back with "
+                    "AutoModelForCausalLM and compared with base + adapter on the fly (nothing is written when "
+                    "the check fails). The model card records the base, the adapter's content hash, its training "
+                    "data (train_summary.json), the eval metrics and the parity numbers.")
+    p.add_argument("name", metavar="NAME", help="adapter name, or 'best' (the leaderboard winner of --results)")
+    p.add_argument("--base", required=True, help="a transformers model directory, or 'smollm2'")
+    p.add_argument("--adapters", required=True, nargs="+",
+                   help="the adapter directory, or the folder(s) holding adapter NAME (as given to eval)")
+    p.add_argument("--out", required=True, help="output directory (new or empty; written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    p.add_argument("--results", help="results JSON written by `loraplex eval --out`")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
+    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    p.add_argument("--prompts", help="text file, one parity probe prompt per line (default: built-in prompts)")
+    p.set_defaults(func=run_promote)
+    return ["promote"]
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    adapters = adapter_args(args.adapters)
+    report = promote(args.name, args.base, adapters[0] if len(adapters) == 1 else adapters, args.out,
+                     eval_results=args.results, dtype=args.dtype, num_layers=args.num_layers, prompts=prompts,
+                     overwrite=args.overwrite)
+    print(f"adapter {report.name} ({report.content_hash[:12]}) from {report.adapter_path}, merged into "
+          f"{report.base} ({report.dtype})")
+    print(VerifyReport(report.base, report.adapter_path, [Row(**report.parity)]).table())
+    if report.metrics:
+        m = report.metrics
+        print(f"eval: rank {m['rank']} of {m['of']}; " + ", ".join(f"{k} {m['adapter'][k]:.4g}" for k in m["metrics"]))
+    print(f"wrote {report.out} (with {CARD_NAME})")
+    return 0
