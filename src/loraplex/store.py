@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,7 @@ PREFIX = "base_model.model."
 # suffix of a LoRA factor's key -> (factor, embedding layout); the module name is the key without the suffix
 FACTOR_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
                    ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's m of the module named by the key without it
 PathLike = Union[str, os.PathLike]
 
 
@@ -378,17 +379,35 @@ def read_adapter(directory: PathLike) -> AdapterFile:
     return af
 
 
-def lora_factors(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """The LoRA factors of `af` per module, {module name: (A, B, scale)}, checked without a base, e.g.
-        "model.layers.0.self_attn.q_proj": (A (r, in), B (out, r), lora_alpha / r)
+class LoraModule(NamedTuple):
+    """One module's LoRA as a file holds it (see `lora_modules`)."""
+
+    a: torch.Tensor  # (r, in[, *k]); embedding: (r, num_embeddings)
+    b: torch.Tensor  # (out, r[, 1, ...]); embedding: (dim, r)
+    scale: float  # lora_alpha / r (or / sqrt(r)) after rank_pattern / alpha_pattern
+    embedding: bool  # stored as lora_embedding_A/B (an nn.Embedding target)
+    magnitude: Optional[torch.Tensor]  # DoRA's m ((out,), a conv's (1, out, 1[, 1])) when use_dora, else None
+    keys: tuple[str, ...]  # the file keys (prefix stripped) it was read from
+
+
+def lora_modules(af: AdapterFile) -> dict[str, LoraModule]:
+    """The one decoder of an adapter file's LoRA tensors: {module name: LoraModule}, checked without a base, e.g.
+        "model.layers.0.self_attn.q_proj": LoraModule(A (r, in), B (out, r), lora_alpha / r, False, None,
+            ("model.layers.0.self_attn.q_proj.lora_A.weight", "model.layers.0.self_attn.q_proj.lora_B.weight"))
     (embeddings: A (r, num_embeddings), B (dim, r); convolutions: A (r, in, *kernel), B (out, r, 1, ...)).
-    Refuses (naming the file): a factor without its partner (AdapterFileError), a non-floating factor
-    (AdapterFileError), a rank other than the config's r for that module after rank_pattern (ShapeMismatchError,
-    so a config's r never sizes an allocation), a module the config's target_modules does not select
-    (AdapterFileError; "all-linear" depends on the base: `validate_adapter` checks it)."""
+    With use_dora each module's `<module>.lora_magnitude_vector` rides along as `magnitude` (None if absent);
+    every other tensor (modules_to_save copies, biases, ...) is left to the caller: the keys no entry lists.
+    Refuses (naming the file): a factor without its partner, or a DoRA magnitude without factors
+    (AdapterFileError), a non-floating factor (AdapterFileError), a rank other than the config's r for that
+    module after rank_pattern (ShapeMismatchError, so a config's r never sizes an allocation), a module the
+    config's target_modules does not select (AdapterFileError; "all-linear" depends on the base:
+    `validate_adapter` checks it)."""
     what, config = f"adapter {str(af.path)!r}", af.config
     found: dict[str, dict[str, tuple[str, torch.Tensor, bool]]] = {}  # module -> {"A"/"B": (key, tensor, embedding)}
+    magnitudes: dict[str, str] = {}  # module -> key of its DoRA magnitude
     for key, t in af.tensors.items():
+        if config.use_dora and key.endswith(MAGNITUDE_SUFFIX):
+            magnitudes[key[: -len(MAGNITUDE_SUFFIX)]] = key
         suffix = next((sfx for sfx in FACTOR_SUFFIXES if key.endswith(sfx)), None)
         if suffix is None:
             continue
@@ -397,8 +416,12 @@ def lora_factors(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor,
                                    "(float32, bfloat16, float16)")
         role, embedding = FACTOR_SUFFIXES[suffix]
         found.setdefault(key[: -len(suffix)], {})[role] = (key, t, embedding)
+    orphans = sorted(k for m, k in magnitudes.items() if m not in found)
+    if orphans:
+        raise AdapterFileError(f"{what} holds DoRA magnitudes without LoRA factors: {orphans[:3]}; expected "
+                               "lora_A and lora_B beside each lora_magnitude_vector")
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    out: dict[str, LoraModule] = {}
     for module, parts in sorted(found.items()):
         if set(parts) != {"A", "B"} or parts["A"][2] != parts["B"][2]:
             raise AdapterFileError(f"{what} holds {sorted(k for k, _, _ in parts.values())} for {module!r}; "
@@ -412,8 +435,24 @@ def lora_factors(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor,
             raise AdapterFileError(f"{what} holds LoRA weights for {module!r}, which its config does not target "
                                    f"(target_modules={config.target_modules!r}, exclude_modules="
                                    f"{config.exclude_modules!r}, layers_to_transform={config.layers_to_transform!r})")
-        out[module] = (a, b, scaling(r, config.alpha_for(module), config.use_rslora))
+        m_key = magnitudes.get(module)
+        keys = (parts["A"][0], parts["B"][0]) + ((m_key,) if m_key else ())
+        out[module] = LoraModule(a, b, scaling(r, config.alpha_for(module), config.use_rslora), parts["A"][2],
+                                 af.tensors[m_key] if m_key else None, keys)
     return out
+
+
+def lora_factors(af: AdapterFile) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """The LoRA factors of `af` per module, {module name: (A, B, scale)}, as `lora_modules` decodes and checks
+    them, e.g. "model.layers.0.self_attn.q_proj": (A (r, in), B (out, r), lora_alpha / r)."""
+    return {module: (x.a, x.b, x.scale) for module, x in lora_modules(af).items()}
+
+
+def unread_keys(af: AdapterFile, modules: dict[str, LoraModule]) -> list[str]:
+    """The keys of `af`'s tensors (file order) that no entry of `modules` (from `lora_modules(af)`) was read from:
+    modules_to_save copies, trained biases, base-weight copies, or tensors of unknown role."""
+    read = {k for x in modules.values() for k in x.keys}
+    return [k for k in af.tensors if k not in read]
 
 
 def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
@@ -434,7 +473,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         raise type(exc)(f"{what}: {exc}") from None
     expected: dict[str, torch.Tensor] = {}  # file key -> a tensor of the shape and kind it must have (meta)
     for key, layer in layers.items():
-        ka, kb = _factor_keys(key, isinstance(layer, LoraEmbedding))
+        ka, kb = factor_keys(key, isinstance(layer, LoraEmbedding))
         a_shape, b_shape = layer.adapter_shapes(config.rank_for(key))
         expected[ka], expected[kb] = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
         if config.use_dora:  # m: (out,), a conv's (1, out, 1[, 1]) as PEFT stores it
@@ -480,7 +519,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
     return targets
 
 
-def _factor_keys(module: str, embedding: bool) -> tuple[str, str]:
+def factor_keys(module: str, embedding: bool) -> tuple[str, str]:
     """The file keys (prefix stripped) of a module's A and B."""
     return ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if embedding
             else (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
@@ -547,7 +586,7 @@ def load_residual_state(model: nn.Module, name: str, directory: PathLike) -> Ada
     for key, layer in lora_layers(model):
         if name not in layer.residual:
             continue
-        (ka, kb), (a, b), (a0, b0) = _factor_keys(key, False), layer.adapter_tensors(name), layer.residual[name]
+        (ka, kb), (a, b), (a0, b0) = factor_keys(key, False), layer.adapter_tensors(name), layer.residual[name]
         a2, b2, r = af.tensors.get(ka), af.tensors.get(kb), a.shape[0]
         atol, rtol = tolerance(a0.dtype)
         if (a2 is None or b2 is None or a2.shape != (2 * r, a.shape[1]) or b2.shape != (b.shape[0], 2 * r)
@@ -578,7 +617,7 @@ def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
     dest: dict[str, torch.Tensor] = {}
     for key, layer in lora_layers(model):
         if name in layer.r:
-            dest.update(zip(_factor_keys(key, isinstance(layer, LoraEmbedding)), layer.adapter_tensors(name)))
+            dest.update(zip(factor_keys(key, isinstance(layer, LoraEmbedding)), layer.adapter_tensors(name)))
             if layer.is_dora(name):
                 dest[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
             if layer.lora_b_bias(name) is not None:

@@ -20,8 +20,8 @@ Sampling per row b (`sample_next`, the one sampler of generate, the server and e
 which the math cannot overflow or divide by zero for finite logits (adjusted logits are clamped to float32's
 finite range). Logprobs are not the sampler's business: the server reports log_softmax of the raw logits.
 
-A row finishes on an end-of-sequence token ("stop"; not included in its tokens), when its decoded text
-contains a stop string ("stop"; the text is cut before it), or after max_new_tokens ("length"). Finished
+A row finishes on an end-of-sequence token (`stop_ids`; "stop"; not included in its tokens), when its decoded
+text contains a stop string ("stop"; the text is cut before it), or after max_new_tokens ("length"). Finished
 rows keep a place in the batch until every row is done (their extra tokens are discarded).
 """
 
@@ -61,6 +61,32 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -
             ids[b, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long, device=device)
             mask[b, T - len(s):] = 1
     return ids, mask
+
+
+def stop_ids(model: Any, tokenizer: Any = None, override: Union[int, Sequence[int], None] = None) -> frozenset[int]:
+    """The end-of-sequence ids a generation stops on: the ONE rule of `generate`, the server (`TextCodec`) and
+    evaluate. `override` (an id or ids) alone when given; else every eos_token_id found on, in this order,
+    model.generation_config, model.config (`model` itself when it is a config) and the tokenizer, each an id,
+    a list of ids or None. All of them, not the first found: a chat tokenizer's end of turn and the base's
+    end of text both end a reply (vLLM's rule too). E.g. generation_config [2, 7], config 2, tokenizer 9
+    -> {2, 7, 9}."""
+    if override is not None:
+        return _as_ids(override)
+    sources = (getattr(model, "generation_config", None), getattr(model, "config", model), tokenizer)
+    return frozenset().union(*(_as_ids(getattr(s, "eos_token_id", None)) for s in sources))
+
+
+def _as_ids(value: Union[int, Sequence[int], None]) -> frozenset[int]:
+    if value is None:
+        return frozenset()
+    return frozenset({int(value)} if isinstance(value, int) else (int(i) for i in value))
+
+
+def pad_id(tokenizer: Any, stops: frozenset[int]) -> int:
+    """The id `left_pad` fills with (masked, so it never changes a result): the tokenizer's pad_token_id, else
+    the smallest stop id, else 0."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if isinstance(pad, int) else min(stops, default=0)
 
 
 MIN_TEMPERATURE = 1e-4  # below it (0 included) a row decodes greedily: softmax(l / t) is argmax up to near-ties
@@ -243,17 +269,6 @@ def _per_row(value: Union[float, int, None, Sequence], B: int, what: str) -> lis
     return [value] * B
 
 
-def _eos_ids(engine: MultiLoraModel, eos_token_id: Union[int, Sequence[int], None]) -> set[int]:
-    if eos_token_id is None:
-        gc = getattr(engine.model, "generation_config", None)
-        eos_token_id = getattr(gc, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(getattr(engine.model, "config", None), "eos_token_id", None)
-    if eos_token_id is None:
-        return set()
-    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(i) for i in eos_token_id}
-
-
 @torch.inference_mode()
 def generate(
     engine: MultiLoraModel,
@@ -270,8 +285,8 @@ def generate(
     """Generate for every prompt (a string, needing engine.tokenizer, or a token list) with its row's adapter.
 
     adapters[b]: a name, None (base only) or {name: weight}; None for all rows if omitted. temperature,
-    top_p and seed take one value for all rows or one per row. eos_token_id defaults to the model's
-    generation config. Returns one Generation per prompt, in order (see the module docstring).
+    top_p and seed take one value for all rows or one per row. eos_token_id overrides `stop_ids`'s
+    ids (the model's generation config, config and tokenizer). Returns one Generation per prompt, in order (see the module docstring).
     """
     from transformers import DynamicCache
 
@@ -301,8 +316,8 @@ def generate(
               zip(_per_row(temperature, B, "temperature"), _per_row(top_p, B, "top_p"), _per_row(seed, B, "seed"))]
     device = engine.pool.device
     gens = [p.generator(device) for p in params]
-    eos = _eos_ids(engine, eos_token_id)
-    pad = next(iter(eos), 0) if getattr(tok, "pad_token_id", None) is None else tok.pad_token_id
+    eos = stop_ids(engine.model, tok, eos_token_id)
+    pad = pad_id(tok, eos)
 
     ids, mask = left_pad(seqs, pad, device)  # (B, T), (B, T)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions of real tokens from 0

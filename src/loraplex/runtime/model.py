@@ -60,11 +60,11 @@ from ..errors import (
     UnsupportedFeatureError,
     UnsupportedModuleError,
 )
-from ..functional import delta_weight, scaling
+from ..functional import delta_weight
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
 from ..layers import Conv1D
-from ..store import AdapterFile, PathLike, read_adapter
+from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
 from .ops import Assignment, BatchPlan
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
@@ -409,38 +409,19 @@ class MultiLoraModel:
 
     @staticmethod
     def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float]]:
-        """{module: (A, B)} and {module: scale} from an adapter file (keys like `<module>.lora_A.weight`)."""
-        cfg = af.config
-        tensors: LayerTensors = {}
-        scales: dict[str, float] = {}
-        for key, A in af.tensors.items():
-            if key.endswith(".lora_magnitude_vector") and cfg.use_dora:
-                continue  # read by _dora_scales
-            if key.endswith(".lora_B.weight"):
-                if key[: -len(".lora_B.weight")] + ".lora_A.weight" not in af.tensors:
-                    raise AdapterFileError(f"adapter {str(af.path)!r} has {key!r} but no matching lora_A")
-                continue
-            if not key.endswith(".lora_A.weight"):
-                raise UnsupportedFeatureError(
-                    f"adapter {str(af.path)!r} holds {key!r}: the multi-adapter runtime serves lora_A/lora_B on "
-                    "linear layers only (no embedding LoRA, modules_to_save or trained biases); load it on its "
-                    "own model with loraplex.load_adapter instead"
-                )
-            mod = key[: -len(".lora_A.weight")]
-            B = af.tensors.get(mod + ".lora_B.weight")
-            if B is None:
-                raise AdapterFileError(f"adapter {str(af.path)!r} has {key!r} but no {mod + '.lora_B.weight'!r}")
-            r = cfg.rank_for(mod)
-            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
-                raise ShapeMismatchError(
-                    f"adapter {str(af.path)!r} at {mod!r}: config rank {r} (after rank_pattern), got lora_A "
-                    f"{tuple(A.shape)} and lora_B {tuple(B.shape)}"
-                )
-            tensors[mod] = (A, B)
-            scales[mod] = scaling(r, cfg.alpha_for(mod), cfg.use_rslora)
-        if not tensors:
+        """{module: (A, B)} and {module: scale} of an adapter file (decoded by `store.lora_modules`); refuses
+        what the runtime does not serve: anything but LoRA on linear layers (and DoRA's magnitudes)."""
+        modules = lora_modules(af)
+        extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+        if extra:
+            raise UnsupportedFeatureError(
+                f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves lora_A/lora_B on "
+                "linear layers only (no embedding LoRA, modules_to_save or trained biases); load it on its "
+                "own model with loraplex.load_adapter instead"
+            )
+        if not modules:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        return tensors, scales
+        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""

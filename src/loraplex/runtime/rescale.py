@@ -21,7 +21,7 @@ import torch
 
 from ..errors import AdapterFileError, ShapeMismatchError, UnsupportedFeatureError
 from ..functional import dora_scale
-from ..store import AdapterFile
+from ..store import AdapterFile, lora_modules
 
 # (slot, layer_key) -> that slot's [g; c] (2, out) at the layer, or None when the slot is plain LoRA there.
 RescaleSource = Callable[[int, str], "torch.Tensor | None"]
@@ -57,9 +57,10 @@ def dora_rescales(af: AdapterFile, tensors: Mapping[str, tuple[torch.Tensor, tor
     """
     if not af.config.use_dora:
         return {}
+    magnitudes = {k: x.magnitude for k, x in lora_modules(af).items()}
     out = {}
     for key, (A, B) in tensors.items():
-        m = af.tensors.get(key + ".lora_magnitude_vector")
+        m = magnitudes.get(key)
         if m is None or tuple(m.shape) != (B.shape[0],):
             raise AdapterFileError(f"DoRA adapter {str(af.path)!r} at {key!r}: expected a lora_magnitude_vector of "
                                    f"shape ({B.shape[0]},), got {None if m is None else tuple(m.shape)}")

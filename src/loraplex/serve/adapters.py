@@ -17,10 +17,9 @@ skipped and reported (`load_all`, shown by /health); the others still serve. An 
 vanished or changed fails the requests that need it (AdapterFileError) and is listed in `broken` until a
 reload from disk succeeds again or it is loaded, replaced or removed by name.
 
-An adapter file becomes pool tensors as (key = module name, e.g. "model.layers.0.self_attn.q_proj"):
-    A = tensors[key + ".lora_A.weight"]  (r, in)   B = tensors[key + ".lora_B.weight"]  (out, r)
-    scale = functional.scaling(config.rank_for(key), config.alpha_for(key), config.use_rslora)
-A DoRA adapter (use_dora) also holds key + ".lora_magnitude_vector" (out,); at load its per-layer [g; c] is
+An adapter file becomes pool tensors through `store.lora_modules` (key = module name, e.g.
+"model.layers.0.self_attn.q_proj"): {key: (A (r, in), B (out, r))} and {key: scale}.
+A DoRA adapter (use_dora) also holds each module's magnitude m (out,); at load its per-layer [g; c] is
 computed once from the base (runtime.rescale.dora_rescales) and its rows are served per row like any other.
 """
 
@@ -46,20 +45,18 @@ from ..errors import (
     ConfigError,
     LoraplexError,
     RequestTooLargeError,
-    ShapeMismatchError,
     TargetNotFoundError,
     UnsupportedFeatureError,
 )
-from ..functional import scaling
 from ..runtime.rescale import dora_rescales
 from ..identity import check_base
 from ..inject import check_name
 from ..runtime import AdapterPool
-from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, atomic_directory, read_adapter, validate_adapter
+from ..store import (CONFIG_NAME, WEIGHTS_NAME, AdapterFile, atomic_directory, lora_modules, read_adapter, unread_keys,
+                     validate_adapter)
 from .metrics import Metrics
 
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
 def check_adapter_name(name: str) -> str:
@@ -69,39 +66,24 @@ def check_adapter_name(name: str) -> str:
 
 def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-    """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale})."""
+    """An adapter file (decoded by `store.lora_modules`) as AdapterPool input: ({key: (A (r, in), B (out, r))},
+    {key: scale}); refuses anything but LoRA on the serving model's linear projections (and DoRA's magnitudes)."""
     cfg, what = af.config, f"adapter {str(af.path)!r}"
     if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
         raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
                                       "modules_to_save, bias training and fan_in_fan_out are not served")
-    tensors, scales = {}, {}
-    for name in af.tensors:
-        if cfg.use_dora and name.endswith(".lora_magnitude_vector"):
-            continue  # DoRA's magnitudes: read by runtime.rescale.dora_rescales when the adapter is added
-        if not name.endswith((_A, _B)):
-            raise UnsupportedFeatureError(f"{what} holds {name!r}: only lora_A/lora_B of linear layers are served "
-                                          "(no embedding LoRA, no extra weights)")
-        key = name[: -len(_A)]
-        if name.endswith(_B):
-            continue
-        if key not in layers:
-            raise TargetNotFoundError(f"{what} targets {key!r}, which the serving model has no projection for; "
-                                      f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
-        A, B = af.tensors[name], af.tensors.get(key + _B)
-        if B is None:
-            raise AdapterFileError(f"{what} has {name!r} but no {key + _B!r}")
-        r = cfg.rank_for(key)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
-            raise ShapeMismatchError(f"{what} {key}: config rank {r}, got lora_A {tuple(A.shape)} and lora_B "
-                                     f"{tuple(B.shape)}")
-        tensors[key] = (A, B)
-        scales[key] = scaling(r, cfg.alpha_for(key), cfg.use_rslora)
-    orphans = [n for n in af.tensors if n.endswith(_B) and n[: -len(_B)] not in tensors]
-    if orphans:
-        raise AdapterFileError(f"{what} has lora_B without lora_A: {orphans[:3]}")
-    if not tensors:
+    modules = lora_modules(af)
+    extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    if extra:
+        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B of linear layers are served "
+                                      "(no embedding LoRA, no extra weights)")
+    missing = [key for key in modules if key not in layers]
+    if missing:
+        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
+                                  f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
+    if not modules:
         raise AdapterFileError(f"{what} holds no LoRA tensors")
-    return tensors, scales
+    return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
 
 
 @dataclass(frozen=True)

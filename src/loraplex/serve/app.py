@@ -74,7 +74,7 @@ class Server:
                                 device=self.model.device, max_plans=32)
         self.store = AdapterStore(adapters_dir, self.pool, hf_model, reserved=set(self.base_ids), metrics=self.metrics,
                                   max_upload_bytes=max_upload_bytes, check_base_model=check_base_model)
-        self.codec = TextCodec.for_model(tokenizer, hf_model.config)
+        self.codec = TextCodec.for_model(tokenizer, hf_model)
         self.engine = Engine(self.model, self.pool, self.codec, base_ids=self.base_ids, config=config,
                              metrics=self.metrics, on_step=self.store.poll_evictions)
         self.api_key = api_key

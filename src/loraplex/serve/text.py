@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..errors import ConfigError, RequestTooLargeError
+from ..runtime.generate import stop_ids
 
 
 class ByteTokenizer:
@@ -61,15 +62,15 @@ class TextCodec:
                                        "(--max-prompt-tokens); shorten it")
 
     @classmethod
-    def for_model(cls, tokenizer: object | None, config: object) -> TextCodec:
-        eos = getattr(config, "eos_token_id", None)
-        eos_ids = frozenset(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    def for_model(cls, tokenizer: object | None, model: object) -> TextCodec:
+        """The codec of `model` (a transformers model, or its config): it stops on `runtime.generate.stop_ids`;
+        without a tokenizer it uses a ByteTokenizer whose special ids are the config's bos/eos/pad and those."""
+        config = getattr(model, "config", model)
+        eos_ids = stop_ids(model, tokenizer)
         if tokenizer is None:
             special = {getattr(config, n, None) for n in ("bos_token_id", "eos_token_id", "pad_token_id")}
             special |= set(eos_ids)
             tokenizer = ByteTokenizer(config.vocab_size, [s for s in special if isinstance(s, int)])
-        elif getattr(tokenizer, "eos_token_id", None) is not None:
-            eos_ids = eos_ids | {tokenizer.eos_token_id}
         return cls(tokenizer, eos_ids)
 
     def encode(self, text: str, max_tokens: int | None = None, *, special: bool = True) -> list[int]:

@@ -48,19 +48,17 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..errors import (AdapterFileError, BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
+from ..errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
                      UnsupportedFeatureError)
 from .extract import COMPUTE, adapter_config, best_low_rank, grouped_rows, new_adapter, write_adapter
-from ..functional import delta_weight, scaling
+from ..functional import delta_weight
 from ..identity import PROBE_RTOL
 from ..report import format_table
-from ..store import AdapterFile, read_adapter
+from ..store import AdapterFile, factor_keys, lora_modules, read_adapter, unread_keys
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 PathLike = Union[str, os.PathLike]
-_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
-             ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}  # suffix -> (factor, embedding?)
 _ERROR_MEANING = {"cat": "exact by construction", "linear": "relative distance from sum_i w_i D_i",
                   "svd": "relative truncation error vs sum_i w_i D_i"}
 
@@ -187,8 +185,7 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
         dtype = _promote([t.dtype for x in mods for t in (x.a, x.b)])
         a = a.reshape(a.shape[0], *first.a.shape[1:]).to(dtype)  # (r_out, in[, *k])
         b = b.reshape(b.shape[0], b.shape[1], *first.b.shape[2:]).to(dtype)  # (out, r_out[, 1, 1])
-        ka, kb = ((f"{module}.lora_embedding_A", f"{module}.lora_embedding_B") if first.kind == "embedding"
-                  else (f"{module}.lora_A.weight", f"{module}.lora_B.weight"))
+        ka, kb = factor_keys(module, first.kind == "embedding")
         tensors[ka], tensors[kb] = a, b
         rows.append(ModuleRow(module, first.kind, a.shape[0], float(err)))
     copies = _average_copies(afs, [p[1] for p in parsed], weights)
@@ -330,34 +327,19 @@ def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor], 
     if cfg.bias != "none":
         raise UnsupportedFeatureError(f"adapter {str(af.path)!r} trains biases (bias={cfg.bias!r}); combine handles "
                                       "LoRA factors and modules_to_save copies only")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    embedding: dict[str, bool] = {}
+    modules = lora_modules(af)
     copies, base_copies = {}, {}
-    for key, t in af.tensors.items():
-        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            if any(key.startswith(m + ".") or f".{m}." in key for m in cfg.modules_to_save or []):
-                copies[key] = t
-                continue
-            if key.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: a copy of the base weight
-                base_copies[key] = t
-                continue
+    for key in unread_keys(af, modules):
+        t = af.tensors[key]
+        if any(key.startswith(m + ".") or f".{m}." in key for m in cfg.modules_to_save or []):
+            copies[key] = t
+        elif key.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: a copy of the base weight
+            base_copies[key] = t
+        else:
             raise UnsupportedFeatureError(f"adapter {str(af.path)!r} holds {key!r}, neither a LoRA factor nor a "
                                           "modules_to_save copy; combine cannot tell what it means")
-        module, (factor, is_embedding) = key[: -len(suffix)], _SUFFIXES[suffix]
-        parts.setdefault(module, {})[factor] = t
-        embedding[module] = is_embedding
-    loras = {}
-    for module, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterFileError(f"adapter {str(af.path)!r} has lora_{set(ab).pop()} but not its partner "
-                                   f"for {module!r}")
-        a, b, r = ab["A"], ab["B"], cfg.rank_for(module)
-        if a.shape[0] != r or b.ndim < 2 or b.shape[1] != r:
-            raise ShapeMismatchError(f"adapter {str(af.path)!r}: {module!r} has A {tuple(a.shape)} and B "
-                                     f"{tuple(b.shape)}, but its config gives rank {r} (wrong rank_pattern?)")
-        kind = "embedding" if embedding[module] else "conv" if a.ndim > 2 else "linear"
-        loras[module] = _Lora(kind, a, b, scaling(r, cfg.alpha_for(module), cfg.use_rslora))
+    loras = {module: _Lora("embedding" if x.embedding else "conv" if x.a.ndim > 2 else "linear", x.a, x.b, x.scale)
+             for module, x in modules.items()}
     return loras, copies, base_copies
 
 

@@ -9,7 +9,7 @@ Per variant, over the completion tokens (label != -100; token t + 1 is predicted
     accuracy     = share of target tokens where argmax(logits) == the target  (next-token accuracy)
     exact_match  = share of examples whose greedy reply equals the reference reply, where
                    reference = the first contiguous run of target tokens (the completion, or the first
-                               assistant turn), cut before its first stop token (the tokenizer's / model's eos);
+                               assistant turn), cut before its first stop token (`runtime.generate.stop_ids`);
                    reply     = greedy tokens after the prompt (everything before the reference), cut likewise;
                    both are decoded without special tokens and normalized: whitespace runs -> one space,
                    stripped, casefolded. Without a tokenizer the token ids are compared. Generation stops at a
@@ -24,7 +24,7 @@ import inspect
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set as AbstractSet
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -36,6 +36,7 @@ from ..errors import AdapterFileError, ConfigError, DataError
 from ..inject import check_name, lora_layers, remove_adapter, route_rows
 from ..layers import LoraLayer
 from ..models import base_name, load_base
+from ..runtime.generate import left_pad, pad_id, stop_ids
 from ..store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter
 from ..train.data import IGNORE_INDEX, Batcher, Example, split, tokenize
 from ..train.loop import FAST_LOSS_TYPES, INT_LIMIT, check_numbers
@@ -177,8 +178,8 @@ def _run(model, tokenizer, variants, examples, metrics, batch_size, max_new_toke
     names = [BASE if x is None else x for x in variants]
     want_tokens = any(m != "exact_match" for m in metrics)
     prompted = [e for e in examples if _first_target(e) > 0] if "exact_match" in metrics else []
-    pad = _pad_id(model, tokenizer)
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
+    pad = pad_id(tokenizer, stops)
     n_batches = (math.ceil(len(examples) / batch_size) if want_tokens else 0) + math.ceil(len(prompted) / batch_size)
     stats = torch.zeros(v, 3, dtype=torch.float64)  # per variant: loss sum, correct, target tokens
     hits = torch.zeros(v, dtype=torch.float64)
@@ -243,13 +244,13 @@ def _first_target(e: Example) -> int:
     return next(i for i, label in enumerate(e.labels) if label != IGNORE_INDEX)
 
 
-def _reference(e: Example, stops: set[int]) -> list[int]:
+def _reference(e: Example, stops: AbstractSet[int]) -> list[int]:
     start = _first_target(e)
     end = next((i for i in range(start, len(e.labels)) if e.labels[i] == IGNORE_INDEX), len(e.labels))
     return _cut(e.labels[start:end], stops)
 
 
-def _cut(ids: list[int], stops: set[int]) -> list[int]:
+def _cut(ids: list[int], stops: AbstractSet[int]) -> list[int]:
     return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
 
 
@@ -259,39 +260,13 @@ def _normalize(ids: list[int], tokenizer: Any) -> Union[str, tuple[int, ...]]:
     return " ".join(tokenizer.decode(ids, skip_special_tokens=True).split()).casefold()
 
 
-def _pad_id(model: nn.Module, tokenizer: Any) -> int:
-    for source in (tokenizer, getattr(model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            value = getattr(source, attr, None)
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if isinstance(value, int):
-                return value
-    return 0
-
-
-def _stop_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        value = getattr(source, "eos_token_id", None)
-        ids.update(value if isinstance(value, list) else [] if value is None else [value])
-    return ids
-
-
-def _greedy(model: nn.Module, examples: list[Example], variants: list[Optional[str]], pad: int, stops: set[int],
+def _greedy(model: nn.Module, examples: list[Example], variants: list[Optional[str]], pad: int, stops: AbstractSet[int],
             budgets: list[int]) -> list[list[int]]:
     """Greedy continuation of each example's prompt (row r routed to variants[r]), no KV cache: every step
     re-runs the left-padded batch, position_ids counted over real tokens only. A row stops at a stop token
     (kept) or after budgets[r] tokens. Returns the new ids per row."""
-    device = next(model.parameters()).device
     prompts = [e.input_ids[:_first_target(e)] for e in examples]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # (R, T) left-padded
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = left_pad(prompts, pad, next(model.parameters()).device)  # (R, T)
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     replies: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)

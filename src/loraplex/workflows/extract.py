@@ -40,7 +40,7 @@ from ..inject import find_targets
 from ..layers import Conv1D
 from ..models import base_name
 from ..report import format_table
-from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, write_json
+from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, factor_keys, write_json
 
 PathLike = Union[str, os.PathLike]
 COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back
@@ -118,8 +118,7 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
         dtype = torch.promote_types(module.weight.dtype, torch.float32)
         a = a.reshape(r, *delta.shape[1:])  # (r, in[, *k])
         b = b.reshape(delta.shape[0], r, *([1] * (delta.ndim - 2)))  # (out, r[, 1, 1])
-        ka, kb = ((f"{key}.lora_embedding_A", f"{key}.lora_embedding_B") if kind == "embedding"
-                  else (f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
+        ka, kb = factor_keys(key, kind == "embedding")
         tensors[ka], tensors[kb] = a.to(dtype), b.to(dtype)
         ranks[key] = r
         report.modules.append(ExtractRow(key, kind, r, err, 1.0 - err * err))
