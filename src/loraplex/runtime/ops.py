@@ -105,7 +105,10 @@ class _GatherLayer:
     def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.rows is None:
             h = torch.bmm(x, self.A.transpose(1, 2))  # (B, L, R)
-            y.baddbmm_(h, self.Bt)  # (B, L, out)
+            if y.is_contiguous():
+                y.baddbmm_(h, self.Bt)  # (B, L, out)
+            else:  # a view (a part of a fused GEMM's output): CPU baddbmm_ would loop over rows
+                y.add_(torch.bmm(h, self.Bt))
         else:
             h = torch.bmm(x.index_select(0, self.rows), self.A.transpose(1, 2))  # (n, L, R)
             y.index_add_(0, self.rows, torch.bmm(h, self.Bt))  # (n, L, out) into the active rows

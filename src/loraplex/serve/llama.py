@@ -1,7 +1,8 @@
 """A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) for serving with continuous batching.
 
-It reads the weights of a loaded transformers `*ForCausalLM` and runs the same math with a KV cache that has one *lane* per running sequence, so sequences can join and leave the batch at any
-step. LoRA is applied on the seven projections of every layer through a `runtime.BatchPlan`:
+It reads the weights of a loaded transformers `*ForCausalLM` and runs the same math with a KV cache that has
+one *lane* per running sequence, so sequences can join and leave the batch at any step. LoRA is applied on the
+seven projections of every layer through a `runtime.BatchPlan`:
 
     y = x @ W.T (+ b);  plan.apply_(key, x, y)   # y[i] += sum_k w_k * scale_k * (x[i] @ A_k.T) @ B_k.T
 
@@ -24,6 +25,7 @@ transformers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -253,7 +255,10 @@ class CompactLlama:
         cache.reserve(B, span)
         lanes = torch.arange(B, device=self.device)
         positions = positions.to(self.device)
-        mask = (torch.arange(span, device=self.device) <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        hide = torch.arange(span, device=self.device) > positions[:, None]  # (B, S) past each lane's position
+        # additive mask (B, 1, 1, S), made once per step: SDPA would convert a boolean one at every layer
+        mask = torch.zeros(B, 1, 1, span, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(hide[:, None, None], -math.inf)
         group = self.n_heads // self.n_kv
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
