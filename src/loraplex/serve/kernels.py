@@ -31,7 +31,8 @@ def onednn_supports(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # not emulated
+    return dtype == torch.bfloat16 and native_bf16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
