@@ -17,7 +17,9 @@ the B's concatenated along r with w_k * scale[s_k] folded in, which is exact:
 
 and stores, per layer, the tensors its strategy needs (chosen once per plan, see `choose_strategy`):
   - "gather":  per active row, its virtual adapter zero-padded to the batch's largest rank R, as
-               A: (n, R, in) and Bt: (n, R, out); a layer costs two `bmm`s (zero padding is exact).
+               A: (n, R, in) and Bt: (n, R, out); a layer costs two `bmm`s (zero padding is exact). On CPU
+               a bf16/fp16 plan stores and multiplies these in float32 (`gather_compute_dtype`), adding the
+               result into y once.
   - "segment": rows grouped by virtual adapter; a layer costs two matmuls per distinct virtual adapter
                over its rows (a slice when the rows are contiguous, e.g. a batch sorted by adapter). A
                single-slot assignment reads the pool's own tensors (w * scale goes in the matmul's alpha),
@@ -59,6 +61,13 @@ Strategy = Literal["auto", "gather", "segment"]
 SEGMENT_MIN_ROWS_PER_ADAPTER = 32
 
 
+def gather_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a gather plan's stacks are stored and multiplied in: float32 for bf16/fp16 on CPU, where those
+    small bmm's (16 x 1 x 576 by 576 x 8) run ~3x slower than in float32 even counting the casts of x and of the
+    product (measured on AVX-512 BF16, bench/bench_decode.py); `dtype` elsewhere."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def normalize_assignment(a: AssignmentLike) -> Assignment:
     """One row's assignment as ((slot, weight), ...): -1 -> (), s -> ((s, 1.0),); zero weights dropped."""
     if isinstance(a, numbers.Integral) and not isinstance(a, bool):
@@ -98,20 +107,21 @@ class _GatherLayer:
     """One layer of a gather plan: per active row, its virtual adapter padded to rank R."""
 
     rows: torch.Tensor | None  # (n,) int64 active rows of the batch; None = every row is active
-    A: torch.Tensor  # (n, R, in)   each row's virtual A, zero rows past its rank
+    A: torch.Tensor  # (n, R, in)   each row's virtual A, zero rows past its rank (gather_compute_dtype)
     Bt: torch.Tensor  # (n, R, out)  each row's (w * scale * B).T, zero rows past its rank
     # (A used through a transposed view and Bt stored transposed: the fastest bmm layouts measured on CPU)
 
     def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(self.A.dtype)  # no-op unless the plan computes in float32 for a bf16/fp16 batch
         if self.rows is None:
             h = torch.bmm(x, self.A.transpose(1, 2))  # (B, L, R)
-            if y.is_contiguous():
+            if y.is_contiguous() and y.dtype == self.Bt.dtype:
                 y.baddbmm_(h, self.Bt)  # (B, L, out)
-            else:  # a view (a part of a fused GEMM's output): CPU baddbmm_ would loop over rows
+            else:  # y in another dtype, or a view (a part of a fused GEMM's output: CPU baddbmm_ loops over rows)
                 y.add_(torch.bmm(h, self.Bt))
         else:
             h = torch.bmm(x.index_select(0, self.rows), self.A.transpose(1, 2))  # (n, L, R)
-            y.index_add_(0, self.rows, torch.bmm(h, self.Bt))  # (n, L, out) into the active rows
+            y.index_add_(0, self.rows, torch.bmm(h, self.Bt).to(y.dtype))  # (n, L, out) into the active rows
 
 
 @dataclass(slots=True)
@@ -263,7 +273,7 @@ def build_plan(
             scaled[key] = r
         virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
         if strategy == "gather":
-            built[key] = _gather_layer(virt, rows, fin, fout, dtype, device)
+            built[key] = _gather_layer(virt, rows, fin, fout, gather_compute_dtype(dtype, device), device)
         else:
             built[key] = _segment_layer(virt, rows)
     return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()}, rescale=scaled)
@@ -391,8 +401,8 @@ def _gather_layer(
         by_rank.setdefault(virt[u].A.shape[0], []).append(u)
     alphas = [virt[u].alpha for u in range(len(virt)) if virt[u] is not None]
     if len(present) == len(virt) and len(by_rank) == 1:  # one rank, all present: no padding, no zero fill
-        A_u = torch.stack([v.A for v in virt])  # (U, R, in)
-        Bt_u = torch.stack([v.Bt for v in virt])  # (U, R, out)
+        A_u = torch.stack([v.A for v in virt]).to(dtype)  # (U, R, in)
+        Bt_u = torch.stack([v.Bt for v in virt]).to(dtype)  # (U, R, out)
         if any(a != 1.0 for a in alphas):
             Bt_u.mul_(torch.tensor(alphas, dtype=torch.float32, device=device).view(-1, 1, 1))  # fold alpha
     else:
@@ -402,7 +412,7 @@ def _gather_layer(
             v = virt[u]
             r = v.A.shape[0]
             A_u[u, :r] = v.A
-            torch.mul(v.Bt, v.alpha, out=Bt_u[u, :r])  # fold alpha: the stack's rows all use alpha 1
+            Bt_u[u, :r].copy_(v.Bt).mul_(v.alpha)  # fold alpha (in the stack's dtype): its rows all use alpha 1
     if sel == list(range(len(virt))):  # every row its own assignment, in order: the stacks are the rows
         return _GatherLayer(idx, A_u, Bt_u)
     u_idx = torch.tensor(sel, dtype=torch.long, device=device)
