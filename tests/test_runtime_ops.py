@@ -160,14 +160,17 @@ def test_strategy_rule_and_plan_shape():
     assert empty.layers["l"] is None and empty.nbytes == 0
 
 
-def test_bf16_gather_plan_computes_in_float32_on_cpu():
-    """bf16 batch on CPU: the gather stacks are float32 (small bf16 bmm's are slow there), y stays bf16 and
-    equals the float32 reference rounded once (the row-subset path, rows=[0, 2], too)."""
+@pytest.mark.parametrize("strategy", ["gather", "segment"])
+def test_bf16_plans_compute_in_float32_on_cpu(strategy):
+    """bf16 batch on CPU: the plan multiplies in float32 (small bf16 matmuls are slow there; gather stores its
+    stacks in float32), y stays bf16 and equals the float32 reference rounded once, for contiguous and scattered
+    rows and a base-only row."""
     gen = torch.Generator().manual_seed(5)
     ad = {s: make_adapter(gen, r, 16, 24, torch.bfloat16) for s, r in enumerate([2, 4])}
-    for rows in ([0, 1, 1], [0, -1, 1]):
-        plan = build_plan(lambda s, k: ad[s], rows, {"l": (16, 24)}, dtype=torch.bfloat16, strategy="gather")
-        assert plan.layers["l"].A.dtype == plan.layers["l"].Bt.dtype == torch.float32
+    for rows in ([0, 1, 1], [0, -1, 1], [0, 1, 0]):
+        plan = build_plan(lambda s, k: ad[s], rows, {"l": (16, 24)}, dtype=torch.bfloat16, strategy=strategy)
+        lay = plan.layers["l"]
+        assert (lay.A.dtype if strategy == "gather" else lay.compute) == torch.float32
         x = torch.randn(3, 2, 16, generator=gen).bfloat16()
         y = torch.randn(3, 2, 24, generator=gen).bfloat16()
         ad32 = {s: (A.float(), B.float(), c) for s, (A, B, c) in ad.items()}
