@@ -83,14 +83,17 @@ def test_fused_equals_unfused(arch, kernel, strategy):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rows=st.integers(1, 40), fin=st.integers(1, 80), fout=st.integers(1, 80), bias=st.booleans(),
-       lead=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
-def test_onednn_projection_equals_f_linear(rows, fin, fout, bias, lead, dtype, seed):
+       lead=st.booleans(), strided=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_onednn_projection_equals_f_linear(rows, fin, fout, bias, lead, strided, dtype, seed):
     if not onednn_supports(CPU, dtype):
         pytest.skip(f"oneDNN does not compute {dtype} natively on this CPU")
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(fout, fin, generator=gen).to(dtype)
     b = torch.randn(fout, generator=gen).to(dtype) if bias else None
     x = torch.randn(*((2,) if lead else ()), rows, fin, generator=gen).to(dtype)  # (rows, in) or (2, rows, in)
+    if strided:  # the same values in a non-contiguous layout
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
     p = projection(w, b, "onednn")
     assert p.shape == (fin, fout)
     close(p(x), F.linear(x, w, b))

@@ -244,7 +244,7 @@ class CompactLlama:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (..., H) -> logits (..., V)."""
-        return self.lm_head(h.contiguous())
+        return self.lm_head(h)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
