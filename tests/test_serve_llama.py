@@ -146,3 +146,19 @@ def test_default_decoder_greedy_equals_transformers_on_smollm2():
         with torch.no_grad():
             want = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):]
         assert tokens == want.tolist()
+
+
+def test_rope_tables_grow_and_match_transformers():
+    """The cos/sin tables are made for 64 positions first, then regrown: positions past the first table still
+    give transformers' logits, in the full forward and in decode."""
+    hf = tiny("Llama")
+    model = CompactLlama(hf)
+    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        close(model.logits(ids[:, :10]), hf(ids[:, :10]).logits)
+        assert model._rope_tables[0].shape[0] == 64
+        close(model.logits(ids[:, :100]), hf(ids[:, :100]).logits)
+        cache = model.new_cache(max_lanes=2, max_len=160)
+        model.prefill(ids[:, :140], torch.tensor([140, 140]), cache, [0, 1])
+        close(model.decode(ids[:, 140], torch.tensor([140, 140]), cache), hf(ids[:, :141]).logits[:, -1])
+    assert model._rope_tables[0].shape[0] >= 141

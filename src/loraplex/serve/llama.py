@@ -159,7 +159,8 @@ class CompactLlama:
         self.kernel = pick_kernel(kernel, self.device, self.dtype)
         self.lm_head = projection(hf_model.lm_head.weight.detach(), None, self.kernel)  # (V, H), tied or not
         self._shapes: dict[str, tuple[int, int]] = {}  # layer key -> (in, out)
-        self._cos = self._sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)  # (P, hd)
+        none = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
+        self._rope_tables = (none, none)  # cos, sin (P, hd); replaced together, never written in place
         self.layers: list[_Layer] = []
         for i, layer in enumerate(base.layers):
             mods = {**{p: getattr(layer.self_attn, p) for p in ATTN_PROJ}, **{p: getattr(layer.mlp, p) for p in MLP_PROJ}}
@@ -317,13 +318,15 @@ class CompactLlama:
     def _rope(self, pos: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
         """pos (B, L), every position < span -> cos, sin (B, 1, L, hd): rows of tables of angle p * inv_freq
         (the half-size table repeated twice), computed once for positions 0..P-1 (P doubles when outgrown)."""
-        if span > self._cos.shape[0]:
-            n = max(span, min(self.max_positions, max(2 * self._cos.shape[0], 64)))
+        cos, sin = self._rope_tables
+        if span > cos.shape[0]:
+            n = max(span, min(self.max_positions, max(2 * cos.shape[0], 64)))
             ang = torch.arange(n, device=self.device).float()[:, None] * self.inv_freq.to(self.device)  # (P, hd/2)
             ang = torch.cat((ang, ang), dim=-1)  # (P, hd)
-            self._cos = (ang.cos() * self.rope_scaling).to(self.dtype)
-            self._sin = (ang.sin() * self.rope_scaling).to(self.dtype)
-        return self._cos[pos][:, None], self._sin[pos][:, None]
+            cos = (ang.cos() * self.rope_scaling).to(self.dtype)
+            sin = (ang.sin() * self.rope_scaling).to(self.dtype)
+            self._rope_tables = (cos, sin)
+        return cos[pos][:, None], sin[pos][:, None]
 
 
 def _half_turn(x: torch.Tensor) -> torch.Tensor:
