@@ -160,6 +160,26 @@ def test_strategy_rule_and_plan_shape():
     assert empty.layers["l"] is None and empty.nbytes == 0
 
 
+@pytest.mark.parametrize("strategy", ["gather", "segment"])
+def test_bf16_plans_compute_in_float32_on_cpu(strategy):
+    """bf16 batch on CPU: the plan multiplies in float32 (small bf16 matmuls are slow there; gather stores its
+    stacks in float32), y stays bf16 and equals the float32 reference rounded once, for contiguous and scattered
+    rows and a base-only row."""
+    gen = torch.Generator().manual_seed(5)
+    ad = {s: make_adapter(gen, r, 16, 24, torch.bfloat16) for s, r in enumerate([2, 4])}
+    for rows in ([0, 1, 1], [0, -1, 1], [0, 1, 0]):
+        plan = build_plan(lambda s, k: ad[s], rows, {"l": (16, 24)}, dtype=torch.bfloat16, strategy=strategy)
+        lay = plan.layers["l"]
+        assert (lay.A.dtype if strategy == "gather" else lay.compute) == torch.float32
+        x = torch.randn(3, 2, 16, generator=gen).bfloat16()
+        y = torch.randn(3, 2, 24, generator=gen).bfloat16()
+        ad32 = {s: (A.float(), B.float(), c) for s, (A, B, c) in ad.items()}
+        want = ref.lora_rows_ref(y.float(), x.float(), ad32, rows).bfloat16()
+        got = plan.apply_("l", x, y.clone())
+        assert got.dtype == torch.bfloat16
+        close(got, want)
+
+
 def test_ops_errors():
     gen = torch.Generator().manual_seed(4)
     ad = {0: make_adapter(gen, 2, 8, 8, torch.float32)}

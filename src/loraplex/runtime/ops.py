@@ -22,6 +22,8 @@ and stores, per layer, the tensors its strategy needs (chosen once per plan, see
                over its rows (a slice when the rows are contiguous, e.g. a batch sorted by adapter). A
                single-slot assignment reads the pool's own tensors (w * scale goes in the matmul's alpha),
                so a plan for one adapter copies nothing.
+On CPU a bf16/fp16 plan multiplies in float32 (`lora_compute_dtype`): gather stacks are stored in float32,
+segments cast their (small) A and B at each call; the product is added into y once.
 Rows whose assignment is base-only (or whose slots do not target a layer) are never read or written.
 DoRA slots (when `build_plan` is given a `rescale` source) add one step after the LoRA terms, per DoRA row:
 y[b] = g * y[b] + c with the slot's per-feature [g; c] (see loraplex.runtime.rescale for the rule).
@@ -57,6 +59,13 @@ Strategy = Literal["auto", "gather", "segment"]
 # groups, and copy nothing there -- while gather stores one padded copy per ROW. So: segments when there is a
 # single distinct assignment, or when every group is contiguous and holds at least this many rows.
 SEGMENT_MIN_ROWS_PER_ADAPTER = 32
+
+
+def lora_compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a plan multiplies in: float32 for bf16/fp16 on CPU, where the small LoRA products (16 x 576 by
+    576 x 8, batched or not) run ~3x slower than in float32 even counting the casts of x and of the product
+    (measured on AVX-512 BF16, see docs/benchmarks.md); `dtype` elsewhere."""
+    return torch.float32 if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def normalize_assignment(a: AssignmentLike) -> Assignment:
@@ -98,17 +107,21 @@ class _GatherLayer:
     """One layer of a gather plan: per active row, its virtual adapter padded to rank R."""
 
     rows: torch.Tensor | None  # (n,) int64 active rows of the batch; None = every row is active
-    A: torch.Tensor  # (n, R, in)   each row's virtual A, zero rows past its rank
+    A: torch.Tensor  # (n, R, in)   each row's virtual A, zero rows past its rank (lora_compute_dtype)
     Bt: torch.Tensor  # (n, R, out)  each row's (w * scale * B).T, zero rows past its rank
     # (A used through a transposed view and Bt stored transposed: the fastest bmm layouts measured on CPU)
 
     def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.to(self.A.dtype)  # no-op unless the plan computes in float32 for a bf16/fp16 batch
         if self.rows is None:
             h = torch.bmm(x, self.A.transpose(1, 2))  # (B, L, R)
-            y.baddbmm_(h, self.Bt)  # (B, L, out)
+            if y.is_contiguous() and y.dtype == self.Bt.dtype:
+                y.baddbmm_(h, self.Bt)  # (B, L, out)
+            else:  # y in another dtype, or a view (a part of a fused GEMM's output: CPU baddbmm_ loops over rows)
+                y.add_(torch.bmm(h, self.Bt))
         else:
             h = torch.bmm(x.index_select(0, self.rows), self.A.transpose(1, 2))  # (n, L, R)
-            y.index_add_(0, self.rows, torch.bmm(h, self.Bt))  # (n, L, out) into the active rows
+            y.index_add_(0, self.rows, torch.bmm(h, self.Bt).to(y.dtype))  # (n, L, out) into the active rows
 
 
 @dataclass(slots=True)
@@ -125,21 +138,23 @@ class _SegmentLayer:
     """One layer of a segment plan: one pair of matmuls per distinct virtual adapter."""
 
     segments: tuple[_Segment, ...]
+    compute: torch.dtype  # lora_compute_dtype of the plan: A, Bt and x are cast to it at each call (no-op if equal)
 
     def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
         L = x.shape[1]
         for seg in self.segments:
+            A, Bt = seg.A.to(self.compute), seg.Bt.to(self.compute)  # (r_u, in), (r_u, out)
             if isinstance(seg.rows, slice):
                 xs, ys = x[seg.rows], y[seg.rows]  # views: (n_u, L, in), (n_u, L, out)
-                h = xs.reshape(-1, xs.shape[-1]) @ seg.A.T  # (n_u * L, r_u)
-                if ys.is_contiguous():
-                    ys.view(-1, ys.shape[-1]).addmm_(h, seg.Bt, alpha=seg.alpha)
+                h = xs.reshape(-1, xs.shape[-1]).to(self.compute) @ A.T  # (n_u * L, r_u)
+                if ys.is_contiguous() and ys.dtype == self.compute:
+                    ys.view(-1, ys.shape[-1]).addmm_(h, Bt, alpha=seg.alpha)
                 else:
-                    ys.add_((h @ seg.Bt).view(ys.shape), alpha=seg.alpha)
+                    ys.add_((h @ Bt).view(ys.shape), alpha=seg.alpha)
             else:
                 xs = x.index_select(0, seg.rows)  # (n_u, L, in)
-                h = xs.view(-1, xs.shape[-1]) @ seg.A.T  # (n_u * L, r_u)
-                y.index_add_(0, seg.rows, (h @ seg.Bt).view(-1, L, seg.Bt.shape[-1]), alpha=seg.alpha)
+                h = xs.view(-1, xs.shape[-1]).to(self.compute) @ A.T  # (n_u * L, r_u)
+                y.index_add_(0, seg.rows, (h @ Bt).view(-1, L, Bt.shape[-1]).to(y.dtype), alpha=seg.alpha)
 
 
 @dataclass
@@ -260,9 +275,9 @@ def build_plan(
             scaled[key] = r
         virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
         if strategy == "gather":
-            built[key] = _gather_layer(virt, rows, fin, fout, dtype, device)
+            built[key] = _gather_layer(virt, rows, fin, fout, lora_compute_dtype(dtype, device), device)
         else:
-            built[key] = _segment_layer(virt, rows)
+            built[key] = _segment_layer(virt, rows, lora_compute_dtype(dtype, device))
     return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()}, rescale=scaled)
 
 
@@ -388,8 +403,8 @@ def _gather_layer(
         by_rank.setdefault(virt[u].A.shape[0], []).append(u)
     alphas = [virt[u].alpha for u in range(len(virt)) if virt[u] is not None]
     if len(present) == len(virt) and len(by_rank) == 1:  # one rank, all present: no padding, no zero fill
-        A_u = torch.stack([v.A for v in virt])  # (U, R, in)
-        Bt_u = torch.stack([v.Bt for v in virt])  # (U, R, out)
+        A_u = torch.stack([v.A for v in virt]).to(dtype)  # (U, R, in)
+        Bt_u = torch.stack([v.Bt for v in virt]).to(dtype)  # (U, R, out)
         if any(a != 1.0 for a in alphas):
             Bt_u.mul_(torch.tensor(alphas, dtype=torch.float32, device=device).view(-1, 1, 1))  # fold alpha
     else:
@@ -399,17 +414,17 @@ def _gather_layer(
             v = virt[u]
             r = v.A.shape[0]
             A_u[u, :r] = v.A
-            torch.mul(v.Bt, v.alpha, out=Bt_u[u, :r])  # fold alpha: the stack's rows all use alpha 1
+            Bt_u[u, :r].copy_(v.Bt).mul_(v.alpha)  # fold alpha (in the stack's dtype): its rows all use alpha 1
     if sel == list(range(len(virt))):  # every row its own assignment, in order: the stacks are the rows
         return _GatherLayer(idx, A_u, Bt_u)
     u_idx = torch.tensor(sel, dtype=torch.long, device=device)
     return _GatherLayer(idx, A_u.index_select(0, u_idx), Bt_u.index_select(0, u_idx))  # (n, R, in), (n, R, out)
 
 
-def _segment_layer(virt: list[_Virtual | None], rows: _RowIndex) -> _SegmentLayer | None:
+def _segment_layer(virt: list[_Virtual | None], rows: _RowIndex, compute: torch.dtype) -> _SegmentLayer | None:
     sel = rows.sel
     segs = tuple([_Segment(sel[u], v.A, v.Bt, v.alpha, v.owned) for u, v in enumerate(virt) if v is not None])
-    return _SegmentLayer(segs) if segs else None
+    return _SegmentLayer(segs, compute) if segs else None
 
 
 def _nbytes(t: torch.Tensor) -> int:

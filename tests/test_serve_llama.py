@@ -1,0 +1,164 @@
+"""The compact decoder's fast paths against its reference: fused q/k/v and gate/up GEMMs against one GEMM per
+projection, the oneDNN kernel against F.linear, bf16 decode against the bf16 full forward, and greedy tokens on
+SmolLM2 against transformers. Logits are compared with functional.tolerance(dtype); tokens exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loraplex import models
+from loraplex.errors import ConfigError, UnsupportedFeatureError
+from loraplex.functional import tolerance
+from loraplex.runtime import AdapterPool
+from loraplex.serve import CompactLlama
+from loraplex.serve.kernels import onednn_supports, pick_kernel, projection
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+KERNELS = ["aten"] + [k for k in ["onednn"] if onednn_supports(CPU, torch.float32)]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    atol, rtol = tolerance(a.dtype)
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def tiny(arch: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A 2-layer random model; Qwen2 has q/k/v biases, so fusing them is tested too."""
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return getattr(transformers, f"{arch}ForCausalLM")(config).eval().to(dtype)
+
+
+def random_pool(model: CompactLlama, n: int, seed: int = 0) -> AdapterPool:
+    """n random r=4 adapters on all seven projections, large enough to change the logits visibly."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = AdapterPool(model.layer_shapes(), dtype=model.dtype)
+    for a in range(n):
+        t = {k: (torch.randn(4, i, generator=gen) * 0.3, torch.randn(o, 4, generator=gen) * 0.3)
+             for k, (i, o) in model.layer_shapes().items()}
+        pool.add(f"a{a}", f"h{a}", t, {k: 2.0 for k in t})
+    return pool
+
+
+def run_all(model: CompactLlama, pool: AdapterPool, assignments: list, strategy: str) -> list[torch.Tensor]:
+    """logits, prefill into shuffled lanes, two decode steps: every entry point, the same rows."""
+    plan = pool.plan(assignments, strategy=strategy)
+    n = len(assignments)
+    ids = torch.randint(3, 128, (n, 9), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([9 - b % 4 for b in range(n)])
+    cache = model.new_cache(max_lanes=n, max_len=32)
+    out = [model.logits(ids, plan), model.prefill(ids, lengths, cache, list(range(n)), plan)]
+    tokens = torch.arange(n) + 5
+    for step in range(2):
+        out.append(model.decode(tokens + step, lengths + step, cache, plan))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen2"])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("strategy", ["gather", "segment"])
+def test_fused_equals_unfused(arch, kernel, strategy):
+    hf = tiny(arch)
+    ref, fused = CompactLlama(hf, fused=False, kernel="aten"), CompactLlama(hf, fused=True, kernel=kernel)
+    assert len(fused.layers[0].qkv) == 1 and len(ref.layers[0].qkv) == 3
+    assert fused.layer_shapes() == ref.layer_shapes()
+    pool = random_pool(ref, 3)
+    assignments = [0, -1, 1, [(0, 0.5), (2, 1.5)], 2, 1]
+    got, want = run_all(fused, pool, assignments, strategy), run_all(ref, pool, assignments, strategy)
+    for g, w in zip(got, want):
+        close(g, w)
+    base = run_all(ref, pool, [-1] * len(assignments), strategy)
+    assert not torch.allclose(want[0][0], base[0][0], atol=1e-2)  # the adapters really change the output
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 40), fin=st.integers(1, 80), fout=st.integers(1, 80), bias=st.booleans(),
+       lead=st.booleans(), strided=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_onednn_projection_equals_f_linear(rows, fin, fout, bias, lead, strided, dtype, seed):
+    if not onednn_supports(CPU, dtype):
+        pytest.skip(f"oneDNN does not compute {dtype} natively on this CPU")
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(fout, fin, generator=gen).to(dtype)
+    b = torch.randn(fout, generator=gen).to(dtype) if bias else None
+    x = torch.randn(*((2,) if lead else ()), rows, fin, generator=gen).to(dtype)  # (rows, in) or (2, rows, in)
+    if strided:  # the same values in a non-contiguous layout
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    p = projection(w, b, "onednn")
+    assert p.shape == (fin, fout)
+    close(p(x), F.linear(x, w, b))
+
+
+def test_kernel_and_fused_are_checked():
+    hf = tiny("Llama")
+    with pytest.raises(ConfigError, match="kernel must be one of"):
+        CompactLlama(hf, kernel="mkl")
+    with pytest.raises(ConfigError, match="fused must be a bool"):
+        CompactLlama(hf, fused="yes")
+    with pytest.raises(UnsupportedFeatureError, match="onednn"):
+        pick_kernel("onednn", CPU, torch.float16)
+    assert pick_kernel("auto", CPU, torch.float16) == "aten"
+    assert CompactLlama(hf, kernel="aten").layers[0].qkv[0].proj.weight is not None
+
+
+@pytest.mark.parametrize("kernel", ["aten"] + [k for k in ["onednn"] if onednn_supports(CPU, torch.bfloat16)])
+def test_bf16_decode_equals_bf16_forward_and_tracks_fp32(kernel):
+    """bf16: decode (grouped-query attention over the cache) == the full forward's last position, in bf16;
+    and the bf16 model's logits stay within the bf16 tolerance of the fp32 model's."""
+    hf32 = tiny("Llama")
+    m32, m16 = CompactLlama(hf32, kernel="aten"), CompactLlama(tiny("Llama", torch.bfloat16), kernel=kernel)
+    assert m16.dtype == torch.bfloat16
+    ids = torch.randint(3, 128, (3, 8), generator=torch.Generator().manual_seed(4))
+    cache = m16.new_cache(max_lanes=3, max_len=16)
+    m16.prefill(ids[:, :7], torch.tensor([7, 7, 7]), cache, [0, 1, 2])
+    step = m16.decode(ids[:, 7], torch.tensor([7, 7, 7]), cache)
+    full = m16.logits(ids)
+    close(step, full[:, -1])
+    close(full, m32.logits(ids).to(torch.bfloat16))
+
+
+@pytest.mark.smollm2
+def test_default_decoder_greedy_equals_transformers_on_smollm2():
+    """The default (fused, kernel "auto") decoder at full depth: prefill + decode greedy tokens == transformers'."""
+    hf, tok = models.load_base("smollm2")
+    model = CompactLlama(hf)
+    prompts = [tok.encode(p) for p in ("The capital of France is", "def fibonacci(n):", "Once upon a time")]
+    n = 8
+    cache = model.new_cache(max_lanes=len(prompts), max_len=64)
+    L = max(map(len, prompts))
+    ids = torch.tensor([p + [0] * (L - len(p)) for p in prompts])
+    lengths = torch.tensor([len(p) for p in prompts])
+    got = [model.prefill(ids, lengths, cache, list(range(len(prompts)))).argmax(-1)]
+    for step in range(n - 1):
+        got.append(model.decode(got[-1], lengths + step, cache).argmax(-1))
+    got_tokens = torch.stack(got, 1).tolist()
+    for p, tokens in zip(prompts, got_tokens):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, pad_token_id=0)[0, len(p):]
+        assert tokens == want.tolist()
+
+
+def test_rope_tables_grow_and_match_transformers():
+    """The cos/sin tables are made for 64 positions first, then regrown: positions past the first table still
+    give transformers' logits, in the full forward and in decode."""
+    hf = tiny("Llama")
+    model = CompactLlama(hf)
+    ids = torch.randint(3, 128, (2, 150), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        close(model.logits(ids[:, :10]), hf(ids[:, :10]).logits)
+        assert model._rope_tables[0].shape[0] == 64
+        close(model.logits(ids[:, :100]), hf(ids[:, :100]).logits)
+        cache = model.new_cache(max_lanes=2, max_len=160)
+        model.prefill(ids[:, :140], torch.tensor([140, 140]), cache, [0, 1])
+        close(model.decode(ids[:, 140], torch.tensor([140, 140]), cache), hf(ids[:, :141]).logits[:, -1])
+    assert model._rope_tables[0].shape[0] >= 141
