@@ -107,19 +107,25 @@ def run(venv: Path, tokens: int, install: bool) -> int:
             "--served-model-name", "base", "--max-model-len", "512", "--max-num-seqs", "4"]
         lcmd = [sys.executable, "-m", "loraplex", "serve", "--base", "smollm2", "--adapters", str(folder),
                 "--port", str(lport), "--device", "cpu", "--log-level", "warning"]
-        procs = [subprocess.Popen(vcmd, env=vllm_env.server_env(venv), stdout=subprocess.DEVNULL),
+        vlog = open(Path(tmp) / "vllm.log", "wb")
+        procs = [subprocess.Popen(vcmd, env=vllm_env.server_env(venv), stdout=vlog, stderr=subprocess.STDOUT),
                  subprocess.Popen(lcmd)]
         vurl, lurl = f"http://127.0.0.1:{vport}", f"http://127.0.0.1:{lport}"
         try:
             wait_ready(procs[1], lurl, "/health", 600)
-            wait_ready(procs[0], vurl, "/health", 900)
-            rows, bad = [], 0
+            try:
+                wait_ready(procs[0], vurl, "/health", 900)
+            except RuntimeError:
+                print("".join((Path(tmp) / "vllm.log").read_text().splitlines(True)[-30:]), file=sys.stderr)
+                raise
+            rows, bad, base_out, moved = [], 0, {}, 0
             for model in ["base", *names]:
                 for text in PROMPTS:
                     prompt = tok(text)["input_ids"]
                     vt, vlp, vids = complete(vurl, model, prompt, tokens, vllm=True)
                     lt, llp, _ = complete(lurl, model, prompt, tokens, vllm=False)
                     vtexts = [tok.decode([i], skip_special_tokens=False) for i in vids]
+                    moved += model != "base" and vids != base_out.setdefault(text, vids)
                     same = next((j for j, (a, b) in enumerate(zip(vtexts, lt)) if a != b), None)
                     agree = len(vids) == len(lt) == tokens and same is None and vtexts == vt
                     bad += not agree
@@ -130,9 +136,11 @@ def run(venv: Path, tokens: int, install: bool) -> int:
         finally:
             for p in procs:
                 stop(p)
+            vlog.close()
     print(format_table(rows, ["model", "prompt", "tokens", "same ids", "max |dlogprob|", "vLLM ids", "loraplex text"]))
     print(f"{len(rows) - bad}/{len(rows)} completions agree token for token (vLLM {vllm_env.VLLM}, fp32, greedy, "
-          f"{tokens} tokens, ignore_eos; adapters r=8 on {len(TARGETS)} projections, written by loraplex.save_adapter)")
+          f"{tokens} tokens, ignore_eos; adapters r=8 on {len(TARGETS)} projections, written by loraplex.save_adapter); "
+          f"the adapters changed {moved}/{len(names) * len(PROMPTS)} completions from the base's")
     return 0 if bad == 0 else 1
 
 

