@@ -152,7 +152,7 @@ class VllmProcess(ServerProcess):
         cmd = vllm_env.server_command(base_dir, names, self.port, args.vllm_venv, args.rank) + [
             "--served-model-name", "base", "--max-loras", str(min(adapters, args.max_batch)),
             "--max-cpu-loras", str(max(adapters, 1)), "--max-num-seqs", str(args.max_batch),
-            "--max-model-len", str(args.prompt_tokens + args.max_tokens + 64), "--disable-log-requests"]
+            "--max-model-len", str(args.prompt_tokens + args.max_tokens + 64)]
         self.proc = subprocess.Popen(cmd, env=vllm_env.server_env(args.vllm_venv), stdout=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}"
 
