@@ -95,7 +95,8 @@ def run(venv: Path, tokens: int, install: bool) -> int:
     if not install and not vllm_env.ready(venv):
         print(f"no vLLM venv at {venv}; run bench/vllm_env.py (a few GB) or drop --no-install", file=sys.stderr)
         return 2
-    vllm_env.ensure(venv)
+    if install:
+        vllm_env.ensure(venv)
     base_dir = smollm2_path()
     tok = AutoTokenizer.from_pretrained(base_dir)
     names = ["a0", "a1"]
