@@ -15,6 +15,11 @@ Then a fault test on the continuous server: clients keep sending greedy requests
 adapters a0..a3 and to "swap", while an admin client loads "churn" from the folder, replaces "swap" in place
 by zip upload (two versions in turn) and unloads "churn", --fault-rounds times. Every answer must be a 200
 whose text equals what that adapter (for "swap": one of its two versions) answers alone on an idle server.
+
+--peer vllm (optional, never in `make test`): after loraplex's servers, starts vLLM's CPU server from its own
+venv (bench/vllm_env.py: created on demand, a few GB the first time) on the same base directory and the same
+adapters (--lora-modules; --max-loras = --max-batch, --max-num-seqs = --max-batch) and runs the same
+workloads against it; prints loraplex continuous / vLLM tokens/s per workload.
 """
 
 from __future__ import annotations
@@ -38,8 +43,11 @@ import torch
 from safetensors.torch import save_file
 
 from loraplex.config import LoraConfig
-from loraplex.models import load_base
+from loraplex.models import load_base, smollm2_path
 from loraplex.report import format_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vllm_env  # noqa: E402  (bench/ is not a package)
 
 ADMIN_KEY = "bench-admin-key"
 PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -129,6 +137,24 @@ async def load(url: str, models: list[str], clients: int, prompt_tokens: int, ma
         t0 = time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(client(c) for _ in range(clients))), timeout)
         return time.perf_counter() - t0, lat, tokens
+
+
+class VllmProcess(ServerProcess):
+    """vLLM's OpenAI server (CPU, fp32) over the same base directory, with adapters a0..a{K-1} as LoRAs."""
+
+    def __init__(self, args: argparse.Namespace, folder: Path, adapters: int) -> None:
+        base_dir = smollm2_path() if args.base == "smollm2" else Path(args.base)
+        if args.num_layers or not (base_dir / "config.json").is_file():
+            raise SystemExit(f"--peer vllm needs --base to be a transformers directory with a tokenizer (or "
+                             f"'smollm2') and no --num-layers; got --base {args.base!r}")
+        self.port = free_port()
+        names = {f"a{i}": folder / f"a{i}" for i in range(adapters)}
+        cmd = vllm_env.server_command(base_dir, names, self.port, args.vllm_venv, args.rank) + [
+            "--served-model-name", "base", "--max-loras", str(min(adapters, args.max_batch)),
+            "--max-cpu-loras", str(max(adapters, 1)), "--max-num-seqs", str(args.max_batch),
+            "--max-model-len", str(args.prompt_tokens + args.max_tokens + 64)]
+        self.proc = subprocess.Popen(cmd, env=vllm_env.server_env(args.vllm_venv), stdout=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
 
 
 def zipped(directory: Path) -> bytes:
@@ -241,6 +267,8 @@ def main() -> int:
     ap.add_argument("--fault-requests", type=int, default=6, help="fault test: requests per client")
     ap.add_argument("--fault-tokens", type=int, default=12, help="fault test: tokens per request")
     ap.add_argument("--fault-rounds", type=int, default=6, help="fault test: load/replace/unload rounds (0 = skip)")
+    ap.add_argument("--peer", choices=["vllm"], help="also run the workloads against this peer (see the docstring)")
+    ap.add_argument("--vllm-venv", type=Path, default=vllm_env.DEFAULT_VENV, help="the vLLM peer's venv")
     args = ap.parse_args()
     ks = [int(k) for k in args.adapters.split(",")]
     base_id = "base"
@@ -253,14 +281,18 @@ def main() -> int:
         versions = [Path(tmp) / "swap-v1", Path(tmp) / "swap-v2"]
         write_adapters(args.base, args.num_layers, args.rank, {folder / "churn": 0.01, **{v: 0.2 for v in versions}},
                        seed=1)
+        # (label, naive: --single-adapter-batches, or None for the vLLM peer, workloads)
         plan = [("continuous", False, ["base"] + ks), ("naive: one adapter per batch", True, [k for k in ks if k > 1])]
+        if args.peer == "vllm":
+            vllm_env.ensure(args.vllm_venv)
+            plan.append(("vllm", None, ["base"] + ks))
         for label, naive, workloads in plan:
             if not workloads:
                 continue
-            server = ServerProcess(args, folder, naive)
+            server = VllmProcess(args, folder, max(ks)) if naive is None else ServerProcess(args, folder, bool(naive))
             try:
                 server.wait_ready()
-                if not naive:  # "churn" is loaded by name during the fault test, not at start
+                if naive is False:  # "churn" is loaded by name during the fault test, not at start
                     assert httpx.delete(f"{server.url}/v1/adapters/churn", headers={
                         "Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
                 # warm-up: a few requests so first-call costs stay out of the numbers
@@ -276,7 +308,7 @@ def main() -> int:
                                  f"{statistics.median(lat):.2f}", f"{q[98]:.2f}"])
                     print(f"  {label:<28} K={w!s:<5} {tps:8.1f} tok/s  p50 {statistics.median(lat):.2f}s "
                           f"p99 {q[98]:.2f}s", flush=True)
-                if not naive and args.fault_rounds:
+                if naive is False and args.fault_rounds:
                     t0 = time.perf_counter()
                     faults = asyncio.run(fault_test(server.url, folder, versions, args, vocab))
                     faults["seconds"] = round(time.perf_counter() - t0)
@@ -291,6 +323,12 @@ def main() -> int:
           f"{args.requests} requests x {args.max_tokens} tokens, prompt {args.prompt_tokens} tokens, r={args.rank} "
           f"all-linear adapters, --max-batch {args.max_batch}, {args.threads} torch threads, {os.cpu_count()} CPUs")
     print(format_table(rows, ["server", "adapters (K)", "requests", "tokens/s", "p50 s", "p99 s", "vs no adapter"]))
+    if args.peer == "vllm":
+        peer = [["none (base)" if w == "base" else w, f"{results[('continuous', w)]:.1f}", f"{results[('vllm', w)]:.1f}",
+                 f"{results[('continuous', w)] / results[('vllm', w)]:.2f}x"] for w in ["base"] + ks]
+        print(f"\nloraplex serve (continuous, {args.threads} torch threads) vs vLLM {vllm_env.VLLM} (CPU, fp32, "
+              f"OpenMP on {vllm_env.server_env(args.vllm_venv)['VLLM_CPU_OMP_THREADS_BIND']}), same requests:")
+        print(format_table(peer, ["adapters (K)", "loraplex tok/s", "vLLM tok/s", "loraplex / vLLM"]))
     if faults is not None:
         print(f"\nfault test ({args.fault_clients} clients x {args.fault_requests} requests x {args.fault_tokens} "
               f"tokens, {args.fault_rounds} rounds of load 'churn' / replace 'swap' by upload / unload 'churn'): "

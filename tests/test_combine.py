@@ -19,6 +19,7 @@ import loraplex as lp
 from loraplex.cli import main
 from loraplex.workflows.combine import METHODS, PRUNING, combine, dare_mask, save_combined
 from loraplex.config import LoraConfig
+from loraplex.device import present
 from loraplex.errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, OutputExistsError,
                              ShapeMismatchError, UnsupportedFeatureError)
 from loraplex.workflows.export import merge_into
@@ -220,6 +221,20 @@ def test_dare_is_seeded_and_keeps_density():
     r1, r2 = (combine([a, b], [1, 1], "dare_linear", density=0.5, seed=s) for s in (1, 1))
     assert torch.equal(r1.tensors["x.q.lora_A.weight"], r2.tensors["x.q.lora_A.weight"])
 
+
+
+@pytest.mark.parametrize("device", present())
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3), seed=st.integers(0, 2**31),
+       density=st.floats(0.05, 0.95))
+def test_dare_mask_is_the_same_on_every_device(device, shape, seed, density):
+    """The mask is drawn from the CPU generator and moved: the same seed gives the same mask on any device,
+    so a delta living on that device can be multiplied by it."""
+    mask = dare_mask(shape, density, seed, "m.q", 1, device)
+    assert mask.device == torch.device(device) and mask.shape == tuple(shape)
+    assert torch.equal(mask.cpu(), dare_mask(shape, density, seed, "m.q", 1))
+    delta = torch.ones(shape, device=device)
+    assert torch.equal((delta * mask).cpu(), mask.cpu().float())
 
 # -- on real models: the on-the-fly weighted mix and PEFT as oracles -------------------------------------------
 MODELS = {

@@ -260,6 +260,22 @@ def test_cli_verify_record_and_check(fresh_adapter, tmp_path, capsys):
     assert main(argv + ["--dtypes", "fp32", "--variants", "merged", "--against", str(tmp_path / "bad")]) == 1
 
 
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_verify_runs_on_the_chosen_device(fresh_adapter, tmp_path, device, capsys):
+    """--device / device=: the reference, every variant (the exported directory too) and --against run there."""
+    report = V.verify("tiny-llama", fresh_adapter, dtypes=["fp32"], variants=["merged", "exported"], device=device)
+    assert report.passed and report.context.base.lm_head.weight.device.type == device
+    argv = ["verify", "--base", "tiny-llama", "--adapter", str(fresh_adapter), "--dtypes", "fp32"]
+    assert main(argv + ["--variants", "merged", "exported", "--record-golden", "--device", device]) == 0
+    export_merged(load_base("tiny-llama")[0], None, [fresh_adapter], tmp_path / "deployed")
+    assert main(["verify", "--adapter", str(fresh_adapter), "--against", str(tmp_path / "deployed"),
+                 "--device", device]) == 0
+    assert "golden vs deployed  fp32" in capsys.readouterr().out
+    assert main(argv + ["--device", "cuda:97"]) == 1
+    assert "no such device" in capsys.readouterr().err
+
 def test_cli_errors_exit_1(fresh_adapter, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n\nworld\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..errors import ConfigError
 from ..workflows.export import DTYPES
 from ..workflows.probes import read_prompts
@@ -29,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    help="store the reference logits in the adapter directory (golden.safetensors + golden.json)")
     p.add_argument("--against", metavar="DIR",
                    help="a deployed merged model directory to check against the stored golden logits")
+    p.add_argument("--device", type=parse_device, default="auto",
+                   help=f"where the reference, the variants and --against run: {DEVICE_HELP}")
     p.set_defaults(func=run_verify)
     return ["verify"]
 
@@ -36,11 +39,11 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 def run_verify(args: argparse.Namespace) -> int:
     if args.base is None and (args.against is None or args.record_golden):
         raise ConfigError("--base is required (only --against alone checks a deployment without it)")
-    lines, report = [], VerifyReport("", args.adapter)
+    lines, report, device = [], VerifyReport("", args.adapter), resolve_device(args.device)
     if args.base is not None:
         prompts = read_prompts(args.prompts) if args.prompts else None
         report = verify(args.base, args.adapter, prompts=prompts, dtypes=args.dtypes, variants=args.variants,
-                        max_length=args.max_length, num_layers=args.num_layers)
+                        max_length=args.max_length, num_layers=args.num_layers, device=device)
         print(f"base {report.base}  adapter {report.adapter} ({report.context.adapter.content_hash[:12]})  "
               f"probes: {report.probes.source}, {report.probes.positions} positions; reference: fp32 on the fly")
         if args.record_golden:
@@ -48,7 +51,7 @@ def run_verify(args: argparse.Namespace) -> int:
             lines.append(f"recorded golden logits in {args.adapter}: {facts['logits']}, {facts['positions']} "
                          f"positions, {facts['bytes']:,} bytes")
     if args.against is not None:
-        report.rows.extend(check_golden(args.against, args.adapter).rows)
+        report.rows.extend(check_golden(args.against, args.adapter, device).rows)
     print(report.table())
     print(report.summary())
     for line in lines:

@@ -251,12 +251,14 @@ def magnitude_mask(d: torch.Tensor, density: float) -> torch.Tensor:
     return mask.view(d.shape)
 
 
-def dare_mask(shape: Sequence[int], density: float, seed: int, module: str, index: int) -> torch.Tensor:
+def dare_mask(shape: Sequence[int], density: float, seed: int, module: str, index: int,
+              device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """DARE's keep-mask for input adapter `index` at `module`: True with probability `density`, drawn from a
-    generator seeded by sha256(seed|module|index), so it depends on neither the order nor the set of modules."""
+    CPU generator seeded by sha256(seed|module|index), so it depends on neither the order nor the set of
+    modules; drawn on the CPU and then moved to `device`, so it is the same mask whatever the device."""
     digest = hashlib.sha256(f"{seed}|{module}|{index}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
-    return torch.rand(tuple(shape), generator=gen, dtype=COMPUTE) < density
+    return (torch.rand(tuple(shape), generator=gen, dtype=COMPUTE) < density).to(device)
 
 
 def _pruned_sum(method: str, module: str, present: list[tuple[int, _Lora]], ws: list[float], density: float,
@@ -268,7 +270,7 @@ def _pruned_sum(method: str, module: str, present: list[tuple[int, _Lora]], ws: 
         if method in ("magnitude_prune", "ties"):
             d = d * magnitude_mask(d, density)
         else:
-            d = d * dare_mask(d.shape, density, seed, module, i) / density
+            d = d * dare_mask(d.shape, density, seed, module, i, d.device) / density
         kept.append(w * d)
     t = torch.stack(kept)  # (n, out, in')
     if method in ("magnitude_prune", "dare_linear"):

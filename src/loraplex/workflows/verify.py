@@ -34,6 +34,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from ..device import resolve_device
 from ..errors import AdapterFileError, ConfigError, LoraplexError
 from .export import DTYPES, export_merged, parse_dtype
 from ..functional import tolerance
@@ -51,6 +52,7 @@ from ..store import AdapterFile, load_adapter, read_adapter
 END_TO_END_FACTOR = 10  # whole-model outputs accumulate per-op rounding over layers: F x the per-op tolerance
 ALL_VARIANTS = ("merged", "on_the_fly", "mixed_batch", "quantized_int8", "quantized_nf4", "exported")
 PathLike = Union[str, os.PathLike]
+DeviceSpec = Union[str, torch.device, None]  # a device.resolve_device spec ('cpu', 'cuda:1', 'auto'), or None
 
 
 @dataclass(frozen=True)
@@ -209,7 +211,7 @@ def _exported(ctx: Context, dtype: torch.dtype) -> torch.Tensor:
     with tempfile.TemporaryDirectory(prefix="loraplex-verify-") as tmp:
         with no_progress_bars():
             export_merged(copy.deepcopy(ctx.base), ctx.tokenizer, [ctx.adapter], Path(tmp) / "merged", dtype=name)
-        return run_logits(from_pretrained(Path(tmp) / "merged"), ctx.probes)
+        return run_logits(from_pretrained(Path(tmp) / "merged").to(_device_of(ctx.base)), ctx.probes)
 
 
 @dataclass(frozen=True)
@@ -230,14 +232,26 @@ VARIANTS: dict[str, Variant] = {
 
 
 # -- entry points ---------------------------------------------------------------------------------------------
-def _base(spec_or_model: Union[str, PathLike, nn.Module], tokenizer: Any, num_layers: Optional[int]):
+def _base(spec_or_model: Union[str, PathLike, nn.Module], tokenizer: Any, num_layers: Optional[int],
+          device: DeviceSpec = None):
+    """The pristine fp32 base on `device` (a device.resolve_device spec or torch.device; None: where it is)."""
     if isinstance(spec_or_model, nn.Module):
         if any(True for _ in lora_layers(spec_or_model)):
             raise ConfigError("verify needs the bare base model, but this one carries LoRA layers; pass the base "
                               "it was loaded on (the adapter is given separately)")
-        return copy.deepcopy(spec_or_model).float().eval(), tokenizer
-    model, tok = load_base(spec_or_model, num_layers=num_layers)
-    return model, tokenizer if tokenizer is not None else tok
+        model = copy.deepcopy(spec_or_model).float().eval()
+    else:
+        model, tok = load_base(spec_or_model, num_layers=num_layers)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    return (model if device is None else model.to(_resolve(device))), tokenizer
+
+
+def _resolve(device: Union[str, torch.device]) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _vocab(model: nn.Module) -> int:
@@ -263,17 +277,19 @@ def judge(row: Row, ref: Reference, logits: torch.Tensor, mask: torch.Tensor, to
 def verify(base: Union[str, PathLike, nn.Module], adapter: Union[PathLike, AdapterFile], *,
            prompts: Optional[Sequence[str]] = None, dtypes: Sequence[str] = ("fp32", "bf16"),
            variants: Sequence[str] = ALL_VARIANTS, max_length: int = 32, tokenizer: Any = None,
-           num_layers: Optional[int] = None) -> VerifyReport:
+           num_layers: Optional[int] = None, device: DeviceSpec = None) -> VerifyReport:
     """Compare every variant x dtype with the fp32 on-the-fly reference on the probe set (module docstring).
 
     `base`: a load_base spec or a bare model (copied, never changed). Probes: `prompts` tokenized with the
-    base's tokenizer (default: probes.DEFAULT_PROMPTS), or seeded random ids for a base without tokenizer."""
+    base's tokenizer (default: probes.DEFAULT_PROMPTS), or seeded random ids for a base without tokenizer.
+    `device`: where the reference and every variant run ('cpu', 'cuda:1', ... or a torch.device; None: where
+    `base` is, the CPU for a spec); the exported directory is loaded back onto it too."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
     torch_dtypes = [parse_dtype(d) for d in dtypes]
     af = adapter if isinstance(adapter, AdapterFile) else read_adapter(adapter)
-    model, tok = _base(base, tokenizer, num_layers)
+    model, tok = _base(base, tokenizer, num_layers, device)
     probes = make_probes(tok, prompts, vocab_size=_vocab(model), max_length=max_length)
     ctx = Context(model, tok, af, probes)
     reference = run_logits(ctx.with_adapter(torch.float32), probes).float()  # (N, T, V)
@@ -326,9 +342,11 @@ def _store_golden(adapter_dir: PathLike, af: AdapterFile, base: nn.Module, probe
     return write_golden(adapter_dir, probes, logits, facts)
 
 
-def check_golden(deployment: Union[PathLike, nn.Module], adapter_dir: PathLike) -> VerifyReport:
+def check_golden(deployment: Union[PathLike, nn.Module], adapter_dir: PathLike,
+                 device: DeviceSpec = None) -> VerifyReport:
     """Re-run the golden probes of `adapter_dir` on `deployment` (a merged transformers directory, loaded with
-    plain from_pretrained, or a model in eval mode, e.g. base + adapter) and judge it in its logits' dtype."""
+    plain from_pretrained, or a model in eval mode, e.g. base + adapter) and judge it in its logits' dtype.
+    `device`: where a deployment directory is loaded (None: the CPU); a model runs where it is."""
     golden = read_golden(adapter_dir)
     af = read_adapter(adapter_dir)
     if golden.facts.get("adapter_content_hash") != af.content_hash:
@@ -341,6 +359,7 @@ def check_golden(deployment: Union[PathLike, nn.Module], adapter_dir: PathLike) 
         model, label = deployment, f"golden vs {base_name(deployment)}"
     else:
         model, label = from_pretrained(deployment), f"golden vs {Path(deployment).name}"
+        model = model if device is None else model.to(_resolve(device))
     logits = run_logits(model, golden.probes)  # (N, T, V) in the deployment's dtype
     dname = next((k for k, v in DTYPES.items() if v == logits.dtype), str(logits.dtype))
     report = VerifyReport(str(golden.facts.get("base", "?")), str(adapter_dir))
