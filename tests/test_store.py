@@ -435,3 +435,21 @@ def test_unparseable_config_is_a_typed_error(tmp_path, text):
     (tmp_path / "adapter_config.json").write_text(text, encoding="latin-1")
     with pytest.raises(AdapterFileError, match="adapter_config.json"):
         lp.read_adapter(tmp_path)
+
+
+def test_peft_trainable_token_indices_file_is_refused_by_name(tmp_path):
+    """PEFT's trainable_token_indices trains chosen rows of the embedding (a TrainableTokensLayer): loraplex has no
+    per-row form of it, so such a file is refused by name (UnsupportedFeatureError) before anything changes."""
+    from loraplex import models
+    from loraplex.errors import UnsupportedFeatureError
+
+    base = models.tiny_llama(seed=0)
+    cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2])
+    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "tt")
+    with pytest.raises(UnsupportedFeatureError, match="trainable_token_indices"):
+        lp.read_adapter(tmp_path / "tt")
+    fresh = models.tiny_llama(seed=0)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(UnsupportedFeatureError, match="trainable_token_indices"):
+        lp.load_adapter(fresh, tmp_path / "tt", "tt")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
