@@ -30,12 +30,9 @@ import torch.nn.functional as F
 
 from . import functional as LF
 from .config import is_residual_init
+from .functional import Conv1D
 from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedFeatureError, UnsupportedModuleError
 
-try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, kept optional for plain torch users
-    Conv1D = None  # type: ignore[assignment,misc]
 
 InitMode = Union[bool, str]
 
@@ -54,7 +51,7 @@ class MergeRecord:
 
     weight: float
     restore_error: float
-    residual: Optional[tuple[torch.Tensor, torch.Tensor]]
+    residual: Optional[LF.Residual]
     versions: tuple[int, ...]
     dora_scale: Optional[torch.Tensor] = None
     bias_before: Optional[torch.Tensor] = None  # lora_bias: the base bias before scale * b was added to it
@@ -294,16 +291,12 @@ class LoraLayer(nn.Module):
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
         forward, back, g = self._merge_maps(name, weight, w, compute)
-        merged = forward(w.to(compute)).to(w.dtype)
+        merged, restored, kept = LF.exact_merge(w, forward, back)
         if safe and not torch.isfinite(merged).all():
             raise NonFiniteError(f"merging adapter {name!r} would write NaN/Inf into the base weight; nothing changed")
-        restored = back(merged.to(compute)).to(w.dtype)
         diff = w.to(compute) - restored.to(compute)
         err = float(diff.abs().max()) if diff.numel() else 0.0
-        residual = None
-        if exact and err > 0:
-            idx = (restored != w).flatten().nonzero().squeeze(1)  # usually a small fraction of the elements
-            residual = (idx, w.flatten()[idx].clone())
+        residual = kept if exact and err > 0 else None
         self.set_base_weight(merged)
         bias_before = self._merge_lora_bias(name, weight)
         record = MergeRecord(weight=weight, restore_error=err, residual=residual, versions=self._versions(name),
@@ -341,11 +334,7 @@ class LoraLayer(nn.Module):
         w = self.get_base_weight()
         compute = torch.promote_types(w.dtype, torch.float32)
         back = self._merge_maps(name, record.weight, w, compute, record.dora_scale)[1]
-        restored = back(w.to(compute)).to(w.dtype)
-        if record.residual is not None:
-            idx, values = record.residual
-            restored.view(-1)[idx] = values
-        self.set_base_weight(restored)
+        self.set_base_weight(LF.exact_restore(w, back, record.residual))
         biased = [n for n, rec in self.merged.items() if rec.bias_before is not None]  # in merge order
         del self.merged[name]
         if record.bias_before is not None:  # the first LoRA-B bias merge holds the bare base bias, bit for bit
@@ -440,11 +429,9 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = Conv1D is not None and isinstance(base_layer, Conv1D)
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.layout = LF.weight_layout(base_layer)
+        self.fan_in_fan_out = self.layout == "in_out"
+        self.in_features, self.out_features = LF.linear_features(base_layer)
         # A plain base (not a subclass) computes exactly x @ W.T + b, so forward may run base + LoRA as one
         # autograd node (LF.linear_with_lora); `fused = False` forces the generic path, its reference.
         self.fused = type(base_layer) is nn.Linear or (self.fan_in_fan_out and type(base_layer) is Conv1D)
@@ -457,7 +444,7 @@ class LoraLinear(LoraLayer):
             return super().forward(x, *args, **kwargs)
         name, scale = single
         base = self.base_layer
-        weight = base.weight.t() if self.fan_in_fan_out else base.weight  # (out, in)
+        weight = LF.out_in(base.weight, self.layout)  # (out, in)
         return LF.linear_with_lora(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale)
 
     def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
@@ -545,10 +532,10 @@ class LoraLinear(LoraLayer):
         b.bias = nn.Parameter(torch.zeros(self.out_features, device=b.weight.device, dtype=b.weight.dtype))
 
     def _out_rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t.T if self.fan_in_fan_out else t  # Conv1D stores (in, out)
+        return LF.out_in(t, self.layout)
 
     def _from_out_rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return t.T if self.fan_in_fan_out else t
+        return LF.out_in(t, self.layout)
 
     def _weight_out_in(self) -> torch.Tensor:
         """The base weight as (out, in) (Conv1D stores it transposed; a quantized base is dequantized)."""
@@ -584,8 +571,7 @@ class LoraLinear(LoraLayer):
         return LF.lora_linear_add(result, x.to(a.dtype), a, b, weight * self.scaling[name])
 
     def delta(self, name: str) -> torch.Tensor:
-        d = LF.delta_weight(*self.adapter_tensors(name), self.scaling[name])
-        return d.T if self.fan_in_fan_out else d
+        return LF.out_in(LF.delta_weight(*self.adapter_tensors(name), self.scaling[name]), self.layout)
 
 
 class LoraEmbedding(LoraLayer):
@@ -759,9 +745,7 @@ def lora_layer_for(module: nn.Module) -> LoraLayer:
         from .quant.lora import LoraQuantLinear
 
         return LoraQuantLinear(module)
-    if isinstance(module, nn.Linear):
-        return LoraLinear(module)
-    if Conv1D is not None and isinstance(module, Conv1D):
+    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)

@@ -60,10 +60,9 @@ from ..errors import (
     UnsupportedFeatureError,
     UnsupportedModuleError,
 )
-from ..functional import delta_weight
+from ..functional import Residual, delta_weight, exact_merge, exact_restore, linear_features, out_in, weight_layout
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
-from ..layers import Conv1D
 from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
 from .ops import Assignment, BatchPlan
 from .pool import AdapterPool, Lease, PoolStats
@@ -108,28 +107,19 @@ class RuntimeLinear(nn.Module):
         return f"key={self.key!r}, in={self.in_features}, out={self.out_features}"
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return Conv1D is not None and isinstance(module, Conv1D)
-
-
 def _in_out(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a module the runtime can wrap; UnsupportedModuleError otherwise."""
-    from ..quant.linear import QuantLinear  # lazy: loraplex.quant imports store, which imports inject
-
-    if isinstance(module, (nn.Linear, QuantLinear)):
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        fin, fout = module.weight.shape  # Conv1D stores (in, out)
-        return fin, fout
-    raise UnsupportedModuleError(
-        f"the multi-adapter runtime wraps nn.Linear, transformers Conv1D and QuantLinear, got {type(module).__name__}"
-    )
+    try:
+        return linear_features(module)
+    except UnsupportedModuleError:
+        raise UnsupportedModuleError(f"the multi-adapter runtime wraps nn.Linear, transformers Conv1D and "
+                                     f"QuantLinear, got {type(module).__name__}") from None
 
 
 @dataclass
 class _Merged:
     lease: Lease  # pins the merged version
-    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (flat indices, original values)
+    residuals: dict[str, Residual]  # key -> (flat indices, original values)
 
 
 class Batch:
@@ -431,7 +421,7 @@ class MultiLoraModel:
         if isinstance(base, QuantLinear):
             return base.quantized_weight().dequantize(torch.float32)  # merging into a quantized base is refused
         w = self._restored(key) if self._merged is not None and key in self._merged.residuals else self._weight(key)
-        return w.T if _is_conv1d(base) else w
+        return out_in(w, weight_layout(base))
 
     def _reload(self, name: str, content_hash: str) -> LayerTensors:
         """The pool's loader: re-read an evicted adapter from its directory, refusing a changed file."""
@@ -499,7 +489,7 @@ class MultiLoraModel:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
                 for k, _ in layers:
                     base = self._wrapped[k].base_layer
-                    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+                    if not (isinstance(base, nn.Linear) or weight_layout(base) == "in_out"):
                         raise UnsupportedFeatureError(
                             f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
                             "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"
@@ -527,13 +517,10 @@ class MultiLoraModel:
     def _restored(self, key: str) -> torch.Tensor:
         """The weight of `key` (storage layout) with the merged adapter taken out exactly (W' - dW + residual)."""
         m = self._merged
-        idx, values = m.residuals[key]
         A, B, scale = self.pool.tensors(m.lease.slot, key)
         w = self._weight(key)
         d = self._delta(key, A, B, scale, w)
-        restored = (w.to(d.dtype) - d).to(w.dtype)
-        restored.view(-1)[idx] = values
-        return restored
+        return exact_restore(w, lambda t: t - d, m.residuals[key])
 
     def _weight(self, key: str) -> torch.Tensor:
         return self._wrapped[key].base_layer.weight.data
@@ -542,15 +529,12 @@ class MultiLoraModel:
         """scale * B @ A in the layout of weight `w` (Conv1D stores (in, out)), in float32 or wider."""
         compute = torch.promote_types(w.dtype, torch.float32)
         d = delta_weight(A.to(compute), B.to(compute), scale)  # (out, in)
-        return d.T if _is_conv1d(self._wrapped[key].base_layer) else d
+        return out_in(d, weight_layout(self._wrapped[key].base_layer))
 
-    def _add_delta(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _add_delta(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> Residual:
         """W <- W + dW; returns the (flat index, original value) pairs that W' - dW would not give back."""
         w = self._weight(key)
         d = self._delta(key, A, B, scale, w)
-        merged = (w.to(d.dtype) + d).to(w.dtype)
-        back = (merged.to(d.dtype) - d).to(w.dtype)
-        idx = (back != w).view(-1).nonzero().squeeze(1)
-        values = w.view(-1)[idx].clone()
+        merged, _, residual = exact_merge(w, lambda t: t + d, lambda t: t - d)
         w.copy_(merged)
-        return idx, values
+        return residual

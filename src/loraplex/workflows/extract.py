@@ -34,10 +34,9 @@ from .. import __version__
 from ..config import LoraConfig
 from ..errors import (BaseMismatchError, ConfigError, NonFiniteError, ShapeMismatchError, TargetNotFoundError,
                      UnsupportedModuleError)
-from ..functional import delta_weight
+from ..functional import Conv1D, delta_weight, out_in, weight_layout
 from ..identity import base_fingerprint, content_hash
 from ..inject import find_targets
-from ..layers import Conv1D
 from ..models import base_name
 from ..report import format_table
 from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, factor_keys, write_json
@@ -112,7 +111,7 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
         if not bool(delta.any()):
             report.unchanged.append(key)
             continue
-        conv1d = conv1d or (Conv1D is not None and isinstance(module, Conv1D))
+        conv1d = conv1d or (kind == "linear" and weight_layout(module) == "in_out")
         a, b, err = best_low_rank(delta.flatten(1), rank, energy)  # (r, in'), (out, r)
         r = a.shape[0]
         dtype = torch.promote_types(module.weight.dtype, torch.float32)
@@ -158,10 +157,8 @@ def _delta(key: str, base: nn.Module, ft: nn.Module) -> tuple[str, torch.Tensor]
     if w0.shape != w1.shape:
         raise ShapeMismatchError(f"{key!r}: base weight {tuple(w0.shape)} vs fine-tuned {tuple(w1.shape)}")
     d = w1 - w0
-    if isinstance(base, nn.Linear):
-        return "linear", d
-    if Conv1D is not None and isinstance(base, Conv1D):
-        return "linear", d.T
+    if isinstance(base, nn.Linear) or (Conv1D is not None and isinstance(base, Conv1D)):
+        return "linear", out_in(d, weight_layout(base))
     if isinstance(base, nn.Embedding):
         return "embedding", d.T
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups == 1:
