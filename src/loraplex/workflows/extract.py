@@ -39,7 +39,8 @@ from ..identity import base_fingerprint, content_hash
 from ..inject import find_targets
 from ..models import base_name
 from ..report import format_table
-from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, factor_keys, write_json
+from ..outputs import atomic_directory, write_json
+from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, factor_keys
 
 PathLike = Union[str, os.PathLike]
 COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back
@@ -210,7 +211,7 @@ def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: 
                   overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
     """Write `af` in PEFT's layout, atomically, with loraplex's metadata (version, content hash, base
     fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json.
-    An existing non-empty `out_dir` is replaced only with `overwrite`, one of `inputs` never (store.check_output)."""
+    An existing non-empty `out_dir` is replaced only with `overwrite`, one of `inputs` never (outputs.check_output)."""
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": af.content_hash,
             f"loraplex.{record_name}": json.dumps({k: v for k, v in record.items() if k != "modules"}, default=str)}
     if af.base_fingerprint:
