@@ -203,7 +203,7 @@ def test_merge_on_a_full_disk_is_a_clean_error(base_and_adapter, capsys, monkeyp
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("loraplex.store.os.fsync", full)
+    monkeypatch.setattr("loraplex.outputs.os.fsync", full)
     assert _merge(tmp, tmp / "m") == 1
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]  # (progress bars of the base load come before it)

@@ -243,7 +243,7 @@ def test_results_file_follows_the_overwrite_rule_and_survives_a_full_disk(tmp_pa
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("loraplex.store.os.fsync", full)
+    monkeypatch.setattr("loraplex.outputs.os.fsync", full)
     with pytest.raises(WriteError, match="No space left"):
         result.save(path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"] and path.read_text() == "the user's notes"

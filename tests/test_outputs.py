@@ -1,4 +1,4 @@
-"""The one overwrite rule of every writer (store.check_output / atomic_directory / atomic_file): what may be
+"""The one overwrite rule of every writer (outputs.check_output / atomic_directory / atomic_file): what may be
 replaced, atomicity on failure (disk full), the user's umask, and cleanup of a killed writer's temporaries."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import loraplex.store as store
+import loraplex.outputs as outputs
 from loraplex.errors import LoraplexError, OutputExistsError, WriteError
-from loraplex.store import atomic_directory, write_json
+from loraplex.outputs import atomic_directory, write_json
 from loraplex.train.sources import Record, write_jsonl
 
 STATES = ["absent", "empty dir", "full dir", "file"]
@@ -72,7 +72,7 @@ def test_file_writer_on_disk_full_keeps_the_old_file_and_leaves_no_temporary(tmp
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(store.os, "fsync", full)
+    monkeypatch.setattr(outputs.os, "fsync", full)
     with pytest.raises(WriteError, match="results.json.*No space left"):
         write_json(target, {"a": 1}, overwrite=True)
     assert snapshot(tmp_path) == before

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import loraplex as lp
 from loraplex.layers import ModulesToSave
 from loraplex.models import SMOLLM2_HUB_ID, load_base, tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
-from loraplex.store import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, atomic_directory
+from loraplex.outputs import atomic_directory
+from loraplex.store import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
 
 IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
 

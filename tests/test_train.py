@@ -233,7 +233,7 @@ def test_rank_above_a_targeted_layer_is_refused_before_allocating(tiny_base, dat
 def test_full_disk_during_training_is_a_write_error(tiny_base, data, tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("loraplex.store.os.fsync", full)
+    monkeypatch.setattr("loraplex.outputs.os.fsync", full)
     out = tmp_path / "run"
     with pytest.raises(WriteError, match="No space left"):
         train(config(tiny_base, [data["a"]], out, max_steps=1))
@@ -502,7 +502,7 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_pat
     assert_same(tensors(whole.out), tensors(out), exact=True)
 
     # a kill after the old checkpoint was renamed aside but before the new one took its name
-    import loraplex.store as store
+    import loraplex.outputs as outputs
 
     real_rename, renames = os.rename, []
 
@@ -516,7 +516,7 @@ def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_pat
         return real_rename(src, dst)
 
     out2 = tmp_path / "window"
-    monkeypatch.setattr(store.os, "rename", dying_rename)
+    monkeypatch.setattr(outputs.os, "rename", dying_rename)
     with pytest.raises(Killed):
         train(config(tiny_base, [data["a"]], out2, dropout=0.1, save_every=2))
     monkeypatch.undo()

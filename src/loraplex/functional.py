@@ -10,12 +10,18 @@ with scale = lora_alpha / r, or lora_alpha / sqrt(r) for rsLoRA.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Literal, Optional
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModuleError
+
+try:  # GPT-2 style Conv1D: weight stored (in, out); optional so plain-torch use needs no transformers
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, kept optional for plain torch users
+    Conv1D = None  # type: ignore[assignment,misc]
 
 # Tolerances for comparing two computations of the same quantity, keyed by dtype: (atol, rtol).
 # Every test and every parity report in loraplex uses this one table.
@@ -32,6 +38,67 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     if dtype not in TOLERANCES:
         raise ConfigError(f"no tolerance defined for dtype {dtype}; expected one of {list(TOLERANCES)}")
     return TOLERANCES[dtype]
+
+
+# -- weight layout of linear-like layers, decided by type (never guessed from shapes) ------------------------
+WeightLayout = Literal["out_in", "in_out"]
+
+
+def weight_layout(module: nn.Module) -> WeightLayout:
+    """How a linear-like module stores its weight: "in_out" (in, out) for GPT-2's Conv1D (PEFT's fan_in_fan_out),
+    "out_in" (out, in) for nn.Linear and loraplex QuantLinear. UnsupportedModuleError for any other type."""
+    from .quant.linear import QuantLinear  # lazy: loraplex.quant imports store, which imports this module
+
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "in_out"
+    if isinstance(module, (nn.Linear, QuantLinear)):
+        return "out_in"
+    raise UnsupportedModuleError(f"expected a linear-like module (nn.Linear, transformers Conv1D, loraplex "
+                                 f"QuantLinear), got {type(module).__name__}")
+
+
+def out_in(t: torch.Tensor, layout: WeightLayout) -> torch.Tensor:
+    """A weight-shaped matrix between storage `layout` and (out, in): t.T for "in_out", else t (its own inverse)."""
+    return t.T if layout == "in_out" else t
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module (see `weight_layout`)."""
+    if weight_layout(module) == "in_out":
+        fin, fout = module.weight.shape  # Conv1D stores (in, out)
+        return fin, fout
+    return module.in_features, module.out_features
+
+
+# -- merge with a bit-exact restore ----------------------------------------------------------------------------
+# A merge W' = f(W) rounds to W's dtype, so g(W') (g the inverse map: W' - delta, or DoRA's W' / g - delta) may
+# differ from W in a few elements. The residual keeps those elements' original values, so a restore is bit-exact:
+#     merged, restored, residual = exact_merge(W, f, g);  exact_restore(merged, g, residual) == W  (bitwise)
+Residual = tuple[torch.Tensor, torch.Tensor]  # (flat indices (k,), original values (k,)), k usually tiny
+
+
+def exact_merge(weight: torch.Tensor, forward: Callable[[torch.Tensor], torch.Tensor],
+                back: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Residual]:
+    """(merged, restored, residual): merged = forward(W) and restored = back(merged), both computed in
+    promote(W.dtype, float32) and stored in W's dtype; residual = the elements where restored != W, with W's
+    values. W is not modified. Same shape and layout as W throughout."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    merged = forward(weight.to(compute)).to(weight.dtype)
+    restored = back(merged.to(compute)).to(weight.dtype)
+    idx = (restored != weight).flatten().nonzero().squeeze(1)
+    return merged, restored, (idx, weight.flatten()[idx].clone())
+
+
+def exact_restore(merged: torch.Tensor, back: Callable[[torch.Tensor], torch.Tensor],
+                  residual: Optional[Residual]) -> torch.Tensor:
+    """back(merged) in merged's dtype (computed as in `exact_merge`), with the residual's elements put back:
+    the original W bit for bit when `residual` came from the `exact_merge` that made `merged`."""
+    compute = torch.promote_types(merged.dtype, torch.float32)
+    restored = back(merged.to(compute)).to(merged.dtype)
+    if residual is not None:
+        idx, values = residual
+        restored.view(-1)[idx] = values
+    return restored
 
 
 def scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:

@@ -19,7 +19,8 @@ import torch.nn as nn
 from .config import ALL_LINEAR, FRESH_INIT_MODES, RESIDUAL_INITS, LoraConfig, is_fresh_init
 from .errors import (AdapterExistsError, AdapterNotFoundError, ConfigError, MergeStateError, TargetNotFoundError,
                      UnsupportedFeatureError)
-from .layers import Conv1D, LoraLayer, ModulesToSave, lora_layer_for
+from .functional import Conv1D
+from .layers import LoraLayer, ModulesToSave, lora_layer_for
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: no trailing newline
 ActiveSpec = Union[str, Sequence[str], Mapping[str, float]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..workflows.combine import METHODS, combine, save_combined
-from ..store import check_output
+from ..outputs import check_output
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:

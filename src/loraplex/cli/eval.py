@@ -10,7 +10,7 @@ from ..extras import require
 from ..workflows.evaluate import DEFAULT_METRICS, METRICS, evaluate
 from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..models import load_base
-from ..store import check_output
+from ..outputs import check_output
 from ..workflows.plot import plot_results
 
 

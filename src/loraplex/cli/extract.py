@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..models import load_base
-from ..store import check_output
+from ..outputs import check_output
 from ..workflows.extract import extract_lora, save_extracted
 
 

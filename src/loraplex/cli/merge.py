@@ -8,7 +8,7 @@ import os
 from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..models import load_base
 from ..report import format_table
-from ..store import check_output
+from ..outputs import check_output
 from ..workflows.export import DTYPES, export_merged
 
 

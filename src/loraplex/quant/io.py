@@ -13,7 +13,7 @@
 
 "tied" lists state_dict names that share storage with an earlier name (safetensors stores each tensor
 once); loading feeds the same tensor to both. The directory is written beside its target and renamed into
-place (store.atomic_directory), so a reader never sees half of it.
+place (outputs.atomic_directory), so a reader never sees half of it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import QuantConfigError, QuantFileError, ShapeMismatchError, TargetNotFoundError
-from ..store import atomic_directory
+from ..outputs import atomic_directory
 from .linear import COMPUTE_DTYPES, QuantLinear, QuantSpec
 
 WEIGHTS_FILE = "model.safetensors"

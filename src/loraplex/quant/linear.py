@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import QuantConfigError, ShapeMismatchError, UnsupportedModuleError
+from ..functional import out_in, weight_layout
 from .int8 import Int8Weight, quantize_int8
 from .nf4 import NF4Weight, check_block_size, quantize_nf4
 
@@ -125,10 +126,8 @@ def select_backend(spec: QuantSpec, device: torch.device) -> QuantBackend:
 # ------------------------------------------------------------------------------------------- the layer
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of an nn.Linear, or of a GPT-2 Conv1D (stored (in, out): transposed by type)."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if isinstance(module, Conv1D):
-        return module.weight.T
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return out_in(module.weight, weight_layout(module))
     raise UnsupportedModuleError(
         f"can only quantize nn.Linear or transformers' Conv1D, got {type(module).__name__}"
     )

@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from ..errors import ConfigError, MergeStateError, NonFiniteError, QuantConfigError, UnsupportedFeatureError
 from ..inject import _require, lora_layers
-from ..layers import LoraLinear, MergeRecord
+from ..layers import LoraLinear
+from ..lora_layer import MergeRecord
 from ..merge import merge, merged_adapters
 from .linear import QuantLinear
 

@@ -30,7 +30,9 @@ __all__ = [
     "normalize_assignment",
 ]
 from .generate import Generation  # noqa: E402
-from .model import Batch, MultiLoraModel, RuntimeLinear  # noqa: E402
+from .batch import Batch  # noqa: E402
+from .model import MultiLoraModel  # noqa: E402
 from .store import AdapterStore  # noqa: E402
+from .wrapper import RuntimeLinear  # noqa: E402
 
 __all__ += ["AdapterStore", "Batch", "Generation", "MultiLoraModel", "RuntimeLinear"]

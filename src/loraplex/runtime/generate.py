@@ -37,7 +37,8 @@ import torch
 from ..errors import ConfigError, ShapeMismatchError
 
 if TYPE_CHECKING:
-    from .model import MultiLoraModel, RowSpec
+    from .batch import RowSpec
+    from .model import MultiLoraModel
 
 
 @dataclass

@@ -53,185 +53,28 @@ from ..errors import (
     AdapterFileError,
     AdapterNotFoundError,
     ConfigError,
-    LeaseError,
     MergeStateError,
     ShapeMismatchError,
     TargetNotFoundError,
     UnsupportedFeatureError,
-    UnsupportedModuleError,
 )
-from ..functional import delta_weight
+from ..functional import Residual, delta_weight, exact_merge, exact_restore, out_in, weight_layout
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
-from ..layers import Conv1D
 from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
-from .ops import Assignment, BatchPlan
+from .batch import Batch, RowSpec
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .store import AdapterStore
+from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
-# What a caller may pass for one row: a name, None (base only), a Lease (a pinned version), or a weighted mix.
-RowSpec = Union[str, None, Lease, Mapping[Union[str, Lease], float]]
 LayerTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
-
-
-@dataclass
-class _Current:
-    """The plan the wrappers apply during the forward in progress (None = every row base only)."""
-
-    plan: Optional[BatchPlan] = None
-
-
-class RuntimeLinear(nn.Module):
-    """y = base_layer(x), then y[b] += each row's LoRA for layer `key` from the engine's current plan.
-
-    Holds no adapter tensors. The base layer is any module mapping (..., in) -> (..., out): nn.Linear,
-    transformers Conv1D or loraplex QuantLinear (the choice was made when the engine wrapped it).
-    """
-
-    def __init__(self, base_layer: nn.Module, key: str, in_features: int, out_features: int,
-                 current: _Current) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.key = key
-        self.in_features, self.out_features = in_features, out_features
-        self._current = current  # shared with the engine; a plain attribute, not a submodule
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (..., out)
-        plan = self._current.plan
-        if plan is not None and self.key in plan.layers:
-            plan.apply_(self.key, x, y)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"key={self.key!r}, in={self.in_features}, out={self.out_features}"
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return Conv1D is not None and isinstance(module, Conv1D)
-
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a module the runtime can wrap; UnsupportedModuleError otherwise."""
-    from ..quant.linear import QuantLinear  # lazy: loraplex.quant imports store, which imports inject
-
-    if isinstance(module, (nn.Linear, QuantLinear)):
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        fin, fout = module.weight.shape  # Conv1D stores (in, out)
-        return fin, fout
-    raise UnsupportedModuleError(
-        f"the multi-adapter runtime wraps nn.Linear, transformers Conv1D and QuantLinear, got {type(module).__name__}"
-    )
 
 
 @dataclass
 class _Merged:
     lease: Lease  # pins the merged version
-    residuals: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (flat indices, original values)
-
-
-class Batch:
-    """One batch composition held open across forwards (a generation's prefill and decode steps).
-
-    Holds a lease on every adapter version its rows use, so replacing or evicting an adapter meanwhile
-    changes nothing for it. Call it like the HF model (it returns the model output); `close()` (or `with`)
-    releases the leases.
-    """
-
-    def __init__(self, engine: MultiLoraModel, adapters: Sequence[RowSpec]) -> None:
-        self.engine = engine
-        self.leases: list[Lease] = []
-        self._own: dict[str, Lease] = {}  # name -> lease taken by this batch
-        self._epoch = -1
-        self.plan: Optional[BatchPlan] = None
-        try:
-            self.wanted = [self._resolve(a) for a in adapters]  # per row {slot: weight}, before merge
-            self._refresh()
-        except BaseException:
-            self.close()
-            raise
-
-    def _slot(self, ref: Union[str, Lease]) -> int:
-        if isinstance(ref, Lease):
-            if ref.pool is not self.engine.pool:
-                raise LeaseError(f"lease on {ref.name!r} belongs to another engine")
-            return ref.slot
-        if not isinstance(ref, str):
-            raise ConfigError(f"an adapter is named by a string (or a Lease), got {ref!r}")
-        lease = self._own.get(ref)
-        if lease is None:
-            lease = self._own[ref] = self.engine.pool.acquire(ref)
-            self.leases.append(lease)
-        return lease.slot
-
-    def _resolve(self, a: RowSpec) -> dict[int, float]:
-        if a is None:
-            return {}
-        if isinstance(a, (str, Lease)):
-            return {self._slot(a): 1.0}
-        if isinstance(a, Mapping):
-            out: dict[int, float] = {}
-            for ref, w in a.items():
-                s = self._slot(ref)
-                out[s] = out.get(s, 0.0) + float(w)
-            dora = [s for s in out if self.engine.pool.is_dora_slot(s)]
-            if dora and (len(out) > 1 or out[dora[0]] != 1.0):
-                raise UnsupportedFeatureError(
-                    f"a weighted mix {dict(a)!r} includes a DoRA adapter: DoRA rescales the row's whole output by its "
-                    "own magnitude, so mixes with it are not defined; serve a DoRA adapter alone in its row"
-                )
-            return out
-        raise ConfigError(
-            f"a row's adapter is a name, None, a Lease or a {{name: weight}} mix; got {type(a).__name__} {a!r}"
-        )
-
-    def _refresh(self) -> None:
-        """(Re)build the plan if the engine's merge state changed since it was built."""
-        eng = self.engine
-        if self._epoch == eng._merge_epoch:
-            return
-        rows: list[Assignment] = []
-        for want in self.wanted:
-            want = dict(want)
-            if eng._merged is not None:  # the merged adapter is in every row already: take it out where unwanted
-                m = eng._merged.lease.slot
-                want[m] = want.get(m, 0.0) - 1.0
-            rows.append(tuple((s, w) for s, w in want.items() if w != 0.0))
-        self.assignments = rows
-        self.plan = eng.pool.plan(rows) if any(rows) else None
-        self._epoch = eng._merge_epoch
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.wanted)
-
-    def __call__(self, **model_kwargs: Any) -> Any:
-        """model(**model_kwargs) with this batch's plan applied; batch size must equal the number of rows."""
-        eng = self.engine
-        if self.leases is None:
-            raise LeaseError("this batch is closed")
-        with eng._lock, torch.inference_mode():
-            self._refresh()
-            eng._current.plan = self.plan
-            try:
-                return eng.model(**model_kwargs)
-            finally:
-                eng._current.plan = None
-
-    def close(self) -> None:
-        if self.leases is None:
-            return
-        for lease in self.leases:
-            lease.release()
-        self.leases = None  # type: ignore[assignment]
-
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    residuals: dict[str, Residual]  # key -> (flat indices, original values)
 
 
 class MultiLoraModel:
@@ -269,7 +112,7 @@ class MultiLoraModel:
         self.dtype = first.dtype
         self.pool = AdapterPool(budget_bytes=memory_budget_bytes, device=device, dtype=self.dtype,
                                 loader=self._reload, max_plans=max_plans)
-        self._current = _Current()
+        self._current = CurrentPlan()
         self._lock = threading.RLock()
         self._wrapped: dict[str, RuntimeLinear] = {}
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
@@ -280,7 +123,7 @@ class MultiLoraModel:
         if target_modules is not None:
             keys = find_targets(base_model, LoraConfig(target_modules=target_modules))
             modules = dict(base_model.named_modules())
-            shapes = {k: _in_out(modules[k]) for k in keys}
+            shapes = {k: wrappable_features(modules[k]) for k in keys}
             for k in keys:
                 self._wrap(k, modules[k], shapes[k])
 
@@ -397,7 +240,7 @@ class MultiLoraModel:
         for k in new:  # check everything before changing the model
             if k not in modules:
                 raise TargetNotFoundError(f"adapter {name!r} targets module {k!r}, which this base does not have")
-            shapes[k] = _in_out(modules[k])
+            shapes[k] = wrappable_features(modules[k])
             A, B = tensors[k]
             if (A.shape[1], B.shape[0]) != shapes[k]:
                 raise ShapeMismatchError(
@@ -431,7 +274,7 @@ class MultiLoraModel:
         if isinstance(base, QuantLinear):
             return base.quantized_weight().dequantize(torch.float32)  # merging into a quantized base is refused
         w = self._restored(key) if self._merged is not None and key in self._merged.residuals else self._weight(key)
-        return w.T if _is_conv1d(base) else w
+        return out_in(w, weight_layout(base))
 
     def _reload(self, name: str, content_hash: str) -> LayerTensors:
         """The pool's loader: re-read an evicted adapter from its directory, refusing a changed file."""
@@ -499,7 +342,7 @@ class MultiLoraModel:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
                 for k, _ in layers:
                     base = self._wrapped[k].base_layer
-                    if not (isinstance(base, nn.Linear) or _is_conv1d(base)):
+                    if not (isinstance(base, nn.Linear) or weight_layout(base) == "in_out"):
                         raise UnsupportedFeatureError(
                             f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
                             "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"
@@ -527,13 +370,10 @@ class MultiLoraModel:
     def _restored(self, key: str) -> torch.Tensor:
         """The weight of `key` (storage layout) with the merged adapter taken out exactly (W' - dW + residual)."""
         m = self._merged
-        idx, values = m.residuals[key]
         A, B, scale = self.pool.tensors(m.lease.slot, key)
         w = self._weight(key)
         d = self._delta(key, A, B, scale, w)
-        restored = (w.to(d.dtype) - d).to(w.dtype)
-        restored.view(-1)[idx] = values
-        return restored
+        return exact_restore(w, lambda t: t - d, m.residuals[key])
 
     def _weight(self, key: str) -> torch.Tensor:
         return self._wrapped[key].base_layer.weight.data
@@ -542,15 +382,12 @@ class MultiLoraModel:
         """scale * B @ A in the layout of weight `w` (Conv1D stores (in, out)), in float32 or wider."""
         compute = torch.promote_types(w.dtype, torch.float32)
         d = delta_weight(A.to(compute), B.to(compute), scale)  # (out, in)
-        return d.T if _is_conv1d(self._wrapped[key].base_layer) else d
+        return out_in(d, weight_layout(self._wrapped[key].base_layer))
 
-    def _add_delta(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _add_delta(self, key: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> Residual:
         """W <- W + dW; returns the (flat index, original value) pairs that W' - dW would not give back."""
         w = self._weight(key)
         d = self._delta(key, A, B, scale, w)
-        merged = (w.to(d.dtype) + d).to(w.dtype)
-        back = (merged.to(d.dtype) - d).to(w.dtype)
-        idx = (back != w).view(-1).nonzero().squeeze(1)
-        values = w.view(-1)[idx].clone()
+        merged, _, residual = exact_merge(w, lambda t: t + d, lambda t: t - d)
         w.copy_(merged)
-        return idx, values
+        return residual

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from ..errors import AdapterFileError, AdapterNotFoundError
 from ..inject import check_name
-from ..store import CONFIG_NAME, AdapterFile, PathLike, atomic_directory, read_adapter
+from ..outputs import atomic_directory
+from ..store import CONFIG_NAME, AdapterFile, PathLike, read_adapter
 
 
 class AdapterStore:

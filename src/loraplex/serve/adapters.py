@@ -52,8 +52,8 @@ from ..runtime.rescale import dora_rescales
 from ..identity import check_base
 from ..inject import check_name
 from ..runtime import AdapterPool
-from ..store import (CONFIG_NAME, WEIGHTS_NAME, AdapterFile, atomic_directory, lora_modules, read_adapter, unread_keys,
-                     validate_adapter)
+from ..outputs import atomic_directory
+from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, lora_modules, read_adapter, unread_keys, validate_adapter
 from .metrics import Metrics
 
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")

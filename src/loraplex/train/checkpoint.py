@@ -10,7 +10,7 @@ Layout (every file written inside a temporary directory that replaces DIR/checkp
       adapters/<name>/      each adapter as a normal adapter directory (usable on its own)
 
 A crash while a checkpoint is written leaves the previous one in place: the new one is built beside it
-and swapped in by store.atomic_directory, which renames the old one to `.checkpoint.old-<id>` for the
+and swapped in by outputs.atomic_directory, which renames the old one to `.checkpoint.old-<id>` for the
 instant between its two renames; `find_checkpoint` falls back to that name, so even a kill inside that
 window resumes from the previous checkpoint.
 """
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from ..store import atomic_directory, save_adapter, write_json
+from ..outputs import atomic_directory, write_json
+from ..store import save_adapter
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..extras import require
-from ..store import write_png
+from ..outputs import write_png
 
 
 def plot_losses(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str], *, title: str = "",

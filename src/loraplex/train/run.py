@@ -32,7 +32,8 @@ from ..identity import base_fingerprint
 from ..inject import find_targets, freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
-from ..store import check_output, load_adapter, load_residual_state, save_adapter, write_json
+from ..outputs import check_output, write_json
+from ..store import load_adapter, load_residual_state, save_adapter
 from . import checkpoint as ckpt_mod
 from . import fsdp
 from .data import Examples, split, tokenize
@@ -95,7 +96,7 @@ def rank_memory(device: torch.device) -> dict[str, Optional[int]]:
 
 
 def _prepare_out(config: TrainConfig, is_main: bool) -> None:
-    """The overwrite rule (store.check_output) for a run's folder: new or empty, --overwrite, or --resume of an
+    """The overwrite rule (outputs.check_output) for a run's folder: new or empty, --overwrite, or --resume of an
     earlier run there; never a file, the base or a data file. --overwrite removes only what an earlier run wrote
     (metrics, checkpoint, summary); the adapter files are replaced when the new ones are complete."""
     out = config.out

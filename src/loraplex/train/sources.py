@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import yaml
 
 from ..errors import DataError
-from ..store import atomic_file
+from ..outputs import atomic_file
 
 ROLES = ("system", "user", "assistant")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's `fortunes` package puts its files
@@ -129,7 +129,7 @@ def load_records(source: str, *, skip_bad: bool = False) -> RecordSet:
 
 
 def write_jsonl(records: Iterable[Record], path: str | os.PathLike[str], *, overwrite: bool = False) -> int:
-    """Write records as JSONL (UTF-8, one object per line) atomically (store.atomic_file: an existing file is
+    """Write records as JSONL (UTF-8, one object per line) atomically (outputs.atomic_file: an existing file is
     replaced only with `overwrite`); returns how many were written."""
     n = 0
     with atomic_file(path, overwrite=overwrite) as tmp:

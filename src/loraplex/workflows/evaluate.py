@@ -82,7 +82,7 @@ def _folder(path: Path) -> dict[str, Path]:
     if (path / CONFIG_NAME).is_file():
         return {_name_of(path): path}
     subs = (sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / CONFIG_NAME).is_file())
-            if path.is_dir() else [])  # hidden entries are writers' temporaries (store.atomic_directory)
+            if path.is_dir() else [])  # hidden entries are writers' temporaries (outputs.atomic_directory)
     if not subs:
         raise AdapterFileError(f"{str(path)!r} is neither an adapter directory (with {CONFIG_NAME}) nor a folder of "
                                "adapter directories; give adapter directories, or NAME=DIR pairs")

@@ -19,7 +19,8 @@ from .. import __version__
 from ..errors import ConfigError
 from ..inject import eject
 from ..merge import merge
-from ..store import AdapterFile, atomic_directory, check_output, load_adapter, read_adapter, write_json
+from ..outputs import atomic_directory, check_output, write_json
+from ..store import AdapterFile, load_adapter, read_adapter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PathLike = Union[str, os.PathLike]

@@ -34,13 +34,13 @@ from .. import __version__
 from ..config import LoraConfig
 from ..errors import (BaseMismatchError, ConfigError, NonFiniteError, ShapeMismatchError, TargetNotFoundError,
                      UnsupportedModuleError)
-from ..functional import delta_weight
+from ..functional import Conv1D, delta_weight, out_in, weight_layout
 from ..identity import base_fingerprint, content_hash
 from ..inject import find_targets
-from ..layers import Conv1D
 from ..models import base_name
 from ..report import format_table
-from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, atomic_directory, factor_keys, write_json
+from ..outputs import atomic_directory, write_json
+from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, factor_keys
 
 PathLike = Union[str, os.PathLike]
 COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back
@@ -112,7 +112,7 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
         if not bool(delta.any()):
             report.unchanged.append(key)
             continue
-        conv1d = conv1d or (Conv1D is not None and isinstance(module, Conv1D))
+        conv1d = conv1d or (kind == "linear" and weight_layout(module) == "in_out")
         a, b, err = best_low_rank(delta.flatten(1), rank, energy)  # (r, in'), (out, r)
         r = a.shape[0]
         dtype = torch.promote_types(module.weight.dtype, torch.float32)
@@ -158,10 +158,8 @@ def _delta(key: str, base: nn.Module, ft: nn.Module) -> tuple[str, torch.Tensor]
     if w0.shape != w1.shape:
         raise ShapeMismatchError(f"{key!r}: base weight {tuple(w0.shape)} vs fine-tuned {tuple(w1.shape)}")
     d = w1 - w0
-    if isinstance(base, nn.Linear):
-        return "linear", d
-    if Conv1D is not None and isinstance(base, Conv1D):
-        return "linear", d.T
+    if isinstance(base, nn.Linear) or (Conv1D is not None and isinstance(base, Conv1D)):
+        return "linear", out_in(d, weight_layout(base))
     if isinstance(base, nn.Embedding):
         return "embedding", d.T
     if isinstance(base, (nn.Conv1d, nn.Conv2d)) and base.groups == 1:
@@ -213,7 +211,7 @@ def write_adapter(af: AdapterFile, out_dir: PathLike, record_name: str, record: 
                   overwrite: bool = False, inputs: Sequence[PathLike] = ()) -> Path:
     """Write `af` in PEFT's layout, atomically, with loraplex's metadata (version, content hash, base
     fingerprint, and `record` under 'loraplex.<record_name>') and `record` again as loraplex_<record_name>.json.
-    An existing non-empty `out_dir` is replaced only with `overwrite`, one of `inputs` never (store.check_output)."""
+    An existing non-empty `out_dir` is replaced only with `overwrite`, one of `inputs` never (outputs.check_output)."""
     meta = {"format": "pt", "loraplex.version": __version__, "loraplex.content_hash": af.content_hash,
             f"loraplex.{record_name}": json.dumps({k: v for k, v in record.items() if k != "modules"}, default=str)}
     if af.base_fingerprint:

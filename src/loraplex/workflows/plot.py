@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..extras import require
-from ..store import write_png
+from ..outputs import write_png
 from .results import BASE, METRICS, EvalResult
 
 

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 from ..errors import ConfigError
 from ..report import format_table
-from ..store import write_json
+from ..outputs import write_json
 
 METRICS = {"loss": "lower", "perplexity": "lower", "accuracy": "higher", "exact_match": "higher"}  # better is
 DEFAULT_METRICS = tuple(METRICS)
