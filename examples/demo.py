@@ -127,11 +127,11 @@ def leaderboard_and_promote(model, tok, adapters: dict[str, Path], out: Path) ->
     result = evaluate(model, tok, adapters, f"chatterbot:{domain}", metrics=("loss", "perplexity", "accuracy"),
                       max_length=MAX_LENGTH, eval_split=0.1, seed=0, progress=True)
     print(result.table())
-    result.save(out / "eval.json")
-    print(f"  wrote {out / 'eval.json'} and {plot_results(result, out / 'eval.png')}")
+    result.save(out / "eval.json", overwrite=True)  # the demo's own folder: a re-run replaces its outputs
+    print(f"  wrote {out / 'eval.json'} and {plot_results(result, out / 'eval.png', overwrite=True)}")
     best = result.best()
     step(f"7. promote the best adapter ('{best}'): merge, verify parity, write a deployable directory")
-    report = promote(best, model, adapters, out / "deploy", eval_results=result)
+    report = promote(best, model, adapters, out / "deploy", eval_results=result, overwrite=True)
     print(f"  {out / 'deploy'}: parity {report.parity['status']} (max |delta logit| "
           f"{report.parity['max_abs']:.1e}); model card: {out / 'deploy' / CARD_NAME}")
     return report.passed
