@@ -572,3 +572,15 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_base, data, tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k not in strip}
                 for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert rows(killed) == rows(whole)
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_out(data, tmp_path):
+    """`train` with a base that does not exist fails before writing anything: the --out folder it created is
+    removed again, while a folder the user made stays."""
+    out = tmp_path / "new"
+    assert main(["train", "--base", str(tmp_path / "missing"), "--data", str(data["a"]), "--out", str(out)]) == 1
+    assert not out.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert main(["train", "--base", str(tmp_path / "missing"), "--data", str(data["a"]), "--out", str(mine)]) == 1
+    assert mine.is_dir()

@@ -95,10 +95,11 @@ def rank_memory(device: torch.device) -> dict[str, Optional[int]]:
     return {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss, "peak_cuda_bytes": cuda}
 
 
-def _prepare_out(config: TrainConfig, is_main: bool) -> None:
+def _prepare_out(config: TrainConfig, is_main: bool) -> bool:
     """The overwrite rule (outputs.check_output) for a run's folder: new or empty, --overwrite, or --resume of an
     earlier run there; never a file, the base or a data file. --overwrite removes only what an earlier run wrote
-    (metrics, checkpoint, summary); the adapter files are replaced when the new ones are complete."""
+    (metrics, checkpoint, summary); the adapter files are replaced when the new ones are complete. Returns
+    whether this call created OUT."""
     out = config.out
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; train writes a directory: choose another path")
@@ -109,6 +110,7 @@ def _prepare_out(config: TrainConfig, is_main: bool) -> None:
     except OutputExistsError as exc:
         raise OutputExistsError(f"{exc}. For train: --resume continues an earlier run there, --overwrite starts "
                                 "over") from None
+    created = is_main and not out.exists()
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,7 @@ def _prepare_out(config: TrainConfig, is_main: bool) -> None:
         if config.overwrite and not config.resume:
             for p in earlier:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return created
 
 
 def _check_rank(model: torch.nn.Module, lora: LoraConfig) -> None:
@@ -171,7 +174,16 @@ def _train(config: TrainConfig, info) -> TrainResult:
     if config.fsdp and not info.enabled:
         raise ConfigError("--fsdp shards the model over the processes of a torchrun job, got one process; launch "
                           "with `torchrun --nproc-per-node N -m loraplex train --fsdp ...` (N >= 2) or drop --fsdp")
-    _prepare_out(config, info.is_main)
+    created = _prepare_out(config, info.is_main)
+    try:
+        return _run(config, info)
+    except BaseException:  # a run that fails before writing anything leaves no empty OUT it made behind
+        if created and config.out.is_dir() and not any(config.out.iterdir()):
+            config.out.rmdir()
+        raise
+
+
+def _run(config: TrainConfig, info) -> TrainResult:
     barrier(info)
     model, tokenizer = load_base(config.base, num_layers=config.num_layers)
     if tokenizer is None:
