@@ -379,6 +379,7 @@ def _finetuned(rank=3, seed=9):
 def test_extract_recovers_a_planted_update_and_reports_the_error():
     ft, planted = _finetuned(rank=3)
     adapter, rep = extract_lora(tiny_llama(seed=0), ft, rank=3)
+    assert adapter.config.task_type == "CAUSAL_LM"  # as save_adapter writes: PEFT's AutoPeftModel needs it
     assert sorted(r.module for r in rep.modules) == sorted(planted)  # the unchanged linears are left out
     assert rep.max_error < 1e-4 and "model.norm.weight" in rep.not_captured
     assert all(m.rank == 3 for m in rep.modules)

@@ -138,12 +138,12 @@ def peft_config_dict(config: LoraConfig, model: nn.Module, base_name: Optional[s
     if base:
         local = base not in NAMES and Path(base).is_dir()  # load_base reads a name before a same-named directory
         cfg["base_model_name_or_path"] = str(Path(base).resolve()) if local else canonical_base_id(base)
-    if cfg["task_type"] is None and _is_causal_lm(model):
+    if cfg["task_type"] is None and is_causal_lm(model):
         cfg["task_type"] = "CAUSAL_LM"
     return cfg
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
+def is_causal_lm(model: nn.Module) -> bool:
     """Is `model` of a class transformers' AutoModelForCausalLM builds (e.g. LlamaForCausalLM, GPT2LMHeadModel)?"""
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

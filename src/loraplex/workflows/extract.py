@@ -40,7 +40,7 @@ from ..inject import find_targets
 from ..models import base_name
 from ..report import format_table
 from ..outputs import atomic_directory, write_json
-from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, factor_keys
+from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, factor_keys, is_causal_lm
 
 PathLike = Union[str, os.PathLike]
 COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back
@@ -128,7 +128,8 @@ def extract_lora(base_model: nn.Module, finetuned_model: nn.Module, *, rank: Opt
     ft_params = dict(finetuned_model.named_parameters())
     report.not_captured = [n for n, p in base_model.named_parameters()
                            if n not in targeted and n in ft_params and not torch.equal(p, ft_params[n])]
-    config = adapter_config(ranks, fan_in_fan_out=conv1d, base_model_name_or_path=base_name(base_model))
+    config = adapter_config(ranks, fan_in_fan_out=conv1d, base_model_name_or_path=base_name(base_model),
+                            task_type="CAUSAL_LM" if is_causal_lm(base_model) else None)  # as save_adapter writes
     return new_adapter(config, tensors, fingerprint, "<extracted>"), report
 
 
