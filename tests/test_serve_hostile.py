@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from serve_helpers import LoopbackServer, make_adapter, rewrite_adapter
 from test_serve_engine import GREEDY, build
-from test_serve_http import ADMIN, KEY, _is_error, http_client, new_server, serving, zipped
+from test_serve_http import ADMIN, KEY, _is_error, http, new_server, serving, zipped  # noqa: F401 (http: a fixture)
 
 from loraplex import cli, models
 from loraplex.errors import (
@@ -248,12 +248,6 @@ def test_broken_adapters_in_the_folder_are_skipped_and_reported(tmp_path):
 def served(tmp_path_factory, one_thread):
     with serving(tmp_path_factory.mktemp("adapters"), ["r1", "r2"]) as running:
         yield running
-
-
-@pytest.fixture
-def http(served):
-    with http_client(served[1].url) as c:
-        yield c
 
 
 def _post(http: httpx.Client, path: str, body: dict, **kw) -> httpx.Response:

@@ -53,12 +53,6 @@ def serving(folder: Path, names: list[str]) -> Iterator[tuple[Server, LoopbackSe
         loop.stop()
 
 
-@contextlib.contextmanager
-def http_client(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=30) as c:
-        yield c
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):
     with serving(tmp_path_factory.mktemp("adapters"), ["legal", "tone", "swap"]) as running:
@@ -72,7 +66,7 @@ def client(served):
 
 @pytest.fixture
 def http(served):
-    with http_client(served[1].url) as c:
+    with httpx.Client(base_url=served[1].url, timeout=30) as c:
         yield c
 
 

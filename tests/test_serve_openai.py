@@ -17,7 +17,8 @@ from reference_sampling import reference_distribution
 from serve_helpers import LoopbackServer
 from test_serve_engine import build
 from test_serve_hostile import NUMBERS
-from test_serve_http import ADMIN, IGNORE_EOS, http_client, serving
+# client and http are fixtures; here they run over this module's `served`
+from test_serve_http import ADMIN, IGNORE_EOS, client, http, serving  # noqa: F401
 
 from loraplex import cli, models
 from loraplex.errors import ConfigError
@@ -35,17 +36,6 @@ def served(tmp_path_factory, one_thread):
     folder = tmp_path_factory.mktemp("adapters")
     with serving(folder, ["legal", "tone"]) as (server, loop):
         yield server, loop, folder
-
-
-@pytest.fixture
-def client(served):
-    return openai.OpenAI(base_url=f"{served[1].url}/v1", api_key="anything", max_retries=0, timeout=30)
-
-
-@pytest.fixture
-def http(served):
-    with http_client(served[1].url) as c:
-        yield c
 
 
 def reference(folder, model: str):
