@@ -10,7 +10,7 @@ STAMP := $(VENV)/.loraplex-installed
 venv: $(STAMP)
 
 # Debian packages some parts use: `fortunes` (the fortunes:CATEGORY data source), `chromium` (the /ui
-# browser test) and `haproxy` (tests/test_scale_out.py). Best effort: installed with apt-get when running as
+# browser test) and `haproxy` (tests/serve/test_scale_out.py). Best effort: installed with apt-get when running as
 # root; otherwise (or offline) the tests that need them skip with a reason and the fortunes source says how
 # to install it.
 SYSPKGS := fortunes chromium haproxy
@@ -47,8 +47,8 @@ bench: $(STAMP)
 gpu-check:
 	$(PY) -c "import torch; assert torch.cuda.is_available(), 'make gpu-check: torch sees no CUDA device'; \
 	print('torch', torch.__version__, 'on', torch.cuda.get_device_name(0))"
-	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider -m gpu tests/test_devices.py
-	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k two_processes_equal_one_process
+	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider -m gpu tests/core/test_devices.py
+	PYTHONPATH=src $(PY) -m pytest -q -p no:cacheprovider tests/train/test_fsdp.py -k two_processes_equal_one_process
 	PYTHONPATH=src $(PY) bench/bench_gpu.py
 
 clean:

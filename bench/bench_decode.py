@@ -5,10 +5,10 @@ Batch 16 lanes at position 16 (prompts of 16 tokens prefilled once), random r=8 
 projections (row b uses adapter b % K; K = 0: no plan). Variants (all in one process, each with its own cache):
     unfused/aten     one GEMM per projection through F.linear (the reference decoder)
     fused/aten       q/k/v and gate/up as one GEMM each
-    unfused/onednn   oneDNN prepacked weights (serve/kernels.py)
+    unfused/onednn   oneDNN prepacked weights (runtime/kernels.py)
     fused/onednn     both (the default where oneDNN computes the dtype natively)
-    baseline         with --baseline FILE: CompactLlama from another llama.py (e.g. main's), run against this
-                     checkout's runtime (`git show main:src/loraplex/serve/llama.py > /tmp/llama_main.py`)
+    baseline         with --baseline FILE: CompactLlama from another decoder.py (e.g. main's), run against this
+                     checkout's runtime (`git show main:src/loraplex/runtime/decoder.py > /tmp/decoder_main.py`)
 Each repeat times `--steps` decode steps of every variant, the order rotating; printed: median ms per step,
 tokens/s (= batch / step time), and the median [min-max] over repeats of the paired ratio
 t(unfused/aten) / t(variant) (> 1: faster than the reference).
@@ -29,15 +29,15 @@ import torch
 from loraplex import models
 from loraplex.runtime import AdapterPool
 from loraplex.serve import CompactLlama
-from loraplex.serve.kernels import onednn_supports
+from loraplex.runtime.kernels import onednn_supports
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 REFERENCE = "unfused/aten"
 
 
 def load_baseline(path: str) -> type:
-    """CompactLlama from the llama.py at `path`, imported as a module of this checkout's loraplex.serve."""
-    spec = importlib.util.spec_from_file_location("loraplex.serve._bench_baseline", path)
+    """CompactLlama from the decoder.py at `path`, imported as a module of this checkout's loraplex.runtime."""
+    spec = importlib.util.spec_from_file_location("loraplex.runtime._bench_baseline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--adapters", default="0,1,16", help="comma-separated numbers of distinct adapters")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)}")
     p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all)")
-    p.add_argument("--baseline", help="another llama.py to time as variant 'baseline'")
+    p.add_argument("--baseline", help="another decoder.py to time as variant 'baseline'")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline) if args.baseline else None

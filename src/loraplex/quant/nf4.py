@@ -31,7 +31,7 @@ from .int8 import Int8Weight, check_float_weight, quantize_int8
 # The 16 NF4 values, in code order 0..15: the published constant of QLoRA (Dettmers et al., 2023,
 # Appendix E). They are the normalized quantiles of N(0, 1): with p = (1 - 1/30 + 1 - 1/32) / 2,
 # 8 positive quantiles ndtri(linspace(p, 1/2, 9)[:-1]), 7 negative ones -ndtri(linspace(p, 1/2, 8)[:-1])
-# and an exact 0, divided by the largest (tests/test_quant.py recomputes them this way).
+# and an exact 0, divided by the largest (tests/quant/test_quant.py recomputes them this way).
 NF4_CODEBOOK: tuple[float, ...] = (
     -1.0,
     -0.6961928009986877,

@@ -1,6 +1,6 @@
-"""Serving many adapters on one base over HTTP (OpenAI-compatible), with continuous batching.
+"""Serving many adapters on one base over HTTP (OpenAI-compatible), with continuous batching: HTTP, scheduling
+and metrics. The model it runs is runtime.decoder.CompactLlama (re-exported here).
 
-    llama.py     CompactLlama: the Llama-family forward with per-sequence KV cache lanes, LoRA via BatchPlan
     engine.py    Engine: scheduler (continuous batching, round-robin over adapters), limits, shutdown
     requests.py  SamplingParams (from runtime.generate), Result, TokenLogprob, Handle (a submitted request)
     text.py      tokenizers, chat prompts, incremental detokenizing
@@ -16,6 +16,6 @@ path of `loraplex serve` (cli/serve.py).
 
 from .engine import Engine, EngineConfig
 from .requests import Handle, Result, SamplingParams
-from .llama import CompactLlama, KVCache
+from ..runtime.decoder import CompactLlama, KVCache
 
 __all__ = ["CompactLlama", "Engine", "EngineConfig", "Handle", "KVCache", "Result", "SamplingParams"]

@@ -40,7 +40,7 @@ from . import errors, ui
 from .adapters import AdapterStore
 from .bodylimit import MAX_REQUEST_BYTES, BodyLimit
 from .engine import Engine, EngineConfig, Handle, Result, SamplingParams
-from .llama import CompactLlama
+from ..runtime.decoder import CompactLlama
 from .metrics import Metrics
 from .protocol import (
     ChatBody,

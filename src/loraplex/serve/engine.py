@@ -17,7 +17,7 @@ One `step()`:
   4. decode one token for every running request in one batch, rows with different adapters side by side,
      and retire the finished ones.
 Requests therefore join and leave the running batch at every step. Greedy output does not depend on what
-else runs in the batch (checked by tests/test_serve_engine.py).
+else runs in the batch (checked by tests/serve/test_serve_engine.py).
 
 A request never stops the engine: what can go wrong with one request fails that request alone, with a typed
 error: its adapter cannot be (re)loaded when it is admitted (files gone or changed after an eviction), or its
@@ -61,7 +61,7 @@ from ..errors import (
 from ..runtime import AdapterPool, Lease
 from ..runtime.generate import sample_next
 from .adapters import check_adapter_name
-from .llama import CompactLlama
+from ..runtime.decoder import CompactLlama
 from .metrics import Metrics
 from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob, token_logprobs
 from .text import Detokenizer, TextCodec, check_prompt

@@ -131,7 +131,7 @@ def test_exit_status_1_for_failures_2_for_usage(command, tmp_path, capsys):
 def test_no_progress_silences_every_bar(tmp_path, capsys):
     """train draws loraplex's own bar (forced with --progress) and transformers draws its weight-loading bar;
     --no-progress silences both, and the switch is undone when main returns."""
-    from test_train import make_tiny_base, write_data  # tiny Llama + character tokenizer
+    from train_helpers import make_tiny_base, write_data  # tiny Llama + character tokenizer
 
     tmp = tmp_path
     base, data = make_tiny_base(tmp / "base"), write_data(tmp / "data")["a"]

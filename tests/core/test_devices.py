@@ -2,7 +2,7 @@
 
 Parametrized over cpu, cuda and mps; an absent accelerator skips (`-m gpu` selects the CUDA cases: `make
 gpu-check`). Accelerator results are checked against the same run on the CPU (the reference), bf16 against
-fp32, within functional.TOLERANCES. Everything runs on the tiny random Llama of test_train.
+fp32, within functional.TOLERANCES. Everything runs on the tiny random Llama of train_helpers.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from loraplex.errors import DeviceError
 from loraplex.functional import tolerance
 from loraplex.train import TrainConfig, train
 
-from test_train import data, tensors, tiny_base  # noqa: F401  (fixtures)
+from train_helpers import data, tensors, tiny_base  # noqa: F401  (fixtures)
 
 HAS_MPS = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 

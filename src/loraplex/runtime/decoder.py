@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
-from ..runtime import BatchPlan
+from .ops import BatchPlan
 from .kernels import Projection, pick_kernel, projection
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
@@ -119,7 +119,7 @@ class CompactLlama:
     """Inference-only Llama-family forward over a transformers model's weights (see module docstring)."""
 
     def __init__(self, hf_model: nn.Module, *, fused: bool = True, kernel: str = "auto") -> None:
-        """fused: one GEMM for q/k/v and one for gate/up (see the module docstring); kernel: see serve.kernels."""
+        """fused: one GEMM for q/k/v and one for gate/up (see the module docstring); kernel: see runtime.kernels."""
         if not isinstance(fused, bool):
             raise ConfigError(f"fused must be a bool, got {fused!r}")
         config = hf_model.config

@@ -19,12 +19,11 @@ from loraplex.errors import ConfigError
 from loraplex.functional import tolerance
 from loraplex.train import TrainConfig, train
 
-from test_train import assert_same, data, subprocess_env, tensors, tiny_base  # noqa: F401  (fixtures)
-from test_train_distributed import TORCHRUN, flags
+from train_helpers import FSDP_SETTINGS as SETTINGS
+from train_helpers import assert_same, data, finish, subprocess_env, tensors, tiny_base  # noqa: F401  (fixtures)
+from train_helpers import TORCHRUN, flags
 
 # 18 + 12 training rows, global micro-batch 8: rank 1's slice is empty in some last batches of an epoch
-SETTINGS = dict(max_length=64, eval_split=0.25, lr=1e-2, max_steps=24, grad_accum=2, seed=3, dropout=0.0,
-                max_grad_norm=0.5, eval_every=12, device="cpu")  # gloo; one GPU cannot hold 2 ranks
 NAMES = ("a", "b")
 
 
@@ -33,16 +32,6 @@ def torchrun(tiny_base: Path, data: dict, out: Path, *extra: str) -> subprocess.
            "--base", str(tiny_base), "--out", str(out), "--batch-size", "4", "--data", str(data["a"]), "--data",
            str(data["b"]), "--out-per-data", "--save-every", "3", *flags(SETTINGS), *extra]
     return subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(run: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        stdout, stderr = run.communicate(timeout=timeout)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 0, stdout[-2000:] + stderr[-3000:]
-    return stdout
 
 
 def metrics(out: Path) -> list[dict]:

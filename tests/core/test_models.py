@@ -232,7 +232,7 @@ def test_load_base_by_model_id_from_the_hf_cache(hub_cache):
 def test_served_base_id_is_the_model_id_not_the_snapshot_hash(hub_cache):
     from loraplex.cli import build_parser
     from loraplex.cli.serve import build_server
-    from test_train import make_tiny_base  # tiny Llama + character tokenizer (serving needs one)
+    from train_helpers import make_tiny_base  # tiny Llama + character tokenizer (serving needs one)
 
     snapshot = cache_model(hub_cache, "acme/tiny-chat", make_tiny_base(hub_cache.parent / "base"))
     for spec in ("acme/tiny-chat", str(snapshot)):
@@ -250,7 +250,7 @@ def test_model_id_missing_from_the_hf_cache_names_where_it_looked(hub_cache):
 
 def test_cli_base_by_model_id_offline(hub_cache):
     cache_model(hub_cache, "acme/tiny", tiny_llama(seed=4))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     run = subprocess.run([sys.executable, "-m", "loraplex", "info", "acme/tiny", "--no-progress"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("base: acme/tiny  ("), run.stderr

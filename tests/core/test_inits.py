@@ -197,7 +197,7 @@ def test_residual_file_delta_equals_the_in_memory_update(fin, fout, data, init, 
 def test_train_with_init_flag_saves_what_peft_loads(init, tmp_path):
     """`loraplex train --init X`: the loss drops; the file (plain LoRA) gives the same logits in PEFT and loraplex
     on the untouched base."""
-    from test_train import make_tiny_base, write_data
+    from train_helpers import make_tiny_base, write_data
 
     from loraplex.cli import main
 
@@ -221,7 +221,7 @@ def test_train_pissa_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """A checkpoint holds the converted (rank-2r) file; resuming rebuilds the residual init and continues from
     A = A'[:r], B = B'[:, :r], ending bit-identical to an uninterrupted run."""
     from safetensors.torch import load_file
-    from test_train import crash_at_second_checkpoint_then_resume, make_tiny_base, write_data
+    from train_helpers import crash_at_second_checkpoint_then_resume, make_tiny_base, write_data
 
     from loraplex.store import WEIGHTS_NAME
 
@@ -275,9 +275,10 @@ def test_fsdp_pissa_equals_one_process(tmp_path):
     one-process run with the same global batch within fp32 tolerance."""
     import subprocess
 
-    from test_fsdp import SETTINGS, finish
-    from test_train import assert_same, make_tiny_base, subprocess_env, tensors, write_data
-    from test_train_distributed import TORCHRUN, flags
+    from train_helpers import FSDP_SETTINGS as SETTINGS
+    from train_helpers import finish
+    from train_helpers import assert_same, make_tiny_base, subprocess_env, tensors, write_data
+    from train_helpers import TORCHRUN, flags
 
     from loraplex.train import TrainConfig, train
 

@@ -14,7 +14,7 @@ import pytest
 from loraplex.errors import LoraplexError, MissingDependencyError
 from loraplex.extras import EXTRAS, require
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 OPTIONAL = sorted(m for modules in EXTRAS.values() for m in modules)  # fastapi, matplotlib, uvicorn
 SERVE_ONLY = {"loraplex.serve.app", "loraplex.serve.bodylimit", "loraplex.serve.errors",  # the HTTP layer itself
               "loraplex.serve.ui"}
@@ -52,7 +52,7 @@ print(json.dumps({{"imported": imported, "codes": codes,
 
 
 def test_core_api_and_commands_without_the_extras(tmp_path):
-    from test_train import make_tiny_base, write_data  # tiny Llama + character tokenizer
+    from train_helpers import make_tiny_base, write_data  # tiny Llama + character tokenizer
 
     base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")["a"]
     argv = {

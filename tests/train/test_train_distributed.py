@@ -6,9 +6,7 @@ rows, global micro-batch 8), and grad_accum=2 exercises DDP's no_sync."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +14,10 @@ import torch
 from loraplex.functional import tolerance
 from loraplex.train import TrainConfig, train
 
-from test_train import assert_same, data, subprocess_env, tensors, tiny_base  # noqa: F401  (fixtures)
+from train_helpers import TORCHRUN, assert_same, data, flags, subprocess_env, tensors, tiny_base  # noqa: F401  (fixtures)
 
-TORCHRUN = Path(shutil.which("torchrun") or Path(__import__("sys").executable).with_name("torchrun"))
 COMMON = dict(max_length=64, eval_split=0.25, lr=1e-2, epochs=2, grad_accum=2, seed=3, dropout=0.0, device="cpu",
               max_grad_norm=0.5)
-
-
-def flags(settings: dict) -> list[str]:
-    out = []
-    for k, v in settings.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
 
 
 @pytest.mark.parametrize("per_data", [False, True], ids=["one-adapter", "two-adapters-one-pass"])

@@ -17,7 +17,7 @@ from loraplex.errors import ConfigError, UnsupportedFeatureError
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool
 from loraplex.serve import CompactLlama
-from loraplex.serve.kernels import onednn_supports, pick_kernel, projection
+from loraplex.runtime.kernels import onednn_supports, pick_kernel, projection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -21,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import loraplex as lp
 from loraplex.cli import main
@@ -34,66 +33,8 @@ from loraplex.train.loop import INT_LIMIT, NUMERIC_FIELDS, head_logits
 from loraplex.train import checkpoint as ckpt_mod
 from loraplex.cli.train import parse_targets
 from loraplex.train.data import Example
-
-ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = "adapter_model.safetensors"
-
-
-# ---- fixtures: a tiny base directory with a tokenizer, and tiny JSONL data ---------------------------------
-
-def make_tiny_base(directory: Path) -> Path:
-    """tiny_llama(seed=0) (vocab 128) + a character-level tokenizer (printable ASCII, ids 4..98)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({chr(c): len(vocab) + i for i, c in enumerate(range(32, 127))})
-    core = Tokenizer(BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per character
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  unk_token="<unk>")
-    tiny_llama(seed=0).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return directory
-
-
-def write_data(directory: Path) -> dict[str, Path]:
-    """a.jsonl: 24 prompt/completion sums; b.jsonl: 16 short texts."""
-    directory.mkdir(parents=True, exist_ok=True)
-    a, b = directory / "a.jsonl", directory / "b.jsonl"
-    a.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "completion": f"= {2 * i + 1}"}) + "\n"
-                         for i in range(24)))
-    b.write_text("".join(json.dumps({"text": f"the {['cat', 'dog', 'owl', 'fox'][i % 4]} number {i} sat"}) + "\n"
-                         for i in range(16)))
-    return {"a": a, "b": b}
-
-
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    return make_tiny_base(tmp_path_factory.mktemp("tiny_base"))
-
-
-@pytest.fixture(scope="session")
-def data(tmp_path_factory) -> dict[str, Path]:
-    return write_data(tmp_path_factory.mktemp("data"))
-
-
-def config(base: Path, data_paths, out: Path, **kw) -> TrainConfig:
-    settings = dict(batch_size=4, max_length=64, eval_split=0.25, lr=1e-2, max_steps=6, seed=3, progress=False)
-    settings.update(kw)
-    return TrainConfig(base=str(base), data=[str(d) for d in data_paths], out=out, **settings)
-
-
-def tensors(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / WEIGHTS))
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
-    assert a.keys() == b.keys()
-    atol, rtol = (0.0, 0.0) if exact else tolerance(torch.float32)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
-
+from train_helpers import (WEIGHTS, assert_same, config, crash_at_second_checkpoint_then_resume, data,  # noqa: F401
+                           subprocess_env, tensors, tiny_base)  # data, tiny_base: fixtures
 
 # ---- pieces ------------------------------------------------------------------------------------------------
 
@@ -469,28 +410,6 @@ def test_out_dir_guard_and_resume_refuses_other_settings(tiny_base, data, tmp_pa
         train(config(tiny_base, [data["a"]], out, resume=True, lr=5e-3))
 
 
-def crash_at_second_checkpoint_then_resume(monkeypatch, base: Path, data_path: Path, tmp_path: Path, **kw):
-    """Train to the end in tmp_path/whole; then again in tmp_path/crashed with the second checkpoint dying half
-    written (a simulated full disk), checked to leave checkpoint #1 (step 2 for save_every=2) in place, and resume
-    it. Returns (uninterrupted result, resumed result)."""
-    whole = train(config(base, [data_path], tmp_path / "whole", **kw))
-    real_save, calls = torch.save, []
-
-    def failing_save(obj, path, *a, **k):
-        calls.append(path)
-        if len(calls) == 2:
-            raise OSError("disk full (simulated)")
-        return real_save(obj, path, *a, **k)
-
-    out = tmp_path / "crashed"
-    monkeypatch.setattr(ckpt_mod.torch, "save", failing_save)
-    with pytest.raises(OSError, match="simulated"):
-        train(config(base, [data_path], out, **kw))
-    monkeypatch.undo()
-    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == kw["save_every"]
-    return whole, train(config(base, [data_path], out, resume=True, **kw))
-
-
 def test_crash_during_checkpoint_keeps_the_previous_one(tiny_base, data, tmp_path, monkeypatch):
     """A failure while writing checkpoint #2, and a kill between atomic_directory's two renames, both leave
     checkpoint #1 usable; resuming from it ends where an uninterrupted run ends."""
@@ -535,10 +454,6 @@ def cli(tiny_base: Path, data: Path, out: Path, *extra: str) -> list[str]:
             str(out), "--batch-size", "4", "--max-length", "64", "--eval-split", "0.25", "--lr", "5e-3",
             "--dropout", "0.1", "--max-steps", "80", "--save-every", "10", "--eval-every", "40", "--seed", "5",
             *extra]
-
-
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_base, data, tmp_path):

@@ -22,7 +22,7 @@ from loraplex.serve.engine import EngineConfig  # noqa: E402
 
 from serve_helpers import LoopbackServer, make_adapter  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "examples" / "haproxy.cfg"
+CONFIG = Path(__file__).resolve().parents[2] / "examples" / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
 NAMES = ["a0", "a1", "a2", "a3", "a4", "a5"]
 

@@ -1,7 +1,7 @@
 """LoRA over a quantized base (quant/lora.py), the merge strategies, the comparison and the CLI.
 
 References are the obvious float computations: dequantize the base, then apply LoRA / quantize the merged
-float weight with the scheme's own quantizer (tests/test_quant.py checks those against element-wise loops).
+float weight with the scheme's own quantizer (tests/quant/test_quant.py checks those against element-wise loops).
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ def test_cli_train_quantize_nf4_adapter_reloads_with_the_reported_eval_loss(tmp_
     loaded onto a freshly NF4-quantized base, reproduces the run's eval loss, and the runtime serves it."""
     import json
 
-    from test_train import make_tiny_base, write_data  # the tiny Llama + character tokenizer of the train tests
+    from train_helpers import make_tiny_base, write_data  # the tiny Llama + character tokenizer of the train tests
 
     from loraplex.runtime import MultiLoraModel
     from loraplex.train import Batcher, load_records, row_losses_reference, split, tokenize

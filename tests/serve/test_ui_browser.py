@@ -110,7 +110,7 @@ def test_page_in_a_headless_browser(live):
         assert card, f"no card for {model}"
         pre = re.search(r"<pre>(.*?)</pre>", card.group(1), re.S)
         assert pre and html.unescape(pre.group(1)) == text, (model, pre and pre.group(1), text)
-    artifacts = Path(os.environ.get("LORAPLEX_ARTIFACTS", Path(__file__).resolve().parents[1] / "artifacts"))
+    artifacts = Path(os.environ.get("LORAPLEX_ARTIFACTS", Path(__file__).resolve().parents[2] / "artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "ui.png"
     shot.unlink(missing_ok=True)

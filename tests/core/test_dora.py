@@ -230,7 +230,7 @@ def test_train_dora_loss_drops_and_peft_loads_it(tmp_path, capsys):
     """`loraplex train --dora`: the held-out loss drops, the magnitudes train, and PEFT computes what loraplex
     computes with the saved adapter."""
     from loraplex.cli import main
-    from test_train import make_tiny_base, write_data
+    from train_helpers import make_tiny_base, write_data
 
     base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
     out = tmp_path / "run"
@@ -540,7 +540,7 @@ def test_train_dora_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
     """The magnitudes are part of the training state (optimizer moments included): a DoRA run that dies while
     writing its second checkpoint and resumes from the first ends bit-identical to an uninterrupted run."""
     from safetensors.torch import load_file
-    from test_train import crash_at_second_checkpoint_then_resume, make_tiny_base, write_data
+    from train_helpers import crash_at_second_checkpoint_then_resume, make_tiny_base, write_data
 
     base, data = make_tiny_base(tmp_path / "base"), write_data(tmp_path / "data")
     whole, resumed = crash_at_second_checkpoint_then_resume(monkeypatch, base, data["a"], tmp_path, use_dora=True,

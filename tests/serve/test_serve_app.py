@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import json, sys
 import loraplex.serve.app
