@@ -21,6 +21,7 @@ only) and count against the budget while the slot exists.
 
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
+What a slot holds and the checks on add/reload: `loraplex.runtime.slots`; the plan cache: `.plancache`.
 
 Example:
     pool = AdapterPool({"layers.0.q_proj": (512, 512)}, budget_bytes=64 << 20)
@@ -34,49 +35,18 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import (
-    AdapterFileError,
-    AdapterNotFoundError,
-    ConfigError,
-    LeaseError,
-    LoraplexError,
-    NonFiniteError,
-    PoolFullError,
-    ShapeMismatchError,
-    TargetNotFoundError,
-)
+from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
 from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
-
-LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
-Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
-
-
-@dataclass
-class _Entry:
-    name: str
-    content_hash: str
-    version: int
-    scales: dict[str, float]  # layer key -> scale
-    shapes: dict[str, tuple[int, int, int]]  # layer key -> (r, in, out)
-    fingerprint: dict[str, tuple[int, int]]  # layer key -> (hash(A), hash(B)) in the pool dtype
-    nbytes: int  # fast-tier bytes when resident
-    # stored per layer as (A (r, in), Bt (r, out)), both contiguous: B is kept transposed, the layout the
-    # batched matmuls read fastest; `tensors()` hands B back as the (out, r) view Bt.T
-    fast: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # None = evicted
-    slow: dict[str, tuple[torch.Tensor, torch.Tensor]] | None  # CPU copy (fast tier off-CPU, no loader)
-    refs: int = 0  # outstanding leases
-    retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
-    dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
-
+from .plancache import PlanCache
+from .slots import LayerTensors, Loader, SlotEntry, check_dora, check_tensors, fingerprint, reload, to_fast
 
 @dataclass(frozen=True)
 class Lease:
@@ -144,7 +114,7 @@ class AdapterPool:
         self.loader = loader
         self.max_plans = max_plans
         self._layers: dict[str, tuple[int, int]] = {}
-        self._entries: dict[int, _Entry] = {}  # slot -> entry
+        self._entries: dict[int, SlotEntry] = {}  # slot -> entry
         self._by_name: dict[str, int] = {}  # name -> current slot
         self._free: list[int] = []  # heap of freed slot indices, reused smallest first
         self._next_slot = 0
@@ -153,8 +123,7 @@ class AdapterPool:
         self._leases: dict[int, int] = {}  # outstanding lease id -> slot
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._resident_bytes = 0
-        self._plans: OrderedDict[tuple, BatchPlan] = OrderedDict()
-        self._views: dict[tuple, dict] = {}  # build_plan's memo: per single-slot assignment, its layer views
+        self._plans = PlanCache(max_plans)
         self._counts = dict(hits=0, misses=0, evictions=0, plan_builds=0, plan_hits=0)
         self._lock = threading.RLock()
         for key, (fin, fout) in (layers or {}).items():
@@ -173,7 +142,6 @@ class AdapterPool:
             if old is None:
                 self._layers[key] = shape
                 self._plans.clear()  # plans cover the layers registered when they were built
-                self._views.clear()
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
@@ -198,8 +166,8 @@ class AdapterPool:
             if cur is not None and self._entries[cur].content_hash == content_hash:
                 self._touch(cur)
                 return cur
-            shapes, scl = self._check(name, tensors, scales)
-            gc = self._check_dora(name, dora or {}, shapes)
+            shapes, scl = check_tensors(name, tensors, scales, self._layers)
+            gc = check_dora(name, dora or {}, shapes, dtype=self.dtype, device=self.device)
             nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
             dbytes = sum(t.numel() * t.element_size() for t in gc.values())
             old = self._entries[cur] if cur is not None else None
@@ -207,15 +175,15 @@ class AdapterPool:
             credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
             keep = frozenset([cur]) if credit else frozenset()
             self._make_room(max(0, nbytes + dbytes - credit), what=f"adapter {name!r}", keep=keep)
-            fast = self._to_fast(tensors)
+            fast = to_fast(tensors, dtype=self.dtype, device=self.device)
             slow = None
             if self.loader is None and self.device.type != "cpu":
                 pin = torch.cuda.is_available()
                 slow = {k: tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in pair)
                         for k, pair in fast.items()}
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
-            self._entries[slot] = _Entry(
-                name, content_hash, next(self._versions), scl, shapes, _fingerprint(fast), nbytes, fast, slow, dora=gc
+            self._entries[slot] = SlotEntry(
+                name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc
             )
             self._resident_bytes += nbytes + dbytes
             self._lru[slot] = None
@@ -288,11 +256,8 @@ class AdapterPool:
         rows = tuple(normalize_assignment(a) for a in assignments)
         key = (rows, strategy)
         with self._lock:
-            cached = self._plans.get(key)
-            if cached is not None and all(
-                s in self._entries and self._entries[s].version == v for s, v in cached.versions.items()
-            ):
-                self._plans.move_to_end(key)
+            cached = self._plans.get(key, lambda s: self._entries[s].version if s in self._entries else None)
+            if cached is not None:
                 self._counts["plan_hits"] += 1
                 for s in cached.versions:
                     self._touch(s)
@@ -302,13 +267,10 @@ class AdapterPool:
                 self._live(s)
             self._ensure_resident(slots)
             plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
-                              strategy=strategy, memo=self._views, rescale=self._rescale)
+                              strategy=strategy, memo=self._plans.views, rescale=self._rescale)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
-            if self.max_plans:
-                self._plans[key] = plan
-                while len(self._plans) > self.max_plans:
-                    self._plans.popitem(last=False)
+            self._plans.put(key, plan)
             return plan
 
     def tensors(self, slot: int, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
@@ -360,28 +322,13 @@ class AdapterPool:
         with self._lock:
             return bool(self._live(slot).dora)
 
-    def _check_dora(self, name: str, dora: Mapping[str, torch.Tensor],
-                    shapes: Mapping[str, tuple[int, int, int]]) -> dict[str, torch.Tensor]:
-        """Validated fast-tier copies of a DoRA adapter's {key: [g; c] (2, out)}."""
-        out = {}
-        for key, t in dora.items():
-            if key not in shapes:
-                raise ConfigError(f"adapter {name!r}: DoRA tensor for layer {key!r}, which has no lora_A/lora_B")
-            if tuple(t.shape) != (2, shapes[key][2]):
-                raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: DoRA [g; c] must be "
-                                         f"(2, {shapes[key][2]}), got {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
-                raise NonFiniteError(f"adapter {name!r} layer {key!r}: DoRA scale holds NaN/Inf")
-            out[key] = torch.empty(t.shape, dtype=self.dtype, device=self.device).copy_(t.detach())
-        return out
-
     def _slot_of(self, name: str) -> int:
         slot = self._by_name.get(name)
         if slot is None:
             raise AdapterNotFoundError(f"adapter {name!r} is not in the pool; loaded: {sorted(self._by_name)}")
         return slot
 
-    def _live(self, slot: int) -> _Entry:
+    def _live(self, slot: int) -> SlotEntry:
         e = self._entries.get(slot)
         if e is None:
             raise AdapterNotFoundError(
@@ -395,48 +342,6 @@ class AdapterPool:
 
     def _nbytes(self, r: int, fin: int, fout: int) -> int:
         return r * (fin + fout) * self.dtype.itemsize
-
-    def _check(
-        self, name: str, tensors: LayerTensors, scales: Mapping[str, float]
-    ) -> tuple[dict[str, tuple[int, int, int]], dict[str, float]]:
-        if not tensors:
-            raise ConfigError(f"adapter {name!r} has no tensors")
-        if set(scales) != set(tensors):
-            raise ConfigError(
-                f"adapter {name!r}: scales must have exactly the layer keys of tensors; "
-                f"missing {sorted(set(tensors) - set(scales))}, extra {sorted(set(scales) - set(tensors))}"
-            )
-        shapes, scl = {}, {}
-        for key, (A, B) in tensors.items():
-            if key not in self._layers:
-                raise TargetNotFoundError(
-                    f"adapter {name!r} targets layer {key!r}, which is not registered; "
-                    f"registered: {sorted(self._layers)[:8]}{'...' if len(self._layers) > 8 else ''}"
-                )
-            fin, fout = self._layers[key]
-            if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
-                raise ShapeMismatchError(
-                    f"adapter {name!r} layer {key!r}: expected lora_A (r, {fin}) and lora_B ({fout}, r), "
-                    f"got {tuple(A.shape)} and {tuple(B.shape)}"
-                )
-            if A.shape[0] == 0:
-                raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: rank must be >= 1, got 0")
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise NonFiniteError(f"adapter {name!r} layer {key!r}: lora_A or lora_B holds NaN/Inf")
-            s = float(scales[key])
-            if not math.isfinite(s):
-                raise NonFiniteError(f"adapter {name!r} layer {key!r}: scale must be finite, got {s}")
-            shapes[key], scl[key] = (A.shape[0], fin, fout), s
-        return shapes, scl
-
-    def _to_fast(self, tensors: LayerTensors) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Caller's {key: (A, B)} -> fast-tier {key: (A, Bt)}: always copies, so later changes to the
-        caller's tensors never reach the pool."""
-        def copy(t: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(t.shape, dtype=self.dtype, device=self.device)
-            return out.copy_(t.detach())
-
-        return {k: (copy(A), copy(B.T)) for k, (A, B) in tensors.items()}
 
     def _can_evict(self) -> bool:
         return self.loader is not None or self.device.type != "cpu"
@@ -468,19 +373,13 @@ class AdapterPool:
         self._resident_bytes -= e.nbytes
         del self._lru[slot]
         self._counts["evictions"] += 1
-        self._drop_plans(slot)  # cached plans may read its tensors: let the memory go
+        self._plans.drop(slot)  # cached plans may read its tensors: let the memory go
 
     def _prepare_views(self, slot: int) -> None:
         """Memoize the per-layer views of `slot` at weight 1 now, so its first plan (an adapter switch) does
         not build them."""
-        layer_views(self._get, ((slot, 1.0),), self._layers, dtype=self.dtype, device=self.device, memo=self._views)
-
-    def _drop_plans(self, slot: int) -> None:
-        """Forget cached plans and layer views that read `slot` (its content is going away)."""
-        for k in [k for k, p in self._plans.items() if slot in p.versions]:
-            del self._plans[k]
-        for k in [k for k in self._views if k[0][0] == slot]:
-            del self._views[k]
+        layer_views(self._get, ((slot, 1.0),), self._layers, dtype=self.dtype, device=self.device,
+                    memo=self._plans.views)
 
     def _ensure_resident(self, slots: Sequence[int]) -> None:
         keep = frozenset(slots)
@@ -492,27 +391,7 @@ class AdapterPool:
                 continue
             self._counts["misses"] += 1
             self._make_room(e.nbytes, what=f"reloading adapter {e.name!r}", keep=keep)
-            if e.slow is not None:
-                fast = {k: tuple(t.to(self.device, non_blocking=True) for t in pair) for k, pair in e.slow.items()}
-            else:
-                try:
-                    loaded = self.loader(e.name, e.content_hash)
-                except (LoraplexError, OSError, KeyError, ValueError) as err:  # the files are gone or changed
-                    raise AdapterFileError(f"reloading adapter {e.name!r} ({e.content_hash}) failed: {err}") from err
-                if set(loaded) != set(e.shapes):
-                    raise AdapterFileError(
-                        f"loader returned layers {sorted(loaded)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
-                    )
-                fast = self._to_fast(loaded)
-            got = {k: (tuple(A.shape), tuple(Bt.shape)) for k, (A, Bt) in fast.items()}
-            if got != {k: ((r, fin), (r, fout)) for k, (r, fin, fout) in e.shapes.items()} or (
-                _fingerprint(fast) != e.fingerprint
-            ):
-                raise AdapterFileError(
-                    f"reloaded adapter {e.name!r} does not match the content {e.content_hash} it was added with "
-                    "(the loader must return the tensors of that exact content hash, not the latest file)"
-                )
-            e.fast = fast
+            e.fast = reload(e, self.loader, dtype=self.dtype, device=self.device)
             self._resident_bytes += e.nbytes
             self._lru[slot] = None
             self._prepare_views(slot)
@@ -534,12 +413,5 @@ class AdapterPool:
             self._resident_bytes -= e.nbytes
             del self._lru[slot]
         heapq.heappush(self._free, slot)
-        self._drop_plans(slot)
+        self._plans.drop(slot)
 
-
-def _fingerprint(fast: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[int, int]]:
-    """Per layer, an xor-hash of A's and B's bits (as stored): a cheap check that a reload is the same."""
-    def h(t: torch.Tensor) -> int:
-        return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
-
-    return {k: (h(A), h(B)) for k, (A, B) in fast.items()}

@@ -1,12 +1,7 @@
 """The serving engine: continuous batching of requests that each name an adapter, the base, or a mix.
 
-A request's `model` is resolved once, when it is submitted, into (adapter name, weight) pairs:
-    "<base id>"              the base alone                  ()
-    "legal"                  one adapter                     (("legal", 1.0),)
-    "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
-Mix weights are finite numbers in [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT] (0 drops that adapter from the row).
-A DoRA adapter is served alone, at weight 1 (a mix including one is refused: 400, see runtime.rescale).
-Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
+A request's `model` is resolved once, when it is submitted, into (adapter name, weight) pairs (the base
+alone, one adapter, or a weighted mix "legal:0.7+tone:0.3": serve/modelspec.py). Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
 with even if they are replaced or removed meanwhile.
 
 One `step()`:
@@ -34,6 +29,9 @@ when nothing runs, when at least `admit_min` lanes are free, or when the oldest 
 
 `single_adapter=True` is the naive baseline for benchmarks: the batch holds one `model` value at a time
 (requests for other adapters wait until it empties), as a server that swaps one active adapter would.
+
+One request's state, its stop rules and how it ends (leases released, metrics, the Result) are
+serve/sequence.py `RequestState`; this module schedules.
 """
 
 from __future__ import annotations
@@ -43,40 +41,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import (
-    AdapterNotFoundError,
-    ConfigError,
-    LoraplexError,
-    NonFiniteError,
-    PoolFullError,
-    QueueFullError,
-    RequestTimeoutError,
-    ShuttingDownError,
-    UnsupportedFeatureError,
-)
+from ..errors import ConfigError, LoraplexError, NonFiniteError, PoolFullError, QueueFullError, ShuttingDownError
 from ..runtime import AdapterPool, Lease
-from ..runtime.generate import sample_next
-from .adapters import check_adapter_name
 from ..runtime.decoder import CompactLlama
 from .metrics import Metrics
+from .modelspec import Mix, check_dora_alone, model_key, parse_model
 from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob, token_logprobs
+from .sequence import RequestState, sample_tokens
 from .text import Detokenizer, TextCodec, check_prompt
 
-Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
-MAX_MIX_WEIGHT = 100.0  # |weight| bound in a mix: larger ones only overflow activations
-
-
-def _check_dora_alone(mix: Mix, dora: list[bool], spec: str) -> None:
-    """Refuse a mix that includes a DoRA adapter (dora[i]: whether mix[i] is one): DoRA rescales its row's
-    whole output, so it is served alone at weight 1."""
-    if any(dora) and (len(mix) > 1 or mix[0][1] != 1.0):
-        names = [n for (n, _), d in zip(mix, dora) if d]
-        raise UnsupportedFeatureError(f"model {spec!r} mixes DoRA adapter(s) {names}: a DoRA adapter rescales the "
-                                      "whole output of its row, so it is served alone (model='name', weight 1)")
 
 
 @dataclass
@@ -102,29 +79,6 @@ class EngineConfig:
             raise ConfigError(f"timeout_s must be > 0 or None, got {self.timeout_s!r}")
 
 
-@dataclass
-class _Seq:
-    handle: Handle
-    key: str  # the normalised model spec (fairness queue and metrics label)
-    mix: Mix
-    prompt: list[int]
-    params: SamplingParams
-    detok: Detokenizer
-    submitted: float
-    deadline: float
-    generator: torch.Generator | None
-    queued_step: int  # engine step count when submitted
-    gen: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per gen token when params.logprobs is set
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    cumulative_logprob: float = 0.0
-    last_token: float = 0.0  # time.monotonic() of the last generated token
-    leases: list[Lease] = field(default_factory=list)
-    assignment: tuple[tuple[int, float], ...] = ()
-    lane: int = -1
-    finished: bool = False
-
-
 class Engine:
     """Continuous-batching generation over a CompactLlama and an AdapterPool (see the module docstring)."""
 
@@ -143,10 +97,10 @@ class Engine:
         self.context = need
         self.cache = model.new_cache(max_lanes=self.config.max_batch, max_len=need)
         self._cond = threading.Condition()
-        self._waiting: dict[str, deque[_Seq]] = {}  # model key -> its queue, in arrival order
+        self._waiting: dict[str, deque[RequestState]] = {}  # model key -> its queue, in arrival order
         self._turns: deque[str] = deque()  # model keys with waiting requests, round-robin order
         self._n_waiting = 0
-        self.lanes: list[_Seq | None] = []  # batch row = KV cache lane; None = free (a dead row)
+        self.lanes: list[RequestState | None] = []  # batch row = KV cache lane; None = free (a dead row)
         self._layout: tuple = ()  # the assignments self._plan was built for, one per lane
         self._plan = None
         self._ids = 0
@@ -159,32 +113,8 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------------------
     def parse_model(self, spec: str) -> Mix:
-        """A request's `model` as (adapter, weight) pairs (see the module docstring); unknown names -> 404."""
-        if not isinstance(spec, str) or not spec:
-            raise ConfigError(f"model must be a non-empty string, got {spec!r}")
-        if spec in self.base_ids:
-            return ()
-        mix = []
-        for part in spec.split("+"):
-            name, sep, w = part.strip(" ").partition(":")  # spaces around parts are allowed, nothing else
-            name = name.strip(" ")
-            try:
-                weight = float(w) if sep else 1.0
-            except ValueError:
-                raise ConfigError(f"bad weight {w!r} in model {spec!r}; write 'name:0.7+other:0.3'") from None
-            if not (math.isfinite(weight) and abs(weight) <= MAX_MIX_WEIGHT):
-                raise ConfigError(f"weight of {name!r} in model {spec!r} must be a number in "
-                                  f"[-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}], got {w!r}")
-            if name in self.base_ids:
-                raise ConfigError(f"model {spec!r}: the base {name!r} cannot be part of a mix (its weight would "
-                                  "mean nothing); list adapters only")
-            check_adapter_name(name)
-            if name not in self.pool:
-                raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
-                                           f"({self.base_ids[0]!r}) nor a loaded adapter")
-            mix.append((name, weight))
-        _check_dora_alone(mix, [self.pool.is_dora(n) for n, _ in mix], spec)
-        return tuple(mix)
+        """A request's `model` as (adapter, weight) pairs (serve/modelspec.py); unknown names -> 404."""
+        return parse_model(spec, self.base_ids, self.pool)
 
     def submit(self, prompt: Sequence[int], model: str, params: SamplingParams | None = None, *,
                listener: Listener | None = None) -> Handle:
@@ -200,7 +130,7 @@ class Engine:
         if bad:
             raise ConfigError(f"logit_bias names token ids {bad[:5]} outside the vocabulary [0, {self.model.vocab})")
         mix = self.parse_model(model)
-        key = self.base_ids[0] if not mix else "+".join(f"{n}:{w:g}" if w != 1.0 else n for n, w in mix)
+        key = model_key(mix, self.base_ids[0])
         with self._cond:
             if not self.accepting or self.failed is not None:
                 raise ShuttingDownError("the server is shutting down and takes no new requests"
@@ -210,10 +140,10 @@ class Engine:
                                      f"{self.config.max_queue}); retry later")
             self._ids += 1
             now = time.monotonic()
-            seq = _Seq(Handle(self._ids, key, listener), key, mix, ids, params,
-                       Detokenizer(self.codec, params.stop, ids), now,
-                       now + self.config.timeout_s if self.config.timeout_s else math.inf,
-                       params.generator(self.model.device), self.steps)
+            seq = RequestState(Handle(self._ids, key, listener), key, mix, ids, params,
+                               Detokenizer(self.codec, params.stop, ids), now,
+                               now + self.config.timeout_s if self.config.timeout_s else math.inf,
+                               params.generator(self.model.device), self.steps)
             if key not in self._waiting:
                 self._waiting[key] = deque()
                 self._turns.append(key)
@@ -234,7 +164,7 @@ class Engine:
         return self._n_waiting
 
     @property
-    def running(self) -> list[_Seq]:
+    def running(self) -> list[RequestState]:
         return [s for s in self.lanes if s is not None]
 
     # ---- the step -----------------------------------------------------------------------------------------
@@ -259,30 +189,20 @@ class Engine:
                 for s in [s for s in q if s.handle.cancelled or now > s.deadline or self._abort]:
                     q.remove(s)
                     self._n_waiting -= 1
-                    self._end(s, now)
+                    s.drop(self.metrics, shutdown=self._abort, timeout_s=self.config.timeout_s)
                 if not q:
                     del self._waiting[key]
                     self._turns.remove(key)
         for s in self.running:
             if s.handle.cancelled or now > s.deadline or self._abort:
-                self._end(s, now)
+                s.drop(self.metrics, shutdown=self._abort, timeout_s=self.config.timeout_s)
         self._retire()
 
-    def _end(self, s: _Seq, now: float) -> None:
-        if self._abort:
-            self._finish(s, "error", ShuttingDownError("the server stopped before this request finished"))
-        elif s.handle.cancelled:
-            self._finish(s, "cancelled")
-        else:
-            self._finish(s, "error", RequestTimeoutError(
-                f"the request ran past its time limit of {self.config.timeout_s} s (--timeout); "
-                f"{len(s.gen)} tokens were generated"))
-
-    def _admit(self) -> list[_Seq]:
+    def _admit(self) -> list[RequestState]:
         free = [i for i, s in enumerate(self.lanes) if s is None]
         free += list(range(len(self.lanes), self.config.max_batch))
         running = self.config.max_batch - len(free)
-        new: list[_Seq] = []
+        new: list[RequestState] = []
         longest = 0
         with self._cond:
             if not self._turns or not free:
@@ -347,14 +267,14 @@ class Engine:
             for name, _ in mix:
                 leases.append(self.pool.acquire(name))
             dora = [self.pool.is_dora_slot(lease.slot) for lease in leases]
-            _check_dora_alone(mix, dora, "+".join(n for n, _ in mix))
+            check_dora_alone(mix, dora, "+".join(n for n, _ in mix))
         except LoraplexError:
             for lease in leases:
                 lease.release()
             raise
         return leases
 
-    def _prefill(self, new: list[_Seq]) -> None:
+    def _prefill(self, new: list[RequestState]) -> None:
         L = max(len(s.prompt) for s in new)
         ids = torch.zeros(len(new), L, dtype=torch.long)
         for i, s in enumerate(new):
@@ -392,7 +312,7 @@ class Engine:
         live = [i for i, s in enumerate(self.lanes) if s is not None]
         self._sample_and_accept([self.lanes[i] for i in live], logits[live])
 
-    def _sample_and_accept(self, rows: list[_Seq], logits: torch.Tensor) -> None:
+    def _sample_and_accept(self, rows: list[RequestState], logits: torch.Tensor) -> None:
         """logits (n, V) for `rows` -> one token each; then retire finished rows and compact the lanes.
         A row whose logits are not finite fails alone (NonFiniteError) and its KV lane is zeroed."""
         finite = torch.isfinite(logits).all(-1).tolist()  # (n,)
@@ -403,58 +323,17 @@ class Engine:
                 "adapter weights times the mix weights overflow); lower the mix weights or check the adapter"))
         keep = [i for i, ok in enumerate(finite) if ok]
         live = [rows[i] for i in keep]
-        tokens = sample_next(logits[keep], [s.params for s in live], [s.generator for s in live],
-                             [(s.prompt, s.gen) for s in live]).tolist()
-        want = [j for j, s in enumerate(live) if s.params.logprobs is not None]
-        entries: list[TokenLogprob | None] = [None] * len(live)
-        if want:
-            got = token_logprobs(logits[keep][want], [tokens[j] for j in want],
-                                 [live[j].params.logprobs for j in want])
-            for j, e in zip(want, got):
-                entries[j] = e
-        for s, tok, e in zip(live, tokens, entries):
+        for s, (tok, e) in zip(live, sample_tokens(live, logits[keep])):
             self._accept(s, tok, e)
         self._retire()
 
-    def _accept(self, s: _Seq, token: int, logprob: TokenLogprob | None) -> None:
-        now = time.monotonic()
-        self.metrics.token(s.key, not s.gen, now - (s.last_token if s.gen else s.submitted))
-        s.last_token = now
-        s.gen.append(token)
-        if logprob is not None:
-            s.logprobs.append(logprob)
-            s.cumulative_logprob += logprob.logprob
-        if token in self.codec.eos_ids and not s.params.ignore_eos:
-            if logprob is not None:
-                s.handle._emit(("delta", "", token, logprob))
-            self._finish(s, "stop")
-            return
-        delta = s.detok.push(token)
-        if delta or logprob is not None:
-            s.handle._emit(("delta", delta, token, logprob))
-        if s.detok.stopped:
-            self._finish(s, "stop")
-        elif len(s.gen) >= s.params.max_tokens or len(s.prompt) + len(s.gen) >= self.context:
-            self._finish(s, "length")
+    def _accept(self, s: RequestState, token: int, logprob: TokenLogprob | None) -> None:
+        reason = s.accept(token, logprob, eos_ids=self.codec.eos_ids, context=self.context, metrics=self.metrics)
+        if reason is not None:
+            self._finish(s, reason)
 
-    def _finish(self, s: _Seq, reason: str, error: LoraplexError | None = None) -> None:
-        if s.finished:
-            return
-        s.finished = True
-        for lease in s.leases:
-            lease.release()
-        s.leases = []
-        if error is None:
-            tail = s.detok.flush()
-            if tail:
-                s.handle._emit(("delta", tail, None, None))
-        status = "ok" if error is None and reason != "cancelled" else ("cancelled" if error is None else "error")
-        self.metrics.request_done(s.key, status, len(s.prompt) if s.gen or s.prompt_logprobs else 0, len(s.gen),
-                                  time.monotonic() - s.submitted)
-        s.handle._emit(("done", Result(s.detok.text if error is None else "", list(s.gen), reason,
-                                       len(s.prompt), len(s.gen), error,
-                                       s.logprobs if s.params.logprobs is not None else None,
-                                       s.prompt_logprobs, s.cumulative_logprob)))
+    def _finish(self, s: RequestState, reason: str, error: LoraplexError | None = None) -> None:
+        s.finish(reason, self.metrics, error)
 
     def _retire(self) -> None:
         """Free the lanes of finished requests (the plan stays: their rows run dead until reused)."""

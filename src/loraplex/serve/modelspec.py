@@ -1,0 +1,64 @@
+"""A request's `model` field: the base alone, one adapter, or a weighted mix of adapters.
+
+Resolved once, when a request is submitted, into (adapter name, weight) pairs:
+    "<base id>"              the base alone                  ()
+    "legal"                  one adapter                     (("legal", 1.0),)
+    "legal:0.7+tone:0.3"     a weighted mix (no renormalising: y += 0.7 * LoRA_legal(x) + 0.3 * LoRA_tone(x))
+Mix weights are finite numbers in [-MAX_MIX_WEIGHT, MAX_MIX_WEIGHT] (0 drops that adapter from the row).
+A DoRA adapter is served alone, at weight 1 (a mix including one is refused: 400, see runtime.rescale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..errors import AdapterNotFoundError, ConfigError, UnsupportedFeatureError
+from ..runtime import AdapterPool
+from .adapters import check_adapter_name
+
+Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
+MAX_MIX_WEIGHT = 100.0  # |weight| bound in a mix: larger ones only overflow activations
+
+
+def check_dora_alone(mix: Mix, dora: list[bool], spec: str) -> None:
+    """Refuse a mix that includes a DoRA adapter (dora[i]: whether mix[i] is one): DoRA rescales its row's
+    whole output, so it is served alone at weight 1."""
+    if any(dora) and (len(mix) > 1 or mix[0][1] != 1.0):
+        names = [n for (n, _), d in zip(mix, dora) if d]
+        raise UnsupportedFeatureError(f"model {spec!r} mixes DoRA adapter(s) {names}: a DoRA adapter rescales the "
+                                      "whole output of its row, so it is served alone (model='name', weight 1)")
+
+
+def parse_model(spec: str, base_ids: Sequence[str], pool: AdapterPool) -> Mix:
+    """`spec` as (adapter, weight) pairs; base_ids: the names of the base alone; unknown names -> 404."""
+    if not isinstance(spec, str) or not spec:
+        raise ConfigError(f"model must be a non-empty string, got {spec!r}")
+    if spec in base_ids:
+        return ()
+    mix = []
+    for part in spec.split("+"):
+        name, sep, w = part.strip(" ").partition(":")  # spaces around parts are allowed, nothing else
+        name = name.strip(" ")
+        try:
+            weight = float(w) if sep else 1.0
+        except ValueError:
+            raise ConfigError(f"bad weight {w!r} in model {spec!r}; write 'name:0.7+other:0.3'") from None
+        if not (math.isfinite(weight) and abs(weight) <= MAX_MIX_WEIGHT):
+            raise ConfigError(f"weight of {name!r} in model {spec!r} must be a number in "
+                              f"[-{MAX_MIX_WEIGHT:g}, {MAX_MIX_WEIGHT:g}], got {w!r}")
+        if name in base_ids:
+            raise ConfigError(f"model {spec!r}: the base {name!r} cannot be part of a mix (its weight would "
+                              "mean nothing); list adapters only")
+        check_adapter_name(name)
+        if name not in pool:
+            raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
+                                       f"({base_ids[0]!r}) nor a loaded adapter")
+        mix.append((name, weight))
+    check_dora_alone(mix, [pool.is_dora(n) for n, _ in mix], spec)
+    return tuple(mix)
+
+
+def model_key(mix: Mix, base_id: str) -> str:
+    """The normalised spelling of `mix` (the fairness queue's key and the metrics label)."""
+    return base_id if not mix else "+".join(f"{n}:{w:g}" if w != 1.0 else n for n, w in mix)
