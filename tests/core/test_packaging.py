@@ -16,8 +16,8 @@ from loraplex.extras import EXTRAS, require
 
 ROOT = Path(__file__).parents[2]
 OPTIONAL = sorted(m for modules in EXTRAS.values() for m in modules)  # fastapi, matplotlib, uvicorn
-SERVE_ONLY = {"loraplex.serve.app", "loraplex.serve.bodylimit", "loraplex.serve.errors",  # the HTTP layer itself
-              "loraplex.serve.ui"}
+SERVE_ONLY = {"loraplex.serve.answers", "loraplex.serve.app", "loraplex.serve.bodylimit",  # the HTTP layer itself
+              "loraplex.serve.errors", "loraplex.serve.ui"}
 
 # Run with the optional modules absent (None in sys.modules: `import x` raises ImportError, find_spec is None).
 WITHOUT_EXTRAS = f"""

@@ -15,22 +15,21 @@ field `ignore_eos` (bool) keeps generating past end-of-sequence. Admin routes ne
 <--api-key>`; without --api-key they are disabled. Errors map to HTTP statuses in serve/errors.py only.
 A client that disconnects before its answer cancels the generation (it stops taking batch rows).
 Prompts are size-checked, then tokenized off the event loop (a huge prompt never delays other requests);
-bodies over 16 MiB are refused (413) before they are parsed (bodylimit.py).
+bodies over 16 MiB are refused (413) before they are parsed (bodylimit.py). How a completion's rows are
+submitted and answered (JSON or server-sent events) is answers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
-import uuid
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -38,24 +37,15 @@ from ..errors import AdapterNotFoundError, ConfigError, RequestTooLargeError, Un
 from ..runtime import AdapterPool
 from . import errors, ui
 from .adapters import AdapterStore
+from .answers import answer, encode_all
 from .bodylimit import MAX_REQUEST_BYTES, BodyLimit
-from .engine import Engine, EngineConfig, Handle, Result, SamplingParams
+from .engine import Engine, EngineConfig
 from ..runtime.decoder import CompactLlama
 from .metrics import Metrics
-from .protocol import (
-    ChatBody,
-    CompletionBody,
-    DetokenizeBody,
-    TokenizeBody,
-    chat_logprobs,
-    completion_logprobs,
-    refused,
-    usage,
-)
+from .protocol import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody, refused
 from .text import TextCodec
 
 BASE_ALIAS = "base"
-DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 
 
 class Server:
@@ -234,15 +224,15 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         params = [body.params(16, j) for j in range(body.rows())]
-        prompts = await asyncio.to_thread(_encode_all, server, body.prompts())
-        return await _serve(server, request, body, prompts, params, chat=False)
+        prompts = await asyncio.to_thread(encode_all, server, body.prompts())
+        return await answer(server, request, body, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request):
         params = [body.params(eng.config.max_new_tokens, j) for j in range(body.rows())]
         msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await asyncio.to_thread(server.codec.chat, msgs, eng.config.max_prompt_tokens)
-        return await _serve(server, request, body, [ids], params, chat=True)
+        return await answer(server, request, body, [ids], params, chat=True)
 
     return app
 
@@ -259,153 +249,6 @@ async def _read_limited(request: Request, limit: int) -> bytes:
             raise RequestTooLargeError(f"the body exceeds the limit of {limit} bytes (--max-upload-mb)")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _encode_all(server: Server, prompts: list) -> list[list[int]]:
-    return [server.codec.encode(p, server.engine.config.max_prompt_tokens) if isinstance(p, str) else list(p)
-            for p in prompts]
-
-
-def _submit_all(server: Server, prompts: list[list[int]], model: str, params: list[SamplingParams]
-                ) -> tuple[list[Handle], asyncio.Queue]:
-    """Submit len(params) rows per prompt (row k = prompt k // len(params), copy k % len(params)); the queue
-    gets (k, event) for each of their events. All or none: a refused row cancels the ones before it."""
-    if len(prompts) * len(params) > server.engine.config.max_queue:
-        raise RequestTooLargeError(f"{len(prompts)} prompts x {len(params)} answers = {len(prompts) * len(params)} "
-                                   f"rows; this server queues at most {server.engine.config.max_queue} (--queue-size)")
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def listener(k: int):
-        def put(event) -> None:  # called on the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (k, event))
-            except RuntimeError:  # the event loop is closed: nobody reads this request's events any more
-                pass
-        return put
-
-    handles: list[Handle] = []
-    try:
-        for ids in prompts:
-            for p in params:
-                handles.append(server.engine.submit(ids, model, p, listener=listener(len(handles))))
-    except BaseException:
-        for h in handles:
-            h.cancel()
-        raise
-    return handles, queue
-
-
-async def _serve(server: Server, request: Request, body: CompletionBody | ChatBody, prompts: list[list[int]],
-                 params: list[SamplingParams], *, chat: bool):
-    """Run one request's rows; a client that disconnects before the answer cancels them (streamed: at the
-    next chunk; not streamed: within DISCONNECT_POLL_S)."""
-    handles, queue = _submit_all(server, prompts, body.model, params)
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-    created = int(time.time())
-    if body.stream:
-        return StreamingResponse(_stream(server, handles, queue, rid, created, body, prompts, chat),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    results: list[Result | None] = [None] * len(handles)
-    try:
-        while any(r is None for r in results):  # the client is checked after every event and DISCONNECT_POLL_S
-            try:
-                k, event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
-                if event[0] == "done":
-                    results[k] = event[1]
-                    if event[1].error is not None:
-                        return errors.error_response(event[1].error)
-            except asyncio.TimeoutError:
-                pass
-            if await request.is_disconnected():
-                return Response(status_code=499)  # nobody reads it; the finally cancels the generation
-    finally:
-        for h in handles:
-            if not h.done:
-                h.cancel()
-    rows, n = len(params), body.n or 1
-    choices, generated = [], 0
-    for i, ids in enumerate(prompts):
-        group = results[i * rows:(i + 1) * rows]
-        if rows > n:  # best_of: the n answers of highest cumulative logprob
-            group = sorted(group, key=lambda r: -r.cumulative_logprob)[:n]
-        for j, res in enumerate(group):
-            generated += res.completion_tokens
-            choices.append(_choice(server, body, res, ids, i * n + j, chat))
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": body.model, "choices": choices,
-            "usage": usage(sum(len(ids) for ids in prompts), generated)}
-
-
-def _choice(server: Server, body, res: Result, ids: list[int], index: int, chat: bool) -> dict:
-    codec = server.codec
-    if chat:
-        return {"index": index, "message": {"role": "assistant", "content": res.text},
-                "logprobs": chat_logprobs(codec, res.logprobs) if body.logprobs else None,
-                "finish_reason": res.finish_reason}
-    lp = None
-    if body.logprobs is not None:
-        lp = completion_logprobs(codec, (ids if body.echo else []) + res.token_ids[: len(res.logprobs)],
-                                 (res.prompt_logprobs if body.echo else []) + res.logprobs)
-    text = codec.decode(ids) + res.text if body.echo else res.text
-    return {"index": index, "text": text, "finish_reason": res.finish_reason, "logprobs": lp}
-
-
-async def _stream(server: Server, handles: list[Handle], queue: asyncio.Queue, rid: str, created: int, body,
-                  prompts: list[list[int]], chat: bool):
-    """Server-sent events: every choice's chunks interleaved (each names its index), the finish chunk of
-    each, the usage chunk if asked, then [DONE]. An error in any row ends the stream with an error event."""
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    codec, rows = server.codec, len(handles) // len(prompts)
-    offsets = [0] * len(handles)  # characters streamed per choice (completions' text_offset)
-
-    def chunk(k: int, text: str | None, finish: str | None = None, lp=None, role: bool = False) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-            choice = {"index": k, "delta": delta, "logprobs": lp, "finish_reason": finish}
-        else:
-            choice = {"index": k, "text": text or "", "logprobs": lp, "finish_reason": finish}
-            offsets[k] += len(text or "")
-        return _sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [choice]})
-
-    try:
-        if chat:
-            for k in range(len(handles)):
-                yield chunk(k, None, role=True)
-        done, generated = 0, 0
-        while done < len(handles):
-            k, event = await queue.get()
-            if event[0] == "prompt":  # completions with echo: the prompt first
-                prompt = prompts[k // rows]
-                lp = completion_logprobs(codec, prompt, event[1], offsets[k]) if body.logprobs is not None else None
-                yield chunk(k, codec.decode(prompt), lp=lp)
-            elif event[0] == "delta":
-                text, entry = event[1], event[3]
-                lp = None
-                if entry is not None and chat and body.logprobs:
-                    lp = chat_logprobs(codec, [entry])
-                elif entry is not None and not chat and body.logprobs is not None:
-                    lp = completion_logprobs(codec, [entry.token], [entry], offsets[k])
-                yield chunk(k, text, lp=lp)
-            else:
-                res: Result = event[1]
-                if res.error is not None:
-                    yield _sse(errors.stream_error(res.error))
-                    return
-                done, generated = done + 1, generated + res.completion_tokens
-                yield chunk(k, None if chat else "", res.finish_reason)
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield _sse({"id": rid, "object": obj, "created": created, "model": body.model, "choices": [],
-                        "usage": usage(sum(len(ids) for ids in prompts), generated)})
-        yield "data: [DONE]\n\n"
-    finally:
-        for h in handles:
-            if not h.done:
-                h.cancel()
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 __all__ = ["BASE_ALIAS", "ChatBody", "CompletionBody", "Server", "create_app"]

@@ -1,8 +1,9 @@
 """The serving engine: continuous batching of requests that each name an adapter, the base, or a mix.
 
 A request's `model` is resolved once, when it is submitted, into (adapter name, weight) pairs (the base
-alone, one adapter, or a weighted mix "legal:0.7+tone:0.3": serve/modelspec.py). Its adapters are leased from the pool when it starts running, so it finishes on the versions it started
-with even if they are replaced or removed meanwhile.
+alone, one adapter, or a weighted mix "legal:0.7+tone:0.3": serve/modelspec.py). Its adapters are leased
+from the pool when it starts running, so it finishes on the versions it started with even if they are
+replaced or removed meanwhile.
 
 One `step()`:
   1. drop cancelled and timed-out requests (queued or running);
