@@ -473,7 +473,7 @@ def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
     """The compact decoder's engine: a DoRA adapter's logits equal PEFT's; continuous batching of DoRA, LoRA
     and base requests gives each its solo greedy tokens; a mix with DoRA is refused (400-type) at submit."""
     from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
-    from loraplex.serve.adapters import AdapterStore
+    from loraplex.serve.adapters import ServedAdapters
     from loraplex.serve.text import TextCodec
     from loraplex.runtime import AdapterPool
 
@@ -484,7 +484,7 @@ def test_server_serves_dora_rows_beside_lora_and_base_rows(tmp_path):
         hf = tiny_llama(seed=0)
         model = CompactLlama(hf)
         pool = AdapterPool(model.layer_shapes(), dtype=model.dtype)
-        store = AdapterStore(tmp_path, pool, hf, reserved={"base"})
+        store = ServedAdapters(tmp_path, pool, hf, reserved={"base"})
         store.load("dora"), store.load("plain")
         return Engine(model, pool, TextCodec.for_model(None, hf.config), base_ids=("base",),
                       config=EngineConfig(max_batch=4, max_prompt_tokens=32, max_new_tokens=16)), store

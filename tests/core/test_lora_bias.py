@@ -127,7 +127,7 @@ def test_runtime_and_server_refuse_what_has_no_row_wise_form_with_a_typed_error(
     """The multi-adapter runtime and the server apply (A, B, scale) of linear layers per row; a LoRA-B bias,
     embedding LoRA and modules_to_save copies have no slot there: refused (UnsupportedFeatureError), nothing kept."""
     from loraplex.runtime import MultiLoraModel
-    from loraplex.serve.adapters import pool_tensors
+    from loraplex.runtime.slots import pool_tensors
 
     model = tiny_llama(seed=1)
     lp.inject(model, lp.LoraConfig(r=2, init_lora_weights=False, **fields), "a")

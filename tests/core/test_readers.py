@@ -18,7 +18,7 @@ import loraplex as lp
 from loraplex import models, store
 from loraplex.errors import AdapterFileError, ShapeMismatchError
 from loraplex.runtime import MultiLoraModel
-from loraplex.serve.adapters import pool_tensors
+from loraplex.runtime.slots import pool_tensors
 from loraplex.workflows.combine import combine
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -16,7 +16,7 @@ from loraplex import models
 from loraplex.runtime import AdapterPool, MultiLoraModel
 from loraplex.runtime.generate import stop_ids
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
-from loraplex.serve.adapters import AdapterStore
+from loraplex.serve.adapters import ServedAdapters
 from loraplex.serve.text import TextCodec
 from loraplex.train.data import IGNORE_INDEX, Example
 from loraplex.workflows.evaluate import evaluate
@@ -50,7 +50,7 @@ def via_generate(model, tok, adapter_dir, **sampling) -> list[int]:
 def via_server(model, tok, adapter_dir, params: SamplingParams) -> list[int]:
     compact = CompactLlama(model)
     pool = AdapterPool(compact.layer_shapes(), dtype=compact.dtype)
-    store = AdapterStore(adapter_dir.parent, pool, model, reserved={"base"})
+    store = ServedAdapters(adapter_dir.parent, pool, model, reserved={"base"})
     store.load(adapter_dir.name)
     engine = Engine(compact, pool, TextCodec.for_model(tok, model), base_ids=("base",),
                     config=EngineConfig(max_prompt_tokens=32, max_new_tokens=N))

@@ -33,7 +33,7 @@ from loraplex.errors import (
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
-from loraplex.serve.adapters import AdapterStore
+from loraplex.serve.adapters import ServedAdapters
 from loraplex.serve.metrics import Metrics
 from loraplex.serve.text import Detokenizer, TextCodec
 
@@ -56,7 +56,7 @@ def build(tmp_path, names=(), *, budget=None, **cfg):
     model = CompactLlama(hf)
     pool = AdapterPool(model.layer_shapes(), budget_bytes=budget, dtype=model.dtype, max_plans=16)
     metrics = Metrics()
-    store = AdapterStore(tmp_path, pool, hf, reserved={"tiny-llama", "base"}, metrics=metrics)
+    store = ServedAdapters(tmp_path, pool, hf, reserved={"tiny-llama", "base"}, metrics=metrics)
     for n in names:
         store.load(n)
     config = EngineConfig(**{"max_batch": 4, "max_prompt_tokens": 48, "max_new_tokens": 32, **cfg})
@@ -158,7 +158,7 @@ def test_compact_equals_transformers_on_smollm2(tmp_path):
     lp.inject(hf, lp.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), "a", seed=3)
     lp.save_adapter(hf, "a", tmp_path / "a")
     pool = AdapterPool(model.layer_shapes())  # the compact model keeps the bare base weights it read
-    store = AdapterStore(tmp_path, pool, models.load_base("smollm2", num_layers=2)[0], reserved={"smollm2"})
+    store = ServedAdapters(tmp_path, pool, models.load_base("smollm2", num_layers=2)[0], reserved={"smollm2"})
     store.load("a")
     with torch.no_grad():
         ref = hf(ids).logits  # hf now runs base + adapter "a" on the fly

@@ -243,6 +243,16 @@ def test_broken_adapters_in_the_folder_are_skipped_and_reported(tmp_path):
         loop.stop()
 
 
+def test_hidden_entries_in_the_folder_are_neither_served_nor_reported(tmp_path):
+    """A hidden entry (an atomic write's temporary, an upload being unpacked) is not an adapter: the folder
+    rule is runtime.AdapterStore's, so start-up neither loads it nor reports it as skipped."""
+    make_adapter(tmp_path / "good", seed=1)
+    shutil.copytree(tmp_path / "good", tmp_path / ".good.tmp-123-abcd")  # what an interrupted writer leaves
+    server = new_server(tmp_path)
+    assert server.store.load_all() == (["good"], {})
+    assert server.store.available() == ["good"]
+
+
 # ---- HTTP: uploads, names, text, sizes ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, one_thread):

@@ -1,5 +1,6 @@
 """What one `AdapterPool` slot holds, the checks an adapter passes to get one, and how it comes back.
 
+`pool_tensors` turns an adapter file (decoded by `store.lora_modules`) into what `AdapterPool.add` takes.
 A slot holds one version of one adapter (`SlotEntry`): per layer (A (r, in), Bt (r, out)) in the pool's
 dtype and device, its scales, a fingerprint of the stored bits, and (DoRA) [g; c] (2, out) per layer.
 `check_tensors` / `check_dora` refuse what the pool cannot serve (unknown layer, wrong shape, rank 0,
@@ -23,7 +24,9 @@ from ..errors import (
     NonFiniteError,
     ShapeMismatchError,
     TargetNotFoundError,
+    UnsupportedFeatureError,
 )
+from ..store import AdapterFile, lora_modules, unread_keys
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
 Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
@@ -46,6 +49,29 @@ class SlotEntry:
     refs: int = 0  # outstanding leases
     retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
     dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
+
+
+def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
+                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale}), key = module name
+    (e.g. "model.layers.0.self_attn.q_proj"); refuses anything but LoRA on the registered linear projections
+    `layers` {key: (in, out)} (and DoRA's magnitudes, which `runtime.rescale` turns into [g; c])."""
+    cfg, what = af.config, f"adapter {str(af.path)!r}"
+    if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
+        raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
+                                      "modules_to_save, bias training and fan_in_fan_out are not served")
+    modules = lora_modules(af)
+    extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    if extra:
+        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B of linear layers are served "
+                                      "(no embedding LoRA, no extra weights)")
+    missing = [key for key in modules if key not in layers]
+    if missing:
+        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
+                                  f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
+    if not modules:
+        raise AdapterFileError(f"{what} holds no LoRA tensors")
+    return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
 
 
 def check_tensors(

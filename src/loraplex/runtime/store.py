@@ -7,7 +7,9 @@
 A name is the directory's name (1-64 characters of [A-Za-z0-9_-]); hidden entries (e.g. the temporary
 directories of an atomic write in progress) are never listed. Identity is the content hash of what a
 directory holds now (`content_hash`), so a version replaced on disk is never mistaken for the old one.
-`put` writes atomically: a reader sees the old adapter or the new one, never a mix.
+`put` writes atomically: a reader sees the old adapter or the new one, never a mix. These folder rules are
+the only ones: the server's adapters (serve/adapters.py `ServedAdapters`) and evaluate's adapter folders
+build on this class.
 
 Example:
     store = AdapterStore("adapters/")
@@ -65,15 +67,16 @@ class AdapterStore:
         """The content hash of what `name` holds now (reads and hashes the tensors)."""
         return self.read(name).content_hash
 
-    def put(self, name: str, source: PathLike) -> str:
-        """Copy the adapter directory `source` into the store as `name` (atomically replacing an older one).
+    def put(self, name: str, source: PathLike, *, overwrite: bool = True) -> str:
+        """Copy the adapter directory `source` into the store as `name` (atomically replacing an older one;
+        with overwrite=False an existing `name` is refused: OutputExistsError).
 
         The source is verified first (read_adapter), so a broken adapter never enters the store; returns
         its content hash.
         """
         check_name(name)
         af = read_adapter(source)
-        with atomic_directory(self.root / name, overwrite=True) as tmp:
+        with atomic_directory(self.root / name, overwrite=overwrite) as tmp:
             for f in Path(source).iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)

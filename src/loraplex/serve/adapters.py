@@ -1,14 +1,17 @@
-"""The server's adapters: a folder of PEFT-format adapter directories feeding one `runtime.AdapterPool`.
+"""The server's adapters: the adapter folder (a `runtime.AdapterStore`) plus uploads, verification against
+the serving model, and feeding one `runtime.AdapterPool`.
 
     DIR/legal/adapter_config.json + adapter_model.safetensors   ->  served as model "legal"
 
-Every route checks names with `check_adapter_name` ([A-Za-z0-9_-], 1-64 chars, the whole string) before any
-path is built, so a name can never leave DIR and every name listed can be requested. Uploads are zip files
-of one adapter directory (the two files, optionally a README.md, at the top level or inside one folder);
-they are size-limited, unpacked by this module under names it chooses (never the archive's paths; only
-stored or deflated members; a corrupt or encrypted archive is refused with AdapterFileError), verified with
-`store.read_adapter` and against the base, and only then moved into DIR/<name> (atomically) and added to
-the pool. An upload never overwrites DIR/<name> that exists (loaded or not) unless it says replace=true.
+The folder rules (which entries are adapters, hidden ones skipped, paths, reads, atomic writes) are the
+runtime store's (runtime/store.py); `ServedAdapters` adds what serving needs. Every route checks names with
+`inject.check_name` ([A-Za-z0-9_-], 1-64 chars, the whole string) before any path is built, so a name can
+never leave DIR and every name listed can be requested. Uploads are zip files of one adapter directory (the
+two files, optionally a README.md, at the top level or inside one folder); they are size-limited, unpacked
+by this module under names it chooses (never the archive's paths; only stored or deflated members; a
+corrupt or encrypted archive is refused with AdapterFileError), verified with `store.read_adapter` and
+against the base, and only then put into DIR/<name> (atomically, `AdapterStore.put`) and added to the pool.
+An upload never overwrites DIR/<name> that exists (loaded or not) unless it says replace=true.
 
 An adapter is verified before it is served: the base fingerprint, its tensors against the serving model's
 projections, and its config's target_modules against its tensors (the modules the config targets in the
@@ -17,10 +20,10 @@ skipped and reported (`load_all`, shown by /health); the others still serve. An 
 vanished or changed fails the requests that need it (AdapterFileError) and is listed in `broken` until a
 reload from disk succeeds again or it is loaded, replaced or removed by name.
 
-An adapter file becomes pool tensors through `store.lora_modules` (key = module name, e.g.
-"model.layers.0.self_attn.q_proj"): {key: (A (r, in), B (out, r))} and {key: scale}.
-A DoRA adapter (use_dora) also holds each module's magnitude m (out,); at load its per-layer [g; c] is
-computed once from the base (runtime.rescale.dora_rescales) and its rows are served per row like any other.
+An adapter file becomes pool tensors through `runtime.slots.pool_tensors` ({key: (A (r, in), B (out, r))}
+and {key: scale}). A DoRA adapter (use_dora) also holds each module's magnitude m (out,); at load its
+per-layer [g; c] is computed once from the base (runtime.rescale.dora_rescales) and its rows are served per
+row like any other.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import tempfile
 import threading
 import zipfile
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,45 +47,16 @@ from ..errors import (
     ConfigError,
     LoraplexError,
     RequestTooLargeError,
-    TargetNotFoundError,
-    UnsupportedFeatureError,
 )
-from ..runtime.rescale import dora_rescales
 from ..identity import check_base
 from ..inject import check_name
-from ..runtime import AdapterPool
-from ..outputs import atomic_directory
-from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, lora_modules, read_adapter, unread_keys, validate_adapter
+from ..runtime import AdapterPool, AdapterStore
+from ..runtime.rescale import dora_rescales
+from ..runtime.slots import pool_tensors
+from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter, validate_adapter
 from .metrics import Metrics
 
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
-
-
-def check_adapter_name(name: str) -> str:
-    """The one name check of every server route: `inject.check_name` (the whole string)."""
-    return check_name(name)
-
-
-def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-    """An adapter file (decoded by `store.lora_modules`) as AdapterPool input: ({key: (A (r, in), B (out, r))},
-    {key: scale}); refuses anything but LoRA on the serving model's linear projections (and DoRA's magnitudes)."""
-    cfg, what = af.config, f"adapter {str(af.path)!r}"
-    if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
-        raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
-                                      "modules_to_save, bias training and fan_in_fan_out are not served")
-    modules = lora_modules(af)
-    extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
-    if extra:
-        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B of linear layers are served "
-                                      "(no embedding LoRA, no extra weights)")
-    missing = [key for key in modules if key not in layers]
-    if missing:
-        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
-                                  f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
-    if not modules:
-        raise AdapterFileError(f"{what} holds no LoRA tensors")
-    return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
 
 
 @dataclass(frozen=True)
@@ -95,8 +68,11 @@ class AdapterInfo:
     path: str
 
 
-class AdapterStore:
-    """Loads, replaces and unloads the server's adapters (thread-safe; admin calls are serialized)."""
+class ServedAdapters:
+    """Loads, replaces and unloads the server's adapters (thread-safe; admin calls are serialized).
+
+    directory: the adapter folder (None: uploads are refused; a folder that does not exist yet is made by
+    the first upload)."""
 
     def __init__(self, directory: str | Path | None, pool: AdapterPool, base: nn.Module, *, reserved: set[str],
                  metrics: Metrics | None = None, max_upload_bytes: int = 64 << 20, check_base_model: bool = True):
@@ -124,13 +100,17 @@ class AdapterStore:
         return self._info[name]
 
     def available(self) -> list[str]:
-        """Adapter directories in the folder (loaded or not)."""
-        if self.directory is None or not self.directory.is_dir():
-            return []
-        return sorted(p.name for p in self._entries() if _valid(p.name))
+        """Adapter directories in the folder (loaded or not) whose names can be served."""
+        folder = self._folder()
+        return [n for n in folder.names() if _valid(n)] if folder is not None else []
 
-    def _entries(self) -> list[Path]:
-        return [p for p in self.directory.iterdir() if (p / CONFIG_NAME).is_file()]
+    def _folder(self, *, create: bool = False) -> AdapterStore | None:
+        """The adapter folder (made first with create=True); None without one."""
+        if self.directory is not None and create:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        if self.directory is None or not self.directory.is_dir():
+            return None
+        return AdapterStore(self.directory)
 
     # ---- admin --------------------------------------------------------------------------------------------
     def load_all(self) -> tuple[list[str], dict[str, str]]:
@@ -138,9 +118,8 @@ class AdapterStore:
         that fails any check (a typed loraplex error: bad name, unreadable, NaN/Inf, another base, ...) is
         skipped with its reason; the others still load."""
         loaded, skipped = [], {}
-        if self.directory is None or not self.directory.is_dir():
-            return loaded, skipped
-        for name in sorted(p.name for p in self._entries()):
+        folder = self._folder()
+        for name in folder.names() if folder is not None else []:
             try:
                 self.load(name)
                 loaded.append(name)
@@ -153,13 +132,13 @@ class AdapterStore:
         self._check_new(name, replace)
         if self.directory is None:
             raise ConfigError("this server has no adapter folder (--adapters); upload the adapter instead")
-        path = self.directory / name
-        if not (path / CONFIG_NAME).is_file():
+        folder = self._folder()
+        if folder is None or name not in folder:
             raise AdapterNotFoundError(f"no adapter directory {name!r} in the adapter folder; "
                                        f"available: {self.available()}")
         with self._admin:
             self._check_new(name, replace)
-            return self._add(name, read_adapter(path))
+            return self._add(name, folder.read(name))
 
     def upload(self, name: str, data: bytes, *, replace: bool = False) -> AdapterInfo:
         """Install a zipped adapter directory as DIR/<name> and load it (see the module docstring)."""
@@ -174,20 +153,18 @@ class AdapterStore:
                 raise AdapterExistsError(f"the adapter folder already holds {name!r} (not loaded); pass replace=true "
                                          "to overwrite its files, load it as it is with JSON {\"name\": ...}, or "
                                          "upload under another name")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.directory) as tmp:
+            folder = self._folder(create=True)
+            with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.directory) as tmp:  # hidden: never listed
                 _unzip(data, Path(tmp), self.max_upload_bytes)
                 af = read_adapter(tmp)
                 tensors, scales = self._verify(af)
-                with atomic_directory(self.directory / name, overwrite=replace) as final:
-                    for f in Path(tmp).iterdir():
-                        (final / f.name).write_bytes(f.read_bytes())
-            af.path = self.directory / name
+                folder.put(name, tmp, overwrite=replace)
+            af.path = folder.path(name)
             return self._add(name, af, verified=(tensors, scales))
 
     def remove(self, name: str) -> None:
         """Unload `name` (its files stay); requests already running on it finish on their lease."""
-        check_adapter_name(name)
+        check_name(name)
         with self._admin:
             if name not in self._info:
                 raise AdapterNotFoundError(f"adapter {name!r} is not loaded; loaded: {self.names()}")
@@ -210,7 +187,7 @@ class AdapterStore:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _check_new(self, name: str, replace: bool) -> None:
-        check_adapter_name(name)
+        check_name(name)
         if name in self.reserved:
             raise AdapterExistsError(f"{name!r} is the base model's id; pick another adapter name")
         if name in self._info and not replace:
@@ -246,7 +223,10 @@ class AdapterStore:
         if info is None or info.content_hash != content_hash:
             raise AdapterFileError(f"adapter {name!r} version {content_hash[:12]} is no longer on disk")
         try:
-            af = read_adapter(info.path)
+            folder = self._folder()
+            if folder is None:
+                raise AdapterFileError(f"the adapter folder {str(self.directory)!r} is gone")
+            af = folder.read(name)
             if af.content_hash != content_hash:
                 raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
                                        f"({content_hash[:12]} -> {af.content_hash[:12]}); load it again by name "
@@ -261,7 +241,7 @@ class AdapterStore:
 
 def _valid(name: str) -> bool:
     try:
-        check_adapter_name(name)
+        check_name(name)
     except ConfigError:
         return False
     return True

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ..errors import AdapterNotFoundError, ConfigError, RequestTooLargeError, UnauthorizedError
 from ..runtime import AdapterPool
 from . import errors, ui
-from .adapters import AdapterStore
+from .adapters import ServedAdapters
 from .answers import answer, encode_all
 from .bodylimit import MAX_REQUEST_BYTES, BodyLimit
 from .engine import Engine, EngineConfig
@@ -62,8 +62,9 @@ class Server:
         self.metrics = Metrics()
         self.pool = AdapterPool(self.model.layer_shapes(), budget_bytes=memory_budget, dtype=self.model.dtype,
                                 device=self.model.device, max_plans=32)
-        self.store = AdapterStore(adapters_dir, self.pool, hf_model, reserved=set(self.base_ids), metrics=self.metrics,
-                                  max_upload_bytes=max_upload_bytes, check_base_model=check_base_model)
+        self.store = ServedAdapters(adapters_dir, self.pool, hf_model, reserved=set(self.base_ids),
+                                    metrics=self.metrics, max_upload_bytes=max_upload_bytes,
+                                    check_base_model=check_base_model)
         self.codec = TextCodec.for_model(tokenizer, hf_model)
         self.engine = Engine(self.model, self.pool, self.codec, base_ids=self.base_ids, config=config,
                              metrics=self.metrics, on_step=self.store.poll_evictions)

@@ -14,8 +14,8 @@ import math
 from collections.abc import Sequence
 
 from ..errors import AdapterNotFoundError, ConfigError, UnsupportedFeatureError
+from ..inject import check_name
 from ..runtime import AdapterPool
-from .adapters import check_adapter_name
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
 MAX_MIX_WEIGHT = 100.0  # |weight| bound in a mix: larger ones only overflow activations
@@ -50,7 +50,7 @@ def parse_model(spec: str, base_ids: Sequence[str], pool: AdapterPool) -> Mix:
         if name in base_ids:
             raise ConfigError(f"model {spec!r}: the base {name!r} cannot be part of a mix (its weight would "
                               "mean nothing); list adapters only")
-        check_adapter_name(name)
+        check_name(name)
         if name not in pool:
             raise AdapterNotFoundError(f"model {name!r} does not exist: it is neither the base "
                                        f"({base_ids[0]!r}) nor a loaded adapter")

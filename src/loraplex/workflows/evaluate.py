@@ -37,6 +37,7 @@ from ..inject import check_name, lora_layers, remove_adapter, route_rows
 from ..layers import LoraLayer
 from ..models import base_name, load_base
 from ..runtime.generate import left_pad, pad_id, stop_ids
+from ..runtime.store import AdapterStore
 from ..store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter
 from ..train.data import IGNORE_INDEX, Batcher, Example, split, tokenize
 from ..train.loop import FAST_LOSS_TYPES, INT_LIMIT, check_numbers
@@ -81,8 +82,7 @@ def discover_adapters(spec: AdapterSpec) -> dict[str, Union[Path, AdapterFile]]:
 def _folder(path: Path) -> dict[str, Path]:
     if (path / CONFIG_NAME).is_file():
         return {_name_of(path): path}
-    subs = (sorted(p for p in path.iterdir() if not p.name.startswith(".") and (p / CONFIG_NAME).is_file())
-            if path.is_dir() else [])  # hidden entries are writers' temporaries (outputs.atomic_directory)
+    subs = [path / n for n in AdapterStore(path).names()] if path.is_dir() else []  # the store's folder rule
     if not subs:
         raise AdapterFileError(f"{str(path)!r} is neither an adapter directory (with {CONFIG_NAME}) nor a folder of "
                                "adapter directories; give adapter directories, or NAME=DIR pairs")
