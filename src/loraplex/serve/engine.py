@@ -49,9 +49,10 @@ import torch
 from ..errors import ConfigError, LoraplexError, NonFiniteError, PoolFullError, QueueFullError, ShuttingDownError
 from ..runtime import AdapterPool, Lease
 from ..runtime.decoder import CompactLlama
+from ..runtime.logprobs import token_logprobs
 from .metrics import Metrics
 from .modelspec import Mix, check_dora_alone, model_key, parse_model
-from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob, token_logprobs
+from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob
 from .sequence import RequestState, sample_tokens
 from .text import Detokenizer, TextCodec, check_prompt
 

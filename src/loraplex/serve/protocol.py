@@ -7,7 +7,7 @@ request is run `best_of` (default `n`) times as separate rows of the same contin
 `i * n + j` is the j-th answer to prompt i (with best_of, the n answers of highest cumulative logprob).
 Copy j of a seeded request samples with seed + j (wrapped into SEED_RANGE), so copy 0 equals the n = 1 answer.
 
-Logprobs (see requests.py: raw log_softmax before any sampling adjustment). Completions:
+Logprobs (see runtime/logprobs.py: raw log_softmax before any sampling adjustment). Completions:
 `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`, where top_logprobs[t] maps the token strings
 of the chosen token and the `logprobs` most likely ones to their logprobs (so up to logprobs + 1 entries,
 as vLLM); with echo the prompt's tokens come first, the very first with null logprob and null top. Chat:

@@ -7,42 +7,19 @@ every generated token that completes text or carries logprobs (text may be "" wh
 incomplete UTF-8 character or a possible stop string), and ("delta", tail, None, None) for text flushed at
 the end; then ("done", Result).
 
-Logprobs are vLLM's default "raw" mode: log_softmax of the model's logits over the whole vocabulary, before
-logit_bias, penalties and temperature (so they do not depend on the sampling values).
+Logprobs are vLLM's default "raw" mode (runtime/logprobs.py `TokenLogprob`, `token_logprobs`: log_softmax
+of the model's logits over the whole vocabulary, before logit_bias, penalties and temperature).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 from ..errors import LoraplexError, RequestTimeoutError
 from ..runtime.generate import SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One position: the token there, its raw logprob, and the `k` most likely tokens with theirs."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first; k entries
-
-
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int | Sequence[int]) -> list[TokenLogprob]:
-    """logits (n, V) and the token taken at each of the n positions -> their raw logprobs (log_softmax over
-    the vocabulary) with the k (one k, or one per position) most likely alternatives."""
-    lp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
-    ks = [k] * len(tokens) if isinstance(k, int) else list(k)
-    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()  # (n,)
-    kmax = min(max(ks, default=0), lp.shape[1])
-    vals, ids = lp.topk(kmax, dim=-1) if kmax else (lp[:, :0], lp[:, :0].long())  # (n, kmax)
-    vals, ids = vals.tolist(), ids.tolist()
-    return [TokenLogprob(t, c, tuple(zip(ids[j][:kj], vals[j][:kj])))
-            for j, (t, c, kj) in enumerate(zip(tokens, chosen, ks))]
+from ..runtime.logprobs import TokenLogprob
 
 
 @dataclass
@@ -62,7 +39,7 @@ class Result:
 Event = tuple
 Listener = Callable[[Event], None]
 
-__all__ = ["Event", "Handle", "Listener", "Result", "SamplingParams", "TokenLogprob", "token_logprobs"]
+__all__ = ["Event", "Handle", "Listener", "Result", "SamplingParams", "TokenLogprob"]
 
 
 class Handle:

@@ -20,9 +20,10 @@ import torch
 from ..errors import LoraplexError, RequestTimeoutError, ShuttingDownError
 from ..runtime import Lease
 from ..runtime.generate import sample_next
+from ..runtime.logprobs import TokenLogprob, token_logprobs
 from .metrics import Metrics
 from .modelspec import Mix
-from .requests import Handle, Result, SamplingParams, TokenLogprob, token_logprobs
+from .requests import Handle, Result, SamplingParams
 from .text import Detokenizer
 
 
