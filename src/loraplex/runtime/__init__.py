@@ -1,7 +1,15 @@
 """Multi-adapter runtime: many LoRA adapters on one base, a different adapter (or mix) per batch row.
 
-`ops` holds the batched math (`BatchPlan`, `build_plan`, `lora_batched_`); `pool` holds the adapters of one
-model in slots under a memory budget (`AdapterPool`, `Lease`).
+    ops       the batched math (`BatchPlan`, `build_plan`, `lora_batched_`)
+    pool      the adapters of one model in slots under a memory budget (`AdapterPool`, `Lease`, `PoolStats`);
+              slots: what a slot holds and the checks on add / reload (`pool_tensors`: an adapter file as
+              pool input); plancache: the pool's cache of plans
+    store     `AdapterStore`: a folder of adapter directories (the one listing rule; the server's builds on it)
+    model     `MultiLoraModel`: the Hugging Face model path (wrapper: `RuntimeLinear`; batch: `Batch`)
+    decoder   `CompactLlama`, the Llama-family decoder the server runs (kernels: its projection kernel)
+    rescale   DoRA's per-slot terms
+    generate  the one sampler, stop rule and left pad (`SamplingParams`, `sample_next`, `generate`)
+    logprobs  raw token logprobs (`TokenLogprob`, `token_logprobs`)
 """
 
 from .ops import (
