@@ -1,8 +1,8 @@
 """The `AdapterPool`'s cache of batch plans and of the per-slot layer views plans are built from.
 
 A `BatchPlan` is keyed by (per-row assignments, strategy) and reused only while every slot it reads still
-holds the content version it was built from (`BatchPlan.versions`); at most `max_plans` are kept, least
-recently used dropped first. `views` is `build_plan`'s memo: per single-slot assignment, its layer views.
+holds the content version it was built from (`BatchPlan.versions`); at most the pool's `max_plans` are
+kept, least recently used dropped first. `views` is `build_plan`'s memo: per single-slot assignment, its layer views.
 When a slot's content goes away (evicted, freed), `drop(slot)` forgets everything that reads it.
 """
 
@@ -17,10 +17,9 @@ PlanKey = tuple[tuple[Assignment, ...], Strategy]  # (per-row assignments, strat
 
 
 class PlanCache:
-    """Up to `max_plans` plans (0: none kept) plus the single-slot layer views memo."""
+    """Cached plans plus the single-slot layer views memo."""
 
-    def __init__(self, max_plans: int) -> None:
-        self.max_plans = max_plans
+    def __init__(self) -> None:
         self._plans: OrderedDict[PlanKey, BatchPlan] = OrderedDict()
         self.views: dict[Assignment, dict] = {}  # build_plan's memo: per single-slot assignment, its layer views
 
@@ -33,10 +32,11 @@ class PlanCache:
         self._plans.move_to_end(key)
         return plan
 
-    def put(self, key: PlanKey, plan: BatchPlan) -> None:
-        if self.max_plans:
+    def put(self, key: PlanKey, plan: BatchPlan, max_plans: int) -> None:
+        """Keep `plan`, then drop the least recently used beyond `max_plans` (0: keep none)."""
+        if max_plans:
             self._plans[key] = plan
-            while len(self._plans) > self.max_plans:
+            while len(self._plans) > max_plans:
                 self._plans.popitem(last=False)
 
     def drop(self, slot: int) -> None:

@@ -48,6 +48,7 @@ from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, n
 from .plancache import PlanCache
 from .slots import LayerTensors, Loader, SlotEntry, check_dora, check_tensors, fingerprint, reload, to_fast
 
+
 @dataclass(frozen=True)
 class Lease:
     """A hold on one version of an adapter: its slot keeps that content until released (also `with`)."""
@@ -123,7 +124,7 @@ class AdapterPool:
         self._leases: dict[int, int] = {}  # outstanding lease id -> slot
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
         self._resident_bytes = 0
-        self._plans = PlanCache(max_plans)
+        self._plans = PlanCache()
         self._counts = dict(hits=0, misses=0, evictions=0, plan_builds=0, plan_hits=0)
         self._lock = threading.RLock()
         for key, (fin, fout) in (layers or {}).items():
@@ -270,7 +271,7 @@ class AdapterPool:
                               strategy=strategy, memo=self._plans.views, rescale=self._rescale)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
-            self._plans.put(key, plan)
+            self._plans.put(key, plan, self.max_plans)
             return plan
 
     def tensors(self, slot: int, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
