@@ -63,6 +63,7 @@ from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
 from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
 from .batch import Batch, RowSpec
+from .decoder import ARCHITECTURES, CompactLlama
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .store import AdapterStore
@@ -118,6 +119,7 @@ class MultiLoraModel:
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
         self._merged: Optional[_Merged] = None
         self._merge_epoch = 0
+        self._decoder: Union[CompactLlama, UnsupportedFeatureError, None] = None  # built (or refused) once
         self._fingerprint = base_fingerprint(base_model)  # of the bare base, before any merge
         self.target_modules = target_modules
         if target_modules is not None:
@@ -320,6 +322,52 @@ class MultiLoraModel:
 
         return generate(self, prompts, adapters, **kwargs)
 
+    def compact_decoder(self) -> CompactLlama:
+        """The compact decoder (`runtime.decoder.CompactLlama`, what the server runs) over this engine's base
+        weights, built on first use and kept until a merge or unmerge changes them. Registers its seven
+        projections per layer with the pool, so batch plans cover every layer it applies LoRA to.
+
+        Memory: it shares the embeddings and norms; with its defaults (fused q/k/v and gate/up, kernel "auto")
+        it holds a copy of the q/k/v and gate/up weights (concatenated), and with the oneDNN kernel (fp32 on
+        x86 CPU) a reordered copy of every projection and of lm_head: up to one more copy of the base weights.
+        UnsupportedFeatureError says why the base cannot run on it (not a Llama-family causal LM, a quantized
+        or otherwise wrapped projection, an adapter merged); the reason is kept, so asking again is free.
+        """
+        with self._lock:
+            if self._merged is not None:
+                raise UnsupportedFeatureError(
+                    f"adapter {self._merged.lease.name!r} is merged into the base weights; the compact decoder "
+                    "serves the bare base (unmerge() first, or generate with backend='hf')")
+            if self._decoder is None:
+                self._decoder = self._build_decoder()
+            if isinstance(self._decoder, UnsupportedFeatureError):
+                raise UnsupportedFeatureError(str(self._decoder))
+            return self._decoder
+
+    def _build_decoder(self) -> Union[CompactLlama, UnsupportedFeatureError]:
+        mtype = getattr(getattr(self.model, "config", None), "model_type", None)
+        if mtype not in ARCHITECTURES or not hasattr(self.model, "lm_head"):
+            return UnsupportedFeatureError(
+                f"the compact decoder runs Llama-family causal LMs {ARCHITECTURES}; got {type(self.model).__name__} "
+                f"with model_type {mtype!r}")
+
+        def put(bare: bool) -> None:
+            for key, wrapper in self._wrapped.items():
+                parent, _, child = key.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child,
+                        wrapper.base_layer if bare else wrapper)
+
+        put(True)  # CompactLlama reads plain nn.Linear projections: show it the bare ones while it reads them
+        try:
+            decoder = CompactLlama(self.model)
+        except UnsupportedFeatureError as e:
+            return e
+        finally:
+            put(False)
+        for key, (fin, fout) in decoder.layer_shapes().items():
+            self.pool.register_layer(key, fin, fout)
+        return decoder
+
     # ---- merged mode --------------------------------------------------------------------------------------
     @property
     def merged(self) -> Optional[str]:
@@ -338,6 +386,7 @@ class MultiLoraModel:
                     "reads, so the runtime serves DoRA unmerged (loraplex.merge merges it into a model of its own)"
                 )
             lease = self.pool.acquire(name)
+            self._decoder = None  # its fused weight copies would go stale; rebuilt after unmerge()
             try:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
                 for k, _ in layers:
