@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 
 from ..errors import ConfigError, ShapeMismatchError
-from .steps import DecoderSteps, HFSteps, check_plan, pick_decoder
+from .steps import DecoderSteps, HFSteps, Steps, check_plan, pick_decoder
 
 if TYPE_CHECKING:
     from .batch import RowSpec
@@ -330,7 +330,7 @@ def generate(
     reason: list[Optional[str]] = [None] * B
     with engine.batch(rows) as batch:
         decoder = check_plan(batch, decoder, backend)
-        steps = DecoderSteps(batch, decoder, seqs, pad, max_new_tokens) if decoder is not None else \
+        steps: Steps = DecoderSteps(batch, decoder, seqs, pad, max_new_tokens) if decoder is not None else \
             HFSteps(batch, *left_pad(seqs, pad, device), engine.model)  # left_pad: (B, T) ids, (B, T) mask
         logits = steps.first()  # (B, V)
         for step in range(max_new_tokens):

@@ -28,6 +28,8 @@ How it works:
     hold a lease on the old version (a `Batch`, or `lease(name)`) keep it until they finish.
   - Switching adapters per call changes no module and no weight: only the plan (cached per batch
     composition) differs.
+  - `generate` runs on the compact decoder the server runs (`compact_decoder()`, built once over the same
+    base weights) when the base and the request allow it, else on the wrapped model (`runtime.steps`).
   - Merged mode: `merge(name)` adds scale * B @ A into the base weights (W' = W + dW). Every row then gets
     `name` for free; a row asking for anything else is served by subtracting: its assignment becomes
     {its adapters..., name: -1}, so None still means the bare base and other adapters stay exact up to
@@ -147,11 +149,16 @@ class MultiLoraModel:
         with self._lock:
             if self._merged is not None:
                 raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged; unmerge() first")
-            for key, wrapper in self._wrapped.items():
-                parent, _, child = key.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper.base_layer)
+            self._place(bare=True)
             self._wrapped.clear()
             return self.model
+
+    def _place(self, *, bare: bool) -> None:
+        """Put each wrapped module's base layer (bare=True) or its RuntimeLinear (bare=False) in the model."""
+        for key, wrapper in self._wrapped.items():
+            parent, _, child = key.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child,
+                    wrapper.base_layer if bare else wrapper)
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def load(self, name: str, directory: Union[PathLike, AdapterFile], *, check_base_model: bool = True) -> str:
@@ -323,16 +330,12 @@ class MultiLoraModel:
         return generate(self, prompts, adapters, **kwargs)
 
     def compact_decoder(self) -> CompactLlama:
-        """The compact decoder (`runtime.decoder.CompactLlama`, what the server runs) over this engine's base
-        weights, built on first use and kept until a merge or unmerge changes them. Registers its seven
-        projections per layer with the pool, so batch plans cover every layer it applies LoRA to.
-
-        Memory: it shares the embeddings and norms; with its defaults (fused q/k/v and gate/up, kernel "auto")
-        it holds a copy of the q/k/v and gate/up weights (concatenated), and with the oneDNN kernel (fp32 on
-        x86 CPU) a reordered copy of every projection and of lm_head: up to one more copy of the base weights.
-        UnsupportedFeatureError says why the base cannot run on it (not a Llama-family causal LM, a quantized
-        or otherwise wrapped projection, an adapter merged); the reason is kept, so asking again is free.
-        """
+        """The compact decoder (`runtime.decoder.CompactLlama`, what the server runs) over this base's weights,
+        built on first use and kept until a merge changes them; it registers its seven projections per layer
+        with the pool, so plans cover them. Memory: up to one more copy of the base weights (fused q/k/v and
+        gate/up; oneDNN's reordered copies: docs/runtime.md). UnsupportedFeatureError says why the base cannot
+        run on it (not a Llama-family causal LM, a non-nn.Linear projection, an adapter merged); kept, so
+        asking again is free."""
         with self._lock:
             if self._merged is not None:
                 raise UnsupportedFeatureError(
@@ -350,20 +353,13 @@ class MultiLoraModel:
             return UnsupportedFeatureError(
                 f"the compact decoder runs Llama-family causal LMs {ARCHITECTURES}; got {type(self.model).__name__} "
                 f"with model_type {mtype!r}")
-
-        def put(bare: bool) -> None:
-            for key, wrapper in self._wrapped.items():
-                parent, _, child = key.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child,
-                        wrapper.base_layer if bare else wrapper)
-
-        put(True)  # CompactLlama reads plain nn.Linear projections: show it the bare ones while it reads them
+        self._place(bare=True)  # CompactLlama reads plain nn.Linear projections: the bare ones, while it reads them
         try:
             decoder = CompactLlama(self.model)
         except UnsupportedFeatureError as e:
             return e
         finally:
-            put(False)
+            self._place(bare=False)
         for key, (fin, fout) in decoder.layer_shapes().items():
             self.pool.register_layer(key, fin, fout)
         return decoder

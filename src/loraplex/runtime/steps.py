@@ -90,10 +90,8 @@ def pick_decoder(engine: MultiLoraModel, backend: str, longest: int, max_new_tok
         return None
     try:
         decoder = engine.compact_decoder()
-    except UnsupportedFeatureError:
-        if backend == "decoder":
-            raise
-        return None
+    except UnsupportedFeatureError as e:
+        return _refuse(backend, str(e))
     need = longest + max_new_tokens - 1
     if need > decoder.max_positions:
         return _refuse(backend, f"the longest prompt ({longest} tokens) plus max_new_tokens - 1 needs {need} "
