@@ -9,6 +9,10 @@ layout and loaded by both libraries from the same directories. Scenarios:
     64 decode     one decode step, 64 sequences, row b adapter b, KV cache of 32 tokens (cropped back
                   after every step; loraplex runs the step inside an open Batch, as generate does)
     merged        16x128 prefill with one adapter merged into the weights (PEFT: merge_adapter)
+    generate      MultiLoraModel.generate, 16 prompts x 32 tokens, row b adapter a(b % 16), 32 greedy new
+                  tokens: backend="decoder" (the compact decoder the server runs) vs backend="hf" (the HF
+                  model with RuntimeLinear wrappers and a DynamicCache); "hf / decoder" is the median over
+                  repeats of t_hf / t_decoder within a repeat (both give the same tokens: checked first)
 Prefills compute the logits of the last position only (logits_to_keep=1, as generation does), so the
 vocab-32000 head does not dilute the cost of the adapters. Times are
 medians of interleaved repeats (base, PEFT and loraplex take turns); "x base" is the median over repeats
@@ -17,13 +21,14 @@ flat), and switching the adapter of a one-row request (loraplex: opening a Batch
 PEFT: set_adapter). `--smollm2` repeats every scenario on SmolLM2-135M (loraplex.models.load_base("smollm2"))
 with shorter single / 16-distinct / merged prefills (16x32) to keep the run short.
 
-    .venv/bin/python bench/bench_runtime.py [--reps 9] [--smollm2] [--no-llama] [--only switch,load]
+    .venv/bin/python bench/bench_runtime.py [--reps 9] [--smollm2] [--no-llama] [--only switch,load,generate]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -41,6 +46,7 @@ from bench_runtime_ops import interleaved_times  # sibling script: bench/ is on 
 
 R, ALPHA, N_ADAPTERS = 8, 16, 64
 LAST = {"logits_to_keep": 1}  # prefill as in generation: logits of the last position only
+GENERATE = (16, 32, 32, 16)  # prompts, prompt tokens, new tokens, distinct adapters
 TARGETS = {"single": 0.92, "16 distinct": 0.90, "64 prefill": 0.85, "64 decode": 0.65, "merged": 0.98}
 
 
@@ -93,11 +99,14 @@ class Setup:
     def __init__(self, base: torch.nn.Module, dirs: list[Path]) -> None:
         self.base = base
         self.dirs = dirs
-        self.peft = peft_model(base, dirs)
         self.lp = MultiLoraModel(copy.deepcopy(base))
         for i, d in enumerate(dirs):
             self.lp.load(f"a{i}", d)
         self.vocab = base.config.vocab_size
+
+    @functools.cached_property
+    def peft(self):
+        return peft_model(self.base, self.dirs)  # built when a scenario first needs it (not for generate)
 
     def ids(self, B: int, T: int) -> torch.Tensor:
         return torch.randint(3, self.vocab, (B, T), generator=torch.Generator().manual_seed(B * T))
@@ -186,6 +195,17 @@ class Setup:
             self.lp.load(f"a{N_ADAPTERS - 1}", d)
             self.peft.load_adapter(str(d), adapter_name=f"a{N_ADAPTERS - 1}")
 
+    def generate(self, reps: int) -> dict[str, list[float]]:
+        """Seconds per generate() call on each backend, interleaved (see the module docstring)."""
+        B, T, new, n = GENERATE
+        prompts = self.ids(B, T).tolist()
+        names = [f"a{b % n}" for b in range(B)]
+        kw = dict(max_new_tokens=new, eos_token_id=[])
+        fns = {k: functools.partial(self.lp.generate, prompts, names, backend=k, **kw) for k in ("hf", "decoder")}
+        if [g.token_ids for g in fns["hf"]()] != [g.token_ids for g in fns["decoder"]()]:  # builds the decoder too
+            raise AssertionError("generate's backends gave different tokens")
+        return interleaved_times(fns, reps, budget_s=0.0)
+
     @torch.inference_mode()
     def switch(self, reps: int) -> dict[str, float]:
         """One-row request switching to the next of the 64 adapters (more than the plan cache holds)."""
@@ -212,7 +232,7 @@ def ratio_row(label: str, t: Timing, target: float | None) -> list[str]:
 HEADERS = ["scenario", "base ms", "PEFT ms", "PEFT x base", "loraplex ms", "loraplex x base", "target"]
 
 
-SCENARIOS = ("single", "16", "64prefill", "decode", "merged", "load", "switch")
+SCENARIOS = ("single", "16", "64prefill", "decode", "merged", "load", "switch", "generate")
 
 
 def scenario_table(s: Setup, reps: int, prefill: tuple[int, int], only: frozenset[str] = frozenset(SCENARIOS)) -> str:
@@ -238,7 +258,16 @@ def scenario_table(s: Setup, reps: int, prefill: tuple[int, int], only: frozense
     if "switch" in only:
         sw = s.switch(reps)
         rows.append(["switch adapter", "-", f"{sw['peft'] * 1e3:.2f}", "-", f"{sw['lp'] * 1e3:.3f}", "-", "< 1 ms"])
-    return format_table(rows, HEADERS, align="lrrrrrl")
+    table = format_table(rows, HEADERS, align="lrrrrrl") if rows else ""
+    if "generate" in only:
+        t = s.generate(reps)
+        B, T, new, n = GENERATE
+        med = {k: statistics.median(v) for k, v in t.items()}
+        ratio = statistics.median(h / d for h, d in zip(t["hf"], t["decoder"]))
+        table += "\n" + format_table(
+            [[f"generate {B}x{T} + {new} new, {n} adapters", f"{med['hf'] * 1e3:.0f}", f"{med['decoder'] * 1e3:.0f}",
+              f"{ratio:.2f}x"]], ["scenario", "hf ms", "decoder ms", "hf / decoder"], align="lrrr")
+    return table
 
 
 def bench_random_llama(reps: int, root: Path, only: frozenset[str]) -> str:

@@ -12,9 +12,13 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
+import loraplex as lp
 from loraplex import models
+from loraplex.errors import ConfigError, MergeStateError, UnsupportedFeatureError
+from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool, MultiLoraModel
-from loraplex.runtime.generate import stop_ids
+from loraplex.runtime.generate import left_pad, stop_ids
+from loraplex.runtime.steps import DecoderSteps, HFSteps
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
 from loraplex.serve.adapters import ServedAdapters
 from loraplex.serve.text import TextCodec
@@ -107,3 +111,164 @@ def test_same_seed_samples_the_same_tokens_in_generate_and_the_server(adapter_di
     params = SamplingParams(max_tokens=N, temperature=0.9, top_p=0.95, seed=seed)
     assert via_server(base(2, 2), tok, adapter_dir, params) == got
     assert got != via_generate(base(2, 2), tok, adapter_dir, temperature=0.9, top_p=0.95, seed=seed + 1)
+
+
+# ---- generate's two backends: the compact decoder (default on a Llama-family base) and the HF model ----------
+
+ROWS = [None, "a", {"a": 0.6, "b": -0.4}, "d", "b", None]  # base, one adapter, a weighted mix, DoRA, ...
+RAGGED = [[5, 9, 11, 40, 7], [3], [100, 20, 30], [8, 8, 8, 8, 8, 8, 8, 8], [1, 2], [64, 65, 66, 67]]
+SPECS = {"a": dict(r=4, lora_alpha=8, target_modules="all-linear"),
+         "b": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True),
+         "d": dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True)}
+
+
+def random_adapter(build, directory, seed: int, **fields):
+    """An adapter for the base build() makes, every trained tensor (A, B, DoRA's magnitude) moved off its
+    init, saved in PEFT's layout."""
+    model = build()
+    lp.inject(model, lp.LoraConfig(init_lora_weights=False, **fields), "x", seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    lp.save_adapter(model, "x", directory)
+    return directory
+
+
+def two_layer_smollm2():
+    """SmolLM2-135M's real architecture and weights (GQA 9/3 heads, tied embeddings), cut to 2 layers."""
+    return models.load_base("smollm2", num_layers=2)[0]
+
+
+BASES = {"tiny_llama": lambda: models.tiny_llama(seed=0),
+         "smollm2_2_layers": pytest.param(two_layer_smollm2, marks=pytest.mark.smollm2)}
+
+
+@pytest.fixture(scope="module", params=list(BASES), ids=list(BASES))
+def engine(request, tmp_path_factory) -> MultiLoraModel:
+    build = {"tiny_llama": BASES["tiny_llama"], "smollm2_2_layers": two_layer_smollm2}[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    eng = MultiLoraModel(build())
+    for i, (name, fields) in enumerate(SPECS.items()):
+        eng.load(name, random_adapter(build, root / name, i + 1, **fields))
+    return eng
+
+
+@pytest.fixture
+def ran(engine, monkeypatch) -> dict[str, int]:
+    """How many forwards ran on each path: the compact decoder's calls (counted, then run) and HF model calls."""
+    counts = {"decoder": 0, "hf": 0}
+    decoder = engine.compact_decoder()
+    for entry in ("prefill", "decode"):
+        real = getattr(decoder, entry)
+
+        def counted(*args, _real=real, **kwargs):
+            counts["decoder"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(decoder, entry, counted)
+    hook = engine.model.register_forward_hook(lambda *_: counts.__setitem__("hf", counts["hf"] + 1))
+    yield counts
+    hook.remove()
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """tolerance(float32), its atol times the logits' scale when that is above 1: the two paths round differently
+    (fused GEMMs, oneDNN vs MKL), and an absolute rounding error grows with the magnitude of what is summed
+    (SmolLM2's logits reach ~30: 2e-5 apart where the table's atol is 1e-5)."""
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(a, b, atol=atol * max(1.0, float(b.abs().max())), rtol=rtol)
+
+
+def test_decoder_and_hf_steps_give_the_same_logits_per_step(engine):
+    """Prefill and 5 decode steps of a ragged, mixed batch (base, adapter, mix, DoRA rows): the same logits."""
+    decoder = engine.compact_decoder()  # before the batch: its layers must be in the plan
+    with engine.batch(ROWS) as batch:
+        dec = DecoderSteps(batch, decoder, RAGGED, 0, 6)
+        hf = HFSteps(batch, *left_pad(RAGGED, 0, engine.pool.device), engine.model)
+        d, h = dec.first(), hf.first()  # (B, V)
+        for _ in range(5):
+            close(d, h)
+            tokens = h.argmax(-1)
+            d, h = dec.next(tokens), hf.next(tokens)
+        close(d, h)
+    assert not torch.allclose(h[1], h[0])  # the adapters act
+
+
+def generations(engine, backend: str, **kw) -> list[tuple]:
+    return [(g.token_ids, g.finish_reason, g.prompt_tokens) for g in
+            engine.generate(RAGGED, ROWS, backend=backend, **kw)]
+
+
+def test_generate_backends_give_the_same_tokens(engine, ran):
+    greedy = generations(engine, "hf", max_new_tokens=7, eos_token_id=[])
+    assert ran == {"decoder": 0, "hf": 7}
+    assert generations(engine, "decoder", max_new_tokens=7, eos_token_id=[]) == greedy
+    assert ran == {"decoder": 7, "hf": 7}
+    assert generations(engine, "auto", max_new_tokens=7, eos_token_id=[]) == greedy
+    assert ran == {"decoder": 14, "hf": 7}  # auto ran on the decoder
+    assert generations(engine, "decoder", max_new_tokens=3, eos_token_id=[]) == [
+        (t[:3], r, n) for t, r, n in greedy]
+    eos = greedy[1][0][2]  # row 1's third token ends its sequence (and any other row's where it shows up)
+    stopped = generations(engine, "decoder", max_new_tokens=7, eos_token_id=eos)
+    assert stopped == generations(engine, "hf", max_new_tokens=7, eos_token_id=eos)
+    assert stopped == [(t[: t.index(eos)], "stop", n) if eos in t else (t, "length", n) for t, _, n in greedy]
+    assert stopped[1][1] == "stop"
+    sampled = dict(max_new_tokens=7, eos_token_id=[], temperature=1.3, top_p=0.9, seed=[1, 2, 3, 4, 5, 6])
+    assert generations(engine, "decoder", **sampled) == generations(engine, "hf", **sampled) != greedy
+
+
+@pytest.mark.parametrize("backend", ["decoder", "hf"])
+@pytest.mark.parametrize("seed", [3, 11])
+def test_same_seed_samples_the_same_tokens_on_both_backends_and_the_server(adapter_dir, seed, backend):
+    tok = word_tokenizer(2)
+    got = via_generate(base(2, 2), tok, adapter_dir, temperature=0.9, top_p=0.95, seed=seed, backend=backend)
+    params = SamplingParams(max_tokens=N, temperature=0.9, top_p=0.95, seed=seed)
+    assert via_server(base(2, 2), tok, adapter_dir, params) == got
+
+
+def test_what_the_decoder_cannot_run_falls_back_to_hf_or_is_refused(tmp_path):
+    """GPT-2, a quantized base, a merged adapter, an adapter on lm_head, a context past the positions: auto
+    runs the HF model (same tokens as backend='hf'), backend='decoder' raises saying why."""
+    from loraplex.quant import quantize_model
+
+    def check(eng: MultiLoraModel, why: str, prompts=([5, 6, 7], [9]), rows=(None, None), n: int = 4) -> None:
+        with pytest.raises(UnsupportedFeatureError, match=why):
+            eng.generate(list(prompts), list(rows), max_new_tokens=n, backend="decoder")
+        auto = eng.generate(list(prompts), list(rows), max_new_tokens=n, eos_token_id=[])
+        hf = eng.generate(list(prompts), list(rows), max_new_tokens=n, eos_token_id=[], backend="hf")
+        assert [g.token_ids for g in auto] == [g.token_ids for g in hf] and len(auto[0].token_ids) == n
+
+    check(MultiLoraModel(models.tiny_gpt2()), "Llama-family")
+    quantized = models.tiny_llama(seed=0)
+    quantize_model(quantized, "int8")
+    check(MultiLoraModel(quantized), "QuantLinear")
+
+    eng = MultiLoraModel(models.tiny_llama(seed=0))
+    eng.load("a", random_adapter(models.tiny_llama, tmp_path / "a", 1, **SPECS["a"]))
+    eng.load("h", random_adapter(models.tiny_llama, tmp_path / "h", 2, r=2, target_modules=["q_proj", "lm_head"]))
+    first = eng.compact_decoder()
+    check(eng, "lm_head", rows=("h", "a"))
+    check(eng, "positions", prompts=([5] * 250, [9]), n=8)  # tiny_llama holds 256 positions
+    eng.merge("a")
+    check(eng, "merged", rows=("a", None))
+    with pytest.raises(UnsupportedFeatureError, match="merged"):
+        eng.compact_decoder()
+    eng.unmerge()
+    assert eng.compact_decoder() is not first  # rebuilt over the restored weights
+    with pytest.raises(ConfigError, match="backend"):
+        eng.generate([[5]], [None], backend="vllm")
+
+
+def test_a_merge_during_a_decoder_generation_is_refused(tmp_path):
+    eng = MultiLoraModel(models.tiny_llama(seed=0))
+    eng.load("a", random_adapter(models.tiny_llama, tmp_path / "a", 1, **SPECS["a"]))
+    decoder = eng.compact_decoder()
+    with eng.batch(["a"]) as batch:
+        steps = DecoderSteps(batch, decoder, [[5, 6]], 0, 4)
+        steps.first()
+        eng.merge("a")
+        with pytest.raises(MergeStateError, match="changed the base weights"):
+            steps.next(torch.tensor([3]))
+        eng.unmerge()

@@ -7,6 +7,7 @@ Tolerances come from functional.tolerance.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -184,10 +185,12 @@ PROMPTS = [[5, 9, 11, 40, 7], [3], [100, 20, 30], [8, 8, 8, 8, 8, 8, 8, 8]]
 ADAPTERS = ["a", None, {"b": 0.6, "c": 0.4}, "d"]
 
 
-def test_generate_greedy_batch_equals_each_alone(engine, reference):
-    batch = engine.generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=10, eos_token_id=[])
+@pytest.mark.parametrize("backend", ["decoder", "hf"])
+def test_generate_greedy_batch_equals_each_alone(engine, reference, backend):
+    generate = functools.partial(engine.generate, backend=backend)
+    batch = generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=10, eos_token_id=[])
     for p, a, g in zip(PROMPTS, ADAPTERS, batch):
-        alone = engine.generate([p], adapters=[a], max_new_tokens=10, eos_token_id=[])[0]
+        alone = generate([p], adapters=[a], max_new_tokens=10, eos_token_id=[])[0]
         assert g.token_ids == alone.token_ids and len(g.token_ids) == 10
         assert g.finish_reason == "length" and g.prompt_tokens == len(p) and g.adapter == a
         lp.set_active(reference, [] if a is None else a)  # HF's own generate through the LoRA core
@@ -198,25 +201,29 @@ def test_generate_greedy_batch_equals_each_alone(engine, reference):
     lp.set_active(reference, [])
 
 
-def test_generate_sampling_is_per_row_and_seeded(engine):
+@pytest.mark.parametrize("backend", ["decoder", "hf"])
+def test_generate_sampling_is_per_row_and_seeded(engine, backend):
+    generate = functools.partial(engine.generate, backend=backend)
     kw = dict(max_new_tokens=8, temperature=1.5, eos_token_id=[])
-    batch = engine.generate(PROMPTS, adapters=ADAPTERS, seed=[1, 2, 3, 4], **kw)
+    batch = generate(PROMPTS, adapters=ADAPTERS, seed=[1, 2, 3, 4], **kw)
     for b in range(len(PROMPTS)):
-        alone = engine.generate([PROMPTS[b]], adapters=[ADAPTERS[b]], seed=b + 1, **kw)[0]
+        alone = generate([PROMPTS[b]], adapters=[ADAPTERS[b]], seed=b + 1, **kw)[0]
         assert alone.token_ids == batch[b].token_ids
-    greedy = engine.generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=8, eos_token_id=[])
-    tiny_p = engine.generate(PROMPTS, adapters=ADAPTERS, top_p=1e-6, seed=0, **kw)  # keeps only the top token
+    greedy = generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=8, eos_token_id=[])
+    tiny_p = generate(PROMPTS, adapters=ADAPTERS, top_p=1e-6, seed=0, **kw)  # keeps only the top token
     assert [g.token_ids for g in tiny_p] == [g.token_ids for g in greedy]
     assert [g.token_ids for g in batch] != [g.token_ids for g in greedy]
-    mixed = engine.generate(PROMPTS[:2], adapters=ADAPTERS[:2], temperature=[0.0, 2.0], seed=5, max_new_tokens=8,
-                            eos_token_id=[])
+    mixed = generate(PROMPTS[:2], adapters=ADAPTERS[:2], temperature=[0.0, 2.0], seed=5, max_new_tokens=8,
+                     eos_token_id=[])
     assert mixed[0].token_ids == greedy[0].token_ids  # temperature 0 on row 0 only
 
 
-def test_generate_stops(engine):
-    greedy = engine.generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=6, eos_token_id=[])
+@pytest.mark.parametrize("backend", ["decoder", "hf"])
+def test_generate_stops(engine, backend):
+    generate = functools.partial(engine.generate, backend=backend)
+    greedy = generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=6, eos_token_id=[])
     eos = greedy[0].token_ids[2]  # make row 0's third token the end of sequence
-    out = engine.generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=6, eos_token_id=eos)
+    out = generate(PROMPTS, adapters=ADAPTERS, max_new_tokens=6, eos_token_id=eos)
     assert out[0].finish_reason == "stop"
     for g, full in zip(out, greedy):
         cut = full.token_ids.index(eos) if eos in full.token_ids else 6
@@ -224,18 +231,18 @@ def test_generate_stops(engine):
         assert g.finish_reason == ("stop" if cut < 6 else "length")
     engine.tokenizer = CharTokenizer()
     try:
-        text = engine.generate([PROMPTS[1]], adapters=[None], max_new_tokens=6, eos_token_id=[])[0].text
+        text = generate([PROMPTS[1]], adapters=[None], max_new_tokens=6, eos_token_id=[])[0].text
         stop = text[3:5]
-        g = engine.generate([PROMPTS[1]], adapters=[None], max_new_tokens=6, eos_token_id=[], stop=[stop])[0]
+        g = generate([PROMPTS[1]], adapters=[None], max_new_tokens=6, eos_token_id=[], stop=[stop])[0]
         assert g.finish_reason == "stop" and g.text == text[: text.find(stop)]
-        s = engine.generate(["hello", "ab"], adapters=["a", "b"], max_new_tokens=3, eos_token_id=[])
+        s = generate(["hello", "ab"], adapters=["a", "b"], max_new_tokens=3, eos_token_id=[])
         assert all(len(x.text) == 3 for x in s)
     finally:
         engine.tokenizer = None
     with pytest.raises(ConfigError):
-        engine.generate(["text"], adapters=[None])  # no tokenizer
+        generate(["text"], adapters=[None])  # no tokenizer
     with pytest.raises(ShapeMismatchError):
-        engine.generate(PROMPTS, adapters=["a"])
+        generate(PROMPTS, adapters=["a"])
 
 
 # ---- versions, leases, memory ---------------------------------------------------------------------------

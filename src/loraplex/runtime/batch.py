@@ -6,17 +6,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional, TypeVar, Union
 
 import torch
 
-from ..errors import ConfigError, LeaseError, UnsupportedFeatureError
+from ..errors import ConfigError, LeaseError, MergeStateError, UnsupportedFeatureError
 from .ops import Assignment, BatchPlan
 from .pool import Lease
 
 if TYPE_CHECKING:
     from .model import MultiLoraModel
+
+R = TypeVar("R")
 
 # What a caller may pass for one row: a name, None (base only), a Lease (a pinned version), or a weighted mix.
 RowSpec = Union[str, None, Lease, Mapping[Union[str, Lease], float]]
@@ -109,6 +111,20 @@ class Batch:
                 return eng.model(**model_kwargs)
             finally:
                 eng._current.plan = None
+
+    def run(self, forward: Callable[[Optional[BatchPlan]], R]) -> R:
+        """forward(plan) under the engine's lock, with this batch's plan: for a forward over the base weights that
+        does not go through the wrapped model (the compact decoder). Refused (MergeStateError) once a merge or
+        unmerge has changed the base weights since the batch opened: such a forward keeps state built from the
+        old weights (a KV cache, fused weight copies)."""
+        eng = self.engine
+        if self.leases is None:
+            raise LeaseError("this batch is closed")
+        with eng._lock, torch.inference_mode():
+            if self._epoch != eng._merge_epoch:
+                raise MergeStateError("a merge or unmerge changed the base weights while this generation ran on "
+                                      "the compact decoder; generate again")
+            return forward(self.plan)
 
     def close(self) -> None:
         if self.leases is None:

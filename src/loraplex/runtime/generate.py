@@ -5,7 +5,9 @@ The loop, for prompts p_b (token lists) left-padded to length T:
              -> logits of the last position (B, V); the cache holds T positions per row
     decode   next token per row (B, 1); mask gets a column of ones; position_ids = previous + 1
 Padding is masked out of attention and positions count real tokens only, so each row computes what it
-would alone: greedy output is the same as running the request by itself (tested).
+would alone: greedy output is the same as running the request by itself (tested). That is the "hf" backend;
+on a Llama-family base the default backend="auto" runs the same loop on the compact decoder the server runs
+(prompts right-padded into KV lanes, `runtime.steps`), so generate and the server give the same tokens.
 
 Sampling per row b (`sample_next`, the one sampler of generate, the server and evaluate), in vLLM's order:
   1. logits are adjusted (`adjust_logits`): + logit_bias[token]; repetition_penalty r on every token seen in
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 import torch
 
 from ..errors import ConfigError, ShapeMismatchError
+from .steps import DecoderSteps, HFSteps, Steps, check_plan, pick_decoder
 
 if TYPE_CHECKING:
     from .batch import RowSpec
@@ -282,15 +285,16 @@ def generate(
     stop: Union[str, Sequence[str], None] = None,
     seed: Union[int, Sequence[Optional[int]], None] = None,
     eos_token_id: Union[int, Sequence[int], None] = None,
+    backend: str = "auto",
 ) -> list[Generation]:
     """Generate for every prompt (a string, needing engine.tokenizer, or a token list) with its row's adapter.
 
     adapters[b]: a name, None (base only) or {name: weight}; None for all rows if omitted. temperature,
     top_p and seed take one value for all rows or one per row. eos_token_id overrides `stop_ids`'s
-    ids (the model's generation config, config and tokenizer). Returns one Generation per prompt, in order (see the module docstring).
+    ids (the model's generation config, config and tokenizer). backend: "auto" (the compact decoder when the
+    base and the request allow it, else the HF model), "decoder" or "hf" (see `runtime.steps`). Returns one
+    Generation per prompt, in order (see the module docstring).
     """
-    from transformers import DynamicCache
-
     B = len(prompts)
     if B == 0:
         return []
@@ -320,15 +324,15 @@ def generate(
     eos = stop_ids(engine.model, tok, eos_token_id)
     pad = pad_id(tok, eos)
 
-    ids, mask = left_pad(seqs, pad, device)  # (B, T), (B, T)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) positions of real tokens from 0
-    cache = DynamicCache(config=getattr(engine.model, "config", None))
+    decoder = pick_decoder(engine, backend, max(len(s) for s in seqs), max_new_tokens)
     out: list[list[int]] = [[] for _ in range(B)]
     texts: list[Optional[str]] = [None] * B
     reason: list[Optional[str]] = [None] * B
     with engine.batch(rows) as batch:
-        logits = batch(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+        decoder = check_plan(batch, decoder, backend)
+        steps: Steps = DecoderSteps(batch, decoder, seqs, pad, max_new_tokens) if decoder is not None else \
+            HFSteps(batch, *left_pad(seqs, pad, device), engine.model)  # left_pad: (B, T) ids, (B, T) mask
+        logits = steps.first()  # (B, V)
         for step in range(max_new_tokens):
             nxt = sample_next(logits, params, gens)  # (B,)
             for b, t in enumerate(nxt.tolist()):
@@ -345,10 +349,7 @@ def generate(
                         texts[b], reason[b] = text[:cut], "stop"
             if step == max_new_tokens - 1 or all(r is not None for r in reason):
                 break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)  # (B, T + step)
-            pos = pos[:, -1:] + 1  # (B, 1)
-            logits = batch(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
-                           past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = steps.next(nxt)
     results = []
     for b in range(B):
         r = reason[b] or "length"

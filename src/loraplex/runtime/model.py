@@ -28,6 +28,8 @@ How it works:
     hold a lease on the old version (a `Batch`, or `lease(name)`) keep it until they finish.
   - Switching adapters per call changes no module and no weight: only the plan (cached per batch
     composition) differs.
+  - `generate` runs on the compact decoder the server runs (`compact_decoder()`, built once over the same
+    base weights) when the base and the request allow it, else on the wrapped model (`runtime.steps`).
   - Merged mode: `merge(name)` adds scale * B @ A into the base weights (W' = W + dW). Every row then gets
     `name` for free; a row asking for anything else is served by subtracting: its assignment becomes
     {its adapters..., name: -1}, so None still means the bare base and other adapters stay exact up to
@@ -63,6 +65,7 @@ from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
 from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
 from .batch import Batch, RowSpec
+from .decoder import ARCHITECTURES, CompactLlama
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .store import AdapterStore
@@ -118,6 +121,7 @@ class MultiLoraModel:
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
         self._merged: Optional[_Merged] = None
         self._merge_epoch = 0
+        self._decoder: Union[CompactLlama, UnsupportedFeatureError, None] = None  # built (or refused) once
         self._fingerprint = base_fingerprint(base_model)  # of the bare base, before any merge
         self.target_modules = target_modules
         if target_modules is not None:
@@ -145,11 +149,16 @@ class MultiLoraModel:
         with self._lock:
             if self._merged is not None:
                 raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged; unmerge() first")
-            for key, wrapper in self._wrapped.items():
-                parent, _, child = key.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper.base_layer)
+            self._place(bare=True)
             self._wrapped.clear()
             return self.model
+
+    def _place(self, *, bare: bool) -> None:
+        """Put each wrapped module's base layer (bare=True) or its RuntimeLinear (bare=False) in the model."""
+        for key, wrapper in self._wrapped.items():
+            parent, _, child = key.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child,
+                    wrapper.base_layer if bare else wrapper)
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def load(self, name: str, directory: Union[PathLike, AdapterFile], *, check_base_model: bool = True) -> str:
@@ -320,6 +329,41 @@ class MultiLoraModel:
 
         return generate(self, prompts, adapters, **kwargs)
 
+    def compact_decoder(self) -> CompactLlama:
+        """The compact decoder (`runtime.decoder.CompactLlama`, what the server runs) over this base's weights,
+        built on first use and kept until a merge changes them; it registers its seven projections per layer
+        with the pool, so plans cover them. Memory: up to one more copy of the base weights (fused q/k/v and
+        gate/up; oneDNN's reordered copies: docs/runtime.md). UnsupportedFeatureError says why the base cannot
+        run on it (not a Llama-family causal LM, a non-nn.Linear projection, an adapter merged); kept, so
+        asking again is free."""
+        with self._lock:
+            if self._merged is not None:
+                raise UnsupportedFeatureError(
+                    f"adapter {self._merged.lease.name!r} is merged into the base weights; the compact decoder "
+                    "serves the bare base (unmerge() first, or generate with backend='hf')")
+            if self._decoder is None:
+                self._decoder = self._build_decoder()
+            if isinstance(self._decoder, UnsupportedFeatureError):
+                raise UnsupportedFeatureError(str(self._decoder))
+            return self._decoder
+
+    def _build_decoder(self) -> Union[CompactLlama, UnsupportedFeatureError]:
+        mtype = getattr(getattr(self.model, "config", None), "model_type", None)
+        if mtype not in ARCHITECTURES or not hasattr(self.model, "lm_head"):
+            return UnsupportedFeatureError(
+                f"the compact decoder runs Llama-family causal LMs {ARCHITECTURES}; got {type(self.model).__name__} "
+                f"with model_type {mtype!r}")
+        self._place(bare=True)  # CompactLlama reads plain nn.Linear projections: the bare ones, while it reads them
+        try:
+            decoder = CompactLlama(self.model)
+        except UnsupportedFeatureError as e:
+            return e
+        finally:
+            self._place(bare=False)
+        for key, (fin, fout) in decoder.layer_shapes().items():
+            self.pool.register_layer(key, fin, fout)
+        return decoder
+
     # ---- merged mode --------------------------------------------------------------------------------------
     @property
     def merged(self) -> Optional[str]:
@@ -338,6 +382,7 @@ class MultiLoraModel:
                     "reads, so the runtime serves DoRA unmerged (loraplex.merge merges it into a model of its own)"
                 )
             lease = self.pool.acquire(name)
+            self._decoder = None  # its fused weight copies would go stale; rebuilt after unmerge()
             try:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
                 for k, _ in layers:
