@@ -73,20 +73,14 @@ def loftq_factors(weight: torch.Tensor, r: int, scale: float, spec: QuantSpec, n
 
 
 @torch.no_grad()
-def inject_loftq(model: nn.Module, config: LoraConfig, name: str = "default", *,
-                 loftq_config: Optional[LoftQConfig] = None, block_size: int = 64, double_quant: bool = False,
-                 compute_dtype: torch.dtype = torch.float32, activate: bool = True) -> list[str]:
-    """Replace every module `config` targets (float nn.Linear / GPT-2 Conv1D) by a QuantLinear holding its LoftQ
-    quantization and add adapter `name` starting at the LoftQ factors (module docstring); other layers are left as
-    they are (quantize them with quantize_model, which skips QuantLinear). `config.init_lora_weights` must be
-    true (the adapter is a plain LoRA on the new base). block_size / double_quant apply to nf4. Returns the
-    targeted module names."""
+def loftq_quantize(model: nn.Module, config: LoraConfig, loftq_config: Optional[LoftQConfig] = None, *,
+                   block_size: int = 64, double_quant: bool = False, compute_dtype: torch.dtype = torch.float32
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Replace, in place, every module `config` targets (float nn.Linear / GPT-2 Conv1D without adapters) by a
+    QuantLinear holding its LoftQ quantization; returns {module: (A (r, in), B (out, r))}, the adapter start that
+    goes with it (`set_loftq_factors`). Other layers are left as they are (quantize_model skips QuantLinear).
+    block_size / double_quant apply to nf4. Nothing is replaced unless every target can be."""
     loftq = loftq_config or LoftQConfig()
-    if config.init_lora_weights is not True:
-        raise ConfigError(f"inject_loftq: the adapter is a plain LoRA over the LoftQ base, so its LoraConfig needs "
-                          f"init_lora_weights=true, got {config.init_lora_weights!r}")
-    if config.use_dora:
-        raise UnsupportedFeatureError("LoftQ with use_dora=true is not implemented by loraplex; drop use_dora")
     spec = QuantSpec(loftq.scheme, block_size, double_quant, compute_dtype)
     modules = dict(model.named_modules())
     targets = find_targets(model, config)
@@ -97,25 +91,49 @@ def inject_loftq(model: nn.Module, config: LoraConfig, name: str = "default", *,
                 f"LoftQ rewrites the float weight of each target, but {key!r} is a {type(m).__name__}"
                 f"{' holding adapters' if isinstance(m, LoraLayer) else ''}: apply LoftQ to float nn.Linear / Conv1D "
                 "layers without adapters, before quantize_model")
-    factors = {}
-    for key in targets:  # nothing replaced until every factorization succeeded
-        w = linear_weight(modules[key])  # (out, in)
+    quantized, factors = {}, {}
+    for key in targets:
         r = config.rank_for(key)
         scale = scaling(r, config.alpha_for(key), config.use_rslora)
-        q, a, b = loftq_factors(w, r, scale, spec, loftq.loftq_iter)
-        factors[key] = (q, a, b)
-    for key, (q, _, _) in factors.items():
+        quantized[key], *factors[key] = loftq_factors(linear_weight(modules[key]), r, scale, spec, loftq.loftq_iter)
+    for key, q in quantized.items():
         layer = QuantLinear.like(modules[key], spec)
         for tensor_name, tensor in q.tensors().items():
             getattr(layer, tensor_name).copy_(tensor)
         if modules[key].bias is not None:
             layer.bias.copy_(modules[key].bias)
         model.set_submodule(key, layer)
-    injected = inject(model, config, name, activate=activate)
-    layers = dict(lora_layers(model))
-    for key in injected:
-        a, b = layers[key].adapter_tensors(name)
-        a.copy_(factors[key][1])
-        b.copy_(factors[key][2])
-    return injected
+    return {k: (a, b) for k, (a, b) in factors.items()}
 
+
+@torch.no_grad()
+def set_loftq_factors(model: nn.Module, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy the LoftQ start {module: (A, B)} (from `loftq_quantize`) into adapter `name`, just injected with the
+    same config on the same modules."""
+    layers = dict(lora_layers(model))
+    for key, (a0, b0) in factors.items():
+        if key not in layers or name not in layers[key].r:
+            raise ConfigError(f"LoftQ: module {key!r} holds no adapter {name!r}; inject it with the config given to "
+                              "loftq_quantize")
+        a, b = layers[key].adapter_tensors(name)
+        a.copy_(a0)
+        b.copy_(b0)
+
+
+def inject_loftq(model: nn.Module, config: LoraConfig, name: str = "default", *,
+                 loftq_config: Optional[LoftQConfig] = None, block_size: int = 64, double_quant: bool = False,
+                 compute_dtype: torch.dtype = torch.float32, activate: bool = True) -> list[str]:
+    """`loftq_quantize` the modules `config` targets, then add adapter `name` there starting at the LoftQ factors
+    (PEFT's get_peft_model with init_lora_weights="loftq"). `config.init_lora_weights` must be true: the adapter
+    is a plain LoRA on the new base. Returns the targeted module names."""
+    if config.init_lora_weights is not True:
+        raise ConfigError(f"inject_loftq: the adapter is a plain LoRA over the LoftQ base, so its LoraConfig needs "
+                          f"init_lora_weights=true, got {config.init_lora_weights!r}")
+    if config.use_dora or config.lora_bias:
+        raise UnsupportedFeatureError("LoftQ with use_dora or lora_bias is not implemented by loraplex (quantized "
+                                      "layers take neither); drop them")
+    factors = loftq_quantize(model, config, loftq_config, block_size=block_size, double_quant=double_quant,
+                             compute_dtype=compute_dtype)
+    targets = inject(model, config, name, activate=activate)
+    set_loftq_factors(model, name, factors)
+    return targets
