@@ -7,6 +7,7 @@ Output directory (rank 0 writes; each file replaced atomically):
     DIR/loss.png         train and eval loss curves (skipped, with a warning, without the 'plot' extra)
     DIR/train_summary.json   params, peak memory, tokens, time, eval loss before/after
     DIR/checkpoint/      the last checkpoint (with save_every); `resume` continues from it
+    DIR/loftq-base/      init "loftq": the LoftQ-quantized base the adapters belong to (quant/io.py format)
 """
 
 from __future__ import annotations
