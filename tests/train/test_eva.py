@@ -164,6 +164,8 @@ def test_eva_refusals():
         inject_eva(tiny_llama(), lp.LoraConfig(**eva_cfg, use_dora=True), batches())
     with pytest.raises(UnsupportedFeatureError, match="cannot"):  # plain inject still needs data for EVA
         lp.inject(tiny_llama(), lp.LoraConfig(**eva_cfg))
+    with pytest.raises(DataError, match="did not converge within 30 batches"):  # PEFT would loop forever here
+        inject_eva(tiny_llama(), lp.LoraConfig(**eva_cfg), batches(), eva_config=EvaConfig(tau=1.0), max_batches=30)
     model = tiny_llama()
     with pytest.raises(ConfigError, match="shape"):
         inject_eva(model, lp.LoraConfig(**eva_cfg), eva_state_dict={"model.layers.0.self_attn.q_proj": torch.ones(2, 3)})

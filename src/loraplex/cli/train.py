@@ -65,6 +65,7 @@ FLAGS: dict[str, Flag] = {
     "eva_whiten": Flag("--init eva: divide A's rows by the square roots of their singular values", "adapter"),
     "eva_adjust_scaling": Flag("--init eva: alpha follows each layer's new rank, so its scale stays alpha / rank",
                                "adapter"),
+    "eva_max_batches": Flag("--init eva: batches before an EVA that has not converged stops with an error", "adapter"),
     "loftq_iter": Flag("--init loftq: alternations of quantize and SVD (bits follow --quantize)", "adapter"),
     "targets": Flag("'all-linear', a regex over module names, or a comma list (default all-linear)", "adapter",
                     {"type": parse_targets}),

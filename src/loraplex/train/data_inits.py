@@ -23,7 +23,7 @@ LOFTQ_BASE = "loftq-base"  # OUT/loftq-base: the LoftQ-quantized base the adapte
 _BITS = {"nf4": 4, "int8": 8}
 
 
-def eva_config(config: TrainConfig) -> EvaConfig:
+def eva_config(config: TrainConfig) -> EvaConfig:  # (eva_max_batches goes to inject_eva itself)
     """The EvaConfig of a run's --eva-* flags (the label mask value is the data's IGNORE_INDEX)."""
     return EvaConfig(rho=config.eva_rho, tau=config.eva_tau, use_label_mask=config.eva_label_mask,
                      label_mask_value=IGNORE_INDEX, whiten=config.eva_whiten,

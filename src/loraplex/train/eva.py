@@ -44,6 +44,7 @@ from ..functional import Conv1D
 from .ipca import IncrementalPCA
 
 RHO_CEILING = 1000  # PEFT: a rho above this is capped at (largest parameter dimension) // r
+MAX_BATCHES = 1000  # forward passes before an unconverged EVA stops with DataError (PEFT has no bound)
 Batch = Mapping[str, torch.Tensor]
 ForwardFn = Callable[[nn.Module, Batch], Any]
 
@@ -144,13 +145,15 @@ def _to(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 @torch.no_grad()
 def get_eva_state_dict(model: nn.Module, dataloader: Iterable[Batch], config: LoraConfig,
-                       eva_config: Optional[EvaConfig] = None, *,
-                       forward_fn: ForwardFn = forward_dict) -> dict[str, torch.Tensor]:
+                       eva_config: Optional[EvaConfig] = None, *, forward_fn: ForwardFn = forward_dict,
+                       max_batches: int = MAX_BATCHES) -> dict[str, torch.Tensor]:
     """{targeted module name: A (r_l, in)} for the layers `config` targets in `model` (layers with r_l = 0 are
     absent), from the base's activations over `dataloader` (re-iterated until converged; any adapters already on
     the model are disabled meanwhile). `dataloader` needs a len and yields dicts holding input_ids (B, T) and
     optionally attention_mask and labels, passed to `forward_fn(model, batch)`. See the module docstring."""
     eva = eva_config or EvaConfig()
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise ConfigError(f"EVA: max_batches must be an int >= 1, got {max_batches!r}")
     if len(dataloader) == 0:  # type: ignore[arg-type]
         raise DataError("EVA: the dataloader is empty; it needs batches of the training data")
     rho = eva.rho
@@ -180,7 +183,7 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable[Batch], config: Lo
             hooks = {k: _SvdHook(max_components[k], eva.tau, tokens) for k in targets if k not in equal}
             layer_hook = {**{k: k for k in hooks}, **equal}  # every target -> the layer whose PCA it reads
             ranks = _fit(model, modules, dataloader, hooks, layer_hook, equal, max_components, budget, device, tokens,
-                         forward_fn)
+                         forward_fn, max_batches)
     finally:
         model.train(training)
     out: dict[str, torch.Tensor] = {}
@@ -244,12 +247,13 @@ def _groups(equal: dict[str, str], targets: list[str]) -> list[list[str]]:
 
 
 def _fit(model, modules, dataloader, hooks, layer_hook, equal, max_components, budget, device, tokens,
-         forward_fn) -> dict[str, int]:
+         forward_fn, max_batches) -> dict[str, int]:
     """Run batches (cycling) through the hooked layers until every layer's first r_l components converged;
     return {target: r_l} from the last rank distribution (PEFT's loop, including its hook re-attachment)."""
     handles = {k: modules[k].register_forward_hook(h) for k, h in hooks.items()}
     done = {k: False for k in hooks}
     ranks = dict(max_components)
+    passes = 0
     try:
         for batch in itertools.cycle(dataloader):
             batch = _to(batch, device)
@@ -265,7 +269,13 @@ def _fit(model, modules, dataloader, hooks, layer_hook, equal, max_components, b
                     done[key] = False
             if all(done.values()):
                 return ranks
+            if passes == max_batches:
+                left = [k for k, d in done.items() if not d]
+                raise DataError(f"EVA: {len(left)} layer(s) (e.g. {left[0]!r}) did not converge within {max_batches} "
+                                f"batches at tau={hooks[left[0]].tau}: lower tau (PEFT's default is 0.99), raise "
+                                "max_batches (--eva-max-batches) or give more varied data")
             forward_fn(model, batch)
+            passes += 1
             if all(h.pca.components is not None for h in hooks.values()):
                 ranks = _distribute(hooks, layer_hook, equal, budget, max_components)
     finally:
@@ -312,7 +322,7 @@ def eva_lora_config(config: LoraConfig, ranks: Mapping[str, int], eva_config: Op
 def inject_eva(model: nn.Module, config: LoraConfig, dataloader: Optional[Iterable[Batch]] = None,
                name: str = "default", *, eva_config: Optional[EvaConfig] = None,
                eva_state_dict: Optional[Mapping[str, torch.Tensor]] = None, forward_fn: ForwardFn = forward_dict,
-               seed: Optional[int] = None, activate: bool = True) -> list[str]:
+               seed: Optional[int] = None, activate: bool = True, max_batches: int = MAX_BATCHES) -> list[str]:
     """Add adapter `name` to `model` with EVA (PEFT's get_peft_model + initialize_lora_eva_weights in one call):
     `config.init_lora_weights` must be "eva"; A comes from `eva_state_dict` (as `get_eva_state_dict` returns it)
     or is computed from `dataloader`; B = 0. Returns the targeted modules (those with r_l > 0); the adapter's
@@ -328,7 +338,8 @@ def inject_eva(model: nn.Module, config: LoraConfig, dataloader: Optional[Iterab
     if eva_state_dict is None:
         if dataloader is None:
             raise ConfigError("inject_eva: pass a dataloader (batches of training data) or an eva_state_dict")
-        eva_state_dict = get_eva_state_dict(model, dataloader, config, eva_config, forward_fn=forward_fn)
+        eva_state_dict = get_eva_state_dict(model, dataloader, config, eva_config, forward_fn=forward_fn,
+                                            max_batches=max_batches)
     elif dataloader is not None:
         raise ConfigError("inject_eva: pass a dataloader or an eva_state_dict, not both (the state dict would win)")
     if not eva_state_dict:

@@ -71,11 +71,13 @@ NUMERIC_FIELDS: dict[str, tuple[type, bool, str, Any]] = {
     "num_layers": (int, True, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
     "eva_rho": (float, False, "a finite number >= 1", lambda v: v >= 1),
     "eva_tau": (float, False, "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "eva_max_batches": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
     "loftq_iter": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
 }
 # init-specific TrainConfig fields: init -> {field: default}; a field off its default needs its init
 INIT_FIELDS: dict[str, dict[str, Any]] = {
-    "eva": {"eva_rho": 2.0, "eva_tau": 0.99, "eva_label_mask": True, "eva_whiten": False, "eva_adjust_scaling": True},
+    "eva": {"eva_rho": 2.0, "eva_tau": 0.99, "eva_label_mask": True, "eva_whiten": False, "eva_adjust_scaling": True,
+            "eva_max_batches": 1000},
     "loftq": {"loftq_iter": 1},
 }
 DATA_INITS = tuple(INIT_FIELDS)  # inits train/run.py performs itself: EVA (train/eva.py), LoftQ (quant/loftq.py)
@@ -143,6 +145,7 @@ class TrainConfig:
     eva_label_mask: bool = True  # init "eva": only tokens with a target (label != -100) feed the SVD
     eva_whiten: bool = False  # init "eva": divide A's rows by sqrt(singular value)
     eva_adjust_scaling: bool = True  # init "eva": alpha_l = alpha * r_l / rank, so every layer keeps alpha / rank
+    eva_max_batches: int = 1000  # init "eva": forward passes before an unconverged EVA stops (DataError)
     loftq_iter: int = 1  # init "loftq" (LoftQConfig): alternations of quantize / SVD; bits follow --quantize
     out_per_data: bool = False  # one adapter per data source, all trained in one pass: out/<name>/
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (loraplex.device)

@@ -224,7 +224,7 @@ def _run(config: TrainConfig, info) -> TrainResult:
             load_adapter(model, ckpt.adapter_dir(name), name, activate=False)
         elif config.init == "eva":  # from this adapter's own training batches
             inject_eva(model, lora, eva_batches(train_set, config, pad_id), name, eva_config=eva_config(config),
-                       forward_fn=forward_no_cache, activate=False)
+                       forward_fn=forward_no_cache, activate=False, max_batches=config.eva_max_batches)
         else:  # every adapter starts from the same seed: as if each were trained alone
             inject(model, lora, name, seed=config.seed, activate=False)
             if loftq is not None:
