@@ -22,7 +22,9 @@ from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.quant import QuantLinear, QuantSpec, load_quantized, quantize_model, save_quantized
 from loraplex.quant.loftq import LoftQConfig, inject_loftq, loftq_factors, loftq_quantize, set_loftq_factors
 from loraplex.store import CONFIG_NAME
-from train_helpers import config, data, tiny_base  # noqa: F401  (fixtures)
+from safetensors.torch import load_file
+from train_helpers import (assert_same, config, crash_at_second_checkpoint_then_resume, data,  # noqa: F401
+                           tensors, tiny_base)  # data, tiny_base: fixtures
 
 ATOL, RTOL = tolerance(torch.float32)
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -152,3 +154,13 @@ def test_cli_train_quantize_nf4_init_loftq(tiny_base, data, tmp_path):
     lp.load_adapter(model, run.out, "a")
     with pytest.raises(ConfigError, match="loftq_iter"):
         config(tiny_base, [data["a"]], tmp_path / "x", quantize="nf4", loftq_iter=2)
+
+
+def test_loftq_run_resumed_after_a_crash_equals_the_uninterrupted_one(tiny_base, data, tmp_path, monkeypatch):
+    """A resumed --init loftq run rebuilds the same LoftQ base (deterministic) and continues the checkpoint."""
+    whole, resumed = crash_at_second_checkpoint_then_resume(monkeypatch, tiny_base, data["a"], tmp_path,
+                                                            quantize="nf4", init="loftq", save_every=2)
+    assert resumed.resumed_from == 2
+    assert_same(tensors(whole.out), tensors(resumed.out), exact=True)
+    assert_same(load_file(str(whole.out / "loftq-base" / "model.safetensors")),
+                load_file(str(resumed.out / "loftq-base" / "model.safetensors")), exact=True)

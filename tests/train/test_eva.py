@@ -22,7 +22,8 @@ from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.store import CONFIG_NAME
 from loraplex.train import TrainConfig
 from loraplex.train.eva import EvaConfig, get_eva_state_dict, inject_eva
-from train_helpers import data, tiny_base  # noqa: F401  (fixtures)
+from train_helpers import (assert_same, crash_at_second_checkpoint_then_resume, data, tensors,  # noqa: F401
+                           tiny_base)  # data, tiny_base: fixtures
 
 ATOL, RTOL = tolerance(torch.float32)
 QKV_DOWN = ["q_proj", "k_proj", "v_proj", "down_proj"]
@@ -195,3 +196,12 @@ def test_cli_train_init_eva(tiny_base, data, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["config"]["init"] == "eva" and summary["config"]["eva_label_mask"] is False
     peft.PeftModel.from_pretrained(lp.models.load_base(str(tiny_base))[0], out)
+
+
+def test_eva_run_resumed_after_a_crash_equals_the_uninterrupted_one(tiny_base, data, tmp_path, monkeypatch):
+    """A resumed --init eva run continues from the checkpoint's adapter (its per-layer ranks included)."""
+    whole, resumed = crash_at_second_checkpoint_then_resume(
+        monkeypatch, tiny_base, data["a"], tmp_path, init="eva", eva_tau=0.9, targets=["q_proj", "down_proj"],
+        rank=4, save_every=2)
+    assert resumed.resumed_from == 2
+    assert_same(tensors(whole.out), tensors(resumed.out), exact=True)
