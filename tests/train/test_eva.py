@@ -44,19 +44,19 @@ def batches(n: int = 6, rows: int = 4, length: int = 16, seed: int = 0) -> list[
     return out
 
 
-def peft_eva(build, targets, eva: dict, data, **kw):
+def peft_eva(build, targets, eva: dict, loader, **kw):
     pm = peft.get_peft_model(build(seed=1), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                              init_lora_weights="eva", eva_config=peft.EvaConfig(**eva),
                                                              **kw))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft.initialize_lora_eva_weights(pm, data, show_progress_bar=False)
+        peft.initialize_lora_eva_weights(pm, loader, show_progress_bar=False)
     return pm
 
 
-def ours_eva(build, targets, eva: dict, data, **kw):
+def ours_eva(build, targets, eva: dict, loader, **kw):
     model = build(seed=1)
-    inject_eva(model, lp.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva", **kw), data,
+    inject_eva(model, lp.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva", **kw), loader,
                "default", eva_config=EvaConfig(**eva))
     return model
 
@@ -75,8 +75,8 @@ CASES = [  # (model, targets, EvaConfig fields, LoraConfig extras)
 def test_eva_equals_peft(build, targets, eva, kw):
     """lora_A (and B = 0) equal PEFT's; so do rank_pattern / alpha_pattern and which layers kept an adapter.
     (whiten is compared without shared inputs: PEFT divides a shared PCA's rows once per layer of the group.)"""
-    data = batches()
-    pm, model = peft_eva(build, targets, eva, data, **kw), ours_eva(build, targets, eva, data, **kw)
+    loader = batches()
+    pm, model = peft_eva(build, targets, eva, loader, **kw), ours_eva(build, targets, eva, loader, **kw)
     theirs = {k.removeprefix("base_model.model."): v for k, v in pm.state_dict().items() if "lora_" in k}
     ours = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     assert ours.keys() == theirs.keys()
@@ -167,9 +167,9 @@ def test_eva_refusals():
         lp.inject(tiny_llama(), lp.LoraConfig(**eva_cfg))
     with pytest.raises(DataError, match="did not converge within 30 batches"):  # PEFT would loop forever here
         inject_eva(tiny_llama(), lp.LoraConfig(**eva_cfg), batches(), eva_config=EvaConfig(tau=1.0), max_batches=30)
-    model = tiny_llama()
+    model, bad = tiny_llama(), {"model.layers.0.self_attn.q_proj": torch.ones(2, 3)}  # (r_l, 3): q_proj takes 64
     with pytest.raises(ConfigError, match="shape"):
-        inject_eva(model, lp.LoraConfig(**eva_cfg), eva_state_dict={"model.layers.0.self_attn.q_proj": torch.ones(2, 3)})
+        inject_eva(model, lp.LoraConfig(**eva_cfg), eva_state_dict=bad)
     assert not list(lora_layers(model))  # refused before anything changed
 
 

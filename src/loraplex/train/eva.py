@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError, DataError, UnsupportedFeatureError
-from ..inject import configs, disable_adapters, find_targets, inject, lora_layers
+from ..inject import disable_adapters, find_targets, inject, lora_layers
 from ..layers import LoraLayer
 from ..functional import Conv1D
 from .ipca import IncrementalPCA

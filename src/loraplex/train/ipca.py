@@ -67,7 +67,10 @@ def _mean_and_var(x: torch.Tensor, last_mean: Optional[torch.Tensor], last_var: 
     """Running per-feature mean and (biased) variance after batch x (n, d), summed in float64 (Chan et al.)."""
     n_new = torch.tensor([x.shape[0]], device=x.device)
     total = last_n + n_new
-    last_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device) if last_mean is None else last_mean * last_n
+    if last_mean is None:
+        last_sum = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    else:
+        last_sum = last_mean * last_n
     new_sum = x.sum(dim=0, dtype=torch.float64)
     mean = (last_sum + new_sum) / total
     centered = x - new_sum / n_new
