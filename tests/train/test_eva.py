@@ -205,3 +205,11 @@ def test_eva_run_resumed_after_a_crash_equals_the_uninterrupted_one(tiny_base, d
         rank=4, save_every=2)
     assert resumed.resumed_from == 2
     assert_same(tensors(whole.out), tensors(resumed.out), exact=True)
+
+
+def test_init_fields_at_their_defaults_leave_the_resume_identity_as_before(tmp_path):
+    """Checkpoints written before the eva_* / loftq_iter fields existed still resume: at their defaults they are
+    not part of TrainConfig.identity(); set, they are (a resume with other EVA settings is refused)."""
+    plain = TrainConfig(base="x", data="a.jsonl", out=tmp_path).identity()
+    assert not any(k.startswith(("eva_", "loftq_")) for k in plain)
+    assert TrainConfig(base="x", data="a.jsonl", out=tmp_path, init="eva", eva_rho=1.5).identity()["eva_rho"] == 1.5

@@ -322,12 +322,11 @@ def eva_lora_config(config: LoraConfig, ranks: Mapping[str, int], eva_config: Op
 def inject_eva(model: nn.Module, config: LoraConfig, dataloader: Optional[Iterable[Batch]] = None,
                name: str = "default", *, eva_config: Optional[EvaConfig] = None,
                eva_state_dict: Optional[Mapping[str, torch.Tensor]] = None, forward_fn: ForwardFn = forward_dict,
-               seed: Optional[int] = None, activate: bool = True, max_batches: int = MAX_BATCHES) -> list[str]:
+               activate: bool = True, max_batches: int = MAX_BATCHES) -> list[str]:
     """Add adapter `name` to `model` with EVA (PEFT's get_peft_model + initialize_lora_eva_weights in one call):
     `config.init_lora_weights` must be "eva"; A comes from `eva_state_dict` (as `get_eva_state_dict` returns it)
     or is computed from `dataloader`; B = 0. Returns the targeted modules (those with r_l > 0); the adapter's
-    config (`eva_lora_config`) is what `save_adapter` writes. `seed` draws nothing EVA uses (A is data-defined)
-    and is accepted for the same signature as `inject`."""
+    config (`eva_lora_config`) is what `save_adapter` writes."""
     if config.init_lora_weights != "eva":
         raise ConfigError(f"inject_eva: expected a LoraConfig with init_lora_weights='eva', got "
                           f"{config.init_lora_weights!r}; use loraplex.inject for other inits")
@@ -354,7 +353,7 @@ def inject_eva(model: nn.Module, config: LoraConfig, dataloader: Optional[Iterab
             raise ConfigError(f"inject_eva: eva_state_dict[{key!r}] has shape {tuple(a.shape)}; the layer needs "
                               f"(r_l, in) with r_l >= 1 and in = {width}")
     resolved = eva_lora_config(config, {k: int(a.shape[0]) for k, a in eva_state_dict.items()}, eva_config)
-    injected = inject(model, resolved, name, seed=seed, activate=activate)
+    injected = inject(model, resolved, name, activate=activate)
     layers = dict(lora_layers(model))
     for key in injected:
         a, b = layers[key].adapter_tensors(name)

@@ -188,9 +188,11 @@ class TrainConfig:
         self.out = Path(self.out)
 
     def identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with its checkpoint (all that change the result)."""
+        """The settings a resumed run must share with its checkpoint (all that change the result); init-specific
+        fields only when set off their defaults, so checkpoints written before those fields existed still match."""
         keep = {"out", "resume", "overwrite", "progress", "save_every", "log_every", "eval_every", "device"}
-        return {k: v for k, v in asdict(self).items() if k not in keep}
+        unset = {k for fields in INIT_FIELDS.values() for k, d in fields.items() if getattr(self, k) == d}
+        return {k: v for k, v in asdict(self).items() if k not in keep | unset}
 
 
 # ---- schedule and optimizer ------------------------------------------------------------------------------
