@@ -213,3 +213,19 @@ def test_init_fields_at_their_defaults_leave_the_resume_identity_as_before(tmp_p
     plain = TrainConfig(base="x", data="a.jsonl", out=tmp_path).identity()
     assert not any(k.startswith(("eva_", "loftq_")) for k in plain)
     assert TrainConfig(base="x", data="a.jsonl", out=tmp_path, init="eva", eva_rho=1.5).identity()["eva_rho"] == 1.5
+
+
+@pytest.mark.parametrize("kw", [dict(quantize="nf4"), dict(packing=True, max_length=32),
+                                dict(out_per_data=True)])
+def test_eva_runs_over_quantized_packed_and_several_adapters(tiny_base, data, tmp_path, kw):
+    """EVA reads QuantLinear inputs, packed rows (no attention_mask) and, with --out-per-data, each adapter's own
+    batches (the other adapters disabled meanwhile); every adapter is saved with its own ranks."""
+    from train_helpers import config
+
+    from loraplex.train import train
+
+    sources = [data["a"], data["b"]] if kw.get("out_per_data") else [data["b"]]
+    run = train(config(tiny_base, sources, tmp_path / "run", init="eva", eva_tau=0.9, max_steps=2, **kw))
+    for directory in run.adapters.values():
+        assert json.loads((directory / CONFIG_NAME).read_text())["rank_pattern"]
+    assert all(run.eval_loss_after[n] < run.eval_loss_before[n] for n in run.adapters)
