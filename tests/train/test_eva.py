@@ -225,7 +225,8 @@ def test_eva_runs_over_quantized_packed_and_several_adapters(tiny_base, data, tm
     from loraplex.train import train
 
     sources = [data["a"], data["b"]] if kw.get("out_per_data") else [data["b"]]
-    run = train(config(tiny_base, sources, tmp_path / "run", init="eva", eva_tau=0.9, max_steps=2, **kw))
+    run = train(config(tiny_base, sources, tmp_path / "run", init="eva", eva_tau=0.9, max_steps=2, rank=2,
+                       targets=["q_proj", "down_proj"], **kw))
     for directory in run.adapters.values():
         assert json.loads((directory / CONFIG_NAME).read_text())["rank_pattern"]
     assert all(run.eval_loss_after[n] < run.eval_loss_before[n] for n in run.adapters)
