@@ -33,7 +33,8 @@ _REFUSED_INITS = {
     "olora": "OLoRA replaced the base weights by a residual",
     "corda": "CorDA replaced the base weights by a residual",
     "lora_ga": "LoRA-GA replaced the base weights by a residual",
-    "loftq": "LoftQ replaced the base weights by quantized ones",
+    "loftq": "LoftQ replaced the base weights by quantized ones (a new LoftQ adapter: loraplex.quant.loftq."
+             "inject_loftq, which saves it as a plain LoRA on that quantized base)",
     "mica": "MiCA trains A only (lora_B frozen), which loraplex does not implement",
 }
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")

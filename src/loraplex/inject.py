@@ -160,7 +160,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     if initialize and not is_fresh_init(config.init_lora_weights):
         raise UnsupportedFeatureError(
             f"init_lora_weights={config.init_lora_weights!r} is read from saved adapters, but loraplex cannot "
-            f"initialize a new adapter that way; use one of {FRESH_INIT_MODES} or {RESIDUAL_INITS}"
+            f"initialize a new adapter that way; use one of {FRESH_INIT_MODES} or {RESIDUAL_INITS} ('eva' needs "
+            "training data: loraplex.train.eva.inject_eva)"
         )
     targets = find_targets(model, config)
     copies = _modules_to_save_targets(model, config, targets)

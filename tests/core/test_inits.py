@@ -237,14 +237,16 @@ def test_train_config_refuses_inits_it_cannot_honour(tmp_path):
     from loraplex.train import TrainConfig
 
     with pytest.raises(lp.ConfigError, match="TrainConfig.init"):
-        TrainConfig(base="b", data=["d"], out=tmp_path, init="eva")
+        TrainConfig(base="b", data=["d"], out=tmp_path, init="corda")
+    with pytest.raises(lp.ConfigError, match="quantize"):  # LoftQ quantizes the base
+        TrainConfig(base="b", data=["d"], out=tmp_path, init="loftq")
     with pytest.raises(lp.ConfigError, match="one adapter"):
         TrainConfig(base="b", data=["d1", "d2"], out=tmp_path, init="pissa", out_per_data=True)
     with pytest.raises(lp.ConfigError, match="float base"):
         TrainConfig(base="b", data=["d"], out=tmp_path, init="olora", quantize="nf4")
 
 
-@pytest.mark.parametrize("value, match", [("eva", "TrainConfig.init"), ("corda", "TrainConfig.init"),
+@pytest.mark.parametrize("value, match", [("lora_ga", "TrainConfig.init"), ("corda", "TrainConfig.init"),
                                           ("PISSA", "TrainConfig.init")])
 def test_train_init_flag_refuses_unknown_values_as_usage_errors(value, match, tmp_path, capsys):
     from loraplex.cli import main

@@ -55,8 +55,18 @@ FLAGS: dict[str, Flag] = {
     "use_dora": Flag("DoRA (weight-decomposed LoRA): also learn a magnitude per output feature", "adapter",
                      name="dora"),
     "init": Flag("init_lora_weights: true (default), false, gaussian, orthogonal, or pissa, pissa_niter_N, olora "
-                 "(these rewrite the frozen base in memory; the adapter is saved as a plain LoRA of rank 2r)",
+                 "(these rewrite the frozen base in memory; the adapter is saved as a plain LoRA of rank 2r), "
+                 "eva (A from the SVD of the training data's activations), loftq (with --quantize: a base quantized "
+                 "so that base + adapter start near the float weights; written to OUT/loftq-base)",
                  "adapter", {"type": parse_init}),
+    "eva_rho": Flag("--init eva: each layer may take up to round(rank * rho) ranks (1: no redistribution)", "adapter"),
+    "eva_tau": Flag("--init eva: cosine similarity at which a singular vector has converged", "adapter"),
+    "eva_label_mask": Flag("--init eva: only target tokens (not prompt or padding) feed the SVD", "adapter"),
+    "eva_whiten": Flag("--init eva: divide A's rows by the square roots of their singular values", "adapter"),
+    "eva_adjust_scaling": Flag("--init eva: alpha follows each layer's new rank, so its scale stays alpha / rank",
+                               "adapter"),
+    "eva_max_batches": Flag("--init eva: batches before an EVA that has not converged stops with an error", "adapter"),
+    "loftq_iter": Flag("--init loftq: alternations of quantize and SVD (bits follow --quantize)", "adapter"),
     "targets": Flag("'all-linear', a regex over module names, or a comma list (default all-linear)", "adapter",
                     {"type": parse_targets}),
     "quantize": Flag("quantize the frozen base first (QLoRA with nf4)", "adapter",

@@ -12,6 +12,7 @@ from .sources import (
     write_jsonl,
 )
 from .distributed import DistInfo, init_distributed
+from .eva import EvaConfig, get_eva_state_dict, inject_eva
 from .loop import Job, Trainer, TrainConfig, adapter_params, lr_factor, row_losses, row_losses_reference
 from .plot import plot_losses
 from .run import TrainResult, train
@@ -20,7 +21,7 @@ __all__ = [
     "IGNORE_INDEX", "Batcher", "Example", "Examples", "Message", "Record", "RecordSet", "chatterbot_topics",
     "fortune_categories", "load_records", "split", "tokenize", "write_jsonl",
     # the loop
-    "Checkpoint", "DistInfo", "Job", "TrainConfig", "TrainResult", "Trainer", "adapter_params", "find_checkpoint",
+    "Checkpoint", "DistInfo", "EvaConfig", "get_eva_state_dict", "inject_eva", "Job", "TrainConfig", "TrainResult", "Trainer", "adapter_params", "find_checkpoint",
     "init_distributed", "load_checkpoint", "lr_factor", "plot_losses", "row_losses", "row_losses_reference",
     "save_checkpoint", "train",
 ]

@@ -69,7 +69,18 @@ NUMERIC_FIELDS: dict[str, tuple[type, bool, str, Any]] = {
     "save_every": (int, False, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
     "quant_block_size": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
     "num_layers": (int, True, f"an int in [0, {INT_LIMIT}]", lambda v: 0 <= v <= INT_LIMIT),
+    "eva_rho": (float, False, "a finite number >= 1", lambda v: v >= 1),
+    "eva_tau": (float, False, "a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "eva_max_batches": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
+    "loftq_iter": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
 }
+# init-specific TrainConfig fields: init -> {field: default}; a field off its default needs its init
+INIT_FIELDS: dict[str, dict[str, Any]] = {
+    "eva": {"eva_rho": 2.0, "eva_tau": 0.99, "eva_label_mask": True, "eva_whiten": False, "eva_adjust_scaling": True,
+            "eva_max_batches": 1000},
+    "loftq": {"loftq_iter": 1},
+}
+DATA_INITS = tuple(INIT_FIELDS)  # inits train/run.py performs itself: EVA (train/eva.py), LoftQ (quant/loftq.py)
 
 
 def check_numbers(owner: str, values: dict[str, Any], rules: dict[str, tuple[type, bool, str, Any]]) -> None:
@@ -105,7 +116,7 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     use_dora: bool = False  # DoRA: also learn a per-output-row magnitude (LoraConfig.use_dora)
-    init: Union[bool, str] = True  # LoraConfig.init_lora_weights: FRESH_INIT_MODES or RESIDUAL_INITS (PiSSA, OLoRA)
+    init: Union[bool, str] = True  # LoraConfig.init_lora_weights: FRESH_INIT_MODES, RESIDUAL_INITS or DATA_INITS
     targets: Union[str, list[str]] = ALL_LINEAR  # "all-linear", a regex, or module names
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -129,6 +140,13 @@ class TrainConfig:
     quant_block_size: int = 64  # nf4: elements per absmax block (smaller: closer to the float base, more bytes)
     double_quant: bool = False  # nf4: store the block absmax values in 8 bits too
     num_layers: Optional[int] = None
+    eva_rho: float = 2.0  # init "eva" (EvaConfig): max rank per layer round(rank * rho)
+    eva_tau: float = 0.99  # init "eva": cosine similarity at which a component has converged
+    eva_label_mask: bool = True  # init "eva": only tokens with a target (label != -100) feed the SVD
+    eva_whiten: bool = False  # init "eva": divide A's rows by sqrt(singular value)
+    eva_adjust_scaling: bool = True  # init "eva": alpha_l = alpha * r_l / rank, so every layer keeps alpha / rank
+    eva_max_batches: int = 1000  # init "eva": forward passes before an unconverged EVA stops (DataError)
+    loftq_iter: int = 1  # init "loftq" (LoftQConfig): alternations of quantize / SVD; bits follow --quantize
     out_per_data: bool = False  # one adapter per data source, all trained in one pass: out/<name>/
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N" | "mps" (loraplex.device)
     fsdp: bool = False  # under torchrun: shard base and adapters with FSDP2 (fsdp.py) instead of DDP
@@ -140,9 +158,21 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("TrainConfig.data: expected at least one data source, got none")
         check_numbers("TrainConfig", {key: getattr(self, key) for key in NUMERIC_FIELDS}, NUMERIC_FIELDS)
-        if not is_fresh_init(self.init):
-            raise ConfigError(f"TrainConfig.init: expected one of {FRESH_INIT_MODES} or {RESIDUAL_INITS}, "
-                              f"got {self.init!r}")
+        if not is_fresh_init(self.init) and self.init not in DATA_INITS:
+            raise ConfigError(f"TrainConfig.init: expected one of {FRESH_INIT_MODES}, {RESIDUAL_INITS} or "
+                              f"{DATA_INITS}, got {self.init!r}")
+        for init, fields in INIT_FIELDS.items():
+            off = [k for k, default in fields.items() if getattr(self, k) != default]
+            if off and self.init != init:
+                raise ConfigError(f"TrainConfig: {off} apply to init={init!r}, got init={self.init!r}")
+            if any(not isinstance(getattr(self, k), bool) for k, d in fields.items() if isinstance(d, bool)):
+                raise ConfigError(f"TrainConfig: {[k for k, d in fields.items() if isinstance(d, bool)]} must be "
+                                  "true or false")
+        if self.init in DATA_INITS and self.use_dora:
+            raise ConfigError(f"TrainConfig.init={self.init!r} with use_dora is not implemented; drop --dora")
+        if self.init == "loftq" and self.quantize == "none":
+            raise ConfigError("TrainConfig.init='loftq' quantizes the base so that base + adapter start near the "
+                              "float weights: it needs quantize='nf4' or 'int8' (--quantize nf4)")
         if is_residual_init(self.init) and (self.quantize != "none" or (self.out_per_data and len(self.data) > 1)):
             raise ConfigError(f"TrainConfig.init={self.init!r} rewrites the frozen base weights for one adapter: it "
                               "needs a float base (quantize='none') and one adapter (not out_per_data over several "
@@ -158,9 +188,11 @@ class TrainConfig:
         self.out = Path(self.out)
 
     def identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with its checkpoint (all that change the result)."""
+        """The settings a resumed run must share with its checkpoint (all that change the result); init-specific
+        fields only when set off their defaults, so checkpoints written before those fields existed still match."""
         keep = {"out", "resume", "overwrite", "progress", "save_every", "log_every", "eval_every", "device"}
-        return {k: v for k, v in asdict(self).items() if k not in keep}
+        unset = {k for fields in INIT_FIELDS.values() for k, d in fields.items() if getattr(self, k) == d}
+        return {k: v for k, v in asdict(self).items() if k not in keep | unset}
 
 
 # ---- schedule and optimizer ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ Output directory (rank 0 writes; each file replaced atomically):
     DIR/loss.png         train and eval loss curves (skipped, with a warning, without the 'plot' extra)
     DIR/train_summary.json   params, peak memory, tokens, time, eval loss before/after
     DIR/checkpoint/      the last checkpoint (with save_every); `resume` continues from it
+    DIR/loftq-base/      init "loftq": the LoftQ-quantized base the adapters belong to (quant/io.py format)
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from ..inject import find_targets, freeze_base, inject, set_active
 from ..models import load_base
 from ..report import parameter_report
 from ..outputs import check_output, write_json
+from ..quant.io import save_quantized
+from ..quant.loftq import set_loftq_factors
 from ..store import load_adapter, load_residual_state, save_adapter
 from . import checkpoint as ckpt_mod
 from . import fsdp
 from .data import Examples, split, tokenize
+from .data_inits import LOFTQ_BASE, eva_batches, eva_config, forward_no_cache, loftq_base
+from .eva import inject_eva
 from .distributed import barrier, gather_objects, init_distributed, shutdown
 from .loop import METRICS_FILE, Job, Trainer, TrainConfig, _LossModule, adapter_params
 from .plot import plot_losses
@@ -103,7 +108,8 @@ def _prepare_out(config: TrainConfig, is_main: bool) -> bool:
     out = config.out
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {str(out)!r} is a file; train writes a directory: choose another path")
-    earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE) if p.exists()]
+    earlier = [p for p in (out / METRICS_FILE, out / ckpt_mod.CHECKPOINT_DIR, out / SUMMARY_FILE, out / LOFTQ_BASE)
+               if p.exists()]
     check_output(out, overwrite=True, inputs=[p for p in (config.base, *config.data) if Path(p).exists()])
     try:
         check_output(out, overwrite=config.overwrite or (config.resume and bool(earlier)))
@@ -190,9 +196,16 @@ def _run(config: TrainConfig, info) -> TrainResult:
         raise ConfigError(f"base {config.base!r} has no tokenizer; training needs a model directory with one "
                           "(e.g. 'smollm2', or a directory saved with model and tokenizer)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=config.use_dora,
+                      init_lora_weights=True if config.init == "loftq" else config.init, target_modules=config.targets,
+                      base_model_name_or_path=config.base)
+    loftq = None
     if config.quantize != "none":
         from ..quant import quantize_model
 
+        if config.init == "loftq":  # the targets get their LoftQ quantization, the rest the plain one
+            _check_rank(model, lora)
+            loftq = loftq_base(model, lora, config)
         # before inject: LoRA then wraps the QuantLinear layers (TrainConfig keeps nf4's options default for int8)
         quantize_model(model, config.quantize, block_size=config.quant_block_size, double_quant=config.double_quant)
     if not config.fsdp:  # FSDP moves each rank's shards to the device; the whole base never goes there
@@ -200,17 +213,22 @@ def _run(config: TrainConfig, info) -> TrainResult:
     data, facts = _load_data(config, tokenizer)
     found = ckpt_mod.find_checkpoint(config.out) if config.resume else None
     ckpt = ckpt_mod.load_checkpoint(found) if found is not None else None
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=config.use_dora,
-                      init_lora_weights=config.init, target_modules=config.targets, base_model_name_or_path=config.base)
     _check_rank(model, lora)
-    for name in data:
+    if loftq is not None and info.is_main:  # the base the adapters belong to (before any wrapper goes in)
+        save_quantized(model, config.out / LOFTQ_BASE)
+    for name, (train_set, _) in data.items():
         if ckpt is not None and ckpt.adapter_dir(name).is_dir() and is_residual_init(config.init):
             inject(model, lora, name, seed=config.seed, activate=False)  # the same residual base and (A0, B0) ...
             load_residual_state(model, name, ckpt.adapter_dir(name))  # ... then the checkpoint's A, B (and m)
         elif ckpt is not None and ckpt.adapter_dir(name).is_dir():
             load_adapter(model, ckpt.adapter_dir(name), name, activate=False)
+        elif config.init == "eva":  # from this adapter's own training batches
+            inject_eva(model, lora, eva_batches(train_set, config, pad_id), name, eva_config=eva_config(config),
+                       forward_fn=forward_no_cache, activate=False, max_batches=config.eva_max_batches)
         else:  # every adapter starts from the same seed: as if each were trained alone
             inject(model, lora, name, seed=config.seed, activate=False)
+            if loftq is not None:
+                set_loftq_factors(model, name, loftq)
     freeze_base(model, None)
     for name in data:
         for p in adapter_params(model, name):
