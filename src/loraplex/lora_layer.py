@@ -4,6 +4,10 @@ It owns what all wrapper types share: adding/removing adapters (and the inits th
 and per-row routing, and the explicit, reversible merge/unmerge (functional.exact_merge / exact_restore keep
 the bit-exact restore). A subclass supplies its layout through a few hooks: `adapter_shapes`, `_create`,
 `_lora`, `delta`, `_out_rows` / `_from_out_rows` and the DoRA pair `_init_dora` / `_add_dora`.
+
+Forward runs the layer's plan (plans.py), chosen by `choose_plan` at the first call after a state change:
+assigning `active`, `disabled` or `row_routing`, adding or removing an adapter and any change of `merged` mark
+it stale. Nothing is decided per call but what depends on the input (FusedPlan says which facts).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch.nn as nn
 from . import functional as LF
 from .config import is_residual_init
 from .errors import ConfigError, MergeStateError, NonFiniteError, UnsupportedFeatureError
+from .plans import AddPath, BasePlan, Plan, RoutedPlan, SumPlan, WatchedDict
 
 InitMode = Union[bool, str]
 
@@ -56,14 +61,49 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoraMagnitude (weight (out,))
-        self.active: list[tuple[str, float]] = []  # (adapter name, mixing weight), applied on the fly
-        self.merged: dict[str, MergeRecord] = {}
+        self._plan: Optional[Plan] = None  # what forward runs; None: stale, chosen again at the next call
+        self.active: tuple[tuple[str, float], ...] = ()  # (adapter name, mixing weight), applied on the fly
+        self.merged: dict[str, MergeRecord] = WatchedDict(self._stale)  # in merge order; a change -> stale plan
         # residual-init adapters (PiSSA/OLoRA): name -> (A0 (r, in), B0 (out, r)), the initial factors whose
         # scaled product was subtracted from the base weight; the base holds W_res = W - scale * B0 @ A0
         self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.disabled = False
         # per-row routing (set by inject.route_rows): (adapter names, row -> index into names, -1 = base only)
         self.row_routing: Optional[tuple[list[str], torch.Tensor]] = None
+
+    # -- state the plan depends on: assigning it marks the plan stale ----------------------------------------
+    @property
+    def active(self) -> tuple[tuple[str, float], ...]:
+        """The (name, mixing weight) pairs applied on the fly, in order; assign a new sequence to change them."""
+        return self._active
+
+    @active.setter
+    def active(self, pairs: Any) -> None:
+        self._active = tuple((n, w) for n, w in pairs)
+        self._stale()
+
+    @property
+    def disabled(self) -> bool:
+        """True: forward runs the bare base (inject.disable_adapters)."""
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value: bool) -> None:
+        self._disabled = bool(value)
+        self._stale()
+
+    @property
+    def row_routing(self) -> Optional[tuple[list[str], torch.Tensor]]:
+        """(adapter names, row -> index into names, -1 = base only) while inject.route_rows runs, else None."""
+        return self._row_routing
+
+    @row_routing.setter
+    def row_routing(self, value: Optional[tuple[list[str], torch.Tensor]]) -> None:
+        self._row_routing = value
+        self._stale()
+
+    def _stale(self) -> None:
+        self._plan = None
 
     # -- adapters --------------------------------------------------------------------------------------
     @property
@@ -89,6 +129,7 @@ class LoraLayer(nn.Module):
         self.scaling[name] = LF.scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 and self.supports_dropout else nn.Identity()
         self._create(name, r)
+        self._stale()
         if lora_bias:
             self._add_lora_bias(name)
         with torch.no_grad():
@@ -124,7 +165,7 @@ class LoraLayer(nn.Module):
         del self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
-        self.active = [(n, w) for n, w in self.active if n != name]
+        self.active = [(n, w) for n, w in self.active if n != name]  # marks the plan stale
 
     def check_new_adapter(self, init: Optional[InitMode], r: int, lora_bias: bool = False) -> None:
         """Raise what `add_adapter(..., r, init=init)` refuses, changing nothing: an init this layer type does not
@@ -178,23 +219,35 @@ class LoraLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        plan = self._plan if self._plan is not None else self._replan()
+        return plan(self, x, *args, **kwargs)
+
+    def _replan(self) -> Plan:
+        self._plan = self.choose_plan()  # raises (and stays stale) where the state cannot run
+        return self._plan
+
+    def choose_plan(self) -> Plan:
+        """The plan (plans.py) for the current state: the base alone when disabled or nothing unmerged is active,
+        per-row routing, else the sum over the active unmerged adapters. Raises UnsupportedFeatureError for a
+        DoRA adapter active beside others or at a weight other than 1 (at forward, as PEFT)."""
         if self.disabled:
-            return result
+            return BasePlan()
         if self.row_routing is not None:
-            return self._routed(x, result)
-        for name, weight in self.active:
-            if name in self.merged:
-                continue  # already inside the base weight
+            return RoutedPlan()
+        pending = [(name, weight) for name, weight in self.active if name not in self.merged]  # merged: in the base
+        for name, weight in pending:
             if self.is_dora(name):
                 _check_dora_weight(name, weight, len(self.active))
-                result = self._add_dora(name, x, result)
-            else:
-                result = self._add_lora(name, self.lora_dropout[name](x), result, weight)
-        return result
+        if not pending:
+            return BasePlan()
+        return SumPlan(tuple((name, weight, self._add_path(name)) for name, weight in pending))
+
+    def _add_path(self, name: str) -> AddPath:
+        """How adapter `name` adds its output (plans.AddPath); LoraLinear adds "addmm"."""
+        return "dora" if self.is_dora(name) else "lora"
 
     def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
-        """result + weight * lora_name(x); subclasses may fuse the sum (LoraLinear does)."""
+        """result + weight * lora_name(x), cast to result's dtype."""
         delta = self._lora(name, x)
         return result + (delta if weight == 1.0 else weight * delta).to(result.dtype)
 
@@ -390,7 +443,7 @@ class LoraLayer(nn.Module):
         return torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
 
     def extra_repr(self) -> str:
-        return f"adapters={self.r}, active={self.active}, merged={list(self.merged)}"
+        return f"adapters={self.r}, active={list(self.active)}, merged={list(self.merged)}"
 
 
 class DoraMagnitude(nn.Module):
