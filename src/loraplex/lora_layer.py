@@ -222,6 +222,11 @@ class LoraLayer(nn.Module):
         plan = self._plan if self._plan is not None else self._replan()
         return plan(self, x, *args, **kwargs)
 
+    @property
+    def plan(self) -> Plan:
+        """The plan forward runs in the current state (chosen now if a change made it stale)."""
+        return self._plan if self._plan is not None else self._replan()
+
     def _replan(self) -> Plan:
         self._plan = self.choose_plan()  # raises (and stays stale) where the state cannot run
         return self._plan
