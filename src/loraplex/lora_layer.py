@@ -219,8 +219,7 @@ class LoraLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        plan = self._plan if self._plan is not None else self._replan()
-        return plan(self, x, *args, **kwargs)
+        return self.plan(self, x, *args, **kwargs)
 
     @property
     def plan(self) -> Plan:
