@@ -31,11 +31,13 @@ from .config import is_residual_init
 from .errors import ConfigError, MergeStateError, UnsupportedFeatureError, UnsupportedModuleError
 from .functional import Conv1D
 from .lora_layer import DoraMagnitude, InitMode, LoraLayer
-from .plans import AddPath, FusedPlan, Plan, SumPlan
+from .plans import AddPath, FusedPlan, Plan, PlanInput, SumPlan
 
 
 class LoraLinear(LoraLayer):
     """LoRA over nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out): fan_in_fan_out by type)."""
+
+    fused = PlanInput(bool)  # may one active plain adapter run with the base as one node (FusedPlan)?
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -47,16 +49,6 @@ class LoraLinear(LoraLayer):
         self.fused = type(base_layer) is nn.Linear or (self.fan_in_fan_out and type(base_layer) is Conv1D)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-
-    @property
-    def fused(self) -> bool:
-        """Whether one active plain adapter may run with the base as one node (FusedPlan); False: never."""
-        return self._fused
-
-    @fused.setter
-    def fused(self, value: bool) -> None:
-        self._fused = bool(value)
-        self._stale()
 
     def choose_plan(self) -> Plan:
         """LoraLayer's plan, or a FusedPlan over it where one active, unmerged adapter adds by "addmm"."""

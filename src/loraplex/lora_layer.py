@@ -22,7 +22,7 @@ from . import functional as LF
 from .config import is_residual_init
 from .errors import ConfigError, MergeStateError, UnsupportedFeatureError
 from .layer_merge import LayerMerge, MergeRecord
-from .plans import AddPath, BasePlan, Plan, RoutedPlan, SumPlan, WatchedDict
+from .plans import AddPath, BasePlan, Plan, PlanInput, RoutedPlan, SumPlan, WatchedDict
 
 InitMode = Union[bool, str]
 
@@ -31,6 +31,10 @@ class LoraLayer(LayerMerge, nn.Module):
     """Common state and logic of all LoRA wrappers; subclasses define how A/B are built and applied."""
 
     supports_dropout = True  # False where inputs are ids (embeddings): dropout on ids is meaningless
+    # the state the plan depends on (see __init__): assigning one marks the plan stale; assign, never mutate
+    active = PlanInput(lambda pairs: tuple((n, w) for n, w in pairs))
+    disabled = PlanInput(bool)
+    row_routing = PlanInput()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -47,40 +51,9 @@ class LoraLayer(LayerMerge, nn.Module):
         # residual-init adapters (PiSSA/OLoRA): name -> (A0 (r, in), B0 (out, r)), the initial factors whose
         # scaled product was subtracted from the base weight; the base holds W_res = W - scale * B0 @ A0
         self.residual: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.disabled = False
+        self.disabled = False  # True: the bare base runs (inject.disable_adapters)
         # per-row routing (set by inject.route_rows): (adapter names, row -> index into names, -1 = base only)
         self.row_routing: Optional[tuple[list[str], torch.Tensor]] = None
-
-    # -- state the plan depends on: assigning it marks the plan stale ----------------------------------------
-    @property
-    def active(self) -> tuple[tuple[str, float], ...]:
-        """The (name, mixing weight) pairs applied on the fly, in order; assign a new sequence to change them."""
-        return self._active
-
-    @active.setter
-    def active(self, pairs: Any) -> None:
-        self._active = tuple((n, w) for n, w in pairs)
-        self._stale()
-
-    @property
-    def disabled(self) -> bool:
-        """True: forward runs the bare base (inject.disable_adapters)."""
-        return self._disabled
-
-    @disabled.setter
-    def disabled(self, value: bool) -> None:
-        self._disabled = bool(value)
-        self._stale()
-
-    @property
-    def row_routing(self) -> Optional[tuple[list[str], torch.Tensor]]:
-        """(adapter names, row -> index into names, -1 = base only) while inject.route_rows runs, else None."""
-        return self._row_routing
-
-    @row_routing.setter
-    def row_routing(self, value: Optional[tuple[list[str], torch.Tensor]]) -> None:
-        self._row_routing = value
-        self._stale()
 
     def _stale(self) -> None:
         self._plan = None

@@ -17,7 +17,7 @@ load_state_dict(assign=True) replace those), so a deep copy or a replica of a la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -98,6 +98,24 @@ class FusedPlan:
 
 
 Plan = BasePlan | RoutedPlan | SumPlan | FusedPlan
+
+
+class PlanInput:
+    """A layer attribute the plan depends on (`active`, `disabled`, `row_routing`, `fused`): assigning it stores
+    `convert(value)` and marks the layer's plan stale (`layer._stale()`)."""
+
+    def __init__(self, convert: Callable[[Any], Any] = lambda value: value) -> None:
+        self.convert = convert
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, layer: Any, owner: Optional[type] = None) -> Any:
+        return self if layer is None else layer.__dict__[self.slot]
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        layer.__dict__[self.slot] = self.convert(value)
+        layer._stale()
 
 
 class WatchedDict(dict):
