@@ -31,10 +31,13 @@ from .config import is_residual_init
 from .errors import ConfigError, MergeStateError, UnsupportedFeatureError, UnsupportedModuleError
 from .functional import Conv1D
 from .lora_layer import DoraMagnitude, InitMode, LoraLayer
+from .plans import AddPath, FusedPlan, Plan, PlanInput, SumPlan
 
 
 class LoraLinear(LoraLayer):
     """LoRA over nn.Linear (weight (out, in)) or GPT-2 Conv1D (weight (in, out): fan_in_fan_out by type)."""
+
+    fused = PlanInput(bool)  # may one active plain adapter run with the base as one node (FusedPlan)?
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -42,39 +45,21 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = self.layout == "in_out"
         self.in_features, self.out_features = LF.linear_features(base_layer)
         # A plain base (not a subclass) computes exactly x @ W.T + b, so forward may run base + LoRA as one
-        # autograd node (LF.linear_with_lora); `fused = False` forces the generic path, its reference.
+        # autograd node (plans.FusedPlan); `fused = False` forces the generic path, its reference.
         self.fused = type(base_layer) is nn.Linear or (self.fan_in_fan_out and type(base_layer) is Conv1D)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        single = None if args or kwargs else self._single_adapter(x)
-        if single is None:
-            return super().forward(x, *args, **kwargs)
-        name, scale = single
-        base = self.base_layer
-        weight = LF.out_in(base.weight, self.layout)  # (out, in)
-        return LF.linear_with_lora(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, scale)
+    def choose_plan(self) -> Plan:
+        """LoraLayer's plan, or a FusedPlan over it where one active, unmerged adapter adds by "addmm"."""
+        plan = super().choose_plan()
+        if self.fused and isinstance(plan, SumPlan) and len(self.active) == 1 and plan.adapters[0][2] == "addmm":
+            name, weight, _ = plan.adapters[0]
+            return FusedPlan(name, weight, plan)
+        return plan
 
-    def _single_adapter(self, x: torch.Tensor) -> Optional[tuple[str, float]]:
-        """(name, weight * scaling) when base + LoRA can run as one node (LF.linear_with_lora): one active,
-        unmerged adapter without live dropout, over a plain, frozen, unhooked base in the adapter's dtype, outside
-        autocast (which would cast the node's GEMMs one by one); else None."""
-        if (self.disabled or self.row_routing is not None or len(self.active) != 1 or not self.fused
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        name, weight = self.active[0]
-        if self.is_dora(name) or self.lora_b_bias(name) is not None:
-            return None
-        base = self.base_layer
-        a = self.lora_A[name].weight
-        dropout = self.lora_dropout[name]
-        if (name in self.merged or (dropout.training and not isinstance(dropout, nn.Identity))
-                or x.dtype != a.dtype or base.weight.dtype != a.dtype or base.weight.requires_grad
-                or (base.bias is not None and base.bias.requires_grad)
-                or base._forward_hooks or base._forward_pre_hooks):
-            return None
-        return name, weight * self.scaling[name]
+    def _add_path(self, name: str) -> AddPath:
+        return "addmm" if not self.is_dora(name) and self.lora_b_bias(name) is None else super()._add_path(name)
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -171,12 +156,13 @@ class LoraLinear(LoraLayer):
         lora_out = LF.lora_linear(xa, a, b, self.scaling[name])  # (..., out)
         return LF.dora_add(result, base_out, lora_out, g).to(result.dtype)
 
-    def _add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
-        """The fused path (one addmm, see LF.lora_linear_add) when the base output is in the adapter's dtype;
-        otherwise (e.g. a bf16 base under fp32 adapters) the generic cast-and-add."""
+    def _addmm_lora(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float) -> torch.Tensor:
+        """`_add_lora` for an adapter without LoRA-B bias, as one addmm (LF.lora_linear_add) when the base output
+        is in the adapter's dtype, which only the input decides; else (e.g. a bf16 base under fp32 adapters) the
+        generic cast-and-add."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if result.dtype != a.dtype or self.lora_b_bias(name) is not None:
-            return super()._add_lora(name, x, result, weight)
+        if result.dtype != a.dtype:
+            return self._add_lora(name, x, result, weight)
         return LF.lora_linear_add(result, x.to(a.dtype), a, b, weight * self.scaling[name])
 
     def delta(self, name: str) -> torch.Tensor:

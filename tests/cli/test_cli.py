@@ -76,7 +76,8 @@ def test_merge_two_adapters_with_weights(base_and_adapter, tmp_path):
     assert main(["merge", "--base", str(tmp / "base"), "--adapter", str(tmp / "adapter"), "--adapter",
                  str(tmp / "b"), "--weights", "0.6", "-0.4", "--out", str(tmp / "m")]) == 0
     got = AutoModelForCausalLM.from_pretrained(tmp / "m")(IDS).logits.detach()
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    atol, rtol = tolerance(torch.float32)  # merged W + delta vs the on-the-fly mix: 10x, as test_core's merges
+    torch.testing.assert_close(got, want, atol=10 * atol, rtol=10 * rtol)
 
 
 def test_cli_errors_are_one_clean_line(base_and_adapter, capsys):

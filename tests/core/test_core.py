@@ -61,7 +61,7 @@ def test_zero_B_is_the_base(case):
     model = build(seed=2)
     base = _out(model, x)
     lp.inject(model, lp.LoraConfig(r=4, **kw), "a", seed=0)  # default init: B = 0 (A = 0 for embeddings)
-    torch.testing.assert_close(_out(model, x), base, atol=0, rtol=0)
+    torch.testing.assert_close(_out(model, x), base, atol=0, rtol=0)  # bit for bit: B = 0 adds exact zeros
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,7 +116,7 @@ def test_disable_adapters_gives_base_and_refuses_when_merged():
     base = _out(model, IDS)
     lp.inject(model, lp.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
     with lp.disable_adapters(model):
-        torch.testing.assert_close(_out(model, IDS), base, atol=0, rtol=0)
+        torch.testing.assert_close(_out(model, IDS), base, atol=0, rtol=0)  # bit for bit: the bare base runs
     assert not torch.allclose(_out(model, IDS), base)
     lp.merge(model, "a")
     with pytest.raises(lp.MergeStateError, match="unmerge"):
@@ -264,7 +264,7 @@ def test_remove_adapter_unwraps():
     lp.remove_adapter(model, "b")
     lp.remove_adapter(model, "a")
     assert not list(lp.lora_layers(model))
-    torch.testing.assert_close(_out(model, IDS), base, atol=0, rtol=0)
+    torch.testing.assert_close(_out(model, IDS), base, atol=0, rtol=0)  # bit for bit: the base modules are back
 
 
 @pytest.mark.parametrize("case", ["llama", "gpt2", "conv"])
@@ -285,7 +285,8 @@ def test_route_rows_equals_each_row_alone_and_trains(case):
         else:
             lp.set_active(model, name)
             alone = _out(model, xs[row:row + 1])
-        torch.testing.assert_close(routed[row:row + 1], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(routed[row:row + 1], alone, atol=tolerance(torch.float32)[0],
+                                   rtol=tolerance(torch.float32)[1])
     # gradients reach exactly the adapters that served some row
     lp.freeze_base(model, None)
     for _, layer in lp.lora_layers(model):

@@ -22,7 +22,8 @@ def test_smollm2_adapter_peft_interop_and_merge(tmp_path):
     fresh, _ = load_base("smollm2", num_layers=2)
     pm = peft.PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
     with torch.no_grad():
-        torch.testing.assert_close(pm(ids).logits, want, atol=1e-4, rtol=1e-4)
+        atol, rtol = lp.tolerance(torch.float32)  # a real 576-wide model: 10x, as test_core's merges
+        torch.testing.assert_close(pm(ids).logits, want, atol=10 * atol, rtol=10 * rtol)
     lp.merge(model, "a")
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(ids).logits, want, atol=10 * atol, rtol=10 * rtol)

@@ -120,6 +120,7 @@ def test_lm_eval_local_completions_equals_hf_peft(setup, adapter, monkeypatch):
     assert served["results"]["quiz_gen"]["exact_match,none"] == oracle["results"]["quiz_gen"]["exact_match,none"]
     got, want = per_item(served, "quiz_mc"), per_item(oracle, "quiz_mc")
     ll = lambda items: torch.tensor([[float(c[0][0]) for c in doc] for doc in items])  # noqa: E731 (doc, choice)
-    torch.testing.assert_close(ll(got), ll(want), atol=1e-4, rtol=1e-4)
+    atol, rtol = lp.tolerance(torch.float32)  # sums of token logprobs of two decoders: 10x one comparison
+    torch.testing.assert_close(ll(got), ll(want), atol=10 * atol, rtol=10 * rtol)
     assert [[bool(c[0][1]) for c in doc] for doc in got] == [[bool(c[0][1]) for c in doc] for doc in want]
     assert per_item(served, "quiz_gen") == per_item(oracle, "quiz_gen")

@@ -67,7 +67,7 @@ def test_fused_adamw_equals_the_loop_version(tmp_path):
             o.step()
     for a, b, s0 in zip(fused, loop, start):
         assert not torch.equal(a.detach(), s0)  # it moved
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)  # two AdamW kernels: fp32 rounding of a step of ~lr
 
 
 def test_parse_targets():
@@ -351,7 +351,8 @@ def test_train_outputs_determinism_and_peft(tiny_base, data, tmp_path):
     pm = peft.PeftModel.from_pretrained(ref, out).eval()
     ids = torch.randint(4, 99, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(pm(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-4)
+        atol, rtol = tolerance(torch.float32)
+        torch.testing.assert_close(pm(ids).logits, model(ids).logits, atol=atol, rtol=rtol)
 
 
 def test_grad_accum_equals_bigger_batch(tiny_base, data, tmp_path):

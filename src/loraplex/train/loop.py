@@ -11,10 +11,7 @@ AdamW, schedule, clipping norm and Batcher per job, each adapter gets exactly th
 trained alone with the same settings (up to float summation order; with dropout 0, since masks are
 drawn from one RNG stream).
 
-The loss never builds the full (B, T, vocab) logits: for the model types in FAST_LOSS_TYPES it runs the
-decoder, keeps the hidden states of target positions and applies the output head to those only, as
-(W @ x.T).T (`row_losses`, `head_logits`; `row_losses_reference` is the plain full-logits version it is
-tested against).
+The per-row loss is loss.py's (`row_losses`); one adapter's state (tensors, data, AdamW + schedule) is job.py's.
 """
 
 from __future__ import annotations
@@ -30,19 +27,21 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..inject import lora_layers, route_rows
+from ..inject import route_rows
 from . import checkpoint as ckpt_mod
 from ..config import ALL_LINEAR, FRESH_INIT_MODES, RESIDUAL_INITS, is_fresh_init, is_residual_init
 from ..device import parse_device
 from ..errors import ConfigError, NonFiniteError, WriteError
 from ..quant import QuantSpec
-from .data import IGNORE_INDEX, Batcher, Example
+from .data import IGNORE_INDEX, Batcher
 from . import fsdp
 from .distributed import DistInfo, all_reduce_sum, barrier, gather_objects, shard, wrap
+from .job import Job, adapter_params, lr_factor, make_optimizer  # noqa: F401  (importable from here, as before)
+from .loss import (  # noqa: F401  (importable from here, as before)
+    FAST_LOSS_TYPES, concat_batches, head_logits, row_losses, row_losses_reference, target_count,
+)
 
-FAST_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "olmo2", "phi3", "smollm3"})
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -195,71 +194,7 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in keep | unset}
 
 
-# ---- schedule and optimizer ------------------------------------------------------------------------------
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup (s+1)/(warmup+1) for
-    s < warmup, then cosine from 1 towards 0 that never reaches it (every step still learns)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig, total_steps: int):
-    """AdamW over `params` (the adapter's tensors only) and its LambdaLR warmup + cosine schedule.
-
-    AdamW runs fused (one kernel for all tensors, as transformers' default `adamw_torch_fused`) where torch has
-    that kernel: float tensors on CPU or CUDA. A step then costs ~10 ms instead of ~50 ms for SmolLM2's 420
-    adapter tensors on CPU; the update is the same up to float rounding."""
-    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params) or None
-    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay,
-                            fused=fused)
-    warmup = round(config.warmup_ratio * total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, warmup))
-    return opt, sched
-
-
-# ---- loss --------------------------------------------------------------------------------------------------
-
-def target_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry a loss: labels[:, 1:] != -100 (token t+1 is predicted at position t)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def row_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy of each row: (B,) fp32. The output head runs on target positions only."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if getattr(getattr(model, "config", None), "model_type", None) not in FAST_LOSS_TYPES or head is None:
-        return row_losses_reference(model, batch)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    mask = labels != IGNORE_INDEX
-    logits = head_logits(head, hidden[:, :-1][mask])  # (N, V): only the N target positions
-    ce = F.cross_entropy(logits.float(), labels[mask], reduction="none")  # (N,)
-    rows = mask.nonzero()[:, 0]  # (N,) row of each target, in the same row-major order as the mask
-    return torch.zeros(labels.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
-
-
-def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """head(x) for target rows x: (N, H) -> (N, V). A plain nn.Linear head runs as (W @ x.T).T (a view): with
-    few rows and a large vocabulary BLAS runs that layout faster than x @ W.T on CPU (SmolLM2's head + loss,
-    forward and backward: 1.1-1.2x, bench/bench_lora_ops.py); any other head (LoRA, hooked) is called."""
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        return head(x)
-    logits = torch.mm(head.weight, x.t()).t()  # (V, N) -> (N, V)
-    return logits if head.bias is None else logits + head.bias
-
-
-def row_losses_reference(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The obvious version of `row_losses`: full logits (B, T, V), then masked cross-entropy per row."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits  # (B, T, V)
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), batch["labels"][:, 1:], reduction="none",
-                         ignore_index=IGNORE_INDEX)  # (B, T-1), 0 where ignored
-    return ce.sum(1)
-
+# ---- the loss module DDP / FSDP wrap ---------------------------------------------------------------------
 
 class _LossModule(nn.Module):
     """What DDP wraps: forward(batch) -> per-row loss sums (B,)."""
@@ -270,78 +205,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return row_losses(self.model, batch)
-
-
-def concat_batches(parts: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack batches along rows, right-padding shorter ones (pad_id / attention 0 / label -100)."""
-    if len(parts) == 1:
-        return parts[0]
-    width = max(p["input_ids"].shape[1] for p in parts)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
-    return {k: torch.cat([F.pad(p[k], (0, width - p[k].shape[1]), value=fill[k]) for p in parts]) for k in parts[0]}
-
-
-# ---- one adapter's training state ----------------------------------------------------------------------
-
-def adapter_params(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """Adapter `name`'s A/B tensors in module order (the order optimizer states are saved in)."""
-    return [t for _, layer in lora_layers(model) if name in layer.r for t in layer.adapter_params(name)]
-
-
-class Job:
-    """One adapter being trained: its tensors, data, optimizer, schedule and progress."""
-
-    def __init__(self, name: str, params: Sequence[nn.Parameter], train: Sequence[Example],
-                 held_out: Sequence[Example], config: TrainConfig, world_size: int, pad_id: int) -> None:
-        self.name, self.params, self.config = name, list(params), config
-        self.batcher = Batcher(train, config.batch_size * world_size, seed=config.seed, packing=config.packing,
-                               max_length=config.max_length, pad_id=pad_id)
-        self.total_micro = config.epochs * len(self.batcher)
-        self.total_steps = config.max_steps or math.ceil(self.total_micro / config.grad_accum)
-        self.optimizer, self.scheduler = make_optimizer(self.params, config, self.total_steps)
-        self.steps_done = 0
-        self._it: Optional[Any] = None
-        self.train_examples, self.eval_examples = len(train), len(held_out)
-        # eval: each distinct example once, weighted by how often it occurs (same mean, less work)
-        counts: dict[tuple, list] = {}
-        for e in held_out:
-            counts.setdefault((tuple(e.input_ids), tuple(e.labels)), [e, 0])[1] += 1
-        self.eval_unique = [e for e, _ in counts.values()]
-        self.eval_weights = [float(n) for _, n in counts.values()]
-        self.eval_before: Optional[float] = None
-        self.eval_after: Optional[float] = None
-
-    @property
-    def done(self) -> bool:
-        return self.steps_done >= self.total_steps
-
-    def micro_in_step(self) -> int:
-        if self.config.max_steps:
-            return self.config.grad_accum
-        return min(self.config.grad_accum, self.total_micro - self.steps_done * self.config.grad_accum)
-
-    def next_micro(self) -> dict[str, torch.Tensor]:
-        for _ in range(2):  # the iterator ends with the epoch; a new one starts the next epoch
-            if self._it is None:
-                self._it = iter(self.batcher)
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._it = None
-        raise RuntimeError("Batcher yielded an empty epoch")  # impossible: Batcher refuses empty data
-
-    def state(self) -> dict[str, Any]:
-        return {"steps_done": self.steps_done, "batcher": self.batcher.state_dict(),
-                "eval_before": self.eval_before}
-
-    def restore(self, state: dict[str, Any], optimizer: Optional[dict], scheduler: dict) -> None:
-        """`optimizer` None: the caller loads the optimizer state (sharded: fsdp.load_optimizer_state)."""
-        self.batcher.load_state_dict(state["batcher"])
-        self._it = None
-        self.steps_done, self.eval_before = state["steps_done"], state["eval_before"]
-        if optimizer is not None:
-            self.optimizer.load_state_dict(optimizer)
-        self.scheduler.load_state_dict(scheduler)
 
 
 # ---- the loop --------------------------------------------------------------------------------------------

@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -55,10 +54,10 @@ from ..functional import delta_weight
 from ..identity import PROBE_RTOL
 from ..report import format_table
 from ..store import AdapterFile, factor_keys, lora_modules, read_adapter, unread_keys
+from ..outputs import PathLike
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
-PathLike = Union[str, os.PathLike]
 _ERROR_MEANING = {"cat": "exact by construction", "linear": "relative distance from sum_i w_i D_i",
                   "svd": "relative truncation error vs sum_i w_i D_i"}
 

@@ -6,7 +6,6 @@ The result loads with `AutoModelForCausalLM.from_pretrained(out)` and needs no l
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,11 +18,10 @@ from .. import __version__
 from ..errors import ConfigError
 from ..inject import eject
 from ..merge import merge
-from ..outputs import atomic_directory, check_output, write_json
+from ..outputs import PathLike, atomic_directory, check_output, write_json
 from ..store import AdapterFile, load_adapter, read_adapter
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -39,10 +38,9 @@ from ..identity import base_fingerprint, content_hash
 from ..inject import find_targets
 from ..models import base_name
 from ..report import format_table
-from ..outputs import atomic_directory, write_json
+from ..outputs import PathLike, atomic_directory, write_json
 from ..store import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, factor_keys, is_causal_lm
 
-PathLike = Union[str, os.PathLike]
 COMPUTE = torch.float64  # SVD and combination arithmetic (also combine.py's); results are cast back
 
 

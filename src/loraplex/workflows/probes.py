@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import AdapterFileError, ConfigError, ShapeMismatchError
+from ..outputs import PathLike
 
 GOLDEN_TENSORS = "golden.safetensors"
 GOLDEN_JSON = "golden.json"
@@ -50,7 +51,6 @@ GOLDEN_FORMAT = "loraplex.golden/1"
 FULL_LOGITS_MAX_BYTES = 1 << 20  # store full logits up to 1 MiB, else top-k
 TOP_K = 64
 KL_CHUNK = 64  # positions per float64 softmax chunk (bounds memory for large vocabularies)
-PathLike = Union[str, os.PathLike]
 
 # Built-in probes: short, varied (chat, code, arithmetic, lists, other languages, structured text).
 DEFAULT_PROMPTS = (

@@ -33,14 +33,13 @@ from .export import DTYPES, export_merged, parse_dtype
 from ..inject import lora_layers, remove_adapter
 from ..models import base_name, load_base
 from .probes import Reference, at_positions, make_probes, run_logits
-from ..outputs import atomic_directory, check_output, write_json
+from ..outputs import PathLike, atomic_directory, check_output, write_json
 from ..store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter
 from .verify import Row, VerifyReport, judge, tolerance_for
 
 CARD_NAME = "MODEL_CARD.md"
 REPORT_NAME = "loraplex_promote.json"
 TRAIN_SUMMARY = "train_summary.json"
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass

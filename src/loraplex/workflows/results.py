@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from ..errors import ConfigError
 from ..report import format_table
-from ..outputs import write_json
+from ..outputs import PathLike, write_json
 
 METRICS = {"loss": "lower", "perplexity": "lower", "accuracy": "higher", "exact_match": "higher"}  # better is
 DEFAULT_METRICS = tuple(METRICS)
 BASE = "base"  # the variant name of the bare base in results
 RESULTS_FORMAT = "loraplex.eval/1"
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass

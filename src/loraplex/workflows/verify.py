@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,10 +47,10 @@ from .probes import (
 )
 from ..report import format_table
 from ..store import AdapterFile, load_adapter, read_adapter
+from ..outputs import PathLike
 
 END_TO_END_FACTOR = 10  # whole-model outputs accumulate per-op rounding over layers: F x the per-op tolerance
 ALL_VARIANTS = ("merged", "on_the_fly", "mixed_batch", "quantized_int8", "quantized_nf4", "exported")
-PathLike = Union[str, os.PathLike]
 DeviceSpec = Union[str, torch.device, None]  # a device.resolve_device spec ('cpu', 'cuda:1', 'auto'), or None
 
 
