@@ -65,6 +65,7 @@ from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_ke
 from .batch import Batch, RowSpec
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
+from .rowbias import bias_keys, lora_biases
 from .store import AdapterStore
 from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
@@ -199,7 +200,7 @@ class MultiLoraModel:
     def _add(self, name: str, source: Union[PathLike, AdapterFile], *, replace: bool, check_base_model: bool) -> str:
         check_name(name)
         af = source if isinstance(source, AdapterFile) else read_adapter(source)
-        tensors, scales = self._layer_tensors(af)
+        tensors, scales, bias = self._layer_tensors(af)
         with self._lock:
             if name in self.pool:
                 old = self.pool.content_hash(name)
@@ -220,7 +221,7 @@ class MultiLoraModel:
             dora = dora_rescales(af, tensors, scales, lambda k: (
                 self._bare_weight(k), getattr(self._wrapped[k].base_layer, "bias", None)))
             self._sources[(name, af.content_hash)] = af.path
-            self.pool.add(name, af.content_hash, tensors, scales, dora)
+            self.pool.add(name, af.content_hash, tensors, scales, dora, bias)
             if old is not None:
                 self._sources.pop((name, old), None)  # a leased old version is never evicted: no reload needed
             return af.content_hash
@@ -251,11 +252,15 @@ class MultiLoraModel:
             self._wrap(k, modules[k], shapes[k])
 
     @staticmethod
-    def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float]]:
-        """{module: (A, B)} and {module: scale} of an adapter file (decoded by `store.lora_modules`); refuses
-        what the runtime does not serve: anything but LoRA on linear layers (and DoRA's magnitudes)."""
+    def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float], dict[str, torch.Tensor]]:
+        """{module: (A, B)}, {module: scale} and {module: LoRA-B bias} of an adapter file (decoded by
+        `store.lora_modules`); refuses what the runtime does not serve: anything but LoRA on linear layers (and
+        DoRA's magnitudes, lora_bias's biases)."""
         modules = lora_modules(af)
-        extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+        bias = lora_biases(af, modules)
+        read = set(bias_keys(bias))
+        extra = [k for k in unread_keys(af, modules) if k not in read]
+        extra += [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
         if extra:
             raise UnsupportedFeatureError(
                 f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves lora_A/lora_B on "
@@ -264,7 +269,7 @@ class MultiLoraModel:
             )
         if not modules:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
@@ -336,6 +341,11 @@ class MultiLoraModel:
                 raise UnsupportedFeatureError(
                     f"adapter {name!r} is DoRA: merging it would rescale the rows of W that every other request "
                     "reads, so the runtime serves DoRA unmerged (loraplex.merge merges it into a model of its own)"
+                )
+            if self.pool.has_bias(name):
+                raise UnsupportedFeatureError(
+                    f"adapter {name!r} has a LoRA-B bias (lora_bias): the runtime does not merge it into the base "
+                    "biases; serve it unmerged (loraplex.merge merges it into a model of its own)"
                 )
             lease = self.pool.acquire(name)
             try:

@@ -17,7 +17,8 @@ Reloaded content is checked against a fingerprint taken at `add`, so a loader th
 
 A DoRA adapter also has, at each of its layers, a [g; c] (2, out) tensor (loraplex.runtime.rescale). These
 are small (2 * out values per layer), stay in the fast tier for the slot's whole life (eviction drops A and B
-only) and count against the budget while the slot exists.
+only) and count against the budget while the slot exists; so do a lora_bias adapter's b (out,) per layer
+(loraplex.runtime.rowbias).
 
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
@@ -46,7 +47,7 @@ import torch
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
 from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
 from .plancache import PlanCache
-from .slots import LayerTensors, Loader, SlotEntry, check_dora, check_tensors, fingerprint, reload, to_fast
+from .slots import LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_tensors, fingerprint, reload, to_fast
 
 
 @dataclass(frozen=True)
@@ -150,12 +151,13 @@ class AdapterPool:
 
     # ---- names and slots ----------------------------------------------------------------------------------
     def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float],
-            dora: Mapping[str, torch.Tensor] | None = None) -> int:
+            dora: Mapping[str, torch.Tensor] | None = None, bias: Mapping[str, torch.Tensor] | None = None) -> int:
         """Store an adapter (copies of `tensors`, in the pool's dtype and device) and return its slot.
 
         tensors: {layer_key: (A (r, in), B (out, r))}; scales: {layer_key: scale} for the same keys. Layers not
         listed get no update from this adapter. dora: for a DoRA adapter, {layer_key: [g; c] (2, out)} for the
-        layers where it is DoRA (see loraplex.runtime.rescale). Same name and hash again: returns the existing slot.
+        layers where it is DoRA (see loraplex.runtime.rescale). bias: for a lora_bias adapter, {layer_key: b (out,)}
+        (loraplex.runtime.rowbias). Same name and hash again: returns the existing slot.
         Same name, new hash: a new slot; the old one serves its leases until released, then is freed.
         """
         with self._lock:
@@ -170,7 +172,8 @@ class AdapterPool:
             shapes, scl = check_tensors(name, tensors, scales, self._layers)
             gc = check_dora(name, dora or {}, shapes, dtype=self.dtype, device=self.device)
             nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
-            dbytes = sum(t.numel() * t.element_size() for t in gc.values())
+            lb = check_bias(name, bias or {}, shapes, dtype=self.dtype, device=self.device)
+            dbytes = sum(t.numel() * t.element_size() for t in [*gc.values(), *lb.values()])
             old = self._entries[cur] if cur is not None else None
             # an unleased old version is freed right after: its bytes count as available
             credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
@@ -184,8 +187,8 @@ class AdapterPool:
                         for k, pair in fast.items()}
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
             self._entries[slot] = SlotEntry(
-                name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc
-            )
+                name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc,
+                bias=lb)
             self._resident_bytes += nbytes + dbytes
             self._lru[slot] = None
             self._by_name[name] = slot
@@ -268,7 +271,7 @@ class AdapterPool:
                 self._live(s)
             self._ensure_resident(slots)
             plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
-                              strategy=strategy, memo=self._plans.views, rescale=self._rescale)
+                              strategy=strategy, memo=self._plans.views, rescale=self._rescale, bias=self._bias)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
             self._plans.put(key, plan, self.max_plans)
@@ -313,10 +316,20 @@ class AdapterPool:
     def _rescale(self, slot: int, key: str) -> torch.Tensor | None:
         return self._entries[slot].dora.get(key)
 
+    def _bias(self, slot: int, key: str) -> tuple[torch.Tensor, float] | None:
+        e = self._entries[slot]
+        b = e.bias.get(key)
+        return None if b is None else (b, e.scales[key])
+
     def is_dora(self, name: str) -> bool:
         """Whether the current version of `name` is a DoRA adapter."""
         with self._lock:
             return bool(self._entries[self._slot_of(name)].dora)
+
+    def has_bias(self, name: str) -> bool:
+        """Whether the current version of `name` has LoRA-B biases (lora_bias)."""
+        with self._lock:
+            return bool(self._entries[self._slot_of(name)].bias)
 
     def is_dora_slot(self, slot: int) -> bool:
         """Whether `slot` holds a DoRA adapter."""
@@ -409,7 +422,7 @@ class AdapterPool:
 
     def _free_slot(self, slot: int) -> None:
         e = self._entries.pop(slot)
-        self._resident_bytes -= sum(t.numel() * t.element_size() for t in e.dora.values())
+        self._resident_bytes -= sum(t.numel() * t.element_size() for t in [*e.dora.values(), *e.bias.values()])
         if e.fast is not None:
             self._resident_bytes -= e.nbytes
             del self._lru[slot]

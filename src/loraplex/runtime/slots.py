@@ -2,8 +2,9 @@
 
 `pool_tensors` turns an adapter file (decoded by `store.lora_modules`) into what `AdapterPool.add` takes.
 A slot holds one version of one adapter (`SlotEntry`): per layer (A (r, in), Bt (r, out)) in the pool's
-dtype and device, its scales, a fingerprint of the stored bits, and (DoRA) [g; c] (2, out) per layer.
-`check_tensors` / `check_dora` refuse what the pool cannot serve (unknown layer, wrong shape, rank 0,
+dtype and device, its scales, a fingerprint of the stored bits, (DoRA) [g; c] (2, out) per layer and
+(lora_bias) b (out,) per layer.
+`check_tensors` / `check_dora` / `check_bias` refuse what the pool cannot serve (unknown layer, wrong shape, rank 0,
 NaN/Inf) before anything is stored; `reload` brings an evicted slot's tensors back and refuses content
 whose fingerprint differs from the one taken at `add` (a replaced file on disk).
 The pool itself (names, leases, budget, eviction, plans) is `loraplex.runtime.pool`.
@@ -27,6 +28,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..store import AdapterFile, lora_modules, unread_keys
+from .rowbias import bias_keys, lora_biases
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
 Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
@@ -49,22 +51,26 @@ class SlotEntry:
     refs: int = 0  # outstanding leases
     retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
     dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # lora_bias layers: key -> b (out,), never evicted
 
 
 def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale}), key = module name
     (e.g. "model.layers.0.self_attn.q_proj"); refuses anything but LoRA on the registered linear projections
-    `layers` {key: (in, out)} (and DoRA's magnitudes, which `runtime.rescale` turns into [g; c])."""
+    `layers` {key: (in, out)} (and DoRA's magnitudes, which `runtime.rescale` turns into [g; c], and lora_bias's
+    biases, which `runtime.rowbias.lora_biases` reads)."""
     cfg, what = af.config, f"adapter {str(af.path)!r}"
     if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
         raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
                                       "modules_to_save, bias training and fan_in_fan_out are not served")
     modules = lora_modules(af)
-    extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    read = set(bias_keys(lora_biases(af, modules)))  # lora_bias: the caller reads them with rowbias.lora_biases
+    extra = [k for k in unread_keys(af, modules) if k not in read]
+    extra += [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
     if extra:
-        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B of linear layers are served "
-                                      "(no embedding LoRA, no extra weights)")
+        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B (and lora_B biases) of linear "
+                                      "layers are served (no embedding LoRA, no extra weights)")
     missing = [key for key in modules if key not in layers]
     if missing:
         raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
@@ -121,6 +127,22 @@ def check_dora(name: str, dora: Mapping[str, torch.Tensor], shapes: Mapping[str,
                                      f"(2, {shapes[key][2]}), got {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"adapter {name!r} layer {key!r}: DoRA scale holds NaN/Inf")
+        out[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t.detach())
+    return out
+
+
+def check_bias(name: str, bias: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int, int]], *,
+               dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Validated fast-tier copies of an adapter's LoRA-B biases {key: b (out,)}."""
+    out = {}
+    for key, t in bias.items():
+        if key not in shapes:
+            raise ConfigError(f"adapter {name!r}: LoRA-B bias for layer {key!r}, which has no lora_A/lora_B")
+        if tuple(t.shape) != (shapes[key][2],):
+            raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: a LoRA-B bias must be ({shapes[key][2]},), "
+                                     f"got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"adapter {name!r} layer {key!r}: LoRA-B bias holds NaN/Inf")
         out[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t.detach())
     return out
 

@@ -23,7 +23,8 @@ reload from disk succeeds again or it is loaded, replaced or removed by name.
 An adapter file becomes pool tensors through `runtime.slots.pool_tensors` ({key: (A (r, in), B (out, r))}
 and {key: scale}). A DoRA adapter (use_dora) also holds each module's magnitude m (out,); at load its
 per-layer [g; c] is computed once from the base (runtime.rescale.dora_rescales) and its rows are served per
-row like any other.
+row like any other. A lora_bias adapter's biases b (out,) are kept per layer and added per row
+(runtime.rowbias).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ from ..identity import check_base
 from ..inject import check_name
 from ..runtime import AdapterPool, AdapterStore
 from ..runtime.rescale import dora_rescales
+from ..runtime.rowbias import lora_biases
 from ..runtime.slots import pool_tensors
-from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter, validate_adapter
+from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, lora_modules, read_adapter, validate_adapter
 from .metrics import Metrics
 
 UPLOAD_FILES = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
@@ -204,7 +206,7 @@ class ServedAdapters:
     def _add(self, name: str, af: AdapterFile, verified=None) -> AdapterInfo:
         tensors, scales = verified or self._verify(af)
         dora = dora_rescales(af, tensors, scales, self._base_layer)
-        self.pool.add(name, af.content_hash, tensors, scales, dora)
+        self.pool.add(name, af.content_hash, tensors, scales, dora, lora_biases(af, lora_modules(af)))
         info = AdapterInfo(name, af.content_hash, af.config.r, len(tensors), str(af.path))
         self._info[name] = info
         self.broken.pop(name, None)
