@@ -66,6 +66,7 @@ from .batch import Batch, RowSpec
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .rowbias import bias_keys, lora_biases
+from .saved_modules import RuntimeModulesToSave, saved_copies
 from .store import AdapterStore
 from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
@@ -116,6 +117,7 @@ class MultiLoraModel:
         self._current = CurrentPlan()
         self._lock = threading.RLock()
         self._wrapped: dict[str, RuntimeLinear] = {}
+        self._copied: dict[str, RuntimeModulesToSave] = {}  # modules some adapter holds modules_to_save copies of
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
         self._merged: Optional[_Merged] = None
         self._merge_epoch = 0
@@ -150,6 +152,9 @@ class MultiLoraModel:
                 parent, _, child = key.rpartition(".")
                 setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper.base_layer)
             self._wrapped.clear()
+            for key, copied in self._copied.items():
+                self._set_module(key, copied.original_module)
+            self._copied.clear()
             return self.model
 
     # ---- adapters -----------------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ class MultiLoraModel:
     def _add(self, name: str, source: Union[PathLike, AdapterFile], *, replace: bool, check_base_model: bool) -> str:
         check_name(name)
         af = source if isinstance(source, AdapterFile) else read_adapter(source)
-        tensors, scales, bias = self._layer_tensors(af)
+        tensors, scales, bias, rest = self._layer_tensors(af)
         with self._lock:
             if name in self.pool:
                 old = self.pool.content_hash(name)
@@ -217,14 +222,44 @@ class MultiLoraModel:
                 old = None
             if check_base_model and af.base_fingerprint and af.base_fingerprint != self._fingerprint:
                 check_base(af.base_fingerprint, self.model, f"adapter {str(af.path)!r}")
+            copies = saved_copies(af, rest, self._base_module) if rest else {}
+            self._check_copies(name, tensors, copies)
             self._wrap_targets(name, tensors)
+            for key in copies:
+                if key not in self._copied:
+                    self._copied[key] = RuntimeModulesToSave(self._base_module(key), key, self._current)
+                    self._set_module(key, self._copied[key])
             dora = dora_rescales(af, tensors, scales, lambda k: (
                 self._bare_weight(k), getattr(self._wrapped[k].base_layer, "bias", None)))
             self._sources[(name, af.content_hash)] = af.path
-            self.pool.add(name, af.content_hash, tensors, scales, dora, bias)
+            self.pool.add(name, af.content_hash, tensors, scales, dora, bias, copies)
             if old is not None:
                 self._sources.pop((name, old), None)  # a leased old version is never evicted: no reload needed
             return af.content_hash
+
+    def _base_module(self, key: str) -> Optional[nn.Module]:
+        """The base's module `key` (the original under a runtime wrapper), or None if there is none."""
+        try:
+            module = self.model.get_submodule(key)
+        except AttributeError:
+            return None
+        return module.original_module if isinstance(module, RuntimeModulesToSave) else module
+
+    def _set_module(self, key: str, module: nn.Module) -> None:
+        parent, _, child = key.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    def _check_copies(self, name: str, tensors: LayerTensors, copies: Mapping[str, object]) -> None:
+        """Refuse a module that would be both a LoRA target and a modules_to_save copy (of any adapters): a copy
+        runs a subset of the batch's rows, which a LoRA wrapper inside it cannot serve."""
+        lora = [*self._wrapped, *tensors]
+        copied = [*self._copied, *copies]
+        clash = [(c, k) for c in copied for k in lora if k == c or k.startswith(c + ".")]
+        if clash:
+            raise UnsupportedFeatureError(
+                f"adapter {name!r}: module {clash[0][0]!r} is a modules_to_save copy and {clash[0][1]!r} a LoRA "
+                "target of the adapters of this engine; the runtime serves a module either copied or adapted. "
+                "Serve these adapters on separate engines (or with loraplex.load_adapter)")
 
     def _wrap_targets(self, name: str, tensors: LayerTensors) -> None:
         new = [k for k in tensors if k not in self._wrapped]
@@ -252,15 +287,16 @@ class MultiLoraModel:
             self._wrap(k, modules[k], shapes[k])
 
     @staticmethod
-    def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float], dict[str, torch.Tensor]]:
+    def _layer_tensors(af: AdapterFile
+                       ) -> tuple[LayerTensors, dict[str, float], dict[str, torch.Tensor], list[str]]:
         """{module: (A, B)}, {module: scale} and {module: LoRA-B bias} of an adapter file (decoded by
-        `store.lora_modules`); refuses what the runtime does not serve: anything but LoRA on linear layers (and
-        DoRA's magnitudes, lora_bias's biases)."""
+        `store.lora_modules`), and its other keys (modules_to_save copies: `saved_modules.saved_copies` reads or
+        refuses them); refuses LoRA on anything but linear layers."""
         modules = lora_modules(af)
         bias = lora_biases(af, modules)
         read = set(bias_keys(bias))
-        extra = [k for k in unread_keys(af, modules) if k not in read]
-        extra += [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+        rest = [k for k in unread_keys(af, modules) if k not in read]
+        extra = [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
         if extra:
             raise UnsupportedFeatureError(
                 f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves lora_A/lora_B on "
@@ -269,7 +305,7 @@ class MultiLoraModel:
             )
         if not modules:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias
+        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias, rest
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
@@ -341,6 +377,11 @@ class MultiLoraModel:
                 raise UnsupportedFeatureError(
                     f"adapter {name!r} is DoRA: merging it would rescale the rows of W that every other request "
                     "reads, so the runtime serves DoRA unmerged (loraplex.merge merges it into a model of its own)"
+                )
+            if self.pool.has_copies(name):
+                raise UnsupportedFeatureError(
+                    f"adapter {name!r} holds modules_to_save copies: merging would replace those modules for every "
+                    "row, so the runtime serves it unmerged (loraplex.merge merges it into a model of its own)"
                 )
             if self.pool.has_bias(name):
                 raise UnsupportedFeatureError(

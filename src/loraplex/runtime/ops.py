@@ -28,7 +28,9 @@ Rows whose assignment is base-only (or whose slots do not target a layer) are ne
 DoRA slots (when `build_plan` is given a `rescale` source) add one step after the LoRA terms, per DoRA row:
 y[b] = g * y[b] + c with the slot's per-feature [g; c] (see loraplex.runtime.rescale for the rule).
 LoRA-B bias slots (when given a `bias` source) add y[b] += sum_k w_k * scale_k * b_k with the LoRA terms, the
-same step for every strategy (loraplex.runtime.rowbias).
+same step for every strategy (loraplex.runtime.rowbias). Slots holding modules_to_save copies (when given a
+`saved` source) get, per copied module, the rows that run the copy (`BatchPlan.saved`, used by the module's
+wrapper; loraplex.runtime.saved_modules).
 Adapter storage keeps each adapter at its own rank; padding exists only inside a plan, for its batch.
 """
 
@@ -45,6 +47,7 @@ import torch
 from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
 from .rescale import RescaleLayer, RescaleSource, dora_slot, rescale_layer
 from .rowbias import BiasLayer, BiasSource, bias_layer, row_bias
+from .saved_modules import SavedLayer, SavedSource, copy_slot, saved_layer
 
 # One row's adapters: ((slot, weight), ...); () = base only.
 Assignment = tuple[tuple[int, float], ...]
@@ -179,6 +182,7 @@ class BatchPlan:
     versions: dict[int, int] = field(default_factory=dict)  # slot -> content version it was built from
     rescale: dict[str, RescaleLayer] = field(default_factory=dict)  # layers with DoRA rows (applied after LoRA)
     bias: dict[str, BiasLayer] = field(default_factory=dict)  # layers with LoRA-B bias rows (added with LoRA)
+    saved: dict[str, SavedLayer] = field(default_factory=dict)  # module key -> rows running a modules_to_save copy
 
     @property
     def num_rows(self) -> int:
@@ -248,6 +252,7 @@ def build_plan(
     memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
     rescale: RescaleSource | None = None,
     bias: BiasSource | None = None,
+    saved: SavedSource | None = None,
 ) -> BatchPlan:
     """Build the batch plan for `assignments` (one per row) over `layers` {key: (in_features, out_features)}.
 
@@ -259,6 +264,7 @@ def build_plan(
     microseconds per layer). The caller owns it and must drop every entry of a slot whose content changes or goes away.
     `rescale(slot, key)` (optional) returns a DoRA slot's [g; c] (2, out) at `key`, None for plain LoRA.
     `bias(slot, key)` (optional) returns a LoRA-B bias slot's (b (out,), scale) at `key`, None without one.
+    `saved(slot)` (optional) returns a slot's modules_to_save copies {module key: state dict} ({} for none).
     """
     rows_a = tuple(normalize_assignment(a) for a in assignments)
     distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
@@ -291,8 +297,12 @@ def build_plan(
             built[key] = _gather_layer(virt, rows, fin, fout, lora_compute_dtype(dtype, device), device)
         else:
             built[key] = _segment_layer(virt, rows, lora_compute_dtype(dtype, device))
+    copies: dict[str, SavedLayer] = {}
+    if saved is not None:
+        for key in dict.fromkeys(k for a in distinct for s, _ in a for k in saved(s)):
+            copies[key] = saved_layer([copy_slot(saved, a, key) for a in distinct], row_u, device)
     return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()}, rescale=scaled,
-                     bias=biased)
+                     bias=biased, saved=copies)
 
 
 def lora_batched_(

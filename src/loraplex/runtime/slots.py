@@ -52,6 +52,7 @@ class SlotEntry:
     retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
     dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
     bias: dict[str, torch.Tensor] = field(default_factory=dict)  # lora_bias layers: key -> b (out,), never evicted
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save copies, never evicted
 
 
 def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
@@ -144,6 +145,21 @@ def check_bias(name: str, bias: Mapping[str, torch.Tensor], shapes: Mapping[str,
         if not torch.isfinite(t).all():
             raise NonFiniteError(f"adapter {name!r} layer {key!r}: LoRA-B bias holds NaN/Inf")
         out[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t.detach())
+    return out
+
+
+def check_saved(name: str, saved: Mapping[str, Mapping[str, torch.Tensor]], *, dtype: torch.dtype,
+                device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Fast-tier copies of an adapter's modules_to_save copies {module: {param: tensor}} (floating tensors in the
+    pool's dtype); the caller checked them against the base's modules (runtime.saved_modules.saved_copies)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, params in saved.items():
+        out[key] = {}
+        for p, t in params.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"adapter {name!r}: its modules_to_save copy {key}.{p} holds NaN/Inf")
+            dt = dtype if t.is_floating_point() else t.dtype
+            out[key][p] = torch.empty(t.shape, dtype=dt, device=device).copy_(t.detach())
     return out
 
 
