@@ -1,6 +1,7 @@
 """What one `AdapterPool` slot holds, the checks an adapter passes to get one, and how it comes back.
 
-`pool_tensors` turns an adapter file (decoded by `store.lora_modules`) into what `AdapterPool.add` takes.
+`pool_tensors` turns an adapter file (decoded by `store.lora_modules`) into what `AdapterPool.add` takes
+(`PoolInput`).
 A slot holds one version of one adapter (`SlotEntry`): per layer (A (r, in), Bt (r, out)) in the pool's
 dtype and device, its scales, a fingerprint of the stored bits, (DoRA) [g; c] (2, out) per layer and
 (lora_bias) b (out,) per layer.
@@ -13,10 +14,12 @@ The pool itself (names, leases, budget, eviction, plans) is `loraplex.runtime.po
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ..errors import (
     AdapterFileError,
@@ -29,6 +32,7 @@ from ..errors import (
 )
 from ..store import AdapterFile, lora_modules, unread_keys
 from .rowbias import bias_keys, lora_biases
+from .saved_modules import saved_copies
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
 Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
@@ -55,30 +59,47 @@ class SlotEntry:
     saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save copies, never evicted
 
 
-def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-    """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale}), key = module name
-    (e.g. "model.layers.0.self_attn.q_proj"); refuses anything but LoRA on the registered linear projections
-    `layers` {key: (in, out)} (and DoRA's magnitudes, which `runtime.rescale` turns into [g; c], and lora_bias's
-    biases, which `runtime.rowbias.lora_biases` reads)."""
+class PoolInput(NamedTuple):
+    """An adapter file as `AdapterPool.add` input (see `pool_tensors`)."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (A (r, in), B (out, r))
+    scales: dict[str, float]  # key -> scale
+    bias: dict[str, torch.Tensor]  # key -> LoRA-B bias b (out,) (lora_bias adapters)
+    copies: dict[str, dict[str, torch.Tensor]]  # module key -> modules_to_save copy (its state dict)
+
+
+def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]],
+                 module: Callable[[str], nn.Module | None] | None = None, places: Collection[str] = ()) -> PoolInput:
+    """An adapter file as AdapterPool input, key = module name (e.g. "model.layers.0.self_attn.q_proj"): LoRA on
+    the registered linear projections `layers` {key: (in, out)} (DoRA's magnitudes are left to `runtime.rescale`),
+    LoRA-B biases, and modules_to_save copies of the modules named in `places` (`module(key)`: the base's module,
+    for checking them; runtime.saved_modules). Refuses everything else with a typed error."""
     cfg, what = af.config, f"adapter {str(af.path)!r}"
-    if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
+    if cfg.bias != "none" or cfg.fan_in_fan_out:
         raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
-                                      "modules_to_save, bias training and fan_in_fan_out are not served")
+                                      "bias training (bias='all'/'lora_only') and fan_in_fan_out are not served")
     modules = lora_modules(af)
-    read = set(bias_keys(lora_biases(af, modules)))  # lora_bias: the caller reads them with rowbias.lora_biases
-    extra = [k for k in unread_keys(af, modules) if k not in read]
-    extra += [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
-    if extra:
-        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B (and lora_B biases) of linear "
-                                      "layers are served (no embedding LoRA, no extra weights)")
+    bias = lora_biases(af, modules)
+    read = set(bias_keys(bias))
+    rest = [k for k in unread_keys(af, modules) if k not in read]
+    extra = [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    if extra or (rest and module is None):
+        raise UnsupportedFeatureError(f"{what} holds {(extra or rest)[0]!r}: only lora_A/lora_B (and lora_B biases) "
+                                      "of linear layers are served (no embedding LoRA, no extra weights)")
+    copies = saved_copies(af, rest, module) if rest else {}
+    homeless = sorted(set(copies) - set(places))
+    if homeless:
+        raise UnsupportedFeatureError(f"{what} holds a modules_to_save copy of {homeless[0]!r}, which the serving "
+                                      "decoder has no per-row place for: it serves copies of lm_head and of its RMS "
+                                      "norms (model.norm, each layer's input/post_attention_layernorm) only")
     missing = [key for key in modules if key not in layers]
     if missing:
         raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
                                   f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
     if not modules:
         raise AdapterFileError(f"{what} holds no LoRA tensors")
-    return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+    return PoolInput({k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias,
+                     copies)
 
 
 def check_tensors(
