@@ -1,0 +1,284 @@
+"""lora_bias and modules_to_save adapters served per row by the multi-adapter runtime (MultiLoraModel) and the
+server (Engine over CompactLlama): PEFT is the oracle (each row alone through PEFT), in random batches mixing
+them with plain LoRA, DoRA and base rows, for forward, generate, after eviction and reload, and on a base with
+tied embeddings; what has no per-row rule (mixes with copies, merging them) is refused with a typed error."""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import loraplex as lp
+import reference_runtime as ref
+from loraplex.functional import tolerance
+from loraplex.models import tiny_llama
+from test_dora import _inputs, _peft_rows
+
+ATOL, RTOL = tolerance(torch.float32)
+ADAPTERS = {  # name -> PEFT LoraConfig fields (each written by PEFT, with every trainable tensor moved off its init)
+    "plain": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+    "bias": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"], lora_bias=True,
+                 rank_pattern={"down_proj": 2}),
+    "copy": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], modules_to_save=["lm_head", "norm"]),
+    "dora": dict(r=4, lora_alpha=8, target_modules=["v_proj", "gate_proj"], use_dora=True),
+}
+
+
+def _base(tied: bool) -> nn.Module:
+    return tiny_llama(seed=0, tie_word_embeddings=tied)
+
+
+def _peft_dir(directory, tied: bool, seed: int, **fields):
+    """A PEFT-written adapter: get_peft_model, every trainable tensor (A, B, lora_B bias, copies, m) moved."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about lora_bias on bias-less layers and about tied copies
+        pm = peft.get_peft_model(_base(tied), peft.LoraConfig(init_lora_weights=False, **fields))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    pm.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def served(request, tmp_path_factory):
+    """(engine, PEFT model holding every adapter, adapter dirs, tied) on tiny_llama with or without tied embeddings."""
+    from loraplex.runtime import MultiLoraModel
+
+    tied = request.param
+    root = tmp_path_factory.mktemp("tied" if tied else "untied")
+    dirs = {n: _peft_dir(root / n, tied, i + 1, **f) for i, (n, f) in enumerate(ADAPTERS.items())}
+    eng = MultiLoraModel(_base(tied))
+    pm = peft.PeftModel.from_pretrained(_base(tied), dirs["plain"], adapter_name="plain").eval()
+    for n, d in dirs.items():
+        eng.load(n, d, check_base_model=False)
+        if n != "plain":
+            pm.load_adapter(d, adapter_name=n)
+    return eng, pm, dirs, tied
+
+
+# ---- ops level ----------------------------------------------------------------------------------------------
+
+ROWS = [-1, 0, 1, 2, 3, ((1, 0.5), (0, -1.0)), ((2, 2.0), (1, 0.25)), ((0, 1.0), (3, 1.0))]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.sampled_from(ROWS), min_size=1, max_size=9),
+       strategy=st.sampled_from(["gather", "segment", "auto"]), L=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_plan_adds_each_rows_weighted_lora_b_biases_like_the_reference(rows, strategy, L, seed):
+    """Slots 1 and 2 have LoRA-B biases, 0 none, 3 no LoRA on the layer; mixes weight each bias like its B."""
+    from loraplex.runtime import build_plan
+
+    gen = torch.Generator().manual_seed(seed)
+    fin, fout = 6, 5
+    adapters = {s: (torch.randn(r, fin, generator=gen), torch.randn(fout, r, generator=gen), 0.5 + s)
+                for s, r in [(0, 2), (1, 3), (2, 1)]}
+    adapters[3] = None
+    bias = {1: torch.randn(fout, generator=gen), 2: torch.randn(fout, generator=gen)}
+    x, y = torch.randn(len(rows), L, fin, generator=gen), torch.randn(len(rows), L, fout, generator=gen)
+    plan = build_plan(lambda s, k: adapters[s], rows, {"l": (fin, fout)}, dtype=torch.float32, strategy=strategy,
+                      bias=lambda s, k: (bias[s], adapters[s][2]) if s in bias else None)
+    want = ref.lora_rows_ref(y, x, adapters, rows, bias=bias)
+    torch.testing.assert_close(plan.apply_("l", x, y.clone()), want, atol=ATOL, rtol=RTOL)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.lists(st.sampled_from([-1, 0, 1, 2, ((1, 0.5), (0, 1.0))]), min_size=1, max_size=9),
+       seed=st.integers(0, 2**16))
+def test_plan_runs_each_rows_module_copy_and_the_base_for_the_others(rows, seed):
+    """Slots 0 and 2 hold copies of module "m" (a Linear), 1 none: each row gets its copy's output or the base's."""
+    from loraplex.runtime import build_plan
+    from loraplex.runtime.saved_modules import RuntimeModulesToSave
+    from loraplex.runtime.wrapper import CurrentPlan
+
+    gen = torch.Generator().manual_seed(seed)
+    base = nn.Linear(4, 3)
+    copies = {s: {"weight": torch.randn(3, 4, generator=gen), "bias": torch.randn(3, generator=gen)} for s in (0, 2)}
+    adapters = {s: (torch.randn(1, 4, generator=gen), torch.randn(4, 1, generator=gen), 1.0) for s in (0, 1, 2)}
+    current = CurrentPlan(build_plan(lambda s, k: adapters[s], rows, {"l": (4, 4)}, dtype=torch.float32,
+                                     saved=lambda s: {"m": copies[s]} if s in copies else {}))
+    wrapper = RuntimeModulesToSave(base, "m", current)
+    x = torch.randn(len(rows), 2, 4, generator=gen)
+    want = []
+    for b, a in enumerate(rows):
+        slot = next((s for s, _ in ([] if a == -1 else [(a, 1.0)] if isinstance(a, int) else a) if s in copies), None)
+        c = copies.get(slot)
+        want.append(base(x[b]) if c is None else nn.functional.linear(x[b], c["weight"], c["bias"]))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), torch.stack(want), atol=ATOL, rtol=RTOL)
+    for bad in ([((0, 0.5),)], [((0, 1.0), (2, 1.0))]):  # a copy at a weight, two copies of one module: no rule
+        with pytest.raises(lp.UnsupportedFeatureError, match="modules_to_save copies of 'm'"):
+            build_plan(lambda s, k: adapters[s], bad, {"l": (4, 4)}, dtype=torch.float32,
+                       saved=lambda s: {"m": copies[s]} if s in copies else {})
+
+
+# ---- MultiLoraModel --------------------------------------------------------------------------------------------
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.sampled_from([None, "plain", "bias", "copy", "dora"]), min_size=1, max_size=7),
+       seed=st.integers(0, 2**16))
+def test_mixed_batch_equals_each_row_alone_in_peft(served, rows, seed):
+    eng, pm, _, _ = served
+    ids, mask = _inputs(len(rows), 5, seed)
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), _peft_rows(pm, ids, mask, rows),
+                               atol=ATOL, rtol=RTOL)
+
+
+def _peft_greedy(pm, prompt, name, n):
+    """PEFT's own greedy generate of `n` new tokens for one prompt, adapter `name` (None: disabled), no eos stop."""
+    pm.generation_config.eos_token_id = None
+    kw = dict(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        if name is None:
+            with pm.disable_adapter():
+                return pm.generate(**kw)[0, len(prompt):].tolist()
+        pm.set_adapter(name)
+        return pm.generate(**kw)[0, len(prompt):].tolist()
+
+
+def test_generate_gives_each_row_peft_greedy_tokens(served):
+    eng, pm, _, _ = served
+    prompts = [[5, 9, 11, 4], [3, 4], [7, 7, 7], [20, 21, 22, 23, 24], [6], [8, 9]]
+    rows = ["copy", "bias", None, "dora", "plain", "copy"]
+    out = eng.generate(prompts, adapters=rows, max_new_tokens=6, eos_token_id=[])
+    for p, name, g in zip(prompts, rows, out):
+        assert g.token_ids == _peft_greedy(pm, p, name, 6), name
+
+
+def test_eviction_reload_copies_in_the_budget_and_refusals(served):
+    """A budget one byte short of all four adapters evicts the least recently used one (its A and B; biases and
+    copies stay, counted in the budget) and reloads it to the same outputs; no mix or merge with a copy adapter,
+    no merge of a lora_bias adapter, and no module both copied and adapted."""
+    from loraplex.runtime import MultiLoraModel
+
+    eng, pm, dirs, tied = served
+    rows = ["copy", None, "bias", "plain", "copy", "dora"]
+    ids, mask = _inputs(len(rows), 4, 5)
+    want = _peft_rows(pm, ids, mask, rows)
+    copy_bytes = sum(p.numel() * 4 for n, p in pm.named_parameters() if ".modules_to_save.copy." in n)
+    small = MultiLoraModel(_base(tied), memory_budget_bytes=eng.stats.resident_bytes - 1)
+    small.load("copy", dirs["copy"], check_base_model=False)
+    assert small.stats.resident_bytes > copy_bytes > 0  # the copies count against the budget
+    first = small.forward(ids[:2], mask[:2], adapters=rows[:2])
+    for n in ("bias", "plain", "dora"):
+        small.load(n, dirs[n], check_base_model=False)
+    assert not small.pool.is_resident("copy")
+    keep = [b for b, r in enumerate(rows) if r != "dora"]  # three of the four adapters fit the budget at once
+    torch.testing.assert_close(small.forward(ids[keep], mask[keep], adapters=[rows[b] for b in keep]), want[keep],
+                               atol=ATOL, rtol=RTOL)
+    assert torch.equal(small.forward(ids[:2], mask[:2], adapters=rows[:2]), first) and small.stats.misses > 0
+    for mix in ({"copy": 0.5}, {"copy": 1.0, "plain": 1.0}):
+        with pytest.raises(lp.UnsupportedFeatureError, match="modules_to_save copies"):
+            eng.forward(ids[:1], mask[:1], adapters=[mix])
+    with pytest.raises(lp.UnsupportedFeatureError, match="modules_to_save copies"):
+        eng.merge("copy")
+    with pytest.raises(lp.UnsupportedFeatureError, match="lora_bias"):
+        eng.merge("bias")
+    mixed = eng.forward(ids[:1], mask[:1], adapters=[{"bias": 0.5, "plain": -1.0}])  # biases mix like B: allowed
+    assert torch.isfinite(mixed).all()
+    eng.merge("plain")  # a merged plain adapter is taken back out of copy and bias rows
+    try:
+        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)
+    finally:
+        eng.unmerge()
+    before = small.stats.adapters
+    model = _base(tied)  # LoRA on lm_head, which "copy" holds a copy of
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False), "x")
+    clash = lp.save_adapter(model, "x", dirs["copy"].parent / "lora-head").path
+    with pytest.raises(lp.UnsupportedFeatureError, match="either copied or adapted"):
+        small.load("lora-head", clash, check_base_model=False)
+    assert small.stats.adapters == before and "lora-head" not in small
+
+
+def test_unwrap_puts_the_copied_modules_back(served, tmp_path):
+    from loraplex.runtime import MultiLoraModel
+
+    _, _, dirs, tied = served
+    base = _base(tied)
+    head, norm = base.lm_head, base.model.norm
+    eng = MultiLoraModel(base)
+    eng.load("copy", dirs["copy"], check_base_model=False)
+    assert base.lm_head is not head
+    eng.unwrap()
+    assert base.lm_head is head and base.model.norm is norm
+    if tied:  # the copy never touched the tied embedding
+        assert base.lm_head.weight is base.model.embed_tokens.weight
+
+
+# ---- the server ------------------------------------------------------------------------------------------------
+
+def _server(root, tied):
+    from loraplex.runtime import AdapterPool
+    from loraplex.serve import CompactLlama, Engine, EngineConfig
+    from loraplex.serve.adapters import ServedAdapters
+    from loraplex.serve.text import TextCodec
+
+    hf = _base(tied)
+    model = CompactLlama(hf)
+    pool = AdapterPool(model.layer_shapes(), dtype=model.dtype)
+    store = ServedAdapters(root, pool, hf, reserved={"base"}, check_base_model=False)
+    for n in ADAPTERS:
+        store.load(n)
+    return Engine(model, pool, TextCodec.for_model(None, hf.config), base_ids=("base",),
+                  config=EngineConfig(max_batch=4, max_prompt_tokens=32, max_new_tokens=16)), store
+
+
+def test_server_gives_each_request_peft_greedy_tokens(served):
+    """Continuous batching of copy, bias, DoRA, plain and base requests (more than fit one batch): each request's
+    greedy tokens are PEFT's; the decoder's logits of a copy row equal PEFT's; mixes with copies refused at submit."""
+    from loraplex.serve import SamplingParams
+
+    _, pm, dirs, tied = served
+    eng, _ = _server(dirs["plain"].parent, tied)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    jobs = [([5, 9, 11], "copy"), ([3, 4], "bias"), ([7, 7, 7, 7], "base"), ([20, 21], "dora"), ([6, 5], "plain"),
+            ([8, 8, 9], "copy"), ([30], "bias")]
+    handles = [eng.submit(p, m, greedy) for p, m in jobs]
+    while not all(h.done for h in handles):
+        eng.step()
+    for (p, m), h in zip(jobs, handles):
+        assert h.result().token_ids == _peft_greedy(pm, p, None if m == "base" else m, 6), m
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
+    rows = ["copy", "bias", None]
+    plan = eng.pool.plan([eng.pool.slot(n) if n else -1 for n in rows])
+    torch.testing.assert_close(eng.model.logits(ids, plan), _peft_rows(pm, ids, torch.ones_like(ids), rows),
+                               atol=ATOL, rtol=RTOL)
+    for spec in ("copy:0.5", "copy+plain"):
+        with pytest.raises(lp.UnsupportedFeatureError, match="modules_to_save copies"):
+            eng.submit([5], spec, greedy)
+
+
+def test_server_prompt_logprobs_use_the_rows_lm_head_copy(served):
+    from loraplex.serve import SamplingParams
+
+    _, pm, dirs, tied = served
+    eng, _ = _server(dirs["plain"].parent, tied)
+    prompt = [5, 9, 11, 4]
+    h = eng.submit(prompt, "copy", SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+    while not h.done:
+        eng.step()
+    pm.set_adapter("copy")
+    with torch.no_grad():
+        want = pm(torch.tensor([prompt])).logits[0].log_softmax(-1)  # (L, V)
+    got = [t.logprob for t in h.result().prompt_logprobs[1:]]
+    torch.testing.assert_close(torch.tensor(got), want[torch.arange(3), torch.tensor(prompt[1:])],
+                               atol=1e-4, rtol=1e-4)  # logprobs pass through float32 log_softmax on both sides
+
+
+def test_server_refuses_a_copy_the_decoder_has_no_place_for(served, tmp_path):
+    """modules_to_save=["embed_tokens"]: the compact decoder has no per-row embedding copy: refused at load."""
+    _, _, dirs, tied = served
+    _peft_dir(tmp_path / "emb", tied, 3, r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    eng, store = _server(dirs["plain"].parent, tied)
+    store.directory = tmp_path
+    with pytest.raises(lp.UnsupportedFeatureError, match="no per-row place"):
+        store.load("emb")
+    assert "emb" not in eng.pool
