@@ -282,3 +282,21 @@ def test_server_refuses_a_copy_the_decoder_has_no_place_for(served, tmp_path):
     with pytest.raises(lp.UnsupportedFeatureError, match="no per-row place"):
         store.load("emb")
     assert "emb" not in eng.pool
+
+
+def test_tied_copies_of_ensure_weight_tying_are_refused(tmp_path):
+    """PEFT's ensure_weight_tying=true on a tied base saves an embed_tokens copy with lm_head tied to it: no
+    per-row form in the runtime, refused at load by the engine and the server's reader, nothing kept."""
+    from loraplex.runtime import MultiLoraModel
+    from loraplex.runtime.decoder import saved_places
+    from loraplex.runtime.slots import pool_tensors
+
+    _peft_dir(tmp_path / "t", True, 4, r=2, target_modules=["q_proj"], modules_to_save=["lm_head"],
+              ensure_weight_tying=True)
+    eng = MultiLoraModel(_base(True))
+    with pytest.raises(lp.UnsupportedFeatureError, match="ensure_weight_tying"):
+        eng.load("t", tmp_path / "t", check_base_model=False)
+    assert eng.stats.adapters == 0 and not eng.wrapped
+    hf = _base(True)
+    with pytest.raises(lp.UnsupportedFeatureError, match="ensure_weight_tying"):
+        pool_tensors(lp.read_adapter(tmp_path / "t"), {}, hf.get_submodule, saved_places(hf))

@@ -37,8 +37,13 @@ def saved_copies(af: AdapterFile, keys: Iterable[str], module: Callable[[str], O
     not LoRA factors), e.g. "lm_head.weight" -> {"lm_head": {"weight": ...}}. `module(key)` returns the base's
     (unwrapped) module of that name, or None. A key belongs to the outermost module whose name ends with an
     entry of the config's modules_to_save (PEFT's rule); a copy must hold exactly that module's state dict with
-    its shapes. Anything else is refused (UnsupportedFeatureError / ShapeMismatchError, naming the file)."""
+    its shapes. Anything else is refused (UnsupportedFeatureError / ShapeMismatchError, naming the file), and so is
+    a file saved with PEFT's ensure_weight_tying (copies tied across modules)."""
     what, targets = f"adapter {str(af.path)!r}", af.config.modules_to_save or []
+    if af.raw_config.get("ensure_weight_tying") and (targets or keys):
+        raise UnsupportedFeatureError(f"{what} was saved with ensure_weight_tying=true: PEFT ties its lm_head copy to "
+                                      "an embed_tokens copy, which the runtime does not serve per row; train it with "
+                                      "ensure_weight_tying=false (PEFT's default: an untied lm_head copy)")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key in keys:
         parts = key.split(".")
