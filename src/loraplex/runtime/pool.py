@@ -48,7 +48,8 @@ import torch
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
 from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
 from .plancache import PlanCache
-from .slots import LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors, fingerprint, reload, to_fast
+from .slots import (LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors, fingerprint,
+                    reload, to_fast)
 
 
 @dataclass(frozen=True)
