@@ -300,3 +300,32 @@ def test_tied_copies_of_ensure_weight_tying_are_refused(tmp_path):
     hf = _base(True)
     with pytest.raises(lp.UnsupportedFeatureError, match="ensure_weight_tying"):
         pool_tensors(lp.read_adapter(tmp_path / "t"), {}, hf.get_submodule, saved_places(hf))
+
+
+def test_gpt2_conv1d_bias_and_layernorm_copy_rows_equal_peft(tmp_path):
+    """GPT-2 (Conv1D projections with biases, fan_in_fan_out): a lora_bias adapter on c_attn/c_fc and an adapter
+    holding a copy of ln_f (a LayerNorm: weight and bias), mixed with base rows, equal PEFT row by row."""
+    from loraplex.runtime import MultiLoraModel
+    from test_dora import gpt2_biased
+
+    specs = {"b": dict(r=4, target_modules=["c_attn", "c_fc"], lora_bias=True, fan_in_fan_out=True),
+             "c": dict(r=2, target_modules=["c_proj"], modules_to_save=["ln_f"], fan_in_fan_out=True)}
+    for i, (n, kw) in enumerate(specs.items()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(gpt2_biased(seed=0), peft.LoraConfig(init_lora_weights=False, **kw))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        pm.save_pretrained(tmp_path / n)
+    eng = MultiLoraModel(gpt2_biased(seed=0))
+    pm = peft.PeftModel.from_pretrained(gpt2_biased(seed=0), tmp_path / "b", adapter_name="b").eval()
+    pm.load_adapter(tmp_path / "c", adapter_name="c")
+    for n in specs:
+        eng.load(n, tmp_path / n, check_base_model=False)
+    rows = ["b", "c", None, "c", "b"]
+    ids, mask = _inputs(len(rows), 5, 1)
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), _peft_rows(pm, ids, mask, rows),
+                               atol=ATOL, rtol=RTOL)
