@@ -293,7 +293,8 @@ class Engine:
         for i, s in enumerate(new):
             if s.params.prompt_logprobs is None:
                 continue
-            lp = self.model.head(hidden[i, : len(s.prompt) - 1], plan, i)  # (len - 1, V): row j predicts prompt[j + 1]
+            # (len - 1, V): row j predicts prompt[j + 1]; through row i's lm_head copy if its adapter has one
+            lp = self.model.head(hidden[i, : len(s.prompt) - 1], plan, i)
             if not torch.isfinite(lp).all():
                 self.cache.clear_lane(s.lane)
                 self._finish(s, "error", NonFiniteError(
