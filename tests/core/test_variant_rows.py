@@ -198,6 +198,26 @@ def test_eviction_reload_copies_in_the_budget_and_refusals(served):
     assert small.stats.adapters == before and "lora-head" not in small
 
 
+def test_copies_are_evicted_and_reloaded_like_a_and_b(served):
+    """A budget that holds one copy adapter at a time: loading a second evicts the first's copies with its A and B,
+    and each one serves PEFT's outputs again after its reload (from the directory, checked by content)."""
+    from loraplex.runtime import MultiLoraModel
+
+    eng, pm, dirs, tied = served
+    one = MultiLoraModel(_base(tied))
+    one.load("copy", dirs["copy"], check_base_model=False)
+    budget = one.stats.resident_bytes
+    small = MultiLoraModel(_base(tied), memory_budget_bytes=budget + budget // 2)
+    small.load("copy", dirs["copy"], check_base_model=False)
+    small.load("again", dirs["copy"], check_base_model=False)  # the same file under a second name: its own slot
+    assert not small.pool.is_resident("copy") and small.stats.resident_bytes <= budget + budget // 2
+    ids, mask = _inputs(3, 4, 7)
+    want = _peft_rows(pm, ids, mask, ["copy", None, "copy"])
+    for name in ("copy", "again", "copy"):
+        torch.testing.assert_close(small.forward(ids, mask, adapters=[name, None, name]), want, atol=ATOL, rtol=RTOL)
+    assert small.stats.evictions >= 3 and small.stats.misses >= 2
+
+
 def test_unwrap_puts_the_copied_modules_back(served, tmp_path):
     from loraplex.runtime import MultiLoraModel
 

@@ -67,6 +67,7 @@ from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .rowbias import bias_keys, lora_biases
 from .saved_modules import RuntimeModulesToSave, saved_copies
+from .slots import PoolInput
 from .store import AdapterStore
 from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
@@ -317,7 +318,7 @@ class MultiLoraModel:
         w = self._restored(key) if self._merged is not None and key in self._merged.residuals else self._weight(key)
         return out_in(w, weight_layout(base))
 
-    def _reload(self, name: str, content_hash: str) -> LayerTensors:
+    def _reload(self, name: str, content_hash: str) -> PoolInput:
         """The pool's loader: re-read an evicted adapter from its directory, refusing a changed file."""
         path = self._sources.get((name, content_hash))
         if path is None:
@@ -328,7 +329,8 @@ class MultiLoraModel:
                 f"adapter {name!r} was evicted and {str(path)!r} now holds content {af.content_hash[:12]}, not the "
                 f"loaded {content_hash[:12]}; call replace({name!r}, {str(path)!r}) to serve the new version"
             )
-        return self._layer_tensors(af)[0]
+        tensors, scales, bias, rest = self._layer_tensors(af)
+        return PoolInput(tensors, scales, bias, saved_copies(af, rest, self._base_module) if rest else {})
 
     # ---- running ------------------------------------------------------------------------------------------
     def batch(self, adapters: Optional[Sequence[RowSpec]]) -> Batch:

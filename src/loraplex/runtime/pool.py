@@ -18,8 +18,8 @@ Reloaded content is checked against a fingerprint taken at `add`, so a loader th
 A DoRA adapter also has, at each of its layers, a [g; c] (2, out) tensor (loraplex.runtime.rescale). These
 are small (2 * out values per layer), stay in the fast tier for the slot's whole life (eviction drops A and B
 only) and count against the budget while the slot exists; so do a lora_bias adapter's b (out,) per layer
-(loraplex.runtime.rowbias), and modules_to_save copies (loraplex.runtime.saved_modules), which can be large
-(a whole lm_head).
+(loraplex.runtime.rowbias). modules_to_save copies (loraplex.runtime.saved_modules; large: a whole lm_head)
+are fast-tier tensors like A and B: evicted with them and brought back by the loader (or the CPU copy).
 
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
@@ -48,8 +48,8 @@ import torch
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
 from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
 from .plancache import PlanCache
-from .slots import (LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors, fingerprint,
-                    reload, to_fast)
+from .slots import (LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors,
+                    copies_fingerprint, fingerprint, reload, to_fast)
 
 
 @dataclass(frozen=True)
@@ -175,25 +175,29 @@ class AdapterPool:
                 return cur
             shapes, scl = check_tensors(name, tensors, scales, self._layers)
             gc = check_dora(name, dora or {}, shapes, dtype=self.dtype, device=self.device)
-            nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
-            lb = check_bias(name, bias or {}, shapes, dtype=self.dtype, device=self.device)
             copies = check_saved(name, saved or {}, dtype=self.dtype, device=self.device)
-            dbytes = sum(t.numel() * t.element_size() for t in [*gc.values(), *lb.values(), *_flat(copies)])
+            nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
+            nbytes += sum(t.numel() * t.element_size() for t in _flat(copies))  # evicted with A and B
+            lb = check_bias(name, bias or {}, shapes, dtype=self.dtype, device=self.device)
+            dbytes = sum(t.numel() * t.element_size() for t in [*gc.values(), *lb.values()])
             old = self._entries[cur] if cur is not None else None
             # an unleased old version is freed right after: its bytes count as available
             credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
             keep = frozenset([cur]) if credit else frozenset()
             self._make_room(max(0, nbytes + dbytes - credit), what=f"adapter {name!r}", keep=keep)
             fast = to_fast(tensors, dtype=self.dtype, device=self.device)
-            slow = None
+            slow = slow_saved = None
             if self.loader is None and self.device.type != "cpu":
                 pin = torch.cuda.is_available()
                 slow = {k: tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in pair)
                         for k, pair in fast.items()}
+                slow_saved = {k: {p: t.to("cpu").pin_memory() if pin else t.to("cpu") for p, t in params.items()}
+                              for k, params in copies.items()}
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
             self._entries[slot] = SlotEntry(
                 name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc,
-                bias=lb, saved=copies)
+                bias=lb, saved=copies, saved_keys=frozenset(copies), saved_fingerprint=copies_fingerprint(copies),
+                slow_saved=slow_saved)
             self._resident_bytes += nbytes + dbytes
             self._lru[slot] = None
             self._by_name[name] = slot
@@ -338,12 +342,12 @@ class AdapterPool:
     def has_copies(self, name: str) -> bool:
         """Whether the current version of `name` holds modules_to_save copies."""
         with self._lock:
-            return bool(self._entries[self._slot_of(name)].saved)
+            return bool(self._entries[self._slot_of(name)].saved_keys)
 
     def has_copies_slot(self, slot: int) -> bool:
         """Whether `slot` holds modules_to_save copies."""
         with self._lock:
-            return bool(self._live(slot).saved)
+            return bool(self._live(slot).saved_keys)
 
     def has_bias(self, name: str) -> bool:
         """Whether the current version of `name` has LoRA-B biases (lora_bias)."""
@@ -402,7 +406,7 @@ class AdapterPool:
 
     def _evict(self, slot: int) -> None:
         e = self._entries[slot]
-        e.fast = None
+        e.fast, e.saved = None, {}
         self._resident_bytes -= e.nbytes
         del self._lru[slot]
         self._counts["evictions"] += 1
@@ -424,7 +428,7 @@ class AdapterPool:
                 continue
             self._counts["misses"] += 1
             self._make_room(e.nbytes, what=f"reloading adapter {e.name!r}", keep=keep)
-            e.fast = reload(e, self.loader, dtype=self.dtype, device=self.device)
+            e.fast, e.saved = reload(e, self.loader, dtype=self.dtype, device=self.device)
             self._resident_bytes += e.nbytes
             self._lru[slot] = None
             self._prepare_views(slot)
@@ -442,7 +446,7 @@ class AdapterPool:
     def _free_slot(self, slot: int) -> None:
         e = self._entries.pop(slot)
         self._resident_bytes -= sum(t.numel() * t.element_size()
-                                    for t in [*e.dora.values(), *e.bias.values(), *_flat(e.saved)])
+                                    for t in [*e.dora.values(), *e.bias.values()])
         if e.fast is not None:
             self._resident_bytes -= e.nbytes
             del self._lru[slot]

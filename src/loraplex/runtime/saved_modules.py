@@ -9,8 +9,8 @@ so a batch with k distinct copies of M costs M's compute k + 1 times over disjoi
 Mixes: a weighted sum of whole modules is not defined (PEFT's add_weighted_adapter refuses two copies of one
 module too), so a row may hold at most one slot with a copy of M, at weight 1.0; plain slots beside it (the
 engine's merged adapter taken back out) leave the copy alone.
-The pool keeps each slot's copies in the fast tier for the slot's life (they count against the budget; eviction
-drops A and B only).
+The pool keeps each slot's copies in its fast tier beside A and B: counted against the budget, evicted with them
+and brought back by the pool's loader (`slots.reload`).
 """
 
 from __future__ import annotations

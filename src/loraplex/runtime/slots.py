@@ -35,7 +35,8 @@ from .rowbias import bias_keys, lora_biases
 from .saved_modules import saved_copies
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
-Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
+# (name, content_hash) -> that content's tensors; a PoolInput (pool_tensors) also brings modules_to_save copies back
+Loader = Callable[[str, str], "LayerTensors | PoolInput"]
 Stored = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), Bt (r, out)), as stored
 
 
@@ -56,7 +57,11 @@ class SlotEntry:
     retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
     dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
     bias: dict[str, torch.Tensor] = field(default_factory=dict)  # lora_bias layers: key -> b (out,), never evicted
-    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # modules_to_save copies, never evicted
+    # modules_to_save copies {module: {param: tensor}} in the fast tier (counted in nbytes; {} while evicted)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    saved_keys: frozenset[str] = frozenset()  # the modules it holds copies of (kept while evicted)
+    saved_fingerprint: dict[str, int] = field(default_factory=dict)  # "module.param" -> hash of the stored bits
+    slow_saved: dict[str, dict[str, torch.Tensor]] | None = None  # CPU copy of `saved` (like `slow`)
 
 
 class PoolInput(NamedTuple):
@@ -196,32 +201,44 @@ def to_fast(tensors: LayerTensors, *, dtype: torch.dtype, device: torch.device) 
 
 def fingerprint(fast: Stored) -> dict[str, tuple[int, int]]:
     """Per layer, an xor-hash of A's and B's bits (as stored): a cheap check that a reload is the same."""
-    def h(t: torch.Tensor) -> int:
-        return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
-
-    return {k: (h(A), h(B)) for k, (A, B) in fast.items()}
+    return {k: (_hash(A), _hash(B)) for k, (A, B) in fast.items()}
 
 
-def reload(e: SlotEntry, loader: Loader | None, *, dtype: torch.dtype, device: torch.device) -> Stored:
-    """The fast-tier tensors of evicted `e`: from its CPU copy, else from `loader`; must match `e.fingerprint`."""
+def copies_fingerprint(saved: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, int]:
+    """Per "module.param" of modules_to_save copies, an xor-hash of its bits (as stored)."""
+    return {f"{k}.{p}": _hash(t) for k, params in saved.items() for p, t in params.items()}
+
+
+def _hash(t: torch.Tensor) -> int:
+    return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
+
+
+def reload(e: SlotEntry, loader: Loader | None, *, dtype: torch.dtype, device: torch.device
+           ) -> tuple[Stored, dict[str, dict[str, torch.Tensor]]]:
+    """The fast-tier tensors and modules_to_save copies of evicted `e`: from its CPU copy, else from `loader`;
+    both must match the fingerprints taken at add."""
     if e.slow is not None:
         fast = {k: tuple(t.to(device, non_blocking=True) for t in pair) for k, pair in e.slow.items()}
+        saved = {k: {p: t.to(device, non_blocking=True) for p, t in params.items()}
+                 for k, params in (e.slow_saved or {}).items()}
     else:
         try:
             loaded = loader(e.name, e.content_hash)
         except (LoraplexError, OSError, KeyError, ValueError) as err:  # the files are gone or changed
             raise AdapterFileError(f"reloading adapter {e.name!r} ({e.content_hash}) failed: {err}") from err
-        if set(loaded) != set(e.shapes):
+        tensors, copies = (loaded.tensors, loaded.copies) if isinstance(loaded, PoolInput) else (loaded, {})
+        if set(tensors) != set(e.shapes):
             raise AdapterFileError(
-                f"loader returned layers {sorted(loaded)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
+                f"loader returned layers {sorted(tensors)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
             )
-        fast = to_fast(loaded, dtype=dtype, device=device)
+        fast = to_fast(tensors, dtype=dtype, device=device)
+        saved = check_saved(e.name, copies, dtype=dtype, device=device)
     got = {k: (tuple(A.shape), tuple(Bt.shape)) for k, (A, Bt) in fast.items()}
     if got != {k: ((r, fin), (r, fout)) for k, (r, fin, fout) in e.shapes.items()} or (
-        fingerprint(fast) != e.fingerprint
+        fingerprint(fast) != e.fingerprint or copies_fingerprint(saved) != e.saved_fingerprint
     ):
         raise AdapterFileError(
             f"reloaded adapter {e.name!r} does not match the content {e.content_hash} it was added with "
             "(the loader must return the tensors of that exact content hash, not the latest file)"
         )
-    return fast
+    return fast, saved

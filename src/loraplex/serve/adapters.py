@@ -226,7 +226,7 @@ class ServedAdapters:
         except AttributeError:
             return None
 
-    def _reload(self, name: str, content_hash: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _reload(self, name: str, content_hash: str) -> PoolInput:
         """AdapterPool loader: read the adapter back from disk after an eviction (same content only)."""
         info = self._info.get(name)
         if info is None or info.content_hash != content_hash:
@@ -240,12 +240,12 @@ class ServedAdapters:
                 raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
                                        f"({content_hash[:12]} -> {af.content_hash[:12]}); load it again by name "
                                        "with replace=true")
-            tensors = pool_tensors(af, self.pool.layers, self._module, saved_places(self.base)).tensors
+            loaded = pool_tensors(af, self.pool.layers, self._module, saved_places(self.base))
         except LoraplexError as exc:  # marked until a reload succeeds; the pool fails the request that needed it
             self.broken[name] = f"reloading after an eviction failed: {exc}"
             raise
         self.broken.pop(name, None)
-        return tensors
+        return loaded
 
 
 def _valid(name: str) -> bool:
