@@ -349,3 +349,25 @@ def test_gpt2_conv1d_bias_and_layernorm_copy_rows_equal_peft(tmp_path):
     ids, mask = _inputs(len(rows), 5, 1)
     torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), _peft_rows(pm, ids, mask, rows),
                                atol=ATOL, rtol=RTOL)
+
+
+def test_bf16_engine_bias_and_copy_rows_agree_with_the_core(served):
+    """A bf16 engine keeps biases and copies in bf16; its rows agree with the LoRA core over the bf16 base (one
+    adapter active per row) within the bf16 tolerance."""
+    from loraplex.runtime import MultiLoraModel
+
+    _, _, dirs, tied = served
+    eng = MultiLoraModel(_base(tied).to(torch.bfloat16))
+    ref = _base(tied).to(torch.bfloat16)
+    for n in ("bias", "copy"):
+        eng.load(n, dirs[n], check_base_model=False)
+        lp.load_adapter(ref, dirs[n], n, check_base_model=False, activate=False)
+    rows = ["copy", "bias", None, "copy"]
+    ids, mask = _inputs(len(rows), 5, 4)
+    want = []
+    with torch.no_grad():
+        for b, name in enumerate(rows):
+            lp.set_active(ref, [] if name is None else name)
+            want.append(ref(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits)
+    atol, rtol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), torch.cat(want), atol=atol, rtol=rtol)
