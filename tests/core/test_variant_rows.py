@@ -371,3 +371,29 @@ def test_bf16_engine_bias_and_copy_rows_agree_with_the_core(served):
             want.append(ref(input_ids=ids[b:b + 1], attention_mask=mask[b:b + 1]).logits)
     atol, rtol = tolerance(torch.bfloat16)
     torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), torch.cat(want), atol=atol, rtol=rtol)
+
+
+def test_dora_with_lora_bias_is_refused_as_peft_refuses_it(served, tmp_path):
+    """PEFT's LoraConfig refuses lora_bias with use_dora; a file claiming both is refused when read, by the engine
+    and by the server's adapters, nothing kept."""
+    import json
+    import shutil
+
+    from loraplex.runtime import MultiLoraModel
+    from loraplex.store import CONFIG_NAME
+
+    _, _, dirs, tied = served
+    with pytest.raises(ValueError, match="not supported for DoRA"):
+        peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True, lora_bias=True)
+    shutil.copytree(dirs["bias"], tmp_path / "both")
+    cfg = json.loads((tmp_path / "both" / CONFIG_NAME).read_text())
+    (tmp_path / "both" / CONFIG_NAME).write_text(json.dumps(cfg | {"use_dora": True}))
+    eng, store = _server(dirs["plain"].parent, tied)
+    store.directory = tmp_path
+    with pytest.raises(lp.UnsupportedFeatureError, match="lora_bias=true with use_dora"):
+        store.load("both")
+    assert "both" not in eng.pool
+    engine = MultiLoraModel(_base(tied))
+    with pytest.raises(lp.UnsupportedFeatureError, match="PEFT refuses it too"):
+        engine.load("both", tmp_path / "both", check_base_model=False)
+    assert engine.stats.adapters == 0
