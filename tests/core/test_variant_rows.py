@@ -397,3 +397,19 @@ def test_dora_with_lora_bias_is_refused_as_peft_refuses_it(served, tmp_path):
     with pytest.raises(lp.UnsupportedFeatureError, match="PEFT refuses it too"):
         engine.load("both", tmp_path / "both", check_base_model=False)
     assert engine.stats.adapters == 0
+
+
+def test_an_embed_tokens_copy_serves_per_row_in_the_hf_path(served, tmp_path):
+    """modules_to_save=["embed_tokens"] (PEFT copies the embedding alone; on a tied base lm_head stays the base's):
+    MultiLoraModel's rows equal PEFT's (the compact decoder refuses it: see the test above)."""
+    from loraplex.runtime import MultiLoraModel
+
+    _, _, _, tied = served
+    d = _peft_dir(tmp_path / "emb", tied, 3, r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    pm = peft.PeftModel.from_pretrained(_base(tied), d, adapter_name="emb").eval()
+    eng = MultiLoraModel(_base(tied))
+    eng.load("emb", d, check_base_model=False)
+    rows = ["emb", None, "emb", None]
+    ids, mask = _inputs(len(rows), 5, 2)
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), _peft_rows(pm, ids, mask, rows),
+                               atol=ATOL, rtol=RTOL)
