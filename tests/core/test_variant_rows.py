@@ -413,3 +413,46 @@ def test_an_embed_tokens_copy_serves_per_row_in_the_hf_path(served, tmp_path):
     ids, mask = _inputs(len(rows), 5, 2)
     torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), _peft_rows(pm, ids, mask, rows),
                                atol=ATOL, rtol=RTOL)
+
+
+def test_merging_a_lora_bias_adapter_adds_its_bias_and_unmerge_restores_bit_for_bit(tmp_path):
+    """On a base with biases, merge("bias") adds scale * B A into W and scale * b into the base bias (PEFT's merge);
+    every row still equals PEFT alone (other adapters' rows take it back out, exactly up to rounding), a DoRA
+    adapter loaded meanwhile gets its terms from the bare bias, and unmerge restores weights and biases bit for bit."""
+    from loraplex.runtime import MultiLoraModel
+
+    def build():
+        return tiny_llama(seed=0, attention_bias=True, mlp_bias=True)
+
+    specs = {"bias": ADAPTERS["bias"], "plain": ADAPTERS["plain"],
+             "dora": dict(r=2, target_modules=["q_proj", "down_proj"], use_dora=True)}
+    dirs = {}
+    for i, (n, f) in enumerate(specs.items()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(build(), peft.LoraConfig(init_lora_weights=False, **f))
+        gen = torch.Generator().manual_seed(i + 1)
+        with torch.no_grad():
+            for _, p in pm.named_parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        pm.save_pretrained(tmp_path / n)
+        dirs[n] = tmp_path / n
+    pm = peft.PeftModel.from_pretrained(build(), dirs["bias"], adapter_name="bias").eval()
+    for n in ("plain", "dora"):
+        pm.load_adapter(dirs[n], adapter_name=n)
+    eng = MultiLoraModel(build())
+    eng.load("bias", dirs["bias"], check_base_model=False)
+    eng.load("plain", dirs["plain"], check_base_model=False)
+    before = {k: v.clone() for k, v in eng.model.state_dict().items()}
+    rows = ["bias", None, "plain", "bias", "dora"]
+    ids, mask = _inputs(len(rows), 5, 8)
+    want = _peft_rows(pm, ids, mask, rows)
+    eng.merge("bias")
+    assert any(not torch.equal(v, before[k]) for k, v in eng.model.state_dict().items() if k.endswith(".bias"))
+    eng.load("dora", dirs["dora"], check_base_model=False)  # while merged: g and c from the bare W and bias
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)
+    eng.unmerge()
+    for k, v in eng.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)

@@ -11,6 +11,8 @@ computed by `BatchPlan.apply_` (loraplex.runtime.ops) on the base layer's output
 A DoRA adapter d (PEFT's use_dora) serves its rows as PEFT does, y[b] = g_d * (x[b] @ W.T + scale_d *
 (x[b] @ A_d.T) @ B_d.T) + bias with g_d = m_d / ||W + scale_d B_d A_d||_row computed once at load
 (loraplex.runtime.rescale); it is served alone per row (a mix including it is refused) and never merged.
+A lora_bias adapter adds w * scale * b per row (loraplex.runtime.rowbias; merged: into the base biases); an
+adapter holding modules_to_save copies runs them on its rows (loraplex.runtime.saved_modules; never merged).
 
 How it works:
   - Wrapping. Each target Linear (or GPT-2 Conv1D, or loraplex QuantLinear) is replaced, once, by a
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -78,6 +80,7 @@ LayerTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A
 class _Merged:
     lease: Lease  # pins the merged version
     residuals: dict[str, Residual]  # key -> (flat indices, original values)
+    bias_residuals: dict[str, Residual] = field(default_factory=dict)  # lora_bias: key -> the same, of the bias
 
 
 class MultiLoraModel:
@@ -230,8 +233,7 @@ class MultiLoraModel:
                 if key not in self._copied:
                     self._copied[key] = RuntimeModulesToSave(self._base_module(key), key, self._current)
                     self._set_module(key, self._copied[key])
-            dora = dora_rescales(af, tensors, scales, lambda k: (
-                self._bare_weight(k), getattr(self._wrapped[k].base_layer, "bias", None)))
+            dora = dora_rescales(af, tensors, scales, lambda k: (self._bare_weight(k), self._bare_bias(k)))
             self._sources[(name, af.content_hash)] = af.path
             self.pool.add(name, af.content_hash, tensors, scales, dora, bias, copies)
             if old is not None:
@@ -385,11 +387,6 @@ class MultiLoraModel:
                     f"adapter {name!r} holds modules_to_save copies: merging would replace those modules for every "
                     "row, so the runtime serves it unmerged (loraplex.merge merges it into a model of its own)"
                 )
-            if self.pool.has_bias(name):
-                raise UnsupportedFeatureError(
-                    f"adapter {name!r} has a LoRA-B bias (lora_bias): the runtime does not merge it into the base "
-                    "biases; serve it unmerged (loraplex.merge merges it into a model of its own)"
-                )
             lease = self.pool.acquire(name)
             try:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
@@ -400,11 +397,19 @@ class MultiLoraModel:
                             f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
                             "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"
                         )
+                biased = [(k, b, t[2]) for k, t in layers if (b := self.pool.lora_bias(lease.slot, k)) is not None]
+                bare = [k for k, _, _ in biased if getattr(self._wrapped[k].base_layer, "bias", None) is None]
+                if bare:
+                    raise UnsupportedFeatureError(
+                        f"adapter {name!r} has a LoRA-B bias (lora_bias) at {bare[0]!r}, whose base layer has no bias "
+                        "to merge it into (PEFT cannot merge it either); serve it unmerged"
+                    )
                 residuals = {k: self._add_delta(k, *t) for k, t in layers}
+                bias_residuals = {k: self._add_bias(k, b, scale) for k, b, scale in biased}
             except BaseException:
                 lease.release()
                 raise
-            self._merged = _Merged(lease, residuals)
+            self._merged = _Merged(lease, residuals, bias_residuals)
             self._merge_epoch += 1
 
     @torch.no_grad()
@@ -416,6 +421,8 @@ class MultiLoraModel:
             m = self._merged
             for k in m.residuals:
                 self._weight(k).copy_(self._restored(k))
+            for k in m.bias_residuals:
+                self._wrapped[k].base_layer.bias.data.copy_(self._bare_bias(k))
             self._merged = None
             self._merge_epoch += 1
             m.lease.release()
@@ -427,6 +434,24 @@ class MultiLoraModel:
         w = self._weight(key)
         d = self._delta(key, A, B, scale, w)
         return exact_restore(w, lambda t: t - d, m.residuals[key])
+
+    def _add_bias(self, key: str, b: torch.Tensor, scale: float) -> Residual:
+        """bias <- bias + scale * b (a lora_bias adapter's merge); returns what bias' - scale * b would not give back."""
+        bias = self._wrapped[key].base_layer.bias.data
+        d = scale * b.to(torch.promote_types(bias.dtype, torch.float32))
+        merged, _, residual = exact_merge(bias, lambda t: t + d, lambda t: t - d)
+        bias.copy_(merged)
+        return residual
+
+    def _bare_bias(self, key: str) -> torch.Tensor | None:
+        """The base bias of wrapped module `key` without a merged adapter's LoRA-B bias (bit for bit), or None."""
+        bias = getattr(self._wrapped[key].base_layer, "bias", None)
+        m = self._merged
+        if bias is None or m is None or key not in m.bias_residuals:
+            return bias
+        b = self.pool.lora_bias(m.lease.slot, key)
+        d = self.pool.tensors(m.lease.slot, key)[2] * b.to(torch.promote_types(bias.dtype, torch.float32))
+        return exact_restore(bias.data, lambda t: t - d, m.bias_residuals[key])
 
     def _weight(self, key: str) -> torch.Tensor:
         return self._wrapped[key].base_layer.weight.data

@@ -349,10 +349,10 @@ class AdapterPool:
         with self._lock:
             return bool(self._live(slot).saved_keys)
 
-    def has_bias(self, name: str) -> bool:
-        """Whether the current version of `name` has LoRA-B biases (lora_bias)."""
+    def lora_bias(self, slot: int, key: str) -> torch.Tensor | None:
+        """The LoRA-B bias b (out,) of `slot` at layer `key`, or None (the pool's own storage: never write to it)."""
         with self._lock:
-            return bool(self._entries[self._slot_of(name)].bias)
+            return self._live(slot).bias.get(key)
 
     def is_dora_slot(self, slot: int) -> bool:
         """Whether `slot` holds a DoRA adapter."""
