@@ -2,6 +2,7 @@
 
 The oracle for loraplex.runtime.ops; it calls the single-adapter math in loraplex.functional and nothing else:
     y[b] += sum_k w_k * lora_linear(x[b], A[s_k], B[s_k], scale[s_k])
+with, for a LoRA-B bias slot (bias[s] = b): y[b] += w_k * scale[s_k] * b (PEFT's scale * (B A x + b)),
 then, for a row holding a DoRA slot d with [g; c] = rescale[d]:  y[b] = g * y[b] + c
 """
 
@@ -20,12 +21,13 @@ def lora_rows_ref(
     adapters: Mapping[int, tuple[torch.Tensor, torch.Tensor, float] | None],
     assignments: Sequence[int | Sequence[tuple[int, float]]],
     rescale: Mapping[int, torch.Tensor] | None = None,
+    bias: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Return a new y: y_out[b] = y[b] + sum over row b's (slot, weight) of w * lora_linear(x[b], A, B, scale).
 
     x: (B, L, in), y: (B, L, out); assignments[b] is a slot (-1 = base only) or a list of (slot, weight);
     adapters[slot] = (A (r, in), B (out, r), scale), or None when that slot has no LoRA on this layer;
-    rescale[slot] = [g; c] (2, out) for DoRA slots.
+    rescale[slot] = [g; c] (2, out) for DoRA slots; bias[slot] = b (out,) for LoRA-B bias slots.
     """
     out = y.clone()
     for b, a in enumerate(assignments):
@@ -36,6 +38,8 @@ def lora_rows_ref(
                 continue
             A, B, scale = t
             out[b] = out[b] + w * lora_linear(x[b], A, B, scale)
+            if bias and slot in bias:
+                out[b] = out[b] + w * scale * bias[slot]
         for slot, _ in pairs:
             if rescale and slot in rescale and adapters[slot] is not None:
                 out[b] = rescale[slot][0] * out[b] + rescale[slot][1]

@@ -141,8 +141,8 @@ class LoraConfig:
             raise ConfigError(f"lora_bias must be true or false, got {self.lora_bias!r}")
         if self.lora_bias and (self.use_dora or is_residual_init(self.init_lora_weights)):
             other = "use_dora=true" if self.use_dora else f"init_lora_weights={self.init_lora_weights!r}"
-            raise UnsupportedFeatureError(f"lora_bias=true with {other} is not implemented by loraplex; use lora_bias "
-                                          "with plain LoRA and a non-residual init")
+            raise UnsupportedFeatureError(f"lora_bias=true with {other} is not implemented by loraplex (PEFT refuses "
+                                          "it too); use lora_bias with plain LoRA and a non-residual init")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not is_residual_init(self.init_lora_weights):

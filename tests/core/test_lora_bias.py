@@ -1,6 +1,7 @@
 """lora_bias (PEFT's LoRA-B bias: y = base(x) + scale * (B A x + b)): PEFT is the oracle for files, logits,
 gradients and merged weights both ways; merge/unmerge restores the base bias; where it is not implemented
-(embeddings, DoRA, residual inits, the multi-adapter runtime and the server) it is refused with a typed error."""
+(embeddings, DoRA, residual inits, merging inside the multi-adapter runtime) it is refused with a typed error.
+Per-row serving of lora_bias (and modules_to_save) adapters in the runtime and the server: test_variant_rows.py."""
 
 from __future__ import annotations
 
@@ -119,20 +120,20 @@ def test_refusals_are_typed_and_change_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(target_modules=["q_proj"], lora_bias=True), "lora_B.bias"),
     (dict(target_modules=["q_proj", "embed_tokens"]), "lora_embedding_A"),
-    (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save|lm_head"),
+    (dict(target_modules=["q_proj"], bias="lora_only"), "base_layer.bias|bias training"),
 ])
 def test_runtime_and_server_refuse_what_has_no_row_wise_form_with_a_typed_error(fields, match, tmp_path):
-    """The multi-adapter runtime and the server apply (A, B, scale) of linear layers per row; a LoRA-B bias,
-    embedding LoRA and modules_to_save copies have no slot there: refused (UnsupportedFeatureError), nothing kept."""
+    """The multi-adapter runtime and the server serve LoRA of linear layers, LoRA-B biases and modules_to_save
+    copies per row; embedding LoRA and trained base biases (bias="lora_only"/"all": they change the base every row
+    shares) have no per-row form there: refused (UnsupportedFeatureError), nothing kept."""
     from loraplex.runtime import MultiLoraModel
     from loraplex.runtime.slots import pool_tensors
 
-    model = tiny_llama(seed=1)
+    model = tiny_llama(seed=1, attention_bias=True)
     lp.inject(model, lp.LoraConfig(r=2, init_lora_weights=False, **fields), "a")
     lp.save_adapter(model, "a", tmp_path / "a")
-    engine = MultiLoraModel(tiny_llama(seed=1))
+    engine = MultiLoraModel(tiny_llama(seed=1, attention_bias=True))
     with pytest.raises(lp.UnsupportedFeatureError, match=match):
         engine.load("a", tmp_path / "a")
     assert engine.stats.adapters == 0

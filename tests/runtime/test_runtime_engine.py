@@ -433,8 +433,10 @@ def test_errors(engine, adapter_dirs, tmp_path):
     model = models.tiny_llama()
     lp.inject(model, lp.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "x")
     lp.save_adapter(model, "x", tmp_path / "mts")
+    engine.load("mts", tmp_path / "mts")  # copies serve per row (tests/core/test_variant_rows.py); mixes are refused
     with pytest.raises(UnsupportedFeatureError, match="modules_to_save"):
-        engine.load("mts", tmp_path / "mts")
+        engine.forward(ids, mask, adapters=[{"mts": 0.5}, None])
+    engine.unload("mts")
     assert engine.stats.adapters == len(SPECS)  # nothing leaked: every lease was released
 
 

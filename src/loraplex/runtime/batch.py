@@ -74,6 +74,12 @@ class Batch:
                     f"a weighted mix {dict(a)!r} includes a DoRA adapter: DoRA rescales the row's whole output by its "
                     "own magnitude, so mixes with it are not defined; serve a DoRA adapter alone in its row"
                 )
+            copies = [s for s in out if self.engine.pool.has_copies_slot(s)]
+            if copies and (len(out) > 1 or out[copies[0]] != 1.0):
+                raise UnsupportedFeatureError(
+                    f"a weighted mix {dict(a)!r} includes an adapter with modules_to_save copies: a weighted mix of "
+                    "whole modules is not defined, so serve such an adapter alone in its row"
+                )
             return out
         raise ConfigError(
             f"a row's adapter is a name, None, a Lease or a {{name: weight}} mix; got {type(a).__name__} {a!r}"

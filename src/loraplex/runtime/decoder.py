@@ -21,12 +21,15 @@ Two entry points share one layer loop:
     attention reads that lane's cache up to and including the position.
 `logits(ids (B, L), plan)` is the plain full-sequence forward (no cache), used to check parity with
 transformers.
+
+modules_to_save copies (runtime.saved_modules) are served per row for the modules this decoder runs as modules:
+lm_head and the RMS norms (`saved_places`); a row whose adapter holds a copy runs it, the other rows the base's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -215,7 +218,7 @@ class CompactLlama:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
 
         h = self._forward(ids, pos, L, plan, attend)  # (B, L, H)
-        return self.lm_head(h)
+        return self._head(h, plan)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, lanes: list[int],
@@ -240,12 +243,15 @@ class CompactLlama:
 
         h = self._forward(ids, pos, L, plan, attend)  # (n, L, H)
         last = h[torch.arange(n, device=self.device), lengths.to(self.device) - 1]  # (n, H)
-        logits = self.head(last)  # (n, V)
+        logits = self._head(last, plan)  # (n, V)
         return (logits, h) if hidden else logits
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (..., H) -> logits (..., V)."""
-        return self.lm_head(h)
+    def head(self, h: torch.Tensor, plan: BatchPlan | None = None, row: int | None = None) -> torch.Tensor:
+        """Final-norm hidden states (..., H) -> logits (..., V); with plan and row: of that plan row (its
+        adapter's lm_head copy, if it has one)."""
+        lay = plan.saved.get("lm_head") if plan is not None and row is not None else None
+        copy = None if lay is None else lay.row_copy[row]
+        return self.lm_head(h) if copy is None else _linear_copy(h, copy)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -274,7 +280,7 @@ class CompactLlama:
             return out.view(B, self.n_heads, 1, self.head_dim)
 
         h = self._forward(tokens[:, None].to(self.device), positions[:, None], span, plan, attend)  # (B, 1, H)
-        return self.lm_head(h[:, 0])  # (B, V)
+        return self._head(h[:, 0], plan)  # (B, V)
 
     # ---- the layer loop ---------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, span: int, plan: BatchPlan | None,
@@ -284,7 +290,7 @@ class CompactLlama:
         x = F.embedding(ids, self.embed)  # (B, L, H)
         cos, sin = self._rope(pos, span)  # (B, 1, L, hd) each
         for i, lay in enumerate(self.layers):
-            h = self._rms(x, lay.ln_attn)
+            h = self._norm(x, lay.ln_attn, plan, f"model.layers.{i}.input_layernorm")
             q, k, v = self._proj(lay.qkv, h, plan)  # (B, L, nh * hd), (B, L, n_kv * hd) x 2
             q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
             k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
@@ -292,10 +298,24 @@ class CompactLlama:
             q, k = q * cos + _half_turn(q) * sin, k * cos + _half_turn(k) * sin  # (B, nh|n_kv, L, hd)
             a = attend(i, q, k, v).transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
             x = x + self._proj(lay.o, a, plan)[0]
-            h = self._rms(x, lay.ln_mlp)
+            h = self._norm(x, lay.ln_mlp, plan, f"model.layers.{i}.post_attention_layernorm")
             g, u = self._proj(lay.gate_up, h, plan)  # (B, L, I) each
             x = x + self._proj(lay.down, F.silu(g) * u, plan)[0]
-        return self._rms(x, self.norm)
+        return self._norm(x, self.norm, plan, "model.norm")
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor, plan: BatchPlan | None, key: str) -> torch.Tensor:
+        """RMS norm `key` of x (B, L, H): rows whose adapter holds a modules_to_save copy of it use its weight."""
+        lay = plan.saved.get(key) if plan is not None and plan.saved else None
+        if lay is None:
+            return self._rms(x, w)
+        return lay.run(lambda xs, copy: self._rms(xs, w if copy is None else copy["weight"]), x)
+
+    def _head(self, h: torch.Tensor, plan: BatchPlan | None) -> torch.Tensor:
+        """h (B, ..., H) -> logits (B, ..., V); rows whose adapter holds an lm_head copy use it."""
+        lay = plan.saved.get("lm_head") if plan is not None and plan.saved else None
+        if lay is None:
+            return self.lm_head(h)
+        return lay.run(lambda hs, copy: self.lm_head(hs) if copy is None else _linear_copy(hs, copy), h)
 
     @staticmethod
     def _proj(groups: tuple[_Group, ...], x: torch.Tensor, plan: BatchPlan | None) -> list[torch.Tensor]:
@@ -327,6 +347,19 @@ class CompactLlama:
             sin = (ang.sin() * self.rope_scaling).to(self.dtype)
             self._rope_tables = (cos, sin)
         return cos[pos][:, None], sin[pos][:, None]
+
+
+def saved_places(hf_model: nn.Module) -> frozenset[str]:
+    """The module keys of `hf_model` whose modules_to_save copies the compact decoder serves per row: lm_head,
+    the final norm and every layer's two norms (embed_tokens is not among them)."""
+    n = hf_model.config.num_hidden_layers
+    norms = [f"model.layers.{i}.{p}" for i in range(n) for p in ("input_layernorm", "post_attention_layernorm")]
+    return frozenset(["lm_head", "model.norm", *norms])
+
+
+def _linear_copy(h: torch.Tensor, copy: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A modules_to_save copy of a Linear (lm_head) applied to h (..., in)."""
+    return F.linear(h, copy["weight"], copy.get("bias"))
 
 
 def _half_turn(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ computed by `BatchPlan.apply_` (loraplex.runtime.ops) on the base layer's output
 A DoRA adapter d (PEFT's use_dora) serves its rows as PEFT does, y[b] = g_d * (x[b] @ W.T + scale_d *
 (x[b] @ A_d.T) @ B_d.T) + bias with g_d = m_d / ||W + scale_d B_d A_d||_row computed once at load
 (loraplex.runtime.rescale); it is served alone per row (a mix including it is refused) and never merged.
+A lora_bias adapter adds w * scale * b per row (loraplex.runtime.rowbias; merged: into the base biases); an
+adapter holding modules_to_save copies runs them on its rows (loraplex.runtime.saved_modules; never merged).
 
 How it works:
   - Wrapping. Each target Linear (or GPT-2 Conv1D, or loraplex QuantLinear) is replaced, once, by a
@@ -42,7 +44,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -68,6 +70,9 @@ from .batch import Batch, RowSpec
 from .decoder import ARCHITECTURES, CompactLlama
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
+from .rowbias import bias_keys, lora_biases
+from .saved_modules import RuntimeModulesToSave, saved_copies
+from .slots import PoolInput
 from .store import AdapterStore
 from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
@@ -78,6 +83,7 @@ LayerTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A
 class _Merged:
     lease: Lease  # pins the merged version
     residuals: dict[str, Residual]  # key -> (flat indices, original values)
+    bias_residuals: dict[str, Residual] = field(default_factory=dict)  # lora_bias: key -> the same, of the bias
 
 
 class MultiLoraModel:
@@ -118,6 +124,7 @@ class MultiLoraModel:
         self._current = CurrentPlan()
         self._lock = threading.RLock()
         self._wrapped: dict[str, RuntimeLinear] = {}
+        self._copied: dict[str, RuntimeModulesToSave] = {}  # modules some adapter holds modules_to_save copies of
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
         self._merged: Optional[_Merged] = None
         self._merge_epoch = 0
@@ -151,6 +158,9 @@ class MultiLoraModel:
                 raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged; unmerge() first")
             self._place(bare=True)
             self._wrapped.clear()
+            for key, copied in self._copied.items():
+                self._set_module(key, copied.original_module)
+            self._copied.clear()
             return self.model
 
     def _place(self, *, bare: bool) -> None:
@@ -208,7 +218,7 @@ class MultiLoraModel:
     def _add(self, name: str, source: Union[PathLike, AdapterFile], *, replace: bool, check_base_model: bool) -> str:
         check_name(name)
         af = source if isinstance(source, AdapterFile) else read_adapter(source)
-        tensors, scales = self._layer_tensors(af)
+        tensors, scales, bias, rest = self._layer_tensors(af)
         with self._lock:
             if name in self.pool:
                 old = self.pool.content_hash(name)
@@ -225,14 +235,43 @@ class MultiLoraModel:
                 old = None
             if check_base_model and af.base_fingerprint and af.base_fingerprint != self._fingerprint:
                 check_base(af.base_fingerprint, self.model, f"adapter {str(af.path)!r}")
+            copies = saved_copies(af, rest, self._base_module) if rest else {}
+            self._check_copies(name, tensors, copies)
             self._wrap_targets(name, tensors)
-            dora = dora_rescales(af, tensors, scales, lambda k: (
-                self._bare_weight(k), getattr(self._wrapped[k].base_layer, "bias", None)))
+            for key in copies:
+                if key not in self._copied:
+                    self._copied[key] = RuntimeModulesToSave(self._base_module(key), key, self._current)
+                    self._set_module(key, self._copied[key])
+            dora = dora_rescales(af, tensors, scales, lambda k: (self._bare_weight(k), self._bare_bias(k)))
             self._sources[(name, af.content_hash)] = af.path
-            self.pool.add(name, af.content_hash, tensors, scales, dora)
+            self.pool.add(name, af.content_hash, tensors, scales, dora, bias, copies)
             if old is not None:
                 self._sources.pop((name, old), None)  # a leased old version is never evicted: no reload needed
             return af.content_hash
+
+    def _base_module(self, key: str) -> Optional[nn.Module]:
+        """The base's module `key` (the original under a runtime wrapper), or None if there is none."""
+        try:
+            module = self.model.get_submodule(key)
+        except AttributeError:
+            return None
+        return module.original_module if isinstance(module, RuntimeModulesToSave) else module
+
+    def _set_module(self, key: str, module: nn.Module) -> None:
+        parent, _, child = key.rpartition(".")
+        setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+
+    def _check_copies(self, name: str, tensors: LayerTensors, copies: Mapping[str, object]) -> None:
+        """Refuse a module that would be both a LoRA target and a modules_to_save copy (of any adapters): a copy
+        runs a subset of the batch's rows, which a LoRA wrapper inside it cannot serve."""
+        lora = [*self._wrapped, *tensors]
+        copied = [*self._copied, *copies]
+        clash = [(c, k) for c in copied for k in lora if k == c or k.startswith(c + ".")]
+        if clash:
+            raise UnsupportedFeatureError(
+                f"adapter {name!r}: module {clash[0][0]!r} is a modules_to_save copy and {clash[0][1]!r} a LoRA "
+                "target of the adapters of this engine; the runtime serves a module either copied or adapted. "
+                "Serve these adapters on separate engines (or with loraplex.load_adapter)")
 
     def _wrap_targets(self, name: str, tensors: LayerTensors) -> None:
         new = [k for k in tensors if k not in self._wrapped]
@@ -260,11 +299,16 @@ class MultiLoraModel:
             self._wrap(k, modules[k], shapes[k])
 
     @staticmethod
-    def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float]]:
-        """{module: (A, B)} and {module: scale} of an adapter file (decoded by `store.lora_modules`); refuses
-        what the runtime does not serve: anything but LoRA on linear layers (and DoRA's magnitudes)."""
+    def _layer_tensors(af: AdapterFile
+                       ) -> tuple[LayerTensors, dict[str, float], dict[str, torch.Tensor], list[str]]:
+        """{module: (A, B)}, {module: scale} and {module: LoRA-B bias} of an adapter file (decoded by
+        `store.lora_modules`), and its other keys (modules_to_save copies: `saved_modules.saved_copies` reads or
+        refuses them); refuses LoRA on anything but linear layers."""
         modules = lora_modules(af)
-        extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+        bias = lora_biases(af, modules)
+        read = set(bias_keys(bias))
+        rest = [k for k in unread_keys(af, modules) if k not in read]
+        extra = [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
         if extra:
             raise UnsupportedFeatureError(
                 f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves lora_A/lora_B on "
@@ -273,7 +317,7 @@ class MultiLoraModel:
             )
         if not modules:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias, rest
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
@@ -285,7 +329,7 @@ class MultiLoraModel:
         w = self._restored(key) if self._merged is not None and key in self._merged.residuals else self._weight(key)
         return out_in(w, weight_layout(base))
 
-    def _reload(self, name: str, content_hash: str) -> LayerTensors:
+    def _reload(self, name: str, content_hash: str) -> PoolInput:
         """The pool's loader: re-read an evicted adapter from its directory, refusing a changed file."""
         path = self._sources.get((name, content_hash))
         if path is None:
@@ -296,7 +340,8 @@ class MultiLoraModel:
                 f"adapter {name!r} was evicted and {str(path)!r} now holds content {af.content_hash[:12]}, not the "
                 f"loaded {content_hash[:12]}; call replace({name!r}, {str(path)!r}) to serve the new version"
             )
-        return self._layer_tensors(af)[0]
+        tensors, scales, bias, rest = self._layer_tensors(af)
+        return PoolInput(tensors, scales, bias, saved_copies(af, rest, self._base_module) if rest else {})
 
     # ---- running ------------------------------------------------------------------------------------------
     def batch(self, adapters: Optional[Sequence[RowSpec]]) -> Batch:
@@ -381,6 +426,11 @@ class MultiLoraModel:
                     f"adapter {name!r} is DoRA: merging it would rescale the rows of W that every other request "
                     "reads, so the runtime serves DoRA unmerged (loraplex.merge merges it into a model of its own)"
                 )
+            if self.pool.has_copies(name):
+                raise UnsupportedFeatureError(
+                    f"adapter {name!r} holds modules_to_save copies: merging would replace those modules for every "
+                    "row, so the runtime serves it unmerged (loraplex.merge merges it into a model of its own)"
+                )
             lease = self.pool.acquire(name)
             self._decoder = None  # its fused weight copies would go stale; rebuilt after unmerge()
             try:
@@ -392,11 +442,19 @@ class MultiLoraModel:
                             f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
                             "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"
                         )
+                biased = [(k, b, t[2]) for k, t in layers if (b := self.pool.lora_bias(lease.slot, k)) is not None]
+                bare = [k for k, _, _ in biased if getattr(self._wrapped[k].base_layer, "bias", None) is None]
+                if bare:
+                    raise UnsupportedFeatureError(
+                        f"adapter {name!r} has a LoRA-B bias (lora_bias) at {bare[0]!r}, whose base layer has no bias "
+                        "to merge it into (PEFT cannot merge it either); serve it unmerged"
+                    )
                 residuals = {k: self._add_delta(k, *t) for k, t in layers}
+                bias_residuals = {k: self._add_bias(k, b, scale) for k, b, scale in biased}
             except BaseException:
                 lease.release()
                 raise
-            self._merged = _Merged(lease, residuals)
+            self._merged = _Merged(lease, residuals, bias_residuals)
             self._merge_epoch += 1
 
     @torch.no_grad()
@@ -408,6 +466,8 @@ class MultiLoraModel:
             m = self._merged
             for k in m.residuals:
                 self._weight(k).copy_(self._restored(k))
+            for k in m.bias_residuals:
+                self._wrapped[k].base_layer.bias.data.copy_(self._bare_bias(k))
             self._merged = None
             self._merge_epoch += 1
             m.lease.release()
@@ -419,6 +479,24 @@ class MultiLoraModel:
         w = self._weight(key)
         d = self._delta(key, A, B, scale, w)
         return exact_restore(w, lambda t: t - d, m.residuals[key])
+
+    def _add_bias(self, key: str, b: torch.Tensor, scale: float) -> Residual:
+        """bias <- bias + scale * b (a lora_bias adapter's merge); returns what bias' - scale * b would not give back."""
+        bias = self._wrapped[key].base_layer.bias.data
+        d = scale * b.to(torch.promote_types(bias.dtype, torch.float32))
+        merged, _, residual = exact_merge(bias, lambda t: t + d, lambda t: t - d)
+        bias.copy_(merged)
+        return residual
+
+    def _bare_bias(self, key: str) -> torch.Tensor | None:
+        """The base bias of wrapped module `key` without a merged adapter's LoRA-B bias (bit for bit), or None."""
+        bias = getattr(self._wrapped[key].base_layer, "bias", None)
+        m = self._merged
+        if bias is None or m is None or key not in m.bias_residuals:
+            return bias
+        b = self.pool.lora_bias(m.lease.slot, key)
+        d = self.pool.tensors(m.lease.slot, key)[2] * b.to(torch.promote_types(bias.dtype, torch.float32))
+        return exact_restore(bias.data, lambda t: t - d, m.bias_residuals[key])
 
     def _weight(self, key: str) -> torch.Tensor:
         return self._wrapped[key].base_layer.weight.data

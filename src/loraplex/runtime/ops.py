@@ -27,6 +27,10 @@ segments cast their (small) A and B at each call; the product is added into y on
 Rows whose assignment is base-only (or whose slots do not target a layer) are never read or written.
 DoRA slots (when `build_plan` is given a `rescale` source) add one step after the LoRA terms, per DoRA row:
 y[b] = g * y[b] + c with the slot's per-feature [g; c] (see loraplex.runtime.rescale for the rule).
+LoRA-B bias slots (when given a `bias` source) add y[b] += sum_k w_k * scale_k * b_k with the LoRA terms, the
+same step for every strategy (loraplex.runtime.rowbias). Slots holding modules_to_save copies (when given a
+`saved` source) get, per copied module, the rows that run the copy (`BatchPlan.saved`, used by the module's
+wrapper; loraplex.runtime.saved_modules).
 Adapter storage keeps each adapter at its own rank; padding exists only inside a plan, for its batch.
 """
 
@@ -42,6 +46,8 @@ import torch
 
 from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
 from .rescale import RescaleLayer, RescaleSource, dora_slot, rescale_layer
+from .rowbias import BiasLayer, BiasSource, bias_layer, row_bias
+from .saved_modules import SavedLayer, SavedSource, copy_slot, saved_layer
 
 # One row's adapters: ((slot, weight), ...); () = base only.
 Assignment = tuple[tuple[int, float], ...]
@@ -175,6 +181,8 @@ class BatchPlan:
     in_out: dict[str, tuple[int, int]]  # layer key -> (in_features, out_features)
     versions: dict[int, int] = field(default_factory=dict)  # slot -> content version it was built from
     rescale: dict[str, RescaleLayer] = field(default_factory=dict)  # layers with DoRA rows (applied after LoRA)
+    bias: dict[str, BiasLayer] = field(default_factory=dict)  # layers with LoRA-B bias rows (added with LoRA)
+    saved: dict[str, SavedLayer] = field(default_factory=dict)  # module key -> rows running a modules_to_save copy
 
     @property
     def num_rows(self) -> int:
@@ -193,6 +201,7 @@ class BatchPlan:
                 total += _nbytes(lay.A) + _nbytes(lay.Bt)
             elif isinstance(lay, _SegmentLayer):
                 total += sum(_nbytes(s.A) + _nbytes(s.Bt) for s in lay.segments if s.owned)
+        total += sum(_nbytes(b.bias) for b in self.bias.values())
         return total + sum(_nbytes(r.gc) for r in self.rescale.values())
 
     def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -225,6 +234,8 @@ class BatchPlan:
                 "keep the adapter pool in the model's dtype"
             )
         lay.apply_(x, y)
+        if key in self.bias:
+            self.bias[key].apply_(y)  # LoRA-B bias rows: y[b] += sum_k w_k * scale_k * b_k
         if key in self.rescale:
             self.rescale[key].apply_(y)  # DoRA rows: y[b] = g * y[b] + c, after their LoRA terms
         return out
@@ -240,6 +251,8 @@ def build_plan(
     strategy: Strategy = "auto",
     memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
     rescale: RescaleSource | None = None,
+    bias: BiasSource | None = None,
+    saved: SavedSource | None = None,
 ) -> BatchPlan:
     """Build the batch plan for `assignments` (one per row) over `layers` {key: (in_features, out_features)}.
 
@@ -250,6 +263,8 @@ def build_plan(
     copies), so the next plan for that adapter skips reading them again (an adapter switch then costs a few
     microseconds per layer). The caller owns it and must drop every entry of a slot whose content changes or goes away.
     `rescale(slot, key)` (optional) returns a DoRA slot's [g; c] (2, out) at `key`, None for plain LoRA.
+    `bias(slot, key)` (optional) returns a LoRA-B bias slot's (b (out,), scale) at `key`, None without one.
+    `saved(slot)` (optional) returns a slot's modules_to_save copies {module key: state dict} ({} for none).
     """
     rows_a = tuple(normalize_assignment(a) for a in assignments)
     distinct = list(dict.fromkeys(a for a in rows_a if a))  # distinct non-empty assignments, first-seen order
@@ -269,16 +284,25 @@ def build_plan(
     per_u = [layer_views(get, a, layers, dtype=dtype, device=device, memo=memo) for a in distinct]
     built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
     scaled: dict[str, RescaleLayer] = {}
+    biased: dict[str, BiasLayer] = {}
     for key, (fin, fout) in layers.items():
         if rescale is not None and (r := rescale_layer([dora_slot(rescale, a, key) for a in distinct], row_u, fout,
                                                        device, dtype)) is not None:
             scaled[key] = r
+        if bias is not None and (b := bias_layer([row_bias(bias, a, key) for a in distinct], row_u, fout,
+                                                 device, dtype)) is not None:
+            biased[key] = b
         virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
         if strategy == "gather":
             built[key] = _gather_layer(virt, rows, fin, fout, lora_compute_dtype(dtype, device), device)
         else:
             built[key] = _segment_layer(virt, rows, lora_compute_dtype(dtype, device))
-    return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()}, rescale=scaled)
+    copies: dict[str, SavedLayer] = {}
+    if saved is not None:
+        for key in dict.fromkeys(k for a in distinct for s, _ in a for k in saved(s)):
+            copies[key] = saved_layer([copy_slot(saved, a, key) for a in distinct], row_u, device)
+    return BatchPlan(rows_a, strategy, dtype, built, {k: tuple(v) for k, v in layers.items()}, rescale=scaled,
+                     bias=biased, saved=copies)
 
 
 def lora_batched_(

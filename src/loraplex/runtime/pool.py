@@ -17,7 +17,9 @@ Reloaded content is checked against a fingerprint taken at `add`, so a loader th
 
 A DoRA adapter also has, at each of its layers, a [g; c] (2, out) tensor (loraplex.runtime.rescale). These
 are small (2 * out values per layer), stay in the fast tier for the slot's whole life (eviction drops A and B
-only) and count against the budget while the slot exists.
+only) and count against the budget while the slot exists; so do a lora_bias adapter's b (out,) per layer
+(loraplex.runtime.rowbias). modules_to_save copies (loraplex.runtime.saved_modules; large: a whole lm_head)
+are fast-tier tensors like A and B: evicted with them and brought back by the loader (or the CPU copy).
 
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
@@ -46,7 +48,8 @@ import torch
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
 from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
 from .plancache import PlanCache
-from .slots import LayerTensors, Loader, SlotEntry, check_dora, check_tensors, fingerprint, reload, to_fast
+from .slots import (LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors,
+                    copies_fingerprint, fingerprint, reload, to_fast)
 
 
 @dataclass(frozen=True)
@@ -150,12 +153,15 @@ class AdapterPool:
 
     # ---- names and slots ----------------------------------------------------------------------------------
     def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float],
-            dora: Mapping[str, torch.Tensor] | None = None) -> int:
+            dora: Mapping[str, torch.Tensor] | None = None, bias: Mapping[str, torch.Tensor] | None = None,
+            saved: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> int:
         """Store an adapter (copies of `tensors`, in the pool's dtype and device) and return its slot.
 
         tensors: {layer_key: (A (r, in), B (out, r))}; scales: {layer_key: scale} for the same keys. Layers not
         listed get no update from this adapter. dora: for a DoRA adapter, {layer_key: [g; c] (2, out)} for the
-        layers where it is DoRA (see loraplex.runtime.rescale). Same name and hash again: returns the existing slot.
+        layers where it is DoRA (see loraplex.runtime.rescale). bias: for a lora_bias adapter, {layer_key: b (out,)}
+        (loraplex.runtime.rowbias). saved: modules_to_save copies {module key: state dict}
+        (loraplex.runtime.saved_modules). Same name and hash again: returns the existing slot.
         Same name, new hash: a new slot; the old one serves its leases until released, then is freed.
         """
         with self._lock:
@@ -169,23 +175,29 @@ class AdapterPool:
                 return cur
             shapes, scl = check_tensors(name, tensors, scales, self._layers)
             gc = check_dora(name, dora or {}, shapes, dtype=self.dtype, device=self.device)
+            copies = check_saved(name, saved or {}, dtype=self.dtype, device=self.device)
             nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
-            dbytes = sum(t.numel() * t.element_size() for t in gc.values())
+            nbytes += sum(t.numel() * t.element_size() for t in _flat(copies))  # evicted with A and B
+            lb = check_bias(name, bias or {}, shapes, dtype=self.dtype, device=self.device)
+            dbytes = sum(t.numel() * t.element_size() for t in [*gc.values(), *lb.values()])
             old = self._entries[cur] if cur is not None else None
             # an unleased old version is freed right after: its bytes count as available
             credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
             keep = frozenset([cur]) if credit else frozenset()
             self._make_room(max(0, nbytes + dbytes - credit), what=f"adapter {name!r}", keep=keep)
             fast = to_fast(tensors, dtype=self.dtype, device=self.device)
-            slow = None
+            slow = slow_saved = None
             if self.loader is None and self.device.type != "cpu":
                 pin = torch.cuda.is_available()
                 slow = {k: tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in pair)
                         for k, pair in fast.items()}
+                slow_saved = {k: {p: t.to("cpu").pin_memory() if pin else t.to("cpu") for p, t in params.items()}
+                              for k, params in copies.items()}
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
             self._entries[slot] = SlotEntry(
-                name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc
-            )
+                name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc,
+                bias=lb, saved=copies, saved_keys=frozenset(copies), saved_fingerprint=copies_fingerprint(copies),
+                slow_saved=slow_saved)
             self._resident_bytes += nbytes + dbytes
             self._lru[slot] = None
             self._by_name[name] = slot
@@ -268,7 +280,8 @@ class AdapterPool:
                 self._live(s)
             self._ensure_resident(slots)
             plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
-                              strategy=strategy, memo=self._plans.views, rescale=self._rescale)
+                              strategy=strategy, memo=self._plans.views, rescale=self._rescale, bias=self._bias,
+                              saved=self._saved)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
             self._plans.put(key, plan, self.max_plans)
@@ -313,10 +326,33 @@ class AdapterPool:
     def _rescale(self, slot: int, key: str) -> torch.Tensor | None:
         return self._entries[slot].dora.get(key)
 
+    def _bias(self, slot: int, key: str) -> tuple[torch.Tensor, float] | None:
+        e = self._entries[slot]
+        b = e.bias.get(key)
+        return None if b is None else (b, e.scales[key])
+
     def is_dora(self, name: str) -> bool:
         """Whether the current version of `name` is a DoRA adapter."""
         with self._lock:
             return bool(self._entries[self._slot_of(name)].dora)
+
+    def _saved(self, slot: int) -> dict[str, dict[str, torch.Tensor]]:
+        return self._entries[slot].saved
+
+    def has_copies(self, name: str) -> bool:
+        """Whether the current version of `name` holds modules_to_save copies."""
+        with self._lock:
+            return bool(self._entries[self._slot_of(name)].saved_keys)
+
+    def has_copies_slot(self, slot: int) -> bool:
+        """Whether `slot` holds modules_to_save copies."""
+        with self._lock:
+            return bool(self._live(slot).saved_keys)
+
+    def lora_bias(self, slot: int, key: str) -> torch.Tensor | None:
+        """The LoRA-B bias b (out,) of `slot` at layer `key`, or None (the pool's own storage: never write to it)."""
+        with self._lock:
+            return self._live(slot).bias.get(key)
 
     def is_dora_slot(self, slot: int) -> bool:
         """Whether `slot` holds a DoRA adapter."""
@@ -370,7 +406,7 @@ class AdapterPool:
 
     def _evict(self, slot: int) -> None:
         e = self._entries[slot]
-        e.fast = None
+        e.fast, e.saved = None, {}
         self._resident_bytes -= e.nbytes
         del self._lru[slot]
         self._counts["evictions"] += 1
@@ -392,7 +428,7 @@ class AdapterPool:
                 continue
             self._counts["misses"] += 1
             self._make_room(e.nbytes, what=f"reloading adapter {e.name!r}", keep=keep)
-            e.fast = reload(e, self.loader, dtype=self.dtype, device=self.device)
+            e.fast, e.saved = reload(e, self.loader, dtype=self.dtype, device=self.device)
             self._resident_bytes += e.nbytes
             self._lru[slot] = None
             self._prepare_views(slot)
@@ -409,10 +445,16 @@ class AdapterPool:
 
     def _free_slot(self, slot: int) -> None:
         e = self._entries.pop(slot)
-        self._resident_bytes -= sum(t.numel() * t.element_size() for t in e.dora.values())
+        self._resident_bytes -= sum(t.numel() * t.element_size()
+                                    for t in [*e.dora.values(), *e.bias.values()])
         if e.fast is not None:
             self._resident_bytes -= e.nbytes
             del self._lru[slot]
         heapq.heappush(self._free, slot)
         self._plans.drop(slot)
 
+
+
+def _flat(saved: Mapping[str, Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Every tensor of a slot's modules_to_save copies."""
+    return [t for params in saved.values() for t in params.values()]

@@ -1,9 +1,11 @@
 """What one `AdapterPool` slot holds, the checks an adapter passes to get one, and how it comes back.
 
-`pool_tensors` turns an adapter file (decoded by `store.lora_modules`) into what `AdapterPool.add` takes.
+`pool_tensors` turns an adapter file (decoded by `store.lora_modules`) into what `AdapterPool.add` takes
+(`PoolInput`).
 A slot holds one version of one adapter (`SlotEntry`): per layer (A (r, in), Bt (r, out)) in the pool's
-dtype and device, its scales, a fingerprint of the stored bits, and (DoRA) [g; c] (2, out) per layer.
-`check_tensors` / `check_dora` refuse what the pool cannot serve (unknown layer, wrong shape, rank 0,
+dtype and device, its scales, a fingerprint of the stored bits, (DoRA) [g; c] (2, out) per layer and
+(lora_bias) b (out,) per layer.
+`check_tensors` / `check_dora` / `check_bias` refuse what the pool cannot serve (unknown layer, wrong shape, rank 0,
 NaN/Inf) before anything is stored; `reload` brings an evicted slot's tensors back and refuses content
 whose fingerprint differs from the one taken at `add` (a replaced file on disk).
 The pool itself (names, leases, budget, eviction, plans) is `loraplex.runtime.pool`.
@@ -12,10 +14,12 @@ The pool itself (names, leases, budget, eviction, plans) is `loraplex.runtime.po
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from ..errors import (
     AdapterFileError,
@@ -27,9 +31,12 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..store import AdapterFile, lora_modules, unread_keys
+from .rowbias import bias_keys, lora_biases
+from .saved_modules import saved_copies
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
-Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
+# (name, content_hash) -> that content's tensors; a PoolInput (pool_tensors) also brings modules_to_save copies back
+Loader = Callable[[str, str], "LayerTensors | PoolInput"]
 Stored = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), Bt (r, out)), as stored
 
 
@@ -49,29 +56,55 @@ class SlotEntry:
     refs: int = 0  # outstanding leases
     retired: bool = False  # the name now points elsewhere (replaced or removed); freed when refs == 0
     dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # lora_bias layers: key -> b (out,), never evicted
+    # modules_to_save copies {module: {param: tensor}} in the fast tier (counted in nbytes; {} while evicted)
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    saved_keys: frozenset[str] = frozenset()  # the modules it holds copies of (kept while evicted)
+    saved_fingerprint: dict[str, int] = field(default_factory=dict)  # "module.param" -> hash of the stored bits
+    slow_saved: dict[str, dict[str, torch.Tensor]] | None = None  # CPU copy of `saved` (like `slow`)
 
 
-def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
-                 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
-    """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale}), key = module name
-    (e.g. "model.layers.0.self_attn.q_proj"); refuses anything but LoRA on the registered linear projections
-    `layers` {key: (in, out)} (and DoRA's magnitudes, which `runtime.rescale` turns into [g; c])."""
+class PoolInput(NamedTuple):
+    """An adapter file as `AdapterPool.add` input (see `pool_tensors`)."""
+
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # key -> (A (r, in), B (out, r))
+    scales: dict[str, float]  # key -> scale
+    bias: dict[str, torch.Tensor]  # key -> LoRA-B bias b (out,) (lora_bias adapters)
+    copies: dict[str, dict[str, torch.Tensor]]  # module key -> modules_to_save copy (its state dict)
+
+
+def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]],
+                 module: Callable[[str], nn.Module | None] | None = None, places: Collection[str] = ()) -> PoolInput:
+    """An adapter file as AdapterPool input, key = module name (e.g. "model.layers.0.self_attn.q_proj"): LoRA on
+    the registered linear projections `layers` {key: (in, out)} (DoRA's magnitudes are left to `runtime.rescale`),
+    LoRA-B biases, and modules_to_save copies of the modules named in `places` (`module(key)`: the base's module,
+    for checking them; runtime.saved_modules). Refuses everything else with a typed error."""
     cfg, what = af.config, f"adapter {str(af.path)!r}"
-    if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
+    if cfg.bias != "none" or cfg.fan_in_fan_out:
         raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
-                                      "modules_to_save, bias training and fan_in_fan_out are not served")
+                                      "bias training (bias='all'/'lora_only') and fan_in_fan_out are not served")
     modules = lora_modules(af)
-    extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
-    if extra:
-        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B of linear layers are served "
-                                      "(no embedding LoRA, no extra weights)")
+    bias = lora_biases(af, modules)
+    read = set(bias_keys(bias))
+    rest = [k for k in unread_keys(af, modules) if k not in read]
+    extra = [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    if extra or (rest and module is None):
+        raise UnsupportedFeatureError(f"{what} holds {(extra or rest)[0]!r}: only lora_A/lora_B (and lora_B biases) "
+                                      "of linear layers are served (no embedding LoRA, no extra weights)")
+    copies = saved_copies(af, rest, module) if rest else {}
+    homeless = sorted(set(copies) - set(places))
+    if homeless:
+        raise UnsupportedFeatureError(f"{what} holds a modules_to_save copy of {homeless[0]!r}, which the serving "
+                                      "decoder has no per-row place for: it serves copies of lm_head and of its RMS "
+                                      "norms (model.norm, each layer's input/post_attention_layernorm) only")
     missing = [key for key in modules if key not in layers]
     if missing:
         raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
                                   f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
     if not modules:
         raise AdapterFileError(f"{what} holds no LoRA tensors")
-    return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+    return PoolInput({k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias,
+                     copies)
 
 
 def check_tensors(
@@ -125,6 +158,37 @@ def check_dora(name: str, dora: Mapping[str, torch.Tensor], shapes: Mapping[str,
     return out
 
 
+def check_bias(name: str, bias: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int, int]], *,
+               dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Validated fast-tier copies of an adapter's LoRA-B biases {key: b (out,)}."""
+    out = {}
+    for key, t in bias.items():
+        if key not in shapes:
+            raise ConfigError(f"adapter {name!r}: LoRA-B bias for layer {key!r}, which has no lora_A/lora_B")
+        if tuple(t.shape) != (shapes[key][2],):
+            raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: a LoRA-B bias must be ({shapes[key][2]},), "
+                                     f"got {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"adapter {name!r} layer {key!r}: LoRA-B bias holds NaN/Inf")
+        out[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t.detach())
+    return out
+
+
+def check_saved(name: str, saved: Mapping[str, Mapping[str, torch.Tensor]], *, dtype: torch.dtype,
+                device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """Fast-tier copies of an adapter's modules_to_save copies {module: {param: tensor}} (floating tensors in the
+    pool's dtype); the caller checked them against the base's modules (runtime.saved_modules.saved_copies)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, params in saved.items():
+        out[key] = {}
+        for p, t in params.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"adapter {name!r}: its modules_to_save copy {key}.{p} holds NaN/Inf")
+            dt = dtype if t.is_floating_point() else t.dtype
+            out[key][p] = torch.empty(t.shape, dtype=dt, device=device).copy_(t.detach())
+    return out
+
+
 def to_fast(tensors: LayerTensors, *, dtype: torch.dtype, device: torch.device) -> Stored:
     """Caller's {key: (A, B)} -> fast-tier {key: (A, Bt)}: always copies, so later changes to the
     caller's tensors never reach the pool."""
@@ -137,32 +201,44 @@ def to_fast(tensors: LayerTensors, *, dtype: torch.dtype, device: torch.device) 
 
 def fingerprint(fast: Stored) -> dict[str, tuple[int, int]]:
     """Per layer, an xor-hash of A's and B's bits (as stored): a cheap check that a reload is the same."""
-    def h(t: torch.Tensor) -> int:
-        return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
-
-    return {k: (h(A), h(B)) for k, (A, B) in fast.items()}
+    return {k: (_hash(A), _hash(B)) for k, (A, B) in fast.items()}
 
 
-def reload(e: SlotEntry, loader: Loader | None, *, dtype: torch.dtype, device: torch.device) -> Stored:
-    """The fast-tier tensors of evicted `e`: from its CPU copy, else from `loader`; must match `e.fingerprint`."""
+def copies_fingerprint(saved: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, int]:
+    """Per "module.param" of modules_to_save copies, an xor-hash of its bits (as stored)."""
+    return {f"{k}.{p}": _hash(t) for k, params in saved.items() for p, t in params.items()}
+
+
+def _hash(t: torch.Tensor) -> int:
+    return int(torch.hash_tensor(t).view(torch.int64))  # uint64 bits, as a Python int
+
+
+def reload(e: SlotEntry, loader: Loader | None, *, dtype: torch.dtype, device: torch.device
+           ) -> tuple[Stored, dict[str, dict[str, torch.Tensor]]]:
+    """The fast-tier tensors and modules_to_save copies of evicted `e`: from its CPU copy, else from `loader`;
+    both must match the fingerprints taken at add."""
     if e.slow is not None:
         fast = {k: tuple(t.to(device, non_blocking=True) for t in pair) for k, pair in e.slow.items()}
+        saved = {k: {p: t.to(device, non_blocking=True) for p, t in params.items()}
+                 for k, params in (e.slow_saved or {}).items()}
     else:
         try:
             loaded = loader(e.name, e.content_hash)
         except (LoraplexError, OSError, KeyError, ValueError) as err:  # the files are gone or changed
             raise AdapterFileError(f"reloading adapter {e.name!r} ({e.content_hash}) failed: {err}") from err
-        if set(loaded) != set(e.shapes):
+        tensors, copies = (loaded.tensors, loaded.copies) if isinstance(loaded, PoolInput) else (loaded, {})
+        if set(tensors) != set(e.shapes):
             raise AdapterFileError(
-                f"loader returned layers {sorted(loaded)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
+                f"loader returned layers {sorted(tensors)[:4]}... for {e.name!r}, expected {sorted(e.shapes)[:4]}..."
             )
-        fast = to_fast(loaded, dtype=dtype, device=device)
+        fast = to_fast(tensors, dtype=dtype, device=device)
+        saved = check_saved(e.name, copies, dtype=dtype, device=device)
     got = {k: (tuple(A.shape), tuple(Bt.shape)) for k, (A, Bt) in fast.items()}
     if got != {k: ((r, fin), (r, fout)) for k, (r, fin, fout) in e.shapes.items()} or (
-        fingerprint(fast) != e.fingerprint
+        fingerprint(fast) != e.fingerprint or copies_fingerprint(saved) != e.saved_fingerprint
     ):
         raise AdapterFileError(
             f"reloaded adapter {e.name!r} does not match the content {e.content_hash} it was added with "
             "(the loader must return the tensors of that exact content hash, not the latest file)"
         )
-    return fast
+    return fast, saved

@@ -23,7 +23,9 @@ reload from disk succeeds again or it is loaded, replaced or removed by name.
 An adapter file becomes pool tensors through `runtime.slots.pool_tensors` ({key: (A (r, in), B (out, r))}
 and {key: scale}). A DoRA adapter (use_dora) also holds each module's magnitude m (out,); at load its
 per-layer [g; c] is computed once from the base (runtime.rescale.dora_rescales) and its rows are served per
-row like any other.
+row like any other. A lora_bias adapter's biases b (out,) are kept per layer and added per row
+(runtime.rowbias); modules_to_save copies of lm_head and the RMS norms run per row in the decoder
+(runtime.saved_modules; a copy of any other module is refused at load).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from ..identity import check_base
 from ..inject import check_name
 from ..runtime import AdapterPool, AdapterStore
 from ..runtime.rescale import dora_rescales
-from ..runtime.slots import pool_tensors
+from ..runtime.decoder import saved_places
+from ..runtime.slots import PoolInput, pool_tensors
 from ..store import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter, validate_adapter
 from .metrics import Metrics
 
@@ -157,10 +160,10 @@ class ServedAdapters:
             with tempfile.TemporaryDirectory(prefix=".upload-", dir=self.directory) as tmp:  # hidden: never listed
                 _unzip(data, Path(tmp), self.max_upload_bytes)
                 af = read_adapter(tmp)
-                tensors, scales = self._verify(af)
+                verified = self._verify(af)
                 folder.put(name, tmp, overwrite=replace)
             af.path = folder.path(name)
-            return self._add(name, af, verified=(tensors, scales))
+            return self._add(name, af, verified=verified)
 
     def remove(self, name: str) -> None:
         """Unload `name` (its files stay); requests already running on it finish on their lease."""
@@ -194,17 +197,16 @@ class ServedAdapters:
             raise AdapterExistsError(f"adapter {name!r} is already loaded; pass replace=true to swap it in place "
                                      "(running requests finish on the old version)")
 
-    def _verify(self, af: AdapterFile):
+    def _verify(self, af: AdapterFile) -> PoolInput:
         if self.check_base_model:
             check_base(af.base_fingerprint, self.base, f"adapter {str(af.path)!r}")
         validate_adapter(af, self.base)  # targets vs tensors, shapes: the check every reader shares
-        tensors, scales = pool_tensors(af, self.pool.layers)
-        return tensors, scales
+        return pool_tensors(af, self.pool.layers, self._module, saved_places(self.base))
 
-    def _add(self, name: str, af: AdapterFile, verified=None) -> AdapterInfo:
-        tensors, scales = verified or self._verify(af)
+    def _add(self, name: str, af: AdapterFile, verified: PoolInput | None = None) -> AdapterInfo:
+        tensors, scales, bias, copies = verified or self._verify(af)
         dora = dora_rescales(af, tensors, scales, self._base_layer)
-        self.pool.add(name, af.content_hash, tensors, scales, dora)
+        self.pool.add(name, af.content_hash, tensors, scales, dora, bias, copies)
         info = AdapterInfo(name, af.content_hash, af.config.r, len(tensors), str(af.path))
         self._info[name] = info
         self.broken.pop(name, None)
@@ -217,7 +219,14 @@ class ServedAdapters:
         module = self.base.get_submodule(key)
         return module.weight, module.bias
 
-    def _reload(self, name: str, content_hash: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _module(self, key: str) -> nn.Module | None:
+        """The base's module `key`, or None (for checking modules_to_save copies)."""
+        try:
+            return self.base.get_submodule(key)
+        except AttributeError:
+            return None
+
+    def _reload(self, name: str, content_hash: str) -> PoolInput:
         """AdapterPool loader: read the adapter back from disk after an eviction (same content only)."""
         info = self._info.get(name)
         if info is None or info.content_hash != content_hash:
@@ -231,12 +240,12 @@ class ServedAdapters:
                 raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
                                        f"({content_hash[:12]} -> {af.content_hash[:12]}); load it again by name "
                                        "with replace=true")
-            tensors = pool_tensors(af, self.pool.layers)[0]
+            loaded = pool_tensors(af, self.pool.layers, self._module, saved_places(self.base))
         except LoraplexError as exc:  # marked until a reload succeeds; the pool fails the request that needed it
             self.broken[name] = f"reloading after an eviction failed: {exc}"
             raise
         self.broken.pop(name, None)
-        return tensors
+        return loaded
 
 
 def _valid(name: str) -> bool:

@@ -51,7 +51,7 @@ from ..runtime import AdapterPool, Lease
 from ..runtime.decoder import CompactLlama
 from ..runtime.logprobs import token_logprobs
 from .metrics import Metrics
-from .modelspec import Mix, check_dora_alone, model_key, parse_model
+from .modelspec import Mix, check_copies_alone, check_dora_alone, model_key, parse_model
 from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob
 from .sequence import RequestState, sample_tokens
 from .text import Detokenizer, TextCodec, check_prompt
@@ -270,6 +270,8 @@ class Engine:
                 leases.append(self.pool.acquire(name))
             dora = [self.pool.is_dora_slot(lease.slot) for lease in leases]
             check_dora_alone(mix, dora, "+".join(n for n, _ in mix))
+            check_copies_alone(mix, [self.pool.has_copies_slot(lease.slot) for lease in leases],
+                               "+".join(n for n, _ in mix))
         except LoraplexError:
             for lease in leases:
                 lease.release()
@@ -291,7 +293,8 @@ class Engine:
         for i, s in enumerate(new):
             if s.params.prompt_logprobs is None:
                 continue
-            lp = self.model.head(hidden[i, : len(s.prompt) - 1])  # (len - 1, V): row j predicts prompt[j + 1]
+            # (len - 1, V): row j predicts prompt[j + 1]; through row i's lm_head copy if its adapter has one
+            lp = self.model.head(hidden[i, : len(s.prompt) - 1], plan, i)
             if not torch.isfinite(lp).all():
                 self.cache.clear_lane(s.lane)
                 self._finish(s, "error", NonFiniteError(

@@ -30,6 +30,16 @@ def check_dora_alone(mix: Mix, dora: list[bool], spec: str) -> None:
                                       "whole output of its row, so it is served alone (model='name', weight 1)")
 
 
+def check_copies_alone(mix: Mix, copies: list[bool], spec: str) -> None:
+    """Refuse a mix that includes an adapter holding modules_to_save copies (copies[i]: whether mix[i] does): a
+    weighted mix of whole modules is not defined, so it is served alone."""
+    if any(copies) and (len(mix) > 1 or mix[0][1] != 1.0):
+        names = [n for (n, _), c in zip(mix, copies) if c]
+        raise UnsupportedFeatureError(f"model {spec!r} mixes adapter(s) {names} holding modules_to_save copies: a "
+                                      "weighted mix of whole modules is not defined, so serve it alone "
+                                      "(model='name', weight 1)")
+
+
 def parse_model(spec: str, base_ids: Sequence[str], pool: AdapterPool) -> Mix:
     """`spec` as (adapter, weight) pairs; base_ids: the names of the base alone; unknown names -> 404."""
     if not isinstance(spec, str) or not spec:
@@ -56,6 +66,7 @@ def parse_model(spec: str, base_ids: Sequence[str], pool: AdapterPool) -> Mix:
                                        f"({base_ids[0]!r}) nor a loaded adapter")
         mix.append((name, weight))
     check_dora_alone(mix, [pool.is_dora(n) for n, _ in mix], spec)
+    check_copies_alone(mix, [pool.has_copies(n) for n, _ in mix], spec)
     return tuple(mix)
 
 
