@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from loraplex.models import random_llama  # noqa: E402
-from test_train import make_tiny_base, write_data  # noqa: E402  (the tests' tokenizer and data)
+from train_helpers import make_tiny_base, write_data  # noqa: E402  (the tests' tokenizer and data)
 
 
 def mib(n) -> str:

@@ -37,7 +37,7 @@ from ..store import load_adapter, load_residual_state, save_adapter
 from . import checkpoint as ckpt_mod
 from . import fsdp
 from .data import Examples, split, tokenize
-from .distributed import barrier, gather_objects, init_distributed, shutdown
+from .distributed import barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from .loop import METRICS_FILE, Job, Trainer, TrainConfig, _LossModule, adapter_params
 from .plot import plot_losses
 from .sources import load_records
@@ -185,7 +185,10 @@ def _train(config: TrainConfig, info) -> TrainResult:
 
 def _run(config: TrainConfig, info) -> TrainResult:
     barrier(info)
-    model, tokenizer = load_base(config.base, num_layers=config.num_layers)
+    # FSDP: only rank 0 reads the base; the others build it on the meta device (see fsdp.py)
+    from_rank0 = config.fsdp and config.quantize == "none" and not is_residual_init(config.init)
+    model, tokenizer = (fsdp.load_base_rank0(config.base, config.num_layers, info) if from_rank0
+                        else load_base(config.base, num_layers=config.num_layers))
     if tokenizer is None:
         raise ConfigError(f"base {config.base!r} has no tokenizer; training needs a model directory with one "
                           "(e.g. 'smollm2', or a directory saved with model and tokenizer)")
@@ -203,8 +206,11 @@ def _run(config: TrainConfig, info) -> TrainResult:
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, use_dora=config.use_dora,
                       init_lora_weights=config.init, target_modules=config.targets, base_model_name_or_path=config.base)
     _check_rank(model, lora)
+    on_meta = next(model.parameters()).is_meta  # FSDP, rank > 0: shapes only, filled from rank 0 when sharded
     for name in data:
-        if ckpt is not None and ckpt.adapter_dir(name).is_dir() and is_residual_init(config.init):
+        if on_meta:
+            inject(model, lora, name, activate=False)
+        elif ckpt is not None and ckpt.adapter_dir(name).is_dir() and is_residual_init(config.init):
             inject(model, lora, name, seed=config.seed, activate=False)  # the same residual base and (A0, B0) ...
             load_residual_state(model, name, ckpt.adapter_dir(name))  # ... then the checkpoint's A, B (and m)
         elif ckpt is not None and ckpt.adapter_dir(name).is_dir():
@@ -217,8 +223,9 @@ def _run(config: TrainConfig, info) -> TrainResult:
             p.requires_grad_(True)
     module = fingerprint = None
     if config.fsdp:  # before the jobs take their parameters: sharding replaces them
-        fingerprint = base_fingerprint(model)
-        module = fsdp.shard(_LossModule(model), model, info, bf16=config.bf16)
+        fingerprint = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
+        module = (fsdp.shard_from_rank0 if from_rank0 else fsdp.shard)(_LossModule(model), model, info,
+                                                                       bf16=config.bf16)
     jobs = [Job(name, adapter_params(model, name), train_set, eval_set, config, info.world_size, pad_id)
             for name, (train_set, eval_set) in data.items()]
     set_active(model, next(iter(data)) if len(data) == 1 else [])
