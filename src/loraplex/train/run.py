@@ -226,6 +226,7 @@ def _run(config: TrainConfig, info) -> TrainResult:
         fingerprint = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
         module = (fsdp.shard_from_rank0 if from_rank0 else fsdp.shard)(_LossModule(model), model, info,
                                                                        bf16=config.bf16)
+    loaded_peak = peak_rss_bytes()  # the peak up to here: loading (and sharding) the base, before any step
     jobs = [Job(name, adapter_params(model, name), train_set, eval_set, config, info.world_size, pad_id)
             for name, (train_set, eval_set) in data.items()]
     set_active(model, next(iter(data)) if len(data) == 1 else [])
@@ -234,7 +235,7 @@ def _run(config: TrainConfig, info) -> TrainResult:
     if ckpt is not None:
         trainer.restore(ckpt)
     trainer.run(progress=config.progress)
-    memory = gather_objects(rank_memory(info.device), info)  # [rank 0's, rank 1's, ...]
+    memory = gather_objects({**rank_memory(info.device), "load_peak_rss_bytes": loaded_peak}, info)  # per rank
     result = _finish(config, model, trainer, facts, memory, info.is_main, ckpt)
     barrier(info)
     return result
