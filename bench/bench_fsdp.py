@@ -1,7 +1,8 @@
 """Per-rank memory of `loraplex train` under DDP vs FSDP: the same job launched twice with torchrun, on a
 random Llama saved with the tests' character tokenizer (nothing downloaded), r=8 on all linear layers.
 
-Prints, per mode and rank, the peak RSS, the RSS after training (what the rank holds while it trains: the
+Prints, per mode and rank, the peak RSS while loading (and sharding) the base, the peak RSS of the run, the RSS
+after training (what the rank holds while it trains: the
 full base under DDP, 1/N of it under FSDP) and, on CUDA, the peak CUDA memory, from train_summary.json.
 
     python3 bench/bench_fsdp.py --nproc 2 --device cpu            # gloo
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from loraplex.models import random_llama  # noqa: E402
-from test_train import make_tiny_base, write_data  # noqa: E402  (the tests' tokenizer and data)
+from train_helpers import make_tiny_base, write_data  # noqa: E402  (the tests' tokenizer and data)
 
 
 def mib(n) -> str:
@@ -48,7 +49,7 @@ def main() -> None:
         data = write_data(Path(tmp) / "data")["a"]
         print(f"random Llama hidden={args.hidden} layers={args.layers}: {params / 1e6:.0f}M parameters "
               f"({mib(4 * params)} in fp32); {args.nproc} processes on {args.device}, {args.steps} steps")
-        print(f"{'mode':<5} {'rank':>4} {'peak RSS':>12} {'RSS after':>12} {'peak CUDA':>12}")
+        print(f"{'mode':<5} {'rank':>4} {'load peak':>12} {'peak RSS':>12} {'RSS after':>12} {'peak CUDA':>12}")
         for mode in ("ddp", "fsdp"):
             out = Path(tmp) / mode
             cmd = [torchrun, "--standalone", "--nproc-per-node", str(args.nproc), "-m", "loraplex", "train",
@@ -58,7 +59,8 @@ def main() -> None:
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
             subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
             for rank, m in enumerate(json.loads((out / "train_summary.json").read_text())["memory_per_rank"]):
-                print(f"{mode:<5} {rank:>4} {mib(m['peak_rss_bytes']):>12} {mib(m['rss_bytes']):>12} "
+                print(f"{mode:<5} {rank:>4} {mib(m['load_peak_rss_bytes']):>12} {mib(m['peak_rss_bytes']):>12} "
+                      f"{mib(m['rss_bytes']):>12} "
                       f"{mib(m['peak_cuda_bytes']):>12}")
 
 

@@ -3,6 +3,8 @@
     serve   fastapi, uvicorn    `loraplex serve`, loraplex.serve.app
             prometheus_client   its /metrics
     plot    matplotlib          train's loss.png, `loraplex eval --plot`
+    bitsandbytes                quantize(..., backend="bitsandbytes"): NF4 kernels (quant/backends.py)
+    torchao                     quantize(..., backend="torchao"): int8 weight-only kernels
 
 Code that needs an extra calls `require(extra)` before importing its modules, so a missing one is a
 MissingDependencyError that says what to install, not a bare ModuleNotFoundError deep in a command.
@@ -15,7 +17,8 @@ import importlib.util
 
 from .errors import MissingDependencyError
 
-EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",)}
+EXTRAS: dict[str, tuple[str, ...]] = {"serve": ("fastapi", "uvicorn", "prometheus_client"), "plot": ("matplotlib",),
+                                      "bitsandbytes": ("bitsandbytes",), "torchao": ("torchao",)}
 
 
 def available(extra: str) -> bool:

@@ -150,3 +150,47 @@ def test_fsdp_over_an_nf4_base_equals_one_process(tiny_base, data, tmp_path):  #
                             progress=False, **settings))
     finish(run)
     assert_same(tensors(tmp_path / "fsdp"), tensors(ref.out), exact=False)
+
+
+WORKER = '''
+import sys, torch, torch.nn as nn
+from loraplex import LoraConfig, inject
+from loraplex.models import load_base
+from loraplex.train import fsdp
+from loraplex.train.distributed import init_distributed, shutdown
+class Root(nn.Module):  # fully_shard needs a module with a forward
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids)
+
+
+info = init_distributed("cpu")
+model, tokenizer = fsdp.load_base_rank0(sys.argv[1], None, info)
+params = list(model.parameters())
+assert tokenizer is not None and all(p.is_meta for p in params) == (info.rank > 0), info.rank
+inject(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), "a",
+       seed=0 if info.rank == 0 else None)
+root = fsdp.shard_from_rank0(Root(model), model, info, bf16=False)
+want, _ = load_base(sys.argv[1])  # every rank loads the full base here, to compare with
+inject(want, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), "a", seed=0)
+want = Root(want)
+for name, p in root.named_parameters():
+    assert not p.is_meta and torch.equal(p.full_tensor(), want.get_parameter(name)), name
+for name, b in root.named_buffers():
+    assert torch.equal(b, want.get_buffer(name)), name
+print("ok", info.rank, flush=True)
+gc = __import__("gc"); del root, model; gc.collect(); shutdown(info)
+'''
+
+
+def test_fsdp_loads_the_base_on_rank_0_only_and_broadcasts_its_shards(tiny_base, tmp_path):  # noqa: F811
+    """Rank 1 builds the base on the meta device (it reads no weight); after shard_from_rank0 every
+    parameter (base and rank 0's adapter init) and buffer (rotary tables) equals the fully loaded model's."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    run = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(tiny_base)],
+                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert sorted(finish(run).split("\n")[:-1]) == ["ok 0", "ok 1"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..models import load_base
 from ..report import format_table, human_bytes
 from ..quant.io import save_quantized
-from ..quant.linear import SCHEMES, quantize_model
+from ..quant.linear import BACKENDS, SCHEMES, quantize_model
 
 BASE_HELP = "a local transformers model directory, 'smollm2' (the embedded default), 'tiny-llama' or 'tiny-gpt2'"
 
@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--scheme", required=True, choices=SCHEMES, help="int8: per-row absmax; nf4: 4-bit NormalFloat")
     p.add_argument("--double-quant", action="store_true", help="nf4: store the block scales in 8 bits too")
     p.add_argument("--block-size", type=int, default=64, help="nf4: elements per scale block (default 64)")
+    p.add_argument("--backend", choices=BACKENDS, default="loraplex",
+                   help="library that quantizes: loraplex (pure PyTorch, the reference), bitsandbytes (nf4), "
+                        "torchao (int8); the file layout is the same for all")
     p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=run_quantize)
@@ -35,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
 
 def run_quantize(args: argparse.Namespace) -> int:
     model, _ = load_base(args.base, num_layers=args.num_layers)
-    rep = quantize_model(model, args.scheme, block_size=args.block_size, double_quant=args.double_quant)
+    rep = quantize_model(model, args.scheme, block_size=args.block_size, double_quant=args.double_quant,
+                         backend=args.backend)
     out = save_quantized(model, args.out)
     disk = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
     rows = [["modules quantized", f"{len(rep.modules):,}"],

@@ -3,6 +3,7 @@
 from .int8 import Int8Weight, quantize_int8
 from .io import load_quantized, read_quant_config, save_quantized
 from .linear import (
+    BACKENDS,
     QuantBackend,
     QuantLinear,
     QuantReport,
@@ -15,6 +16,7 @@ from .linear import (
 from .nf4 import NF4_CODEBOOK, NF4Weight, quantize_nf4
 
 __all__ = [
+    "BACKENDS",
     "Int8Weight",
     "NF4Weight",
     "NF4_CODEBOOK",

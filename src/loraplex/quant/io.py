@@ -147,12 +147,14 @@ def load_quantized(
     block_size: int | None = None,
     double_quant: bool | None = None,
     compute_dtype: torch.dtype | None = None,
+    backend: str = "loraplex",
 ) -> nn.Module:
     """Turn a float `model` of the saved architecture into the saved quantized model, in place; returns it.
 
     Each module listed in quantization.json is replaced by an all-zero QuantLinear of its size, then
     every tensor is loaded from model.safetensors. Settings passed here (not None) must equal the file's.
-    If anything does not fit, the model is left as it was.
+    If anything does not fit, the model is left as it was. `backend` (quant.linear.BACKENDS) computes the
+    loaded layers: every backend reads the one stored layout.
     """
     directory = Path(directory)
     spec, config = read_quant_config(directory)
@@ -182,7 +184,7 @@ def load_quantized(
             if module.spec != spec:
                 raise QuantConfigError(f"module {name!r} is already quantized with {module.spec}, file has {spec}")
             continue
-        new[name] = QuantLinear.like(module, spec)  # raises UnsupportedModuleError for other types
+        new[name] = QuantLinear.like(module, spec, backend)  # raises UnsupportedModuleError for other types
         replaced[name] = module
 
     for name, layer in new.items():

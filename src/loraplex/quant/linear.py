@@ -3,8 +3,9 @@
     y = x @ dequantize(W).T + b        W: (out, in) stored as int8 or packed NF4, b kept in float
 
 How the product is computed is a backend's job, picked once when the layer is built (select_backend)
-and stored on the layer; forward never branches on scheme or device. Only the pure-PyTorch backends
-exist now; a GPU one (bitsandbytes, torchao) plugs in with register_backend.
+and stored on the layer; forward never branches on scheme or device. backend="loraplex" (the default) is
+pure PyTorch and the reference; backend="bitsandbytes" / "torchao" quantize and compute with those
+libraries over the same stored layout (quant/backends.py); others plug in with register_backend.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import QuantConfigError, ShapeMismatchError, UnsupportedModuleError
 from ..functional import out_in, weight_layout
+from .backends import LIBRARY_BACKENDS, library_backend
 from .int8 import Int8Weight, quantize_int8
 from .nf4 import NF4Weight, check_block_size, quantize_nf4
 
 QuantizedWeight = Union[Int8Weight, NF4Weight]
 SCHEMES = ("int8", "nf4")
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BACKENDS = ("loraplex", *LIBRARY_BACKENDS)  # library names select_backend takes
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,10 @@ class QuantBackend(Protocol):
 
     def supports(self, spec: QuantSpec, device: torch.device) -> bool: ...
 
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+        """The float (out, in) `weight` quantized per `spec`, in loraplex's stored layout."""
+        ...
+
     def linear(
         self, x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> torch.Tensor:
@@ -90,6 +97,9 @@ class TorchInt8Backend:
     def supports(self, spec: QuantSpec, device: torch.device) -> bool:
         return spec.scheme == "int8"
 
+    def quantize(self, weight, spec):
+        return spec.quantize(weight)
+
     def linear(self, x, weight, bias, dtype):
         y = F.linear(x, weight.qweight.to(dtype)) * weight.scale.to(dtype)  # (..., out)
         return y if bias is None else y + bias.to(dtype)
@@ -102,6 +112,9 @@ class TorchNF4Backend:
 
     def supports(self, spec: QuantSpec, device: torch.device) -> bool:
         return spec.scheme == "nf4"
+
+    def quantize(self, weight, spec):
+        return spec.quantize(weight)
 
     def linear(self, x, weight, bias, dtype):
         return F.linear(x, weight.dequantize(dtype), None if bias is None else bias.to(dtype))
@@ -116,10 +129,21 @@ def register_backend(backend: QuantBackend) -> None:
     _BACKENDS.insert(0, backend)
 
 
-def select_backend(spec: QuantSpec, device: torch.device) -> QuantBackend:
-    for backend in _BACKENDS:
-        if backend.supports(spec, device):
-            return backend
+def select_backend(
+    spec: QuantSpec, device: torch.device, backend: str = "loraplex", shape: tuple[int, int] | None = None
+) -> QuantBackend:
+    """The backend of library `backend` (one of BACKENDS) for `spec` on `device` (for an (out, in) `shape`).
+
+    "loraplex": the first registered backend that supports them (the pure-PyTorch ones last). A library
+    backend raises MissingDependencyError without its package, QuantConfigError when it cannot run them.
+    """
+    if backend != "loraplex":
+        if backend not in LIBRARY_BACKENDS:
+            raise QuantConfigError(f"unknown quantization backend {backend!r}; expected one of {BACKENDS}")
+        return library_backend(backend, spec, torch.device(device), shape)
+    for candidate in _BACKENDS:
+        if candidate.supports(spec, device):
+            return candidate
     raise QuantConfigError(f"no quantization backend supports scheme {spec.scheme!r} on {device}")
 
 
@@ -153,8 +177,11 @@ class QuantLinear(nn.Module):
         bias: bool = True,
         bias_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        backend: str = "loraplex",
     ) -> None:
-        """An all-zero layer of the given size; fill it with requantize() or load_state_dict()."""
+        """An all-zero layer of the given size; fill it with requantize() or load_state_dict().
+
+        `backend` (one of BACKENDS) quantizes (requantize) and computes (forward); see select_backend."""
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
@@ -165,7 +192,7 @@ class QuantLinear(nn.Module):
         self._tensor_names = tuple(spec.layout((out_features, in_features)))
         b = torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None
         self.bias = None if b is None else nn.Parameter(b, requires_grad=False)
-        self.backend = select_backend(spec, device)
+        self.backend = select_backend(spec, device, backend, (out_features, in_features))
         self._original: torch.Tensor | None = None
 
     @classmethod
@@ -178,11 +205,12 @@ class QuantLinear(nn.Module):
         double_quant: bool = False,
         compute_dtype: torch.dtype = torch.float32,
         keep_original: bool = False,
+        backend: str = "loraplex",
     ) -> QuantLinear:
         """Quantize an nn.Linear (or Conv1D) into a new QuantLinear; `linear` itself is left untouched."""
         spec = QuantSpec(scheme, block_size, double_quant, compute_dtype)
         weight = linear_weight(linear)  # (out, in)
-        layer = cls.like(linear, spec)
+        layer = cls.like(linear, spec, backend)
         layer.requantize(weight)
         if linear.bias is not None:
             with torch.no_grad():
@@ -192,7 +220,7 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def like(cls, module: nn.Module, spec: QuantSpec) -> QuantLinear:
+    def like(cls, module: nn.Module, spec: QuantSpec, backend: str = "loraplex") -> QuantLinear:
         """An all-zero QuantLinear with the size, bias and device of `module` (Linear or Conv1D)."""
         weight = linear_weight(module)  # (out, in)
         bias = module.bias
@@ -201,6 +229,7 @@ class QuantLinear(nn.Module):
             bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
             device=weight.device,
+            backend=backend,
         )
 
     @property
@@ -237,7 +266,7 @@ class QuantLinear(nn.Module):
                 f"requantize expects a weight of shape (out_features, in_features) = {expected}, "
                 f"got {tuple(weight.shape)}"
             )
-        quantized = self.spec.quantize(weight)
+        quantized = self.backend.quantize(weight, self.spec)
         for name, tensor in quantized.tensors().items():
             getattr(self, name).copy_(tensor)
 
@@ -301,9 +330,12 @@ def quantize_model(
     double_quant: bool = False,
     keep_original: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    backend: str = "loraplex",
 ) -> QuantReport:
     """Replace, IN PLACE, every nn.Linear / Conv1D of `model` not named by `skip` with a QuantLinear.
 
+    `backend` (one of BACKENDS) quantizes and computes every new layer; the stored layout, and so
+    save_quantized / load_quantized / merge, are the same for all backends.
     Modules that are already QuantLinear are left alone. Quantize the base before injecting LoRA
     wrappers: any nn.Linear inside them would be quantized too. Returns the report; `model` is the result.
     """
@@ -320,7 +352,7 @@ def quantize_model(
     for name, module in targets:
         layer = QuantLinear.from_linear(
             module, scheme, block_size=block_size, double_quant=double_quant,
-            compute_dtype=compute_dtype, keep_original=keep_original,
+            compute_dtype=compute_dtype, keep_original=keep_original, backend=backend,
         )
         replaced_before += module_nbytes(module)
         replaced_after += layer.nbytes()

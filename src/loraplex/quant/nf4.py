@@ -158,9 +158,16 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool 
     shape = tuple(weight.shape)
     if not double_quant:
         return NF4Weight(packed=packed, shape=shape, block_size=block_size, absmax=absmax)
-    code, scale, offset = _quantize_scales(absmax)
+    return double_quantize(NF4Weight(packed=packed, shape=shape, block_size=block_size, absmax=absmax))
+
+
+def double_quantize(weight: NF4Weight) -> NF4Weight:
+    """`weight` with its fp32 block absmax replaced by the double-quantized form (module docstring)."""
+    if weight.double_quant:
+        raise QuantConfigError("this NF4 weight is double-quantized already")
+    code, scale, offset = _quantize_scales(weight.absmax)
     return NF4Weight(
-        packed=packed, shape=shape, block_size=block_size,
+        packed=weight.packed, shape=weight.shape, block_size=weight.block_size,
         absmax_code=code, absmax_scale=scale, absmax_offset=offset,
     )
 

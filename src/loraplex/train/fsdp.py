@@ -16,6 +16,14 @@ replicates rather than shards; the float parameters around them are still sharde
 Mixed precision (`bf16=True`): parameters are all-gathered and computed in bf16, gradients reduced in fp32
 into the fp32 shards, which the optimizer updates: bf16 compute over fp32 adapter master weights.
 
+Loading (`load_base_rank0` + `shard_from_rank0`): only rank 0 reads the base; every other rank builds the same
+architecture on the meta device (no memory) from rank 0's config, fully_shard turns its meta parameters into
+meta shards, `to_empty` gives them storage, and set_model_state_dict(..., broadcast_from_rank0=True) fills
+every rank's shards from rank 0's full state dict (base and freshly initialized adapters alike, so the adapters
+start as in the one-process run); buffers outside the state dict (rotary tables) are broadcast too. So a rank
+other than 0 never holds more than its shards. run.py takes this path unless the base is quantized or the
+adapter has a residual init (both compute from the full base weights on every rank; they load it there).
+
 Saving and checkpoints gather what they write: `full_adapters` turns the adapter shards into full tensors
 (every rank enters it; rank 0 writes), `optimizer_state` / `load_optimizer_state` convert AdamW's sharded
 state to and from a full, parameter-name keyed state (torch.distributed.checkpoint.state_dict), so a
@@ -32,7 +40,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .distributed import DistInfo
+from ..models import load_base
+from .distributed import DistInfo, broadcast_object
 
 
 def shard(root: nn.Module, model: nn.Module, info: DistInfo, *, bf16: bool) -> nn.Module:
@@ -53,6 +62,47 @@ def shard(root: nn.Module, model: nn.Module, info: DistInfo, *, bf16: bool) -> n
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(root, mesh=mesh, mp_policy=policy)
+    return root
+
+
+def load_base_rank0(spec: str, num_layers: int | None, info: DistInfo) -> tuple[nn.Module, object | None]:
+    """models.load_base on rank 0; on every other rank the same model class built from rank 0's config on
+    the meta device (no weights), with rank 0's tokenizer. An error loading the base is raised on every rank.
+    A collective: all ranks enter."""
+    loaded, error = None, None
+    if info.is_main:
+        try:
+            loaded = load_base(spec, num_layers=num_layers)
+        except Exception as exc:  # raised below on every rank (the others would wait in the broadcast forever)
+            error = exc
+    model, tokenizer = loaded if loaded is not None else (None, None)
+    blueprint = broadcast_object((error, None if model is None else (type(model), model.config, tokenizer)), info)
+    if blueprint[0] is not None:
+        raise blueprint[0]
+    if info.is_main:
+        return model, tokenizer
+    cls, config, tokenizer = blueprint[1]
+    with torch.device("meta"):
+        model = cls(config)
+    return model.eval(), tokenizer
+
+
+def shard_from_rank0(root: nn.Module, model: nn.Module, info: DistInfo, *, bf16: bool) -> nn.Module:
+    """`shard`, for a `model` that is complete on rank 0 and on the meta device elsewhere (load_base_rank0,
+    then the same inject/freeze on every rank): every rank's shards are filled from rank 0's tensors."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full = root.state_dict() if info.is_main else {}  # rank 0: its full tensors, freed once distributed
+    persistent = set(root.state_dict(keep_vars=True))
+    extra = [name for name, _ in root.named_buffers() if name not in persistent]  # e.g. rotary inv_freq
+    shard(root, model, info, bf16=bf16)
+    if not info.is_main:
+        root.to_empty(device=info.device)  # meta shards and buffers get (uninitialized) storage
+    set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    for name in extra:
+        dist.broadcast(root.get_buffer(name), src=0)
     return root
 
 

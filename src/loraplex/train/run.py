@@ -42,7 +42,7 @@ from . import fsdp
 from .data import Examples, split, tokenize
 from .data_inits import LOFTQ_BASE, eva_batches, eva_config, forward_no_cache, loftq_base
 from .eva import inject_eva
-from .distributed import barrier, gather_objects, init_distributed, shutdown
+from .distributed import barrier, broadcast_object, gather_objects, init_distributed, shutdown
 from .loop import METRICS_FILE, Job, Trainer, TrainConfig, _LossModule, adapter_params
 from .plot import plot_losses
 from .sources import load_records
@@ -191,7 +191,12 @@ def _train(config: TrainConfig, info) -> TrainResult:
 
 def _run(config: TrainConfig, info) -> TrainResult:
     barrier(info)
-    model, tokenizer = load_base(config.base, num_layers=config.num_layers)
+    # FSDP: only rank 0 reads the base; the others build it on the meta device (see fsdp.py)
+    # EVA needs activations and LoftQ quantized weights on every rank: those load the full base everywhere
+    from_rank0 = (config.fsdp and config.quantize == "none" and not is_residual_init(config.init)
+                  and config.init not in ("eva", "loftq"))
+    model, tokenizer = (fsdp.load_base_rank0(config.base, config.num_layers, info) if from_rank0
+                        else load_base(config.base, num_layers=config.num_layers))
     if tokenizer is None:
         raise ConfigError(f"base {config.base!r} has no tokenizer; training needs a model directory with one "
                           "(e.g. 'smollm2', or a directory saved with model and tokenizer)")
@@ -216,8 +221,11 @@ def _run(config: TrainConfig, info) -> TrainResult:
     _check_rank(model, lora)
     if loftq is not None and info.is_main:  # the base the adapters belong to (before any wrapper goes in)
         save_quantized(model, config.out / LOFTQ_BASE)
+    on_meta = next(model.parameters()).is_meta  # FSDP, rank > 0: shapes only, filled from rank 0 when sharded
     for name, (train_set, _) in data.items():
-        if ckpt is not None and ckpt.adapter_dir(name).is_dir() and is_residual_init(config.init):
+        if on_meta:
+            inject(model, lora, name, activate=False)
+        elif ckpt is not None and ckpt.adapter_dir(name).is_dir() and is_residual_init(config.init):
             inject(model, lora, name, seed=config.seed, activate=False)  # the same residual base and (A0, B0) ...
             load_residual_state(model, name, ckpt.adapter_dir(name))  # ... then the checkpoint's A, B (and m)
         elif ckpt is not None and ckpt.adapter_dir(name).is_dir():
@@ -235,8 +243,10 @@ def _run(config: TrainConfig, info) -> TrainResult:
             p.requires_grad_(True)
     module = fingerprint = None
     if config.fsdp:  # before the jobs take their parameters: sharding replaces them
-        fingerprint = base_fingerprint(model)
-        module = fsdp.shard(_LossModule(model), model, info, bf16=config.bf16)
+        fingerprint = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
+        module = (fsdp.shard_from_rank0 if from_rank0 else fsdp.shard)(_LossModule(model), model, info,
+                                                                       bf16=config.bf16)
+    loaded_peak = peak_rss_bytes()  # the peak up to here: loading (and sharding) the base, before any step
     jobs = [Job(name, adapter_params(model, name), train_set, eval_set, config, info.world_size, pad_id)
             for name, (train_set, eval_set) in data.items()]
     set_active(model, next(iter(data)) if len(data) == 1 else [])
@@ -245,7 +255,7 @@ def _run(config: TrainConfig, info) -> TrainResult:
     if ckpt is not None:
         trainer.restore(ckpt)
     trainer.run(progress=config.progress)
-    memory = gather_objects(rank_memory(info.device), info)  # [rank 0's, rank 1's, ...]
+    memory = gather_objects({**rank_memory(info.device), "load_peak_rss_bytes": loaded_peak}, info)  # per rank
     result = _finish(config, model, trainer, facts, memory, info.is_main, ckpt)
     barrier(info)
     return result
