@@ -62,10 +62,12 @@ from ..functional import Residual, delta_weight, exact_merge, exact_restore, out
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
 from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
+from ..tokens import token_rows
 from .batch import Batch, RowSpec
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .store import AdapterStore
+from .embedding import RuntimeEmbedding, tied_head, token_tensors
 from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
 LayerTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
@@ -114,7 +116,7 @@ class MultiLoraModel:
                                 loader=self._reload, max_plans=max_plans)
         self._current = CurrentPlan()
         self._lock = threading.RLock()
-        self._wrapped: dict[str, RuntimeLinear] = {}
+        self._wrapped: dict[str, Union[RuntimeLinear, RuntimeEmbedding]] = {}
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
         self._merged: Optional[_Merged] = None
         self._merge_epoch = 0
@@ -123,7 +125,7 @@ class MultiLoraModel:
         if target_modules is not None:
             keys = find_targets(base_model, LoraConfig(target_modules=target_modules))
             modules = dict(base_model.named_modules())
-            shapes = {k: wrappable_features(modules[k]) for k in keys}
+            shapes = {k: _features(modules[k]) for k in keys}
             for k in keys:
                 self._wrap(k, modules[k], shapes[k])
 
@@ -134,8 +136,10 @@ class MultiLoraModel:
         return list(self._wrapped)
 
     def _wrap(self, key: str, module: nn.Module, shape: tuple[int, int]) -> None:
-        self.pool.register_layer(key, *shape)
-        wrapper = RuntimeLinear(module, key, *shape, self._current)
+        embedding = isinstance(module, nn.Embedding)
+        self.pool.register_layer(key, *shape, embedding=embedding)
+        wrapper = (RuntimeEmbedding(module, key, self._current) if embedding
+                   else RuntimeLinear(module, key, *shape, self._current))
         parent, _, child = key.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper)
         self._wrapped[key] = wrapper
@@ -240,7 +244,7 @@ class MultiLoraModel:
         for k in new:  # check everything before changing the model
             if k not in modules:
                 raise TargetNotFoundError(f"adapter {name!r} targets module {k!r}, which this base does not have")
-            shapes[k] = wrappable_features(modules[k])
+            shapes[k] = _features(modules[k])
             A, B = tensors[k]
             if (A.shape[1], B.shape[0]) != shapes[k]:
                 raise ShapeMismatchError(
@@ -250,21 +254,44 @@ class MultiLoraModel:
         for k in new:
             self._wrap(k, modules[k], shapes[k])
 
-    @staticmethod
-    def _layer_tensors(af: AdapterFile) -> tuple[LayerTensors, dict[str, float]]:
-        """{module: (A, B)} and {module: scale} of an adapter file (decoded by `store.lora_modules`); refuses
-        what the runtime does not serve: anything but LoRA on linear layers (and DoRA's magnitudes)."""
-        modules = lora_modules(af)
-        extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    def _layer_tensors(self, af: AdapterFile) -> tuple[LayerTensors, dict[str, float]]:
+        """{module: (A, B)} and {module: scale} of an adapter file (decoded by `store.lora_modules`, trainable
+        tokens by `tokens.token_rows` as exact LoRA factors, runtime.embedding); refuses what the runtime does not
+        serve: anything but LoRA on linear and embedding layers, trainable tokens (and DoRA's magnitudes)."""
+        modules, tokens = lora_modules(af), token_rows(af)
+        extra = [k for k in unread_keys(af, modules) if (tokens is None or k != tokens.key) and not self._base_copy(af, k)] + [
+            x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
         if extra:
             raise UnsupportedFeatureError(
-                f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves lora_A/lora_B on "
-                "linear layers only (no embedding LoRA, modules_to_save or trained biases); load it on its "
-                "own model with loraplex.load_adapter instead"
+                f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves LoRA on linear and "
+                "embedding layers and trainable tokens (no DoRA embeddings, convolutions, modules_to_save or trained "
+                "biases); load it on its own model with loraplex.load_adapter instead"
             )
-        if not modules:
+        if not modules and tokens is None:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+        tensors = {k: (x.a, x.b) for k, x in modules.items()}
+        scales = {k: x.scale for k, x in modules.items()}
+        if tokens is not None:
+            embed = self.model.get_submodule(tokens.module) if tokens.module in dict(self.model.named_modules()) else None
+            embed = getattr(embed, "base_layer", embed)
+            if not isinstance(embed, nn.Embedding):
+                raise TargetNotFoundError(f"adapter {str(af.path)!r} has trainable tokens for {tokens.module!r}, "
+                                          "which is no nn.Embedding of this base")
+            rows = token_tensors(tokens, embed.weight, tied_head(self.model))
+            tensors.update(rows)
+            scales.update({k: 1.0 for k in rows})
+        return tensors, scales
+
+    def _base_copy(self, af: AdapterFile, key: str) -> bool:
+        """Whether file key `key` is a copy of an unchanged base weight (PEFT saves an embedding's it targets)."""
+        module = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        base = getattr(self._wrapped.get(module), "base_layer", None) if module else None
+        if base is None and module in dict(self.model.named_modules()):
+            base = self.model.get_submodule(module)
+        w = getattr(base, "weight", None)
+        t = af.tensors[key]
+        return (isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(t.shape)
+                and torch.allclose(w.detach().float().cpu(), t.float(), atol=1e-6, rtol=1e-5))
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
@@ -391,3 +418,10 @@ class MultiLoraModel:
         merged, _, residual = exact_merge(w, lambda t: t + d, lambda t: t - d)
         w.copy_(merged)
         return residual
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a module the engine wraps: (num_embeddings, embedding_dim) for an nn.Embedding."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return wrappable_features(module)

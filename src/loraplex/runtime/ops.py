@@ -36,12 +36,15 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 
 from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
 from .rescale import RescaleLayer, RescaleSource, dora_slot, rescale_layer
+
+if TYPE_CHECKING:
+    from .embedding import EmbeddingLayer
 
 # One row's adapters: ((slot, weight), ...); () = base only.
 Assignment = tuple[tuple[int, float], ...]
@@ -175,6 +178,7 @@ class BatchPlan:
     in_out: dict[str, tuple[int, int]]  # layer key -> (in_features, out_features)
     versions: dict[int, int] = field(default_factory=dict)  # slot -> content version it was built from
     rescale: dict[str, RescaleLayer] = field(default_factory=dict)  # layers with DoRA rows (applied after LoRA)
+    embeddings: dict[str, EmbeddingLayer] = field(default_factory=dict)  # embedding layers with LoRA rows (.embedding)
 
     @property
     def num_rows(self) -> int:

@@ -44,7 +44,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
-from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
+from .embedding import embedding_layers
+from .ops import (AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, lora_compute_dtype,
+                  normalize_assignment)
 from .plancache import PlanCache
 from .slots import LayerTensors, Loader, SlotEntry, check_dora, check_tensors, fingerprint, reload, to_fast
 
@@ -115,6 +117,7 @@ class AdapterPool:
         self.loader = loader
         self.max_plans = max_plans
         self._layers: dict[str, tuple[int, int]] = {}
+        self._embeddings: set[str] = set()  # keys of embedding layers among _layers
         self._entries: dict[int, SlotEntry] = {}  # slot -> entry
         self._by_name: dict[str, int] = {}  # name -> current slot
         self._free: list[int] = []  # heap of freed slot indices, reused smallest first
@@ -131,9 +134,13 @@ class AdapterPool:
             self.register_layer(key, fin, fout)
 
     # ---- layers -------------------------------------------------------------------------------------------
-    def register_layer(self, key: str, in_features: int, out_features: int) -> None:
-        """Declare a target layer; re-registering the same shape is a no-op."""
+    def register_layer(self, key: str, in_features: int, out_features: int, *, embedding: bool = False) -> None:
+        """Declare a target layer; re-registering the same shape is a no-op. An embedding layer (vocab, dim) holds
+        embedding LoRA (A (r, vocab), B (dim, r)) and is applied by gathering (loraplex.runtime.embedding)."""
         with self._lock:
+            if key in self._layers and (key in self._embeddings) != embedding:
+                raise ShapeMismatchError(f"layer {key!r} is registered already, as "
+                                         f"{'a linear' if embedding else 'an embedding'} layer")
             shape = (int(in_features), int(out_features))
             if min(shape) <= 0:
                 raise ConfigError(f"layer {key!r}: features must be positive, got {shape}")
@@ -142,11 +149,18 @@ class AdapterPool:
                 raise ShapeMismatchError(f"layer {key!r} is registered as (in, out) = {old}, got {shape}")
             if old is None:
                 self._layers[key] = shape
+                if embedding:
+                    self._embeddings.add(key)
                 self._plans.clear()  # plans cover the layers registered when they were built
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
         return dict(self._layers)
+
+    @property
+    def embeddings(self) -> frozenset[str]:
+        """Keys of the registered embedding layers."""
+        return frozenset(self._embeddings)
 
     # ---- names and slots ----------------------------------------------------------------------------------
     def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float],
@@ -267,8 +281,11 @@ class AdapterPool:
             for s in slots:
                 self._live(s)
             self._ensure_resident(slots)
-            plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
+            plan = build_plan(self._get, rows, self._linear(), dtype=self.dtype, device=self.device,
                               strategy=strategy, memo=self._plans.views, rescale=self._rescale)
+            plan.embeddings = embedding_layers(
+                self._get, rows, {k: self._layers[k] for k in self._embeddings}, dtype=self.dtype,
+                compute=lora_compute_dtype(self.dtype, self.device), device=self.device)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
             self._plans.put(key, plan, self.max_plans)
@@ -379,8 +396,12 @@ class AdapterPool:
     def _prepare_views(self, slot: int) -> None:
         """Memoize the per-layer views of `slot` at weight 1 now, so its first plan (an adapter switch) does
         not build them."""
-        layer_views(self._get, ((slot, 1.0),), self._layers, dtype=self.dtype, device=self.device,
+        layer_views(self._get, ((slot, 1.0),), self._linear(), dtype=self.dtype, device=self.device,
                     memo=self._plans.views)
+
+    def _linear(self) -> dict[str, tuple[int, int]]:
+        """The registered layers but the embeddings (which plans apply by gathering, not through build_plan)."""
+        return {k: v for k, v in self._layers.items() if k not in self._embeddings}
 
     def _ensure_resident(self, slots: Sequence[int]) -> None:
         keep = frozenset(slots)
