@@ -88,3 +88,89 @@ def test_mixed_batch_equals_each_row_alone_in_peft(served, rows, seed):
     ids, mask = _inputs(len(rows), 6, seed)
     got = eng.forward(ids, mask, adapters=rows)
     torch.testing.assert_close(got, _peft_rows(pm, ids, mask, rows), atol=ATOL, rtol=RTOL)
+
+
+def _greedy(model, prompt, n):
+    """n greedy tokens of `model` (a PEFT model or the bare base) for `prompt`, by full forwards (no cache)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+JOBS = [([5, 9, 11], "tok"), ([3, 4], "plain"), ([7, 40, 7, 77], None), ([5, 3], "emb"), ([9, 9, 5], "tok2"),
+        ([77, 3, 40], "tok")]
+
+
+def test_generate_rows_equal_peft_greedy(served):
+    """MultiLoraModel.generate: a mixed batch's greedy tokens are each row's PEFT greedy tokens (up to eos)."""
+    eng, oracles, _, _ = served
+    out = eng.generate([p for p, _ in JOBS], adapters=[a for _, a in JOBS], max_new_tokens=6)
+    for (p, a), g in zip(JOBS, out):
+        want = _greedy(oracles[a], p, 6)
+        if 2 in want:
+            want = want[: want.index(2) + 1]
+        assert g.token_ids == want, a
+
+
+def test_eviction_and_reload_serve_the_same_rows(served):
+    """A budget one byte short of every adapter: loading evicts the least recently used, which reloads (from its
+    directory, trainable tokens recomputed against the bare base) to the same outputs."""
+    from loraplex.runtime import MultiLoraModel
+
+    eng, oracles, dirs, tied = served
+    rows = ["tok", None, "emb", "plain", "tok2", "tok"]
+    ids, mask = _inputs(len(rows), 5, 11)
+    want = _peft_rows(oracles, ids, mask, rows)
+    small = MultiLoraModel(_base(tied), memory_budget_bytes=eng.stats.resident_bytes - 1)
+    for n in ["tok", "emb", "plain", "tok2"]:
+        small.load(n, dirs[n])
+    assert not small.pool.is_resident("tok")
+    torch.testing.assert_close(small.forward(ids[:2], mask[:2], adapters=rows[:2]), want[:2], atol=ATOL, rtol=RTOL)
+    assert small.stats.misses > 0
+    small.forward(ids[2:5], mask[2:5], adapters=rows[2:5])  # evicts "tok" again
+    torch.testing.assert_close(small.forward(ids, mask, adapters=rows[:1] * 6)[0], want[0], atol=ATOL, rtol=RTOL)
+
+
+def test_mixes_add_weighted_changes(served):
+    """A mix adds each adapter's weighted change, trainable tokens included: {tok: 1, emb: 1} on the embedding is
+    tok's rows plus emb's LoRA; {tok: 0.5} is halfway between the base and tok (embedding and tied head)."""
+    eng, oracles, _, tied = served
+    ids = torch.tensor([[3, 5, 8, 40, 77, 9]])
+    emb = eng.model.get_input_embeddings()
+    with eng.batch([{"tok": 0.5}]) as b:
+        b(input_ids=ids)  # sets the plan on the wrappers while it runs; check the embedding alone below
+        half = emb(ids)
+    assert torch.equal(half, emb.base_layer(ids))  # outside a batch: the bare embedding
+    plan = eng.pool.plan([[(eng.pool.slot("tok"), 0.5)]])
+    y = emb.base_layer(ids).clone()
+    plan.embeddings["model.embed_tokens"].apply_(ids, y)
+    full = oracles["tok"].get_input_embeddings()(ids)
+    torch.testing.assert_close(y, (emb.base_layer(ids) + full) / 2, atol=ATOL, rtol=RTOL)
+    assert ("lm_head" in plan.layers and plan.layers["lm_head"] is not None) == tied
+
+
+def test_what_has_no_row_wise_form_is_refused(served, tmp_path):
+    """Merging an embedding adapter is refused (the runtime merges into Linear/Conv1D weights only); a file with
+    trainable tokens for a module that is no embedding of the base is refused; nothing is kept."""
+    import json
+
+    from loraplex.store import CONFIG_NAME, WEIGHTS_NAME
+    from safetensors.torch import load_file, save_file
+
+    eng, _, dirs, _ = served
+    with pytest.raises(lp.UnsupportedFeatureError, match="cannot merge into 'model.embed_tokens'"):
+        eng.merge("emb")
+    assert eng.merged is None
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    t = load_file(dirs["tok"] / WEIGHTS_NAME)
+    t = {k.replace("model.embed_tokens", "model.norm"): v for k, v in t.items()}
+    save_file(t, bad / WEIGHTS_NAME)
+    cfg = json.loads((dirs["tok"] / CONFIG_NAME).read_text())
+    (bad / CONFIG_NAME).write_text(json.dumps(cfg))
+    before = eng.stats.adapters
+    with pytest.raises(lp.LoraplexError, match="model.norm"):
+        eng.load("bad", bad)
+    assert eng.stats.adapters == before and "bad" not in eng

@@ -40,6 +40,7 @@ from .kernels import Projection, pick_kernel, projection
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+EMBED_KEY, HEAD_KEY = "model.embed_tokens", "lm_head"  # pool keys of the input embedding and the output head
 # rope variants whose frequencies depend on the sequence length at run time: not reproduced here
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
@@ -197,8 +198,14 @@ class CompactLlama:
         return f"model.layers.{layer}.{'self_attn' if proj in ATTN_PROJ else 'mlp'}.{proj}"
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
-        """{layer key: (in_features, out_features)} of every LoRA-able projection, for AdapterPool."""
-        return dict(self._shapes)
+        """{layer key: (in_features, out_features)} of every LoRA-able projection and the output head, for
+        AdapterPool (register `embedding_shapes` too)."""
+        return {**self._shapes, HEAD_KEY: (self.hidden, self.vocab)}
+
+    def embedding_shapes(self) -> dict[str, tuple[int, int]]:
+        """{EMBED_KEY: (vocab, hidden)}: the input embedding, an embedding layer of AdapterPool (embedding LoRA and
+        trainable tokens per row, loraplex.runtime.embedding)."""
+        return {EMBED_KEY: (self.vocab, self.hidden)}
 
     def new_cache(self, *, max_lanes: int, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, max_lanes=max_lanes,
@@ -215,7 +222,7 @@ class CompactLlama:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
 
         h = self._forward(ids, pos, L, plan, attend)  # (B, L, H)
-        return self.lm_head(h)
+        return self.head(h, plan)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, lanes: list[int],
@@ -240,12 +247,16 @@ class CompactLlama:
 
         h = self._forward(ids, pos, L, plan, attend)  # (n, L, H)
         last = h[torch.arange(n, device=self.device), lengths.to(self.device) - 1]  # (n, H)
-        logits = self.head(last)  # (n, V)
+        logits = self.head(last, plan)  # (n, V)
         return (logits, h) if hidden else logits
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states (..., H) -> logits (..., V)."""
-        return self.lm_head(h)
+    def head(self, h: torch.Tensor, plan: BatchPlan | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, [L,] H) -> logits (B, [L,] V), each row's LoRA on the head (a tied head's
+        trainable tokens) from `plan` (a plan of those B rows)."""
+        y = self.lm_head(h)
+        if plan is not None and HEAD_KEY in plan.layers:
+            plan.apply_(HEAD_KEY, h, y)
+        return y
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -274,7 +285,7 @@ class CompactLlama:
             return out.view(B, self.n_heads, 1, self.head_dim)
 
         h = self._forward(tokens[:, None].to(self.device), positions[:, None], span, plan, attend)  # (B, 1, H)
-        return self.lm_head(h[:, 0])  # (B, V)
+        return self.head(h[:, 0], plan)  # (B, V)
 
     # ---- the layer loop ---------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, span: int, plan: BatchPlan | None,
@@ -282,6 +293,8 @@ class CompactLlama:
         """ids (B, L), pos (B, L) with every position < span -> final-norm hidden states (B, L, H)."""
         B, L = ids.shape
         x = F.embedding(ids, self.embed)  # (B, L, H)
+        if plan is not None and EMBED_KEY in plan.embeddings:
+            plan.embeddings[EMBED_KEY].apply_(ids, x)  # each row's embedding LoRA / trainable tokens
         cos, sin = self._rope(pos, span)  # (B, 1, L, hd) each
         for i, lay in enumerate(self.layers):
             h = self._rms(x, lay.ln_attn)

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import ShapeMismatchError
-from ..tokens import TokenRows
+from ..errors import ShapeMismatchError, TargetNotFoundError
+from ..store import unread_keys
+from ..tokens import TokenRows, token_rows
 from .ops import AdapterSource, Assignment, layer_views
 
 
@@ -107,6 +108,43 @@ def tied_head(model: nn.Module) -> torch.Tensor | None:
     head = getattr(head, "base_layer", head)  # the runtime's wrappers hold the module they wrap
     embed = model.get_input_embeddings()
     return head.weight if head.weight is getattr(embed, "base_layer", embed).weight else None
+
+
+def is_base_copy(model: nn.Module, af, key: str) -> bool:
+    """Whether file key `key` of adapter file `af` is a copy of `model`'s unchanged weight of that module (PEFT
+    saves `<embedding>.base_layer.weight` beside embedding LoRA); the runtime's wrappers are looked through."""
+    if not key.endswith(".base_layer.weight"):
+        return False
+    module = key[: -len(".base_layer.weight")]
+    if module not in dict(model.named_modules()):
+        return False
+    base = model.get_submodule(module)
+    w = getattr(getattr(base, "base_layer", base), "weight", None)
+    t = af.tensors[key]
+    return (isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(t.shape)
+            and torch.allclose(w.detach().float().cpu(), t.float(), atol=1e-6, rtol=1e-5))
+
+
+def served_tensors(af, model: nn.Module, modules: Mapping
+                   ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float], list[str]]:
+    """({key: (A, B)}, {key: scale}, keys left unread) of adapter file `af` over base `model`: its LoRA factors
+    (`modules`, from store.lora_modules) plus its trainable tokens as exact LoRA (`token_tensors`); unread: what
+    is neither, nor a copy of an unchanged base weight."""
+    tokens = token_rows(af)
+    unread = [k for k in unread_keys(af, modules)
+              if (tokens is None or k != tokens.key) and not is_base_copy(model, af, k)]
+    tensors = {k: (x.a, x.b) for k, x in modules.items()}
+    scales = {k: x.scale for k, x in modules.items()}
+    if tokens is not None:
+        embed = model.get_submodule(tokens.module) if tokens.module in dict(model.named_modules()) else None
+        embed = getattr(embed, "base_layer", embed)
+        if not isinstance(embed, nn.Embedding):
+            raise TargetNotFoundError(f"adapter {str(af.path)!r} has trainable tokens for {tokens.module!r}, which "
+                                      "is no nn.Embedding of this base")
+        rows = token_tensors(tokens, embed.weight, tied_head(model))
+        tensors.update(rows)
+        scales.update({k: 1.0 for k in rows})
+    return tensors, scales, unread
 
 
 class RuntimeEmbedding(nn.Module):

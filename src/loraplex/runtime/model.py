@@ -61,13 +61,12 @@ from ..errors import (
 from ..functional import Residual, delta_weight, exact_merge, exact_restore, out_in, weight_layout
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
-from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
-from ..tokens import token_rows
+from ..store import AdapterFile, PathLike, lora_modules, read_adapter
 from .batch import Batch, RowSpec
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
 from .store import AdapterStore
-from .embedding import RuntimeEmbedding, tied_head, token_tensors
+from .embedding import RuntimeEmbedding, served_tensors
 from .wrapper import CurrentPlan, RuntimeLinear, wrappable_features
 
 LayerTensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A (r, in), B (out, r))
@@ -258,40 +257,18 @@ class MultiLoraModel:
         """{module: (A, B)} and {module: scale} of an adapter file (decoded by `store.lora_modules`, trainable
         tokens by `tokens.token_rows` as exact LoRA factors, runtime.embedding); refuses what the runtime does not
         serve: anything but LoRA on linear and embedding layers, trainable tokens (and DoRA's magnitudes)."""
-        modules, tokens = lora_modules(af), token_rows(af)
-        extra = [k for k in unread_keys(af, modules) if (tokens is None or k != tokens.key) and not self._base_copy(af, k)] + [
-            x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
+        modules = lora_modules(af)
+        tensors, scales, unread = served_tensors(af, self.model, modules)
+        extra = unread + [x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
         if extra:
             raise UnsupportedFeatureError(
                 f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves LoRA on linear and "
                 "embedding layers and trainable tokens (no DoRA embeddings, convolutions, modules_to_save or trained "
                 "biases); load it on its own model with loraplex.load_adapter instead"
             )
-        if not modules and tokens is None:
+        if not tensors:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        tensors = {k: (x.a, x.b) for k, x in modules.items()}
-        scales = {k: x.scale for k, x in modules.items()}
-        if tokens is not None:
-            embed = self.model.get_submodule(tokens.module) if tokens.module in dict(self.model.named_modules()) else None
-            embed = getattr(embed, "base_layer", embed)
-            if not isinstance(embed, nn.Embedding):
-                raise TargetNotFoundError(f"adapter {str(af.path)!r} has trainable tokens for {tokens.module!r}, "
-                                          "which is no nn.Embedding of this base")
-            rows = token_tensors(tokens, embed.weight, tied_head(self.model))
-            tensors.update(rows)
-            scales.update({k: 1.0 for k in rows})
         return tensors, scales
-
-    def _base_copy(self, af: AdapterFile, key: str) -> bool:
-        """Whether file key `key` is a copy of an unchanged base weight (PEFT saves an embedding's it targets)."""
-        module = key[: -len(".base_layer.weight")] if key.endswith(".base_layer.weight") else None
-        base = getattr(self._wrapped.get(module), "base_layer", None) if module else None
-        if base is None and module in dict(self.model.named_modules()):
-            base = self.model.get_submodule(module)
-        w = getattr(base, "weight", None)
-        t = af.tensors[key]
-        return (isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(t.shape)
-                and torch.allclose(w.detach().float().cpu(), t.float(), atol=1e-6, rtol=1e-5))
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
@@ -369,7 +346,8 @@ class MultiLoraModel:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
                 for k, _ in layers:
                     base = self._wrapped[k].base_layer
-                    if not (isinstance(base, nn.Linear) or weight_layout(base) == "in_out"):
+                    if not (isinstance(base, nn.Linear)
+                            or (not isinstance(base, nn.Embedding) and weight_layout(base) == "in_out")):
                         raise UnsupportedFeatureError(
                             f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
                             "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"

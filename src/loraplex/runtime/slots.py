@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 
 from ..errors import (
     AdapterFileError,
@@ -27,6 +28,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..store import AdapterFile, lora_modules, unread_keys
+from .embedding import served_tensors
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
 Loader = Callable[[str, str], LayerTensors]  # (name, content_hash) -> that content's tensors
@@ -51,27 +53,36 @@ class SlotEntry:
     dora: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA layers: key -> [g; c] (2, out), never evicted
 
 
-def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]]
+def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]], base: nn.Module | None = None
                  ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     """An adapter file as AdapterPool input: ({key: (A (r, in), B (out, r))}, {key: scale}), key = module name
-    (e.g. "model.layers.0.self_attn.q_proj"); refuses anything but LoRA on the registered linear projections
-    `layers` {key: (in, out)} (and DoRA's magnitudes, which `runtime.rescale` turns into [g; c])."""
+    (e.g. "model.layers.0.self_attn.q_proj"); refuses anything but LoRA on the registered layers `layers`
+    {key: (in, out)} (linear projections, and embeddings: A (r, vocab), B (dim, r)), DoRA's magnitudes (which
+    `runtime.rescale` turns into [g; c]) and trainable tokens, which become exact LoRA factors on the embedding and
+    a tied head (`runtime.embedding.token_tensors`, from `base`: the HF model the pool serves)."""
     cfg, what = af.config, f"adapter {str(af.path)!r}"
     if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
         raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
                                       "modules_to_save, bias training and fan_in_fan_out are not served")
+    if cfg.trainable_token_indices is not None and base is None:
+        raise ConfigError(f"{what} has trainable tokens: pool_tensors needs the base model (base=) to serve them")
     modules = lora_modules(af)
-    extra = unread_keys(af, modules) + [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
+    if base is None:
+        tensors, scales = {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+        unread = unread_keys(af, modules)
+    else:
+        tensors, scales, unread = served_tensors(af, base, modules)
+    extra = unread + [x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
     if extra:
-        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only lora_A/lora_B of linear layers are served "
-                                      "(no embedding LoRA, no extra weights)")
-    missing = [key for key in modules if key not in layers]
+        raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only LoRA of linear and embedding layers and "
+                                      "trainable tokens are served (no DoRA embeddings, no extra weights)")
+    missing = [key for key in tensors if key not in layers]
     if missing:
-        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
-                                  f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
-    if not modules:
+        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no layer for; it serves "
+                                  f"the embedding, the output head and q/k/v/o/gate/up/down_proj of each layer")
+    if not tensors:
         raise AdapterFileError(f"{what} holds no LoRA tensors")
-    return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
+    return tensors, scales
 
 
 def check_tensors(

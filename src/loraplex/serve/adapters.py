@@ -198,7 +198,7 @@ class ServedAdapters:
         if self.check_base_model:
             check_base(af.base_fingerprint, self.base, f"adapter {str(af.path)!r}")
         validate_adapter(af, self.base)  # targets vs tensors, shapes: the check every reader shares
-        tensors, scales = pool_tensors(af, self.pool.layers)
+        tensors, scales = pool_tensors(af, self.pool.layers, self.base)
         return tensors, scales
 
     def _add(self, name: str, af: AdapterFile, verified=None) -> AdapterInfo:
@@ -231,7 +231,7 @@ class ServedAdapters:
                 raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
                                        f"({content_hash[:12]} -> {af.content_hash[:12]}); load it again by name "
                                        "with replace=true")
-            tensors = pool_tensors(af, self.pool.layers)[0]
+            tensors = pool_tensors(af, self.pool.layers, self.base)[0]
         except LoraplexError as exc:  # marked until a reload succeeds; the pool fails the request that needed it
             self.broken[name] = f"reloading after an eviction failed: {exc}"
             raise

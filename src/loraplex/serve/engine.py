@@ -291,7 +291,8 @@ class Engine:
         for i, s in enumerate(new):
             if s.params.prompt_logprobs is None:
                 continue
-            lp = self.model.head(hidden[i, : len(s.prompt) - 1])  # (len - 1, V): row j predicts prompt[j + 1]
+            row_plan = self.pool.plan([s.assignment]) if s.assignment else None  # the head's LoRA for this row
+            lp = self.model.head(hidden[i : i + 1, : len(s.prompt) - 1], row_plan)[0]  # (len - 1, V): j predicts j + 1
             if not torch.isfinite(lp).all():
                 self.cache.clear_lane(s.lane)
                 self._finish(s, "error", NonFiniteError(
