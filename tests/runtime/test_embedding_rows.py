@@ -174,3 +174,49 @@ def test_what_has_no_row_wise_form_is_refused(served, tmp_path):
     with pytest.raises(lp.LoraplexError, match="model.norm"):
         eng.load("bad", bad)
     assert eng.stats.adapters == before and "bad" not in eng
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_server_engine_greedy_tokens_equal_peft(tied, tmp_path):
+    """The compact decoder's engine, adapters loaded from a folder (ServedAdapters): continuous batching of base,
+    LoRA, embedding-LoRA and trainable-tokens requests gives each PEFT's greedy tokens; the prompt logprobs use
+    the row's head (a tied head's trainable tokens); after an eviction the adapter reloads to the same tokens."""
+    from loraplex.runtime import AdapterPool
+    from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
+    from loraplex.serve.adapters import ServedAdapters
+    from loraplex.serve.text import TextCodec
+
+    dirs = _write(tmp_path, tied)
+    oracles = {None: _base(tied).eval(), **{n: peft.PeftModel.from_pretrained(_base(tied), d).eval()
+                                            for n, d in dirs.items()}}
+
+    def engine(budget=None):
+        hf = _base(tied)
+        model = CompactLlama(hf)
+        pool = AdapterPool(model.layer_shapes(), dtype=model.dtype, budget_bytes=budget)
+        for key, (vocab, dim) in model.embedding_shapes().items():
+            pool.register_layer(key, vocab, dim, embedding=True)
+        store = ServedAdapters(tmp_path, pool, hf, reserved={"base"})
+        for n in dirs:
+            store.load(n)
+        return Engine(model, pool, TextCodec.for_model(None, hf.config), base_ids=("base",),
+                      config=EngineConfig(max_batch=4, max_prompt_tokens=32, max_new_tokens=16)), store
+
+    eng, _ = engine()
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    handles = [eng.submit(p, a or "base", greedy) for p, a in JOBS]
+    while not all(h.done for h in handles):
+        eng.step()
+    for (p, a), h in zip(JOBS, handles):
+        assert h.result().token_ids == _greedy(oracles[a], p, 6), a
+    with torch.no_grad():
+        ids = torch.tensor([[5, 3, 40, 77, 9]])
+        want = torch.log_softmax(oracles["tok"](input_ids=ids).logits[0, :-1], -1)
+    res = eng.generate(ids[0].tolist(), "tok", SamplingParams(max_tokens=1, prompt_logprobs=0))
+    got = torch.tensor([e.logprob for e in res.prompt_logprobs[1:]])
+    torch.testing.assert_close(got, want[torch.arange(4), ids[0, 1:]], atol=ATOL, rtol=RTOL)
+    small, _ = engine(budget=eng.pool.resident_bytes - 1)
+    assert not all(small.pool.is_resident(n) for n in dirs)
+    for p, a in JOBS:
+        assert small.generate(p, a or "base", greedy).token_ids == _greedy(oracles[a], p, 6), a
+    assert small.pool.stats.misses > 0
