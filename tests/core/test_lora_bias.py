@@ -120,12 +120,12 @@ def test_refusals_are_typed_and_change_nothing(tmp_path):
 
 @pytest.mark.parametrize("fields, match", [
     (dict(target_modules=["q_proj"], lora_bias=True), "lora_B.bias"),
-    (dict(target_modules=["q_proj", "embed_tokens"]), "lora_embedding_A"),
     (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save|lm_head"),
 ])
 def test_runtime_and_server_refuse_what_has_no_row_wise_form_with_a_typed_error(fields, match, tmp_path):
-    """The multi-adapter runtime and the server apply (A, B, scale) of linear layers per row; a LoRA-B bias,
-    embedding LoRA and modules_to_save copies have no slot there: refused (UnsupportedFeatureError), nothing kept."""
+    """The multi-adapter runtime and the server apply (A, B, scale) of linear and embedding layers per row
+    (embedding LoRA: tests/runtime/test_embedding_rows.py); a LoRA-B bias and modules_to_save copies have no slot
+    there: refused (UnsupportedFeatureError), nothing kept."""
     from loraplex.runtime import MultiLoraModel
     from loraplex.runtime.slots import pool_tensors
 

@@ -220,3 +220,46 @@ def test_server_engine_greedy_tokens_equal_peft(tied, tmp_path):
     for p, a in JOBS:
         assert small.generate(p, a or "base", greedy).token_ids == _greedy(oracles[a], p, 6), a
     assert small.pool.stats.misses > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(ids=st.lists(st.integers(-3, 300), min_size=0, max_size=6), as_dict=st.booleans())
+def test_config_accepts_distinct_ids_and_round_trips_else_refuses(ids, as_dict):
+    """LoraConfig.trainable_token_indices: a non-empty list of distinct ids >= 0 (or {module: such a list}) is kept
+    and round-trips through the PEFT config dict; anything else is a typed error ([] means none, as in PEFT; a dict
+    entry without ids is refused)."""
+    value = {"embed_tokens": ids} if as_dict else ids
+    if ids and len(set(ids)) == len(ids) and min(ids) >= 0:
+        cfg = lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value)
+        assert lp.LoraConfig.from_dict(cfg.to_dict()).trainable_token_indices == value
+        peft.LoraConfig(**{k: v for k, v in cfg.to_dict().items() if k in ("target_modules", "trainable_token_indices")})
+    elif not ids and not as_dict:
+        assert lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value).trainable_token_indices is None
+    else:
+        with pytest.raises(lp.ConfigError, match="distinct token ids"):
+            lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value)
+
+
+def test_token_files_that_do_not_add_up_are_refused(served, tmp_path):
+    """Rows for more than one module, rows that do not match the ids, rows without the config key: typed errors
+    from every reader (read_adapter's token_rows, the runtime, the server's pool_tensors)."""
+    import dataclasses
+
+    from loraplex.runtime.slots import pool_tensors
+    from loraplex.tokens import token_rows
+
+    eng, _, dirs, _ = served
+    af = lp.read_adapter(dirs["tok"])
+    key = next(k for k in af.tensors if k.endswith("trainable_tokens_delta"))
+    short = dataclasses.replace(af, tensors={**af.tensors, key: af.tensors[key][:2]})
+    with pytest.raises(lp.ShapeMismatchError, match="one per id"):
+        token_rows(short)
+    with pytest.raises(lp.ShapeMismatchError, match="one per id"):
+        eng.load("short", short)
+    with pytest.raises(lp.ConfigError, match="base model"):
+        pool_tensors(af, {})
+    plain = lp.read_adapter(dirs["plain"])
+    stray = dataclasses.replace(plain, tensors={**plain.tensors, key: af.tensors[key]})
+    with pytest.raises(lp.AdapterFileError, match="sets no trainable_token_indices"):
+        token_rows(stray)
+    assert "short" not in eng and "stray" not in eng
