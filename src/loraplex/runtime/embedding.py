@@ -54,9 +54,8 @@ class EmbeddingLayer:
             raise ShapeMismatchError(f"embedding rows: expected ids (B, L) and y (B, L, dim), got ids "
                                      f"{tuple(ids.shape)} and y {tuple(y.shape)}")
         for seg in self.segments:
-            A, Bt = seg.A.to(self.compute), seg.Bt.to(self.compute)
-            h = A.T[ids.index_select(0, seg.rows)]  # (n_u, L, R): the A columns of each token
-            y.index_add_(0, seg.rows, (h @ Bt).to(y.dtype), alpha=seg.alpha)  # (n_u, L, dim)
+            h = seg.A.T[ids.index_select(0, seg.rows)].to(self.compute)  # (n_u, L, R): the A columns of each token
+            y.index_add_(0, seg.rows, (h @ seg.Bt.to(self.compute)).to(y.dtype), alpha=seg.alpha)  # (n_u, L, dim)
         return y
 
 
@@ -77,11 +76,11 @@ def embedding_layers(get: AdapterSource, rows: Sequence[Assignment], layers: Map
     return out
 
 
-def token_tensors(rows: TokenRows, embedding: torch.Tensor, head: torch.Tensor | None
+def token_tensors(rows: TokenRows, embedding: torch.Tensor, head: tuple[str, torch.Tensor] | None
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """An adapter's trainable tokens as exact rank-n LoRA factors for the pool, {key: (A, B)} (scale 1.0):
-    rows.module (the input embedding): (onehot(I) (n, vocab), (V - E[I]).T (dim, n)); with `head` (the weight
-    (vocab, dim) of the output head tied to it, keyed "lm_head"): (V - W[I] (n, dim), onehot(I).T (vocab, n)).
+    rows.module (the input embedding): (onehot(I) (n, vocab), (V - E[I]).T (dim, n)); with `head` (the module name
+    and weight (vocab, dim) of the output head tied to it): (V - W[I] (n, dim), onehot(I).T (vocab, n)).
     Differences are taken in float32 (or wider) from the BARE base weights."""
     vocab, dim = embedding.shape
     if rows.values.shape[1] != dim or int(rows.indices.max()) >= vocab:
@@ -93,21 +92,22 @@ def token_tensors(rows: TokenRows, embedding: torch.Tensor, head: torch.Tensor |
     new = rows.values.to(compute)  # (n, dim)
     out = {rows.module: (onehot, (new - embedding.detach().to("cpu", compute)[rows.indices]).T)}
     if head is not None:
-        out["lm_head"] = (new - head.detach().to("cpu", compute)[rows.indices], onehot.T)
+        out[head[0]] = (new - head[1].detach().to("cpu", compute)[rows.indices], onehot.T)
     return out
 
 
-def tied_head(model: nn.Module) -> torch.Tensor | None:
-    """The output head's weight when PEFT would tie trainable tokens to it (config.tie_word_embeddings and the
-    head's weight IS the input embedding's), else None."""
+def tied_head(model: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """(module name, weight) of the output head when PEFT would tie trainable tokens to it (config.
+    tie_word_embeddings and the head's weight IS the input embedding's), else None."""
     cfg = getattr(model, "config", None)
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if get_out is not None else None
     if not getattr(cfg, "tie_word_embeddings", False) or head is None:
         return None
+    name = next(n for n, m in model.named_modules() if m is head)
     head = getattr(head, "base_layer", head)  # the runtime's wrappers hold the module they wrap
     embed = model.get_input_embeddings()
-    return head.weight if head.weight is getattr(embed, "base_layer", embed).weight else None
+    return (name, head.weight) if head.weight is getattr(embed, "base_layer", embed).weight else None
 
 
 def is_base_copy(model: nn.Module, af, key: str) -> bool:
