@@ -453,7 +453,8 @@ def test_peft_trainable_token_indices_file_is_read_and_load_adapter_refuses_it(t
     pm.save_pretrained(tmp_path / "tt")
     rows = token_rows(lp.read_adapter(tmp_path / "tt"))
     assert rows.module == "model.embed_tokens" and rows.indices.tolist() == [1, 2]
-    assert torch.equal(rows.values, pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"])
+    peft_rows = pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
+    assert torch.equal(rows.values, peft_rows)
     fresh = models.tiny_llama(seed=0)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(UnsupportedFeatureError, match="trainable_token_indices"):

@@ -232,7 +232,8 @@ def test_config_accepts_distinct_ids_and_round_trips_else_refuses(ids, as_dict):
     if ids and len(set(ids)) == len(ids) and min(ids) >= 0:
         cfg = lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value)
         assert lp.LoraConfig.from_dict(cfg.to_dict()).trainable_token_indices == value
-        peft.LoraConfig(**{k: v for k, v in cfg.to_dict().items() if k in ("target_modules", "trainable_token_indices")})
+        keep = ("target_modules", "trainable_token_indices")
+        peft.LoraConfig(**{k: v for k, v in cfg.to_dict().items() if k in keep})
     elif not ids and not as_dict:
         assert lp.LoraConfig(target_modules=["q_proj"], trainable_token_indices=value).trainable_token_indices is None
     else:
@@ -256,10 +257,45 @@ def test_token_files_that_do_not_add_up_are_refused(served, tmp_path):
         token_rows(short)
     with pytest.raises(lp.ShapeMismatchError, match="one per id"):
         eng.load("short", short)
-    with pytest.raises(lp.ConfigError, match="base model"):
+    with pytest.raises(lp.ConfigError, match="needs the base model"):
         pool_tensors(af, {})
     plain = lp.read_adapter(dirs["plain"])
     stray = dataclasses.replace(plain, tensors={**plain.tensors, key: af.tensors[key]})
     with pytest.raises(lp.AdapterFileError, match="sets no trainable_token_indices"):
         token_rows(stray)
     assert "short" not in eng and "stray" not in eng
+
+
+@settings(max_examples=30, deadline=None)
+@given(ranks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+       rows=st.lists(st.one_of(st.integers(-1, 3), st.lists(st.tuples(st.integers(0, 3), st.floats(-2, 2)),
+                                                             max_size=3)), min_size=1, max_size=6),
+       L=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_plan_embedding_rows_equal_the_reference(ranks, rows, L, seed):
+    """AdapterPool.plan(...).embeddings over random slots (own ranks; slot 0 has no embedding LoRA), single
+    adapters, weighted mixes and base rows equals the slow per-row loop of tests/reference_runtime.py."""
+    from reference_runtime import embedding_rows_ref
+
+    from loraplex.runtime import AdapterPool
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab, dim = 11, 6
+    pool = AdapterPool({"q": (dim, dim)})
+    pool.register_layer("emb", vocab, dim, embedding=True)
+    factors = {}
+    for s, r in enumerate(ranks):
+        A, B = torch.randn(r, vocab, generator=gen), torch.randn(dim, r, generator=gen)
+        scale = float(torch.rand((), generator=gen)) + 0.5
+        layers = {"q": (torch.randn(r, dim, generator=gen), torch.randn(dim, r, generator=gen))}
+        if s > 0:
+            layers["emb"], factors[s] = (A, B), (A, B, scale)
+        assert pool.add(f"a{s}", f"h{s}", layers, {k: scale for k in layers}) == s
+    rows = [(a if a < len(ranks) else -1) if isinstance(a, int) else [(s % len(ranks), w) for s, w in a] for a in rows]
+    ids = torch.randint(0, vocab, (len(rows), L), generator=gen)
+    y = torch.randn(len(rows), L, dim, generator=gen)
+    want = embedding_rows_ref(y, ids, {s: factors.get(s) for s in range(len(ranks))}, rows)
+    plan = pool.plan(rows)
+    got = y.clone()
+    if "emb" in plan.embeddings:
+        plan.embeddings["emb"].apply_(ids, got)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)

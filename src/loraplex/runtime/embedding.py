@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import ShapeMismatchError, TargetNotFoundError
+from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
 from ..store import unread_keys
 from ..tokens import TokenRows, token_rows
 from .ops import AdapterSource, Assignment, layer_views
@@ -125,14 +125,18 @@ def is_base_copy(model: nn.Module, af, key: str) -> bool:
             and torch.allclose(w.detach().float().cpu(), t.float(), atol=1e-6, rtol=1e-5))
 
 
-def served_tensors(af, model: nn.Module, modules: Mapping
+def served_tensors(af, model: nn.Module | None, modules: Mapping
                    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float], list[str]]:
-    """({key: (A, B)}, {key: scale}, keys left unread) of adapter file `af` over base `model`: its LoRA factors
-    (`modules`, from store.lora_modules) plus its trainable tokens as exact LoRA (`token_tensors`); unread: what
-    is neither, nor a copy of an unchanged base weight."""
+    """({key: (A, B)}, {key: scale}, keys not served) of adapter file `af` over base `model`: its LoRA factors
+    (`modules`, from store.lora_modules) plus its trainable tokens as exact LoRA (`token_tensors`); not served:
+    any other tensor but a copy of an unchanged base weight, convolution factors and DoRA on an embedding.
+    model=None: no base to fit trainable tokens to (ConfigError if the file has some) or to compare copies with."""
     tokens = token_rows(af)
+    if tokens is not None and model is None:
+        raise ConfigError(f"adapter {str(af.path)!r} has trainable tokens: serving them needs the base model")
     unread = [k for k in unread_keys(af, modules)
-              if (tokens is None or k != tokens.key) and not is_base_copy(model, af, k)]
+              if (tokens is None or k != tokens.key) and not (model is not None and is_base_copy(model, af, k))]
+    unread += [x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
     tensors = {k: (x.a, x.b) for k, x in modules.items()}
     scales = {k: x.scale for k, x in modules.items()}
     if tokens is not None:

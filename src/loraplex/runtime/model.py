@@ -259,10 +259,9 @@ class MultiLoraModel:
         serve: anything but LoRA on linear and embedding layers, trainable tokens (and DoRA's magnitudes)."""
         modules = lora_modules(af)
         tensors, scales, unread = served_tensors(af, self.model, modules)
-        extra = unread + [x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
-        if extra:
+        if unread:
             raise UnsupportedFeatureError(
-                f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves LoRA on linear and "
+                f"adapter {str(af.path)!r} holds {unread[0]!r}: the multi-adapter runtime serves LoRA on linear and "
                 "embedding layers and trainable tokens (no DoRA embeddings, convolutions, modules_to_save or trained "
                 "biases); load it on its own model with loraplex.load_adapter instead"
             )

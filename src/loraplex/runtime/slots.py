@@ -27,7 +27,7 @@ from ..errors import (
     TargetNotFoundError,
     UnsupportedFeatureError,
 )
-from ..store import AdapterFile, lora_modules, unread_keys
+from ..store import AdapterFile, lora_modules
 from .embedding import served_tensors
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
@@ -64,15 +64,8 @@ def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]], base: n
     if cfg.modules_to_save or cfg.bias != "none" or cfg.fan_in_fan_out:
         raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
                                       "modules_to_save, bias training and fan_in_fan_out are not served")
-    if cfg.trainable_token_indices is not None and base is None:
-        raise ConfigError(f"{what} has trainable tokens: pool_tensors needs the base model (base=) to serve them")
     modules = lora_modules(af)
-    if base is None:
-        tensors, scales = {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}
-        unread = unread_keys(af, modules)
-    else:
-        tensors, scales, unread = served_tensors(af, base, modules)
-    extra = unread + [x.keys[0] for x in modules.values() if x.a.dim() != 2 or (x.embedding and x.magnitude is not None)]
+    tensors, scales, extra = served_tensors(af, base, modules)
     if extra:
         raise UnsupportedFeatureError(f"{what} holds {extra[0]!r}: only LoRA of linear and embedding layers and "
                                       "trainable tokens are served (no DoRA embeddings, no extra weights)")
