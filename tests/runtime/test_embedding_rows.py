@@ -152,17 +152,30 @@ def test_mixes_add_weighted_changes(served):
 
 
 def test_what_has_no_row_wise_form_is_refused(served, tmp_path):
-    """Merging an embedding adapter is refused (the runtime merges into Linear/Conv1D weights only); a file with
-    trainable tokens for a module that is no embedding of the base is refused; nothing is kept."""
+    """Merging an embedding adapter is refused (the runtime merges into Linear/Conv1D weights only), a merged plain
+    adapter is taken back out of embedding and token rows; combine refuses trainable tokens (it has no rule for
+    them); a file with trainable tokens for a module that is no embedding of the base is refused; nothing kept."""
     import json
 
     from loraplex.store import CONFIG_NAME, WEIGHTS_NAME
     from safetensors.torch import load_file, save_file
 
-    eng, _, dirs, _ = served
+    from loraplex.workflows.combine import combine
+
+    eng, oracles, dirs, _ = served
     with pytest.raises(lp.UnsupportedFeatureError, match="cannot merge into 'model.embed_tokens'"):
         eng.merge("emb")
     assert eng.merged is None
+    rows = ["tok", "plain", None, "emb", "tok2"]
+    ids, mask = _inputs(len(rows), 5, 4)
+    eng.merge("plain")  # the other rows subtract it: embedding and token rows stay exact
+    try:
+        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), _peft_rows(oracles, ids, mask, rows),
+                                   atol=ATOL, rtol=RTOL)
+    finally:
+        eng.unmerge()
+    with pytest.raises(lp.UnsupportedFeatureError, match="trainable_tokens_delta"):
+        combine([dirs["tok"], dirs["tok"]], [0.5, 0.5], "cat")
     bad = tmp_path / "bad"
     bad.mkdir()
     t = load_file(dirs["tok"] / WEIGHTS_NAME)
