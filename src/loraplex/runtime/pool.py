@@ -19,6 +19,10 @@ A DoRA adapter also has, at each of its layers, a [g; c] (2, out) tensor (lorapl
 are small (2 * out values per layer), stay in the fast tier for the slot's whole life (eviction drops A and B
 only) and count against the budget while the slot exists.
 
+Embedding layers (`register_layer(..., embedding=True)`, e.g. the input embedding (vocab, dim)) hold embedding LoRA
+and trainable tokens in the same slots (A (r, vocab), Bt (r, dim)); a plan applies them by gathering
+(`BatchPlan.embeddings`, loraplex.runtime.embedding), never through `build_plan`'s stacks.
+
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
 What a slot holds and the checks on add/reload: `loraplex.runtime.slots`; the plan cache: `.plancache`.
