@@ -24,12 +24,13 @@ ADAPTERS = {  # name -> PEFT LoraConfig fields
 
 
 def _randomize(model, seed):
-    """Move every trainable tensor (A, B, the trainable tokens' rows) away from its init."""
+    """Move every trainable tensor (A, B, the trainable tokens' rows) away from its init (by 0.1 sd, as
+    tests/core/test_dora.py: merged mode's rounding grows with |scale B A|, and its fp32 bound is for such sizes)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _base(tied: bool):
