@@ -184,7 +184,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         expected.update({f"{key}.{n}": t for n, t in original.state_dict().items()})
     wrapped = {k for k, m in layers.items() if m is not modules[k]}  # their parameters move under .base_layer
     params = {}
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters(remove_duplicate=False):  # a tied lm_head's weight under its own name too
         owner, _, leaf = n.rpartition(".")
         params[f"{owner}.base_layer.{leaf}" if owner in wrapped else n] = p
     biases = _trained_biases(config, params, targets)

@@ -18,6 +18,7 @@ import torch
 from .errors import AdapterFileError, ShapeMismatchError, UnsupportedFeatureError
 
 TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"  # file key = <module> + TOKENS_SUFFIX (prefix stripped)
+COPY_SUFFIX = ".token_adapter.base_layer.weight"  # PEFT's modules_to_save copy of a module that tokens also wrap
 
 
 class TokenRows(NamedTuple):
@@ -34,8 +35,17 @@ def token_rows(af) -> Optional[TokenRows]:
 
     Refuses (naming the file): a trainable_tokens_delta without the config key or the reverse, more than one
     such module, a module the config's dict does not name, rows that do not match the ids (n, dim), and
-    non-floating rows (AdapterFileError / ShapeMismatchError)."""
+    non-floating rows (AdapterFileError / ShapeMismatchError); a modules_to_save copy under the tokens (PEFT's
+    `<module>.token_adapter.base_layer.weight`, e.g. modules_to_save=["lm_head"] on a tied base), which
+    nothing in loraplex serves (UnsupportedFeatureError)."""
     what, spec = f"adapter {str(af.path)!r}", af.config.trainable_token_indices
+    copied = [k for k in af.tensors if k.endswith(COPY_SUFFIX)]
+    if copied:
+        module = copied[0][: -len(COPY_SUFFIX)]
+        raise UnsupportedFeatureError(f"{what} holds {copied[0]!r}: a modules_to_save copy of {module!r} under its "
+                                      "trainable tokens (PEFT trains the copy and puts the token rows on top of it); "
+                                      "loraplex serves trainable tokens on the base's own module: train it without "
+                                      f"{module!r} in modules_to_save")
     keys = [k for k in af.tensors if k.endswith(TOKENS_SUFFIX)]
     if spec is None:
         if keys:

@@ -106,23 +106,25 @@ def tied_head(model: nn.Module) -> tuple[str, torch.Tensor] | None:
     if not getattr(cfg, "tie_word_embeddings", False) or head is None:
         return None
     name = next(n for n, m in model.named_modules() if m is head)
-    head = getattr(head, "base_layer", head)  # the runtime's wrappers hold the module they wrap
-    embed = model.get_input_embeddings()
-    return (name, head.weight) if head.weight is getattr(embed, "base_layer", embed).weight else None
+    head = _bare(head)
+    return (name, head.weight) if head.weight is _bare(model.get_input_embeddings()).weight else None
+
+
+def _bare(module: nn.Module) -> nn.Module:
+    """The module a runtime wrapper holds (RuntimeLinear / RuntimeEmbedding: base_layer; RuntimeModulesToSave:
+    original_module), else `module` itself."""
+    return getattr(module, "base_layer", getattr(module, "original_module", module))
 
 
 def is_base_copy(model: nn.Module, af, key: str) -> bool:
     """Whether file key `key` of adapter file `af` is a copy of `model`'s unchanged weight of that module (PEFT
-    saves `<embedding>.base_layer.weight` beside embedding LoRA, and `<module>.token_adapter.base_layer.weight` for
-    a modules_to_save module that trainable tokens wrap instead); the runtime's wrappers are looked through."""
+    saves `<embedding>.base_layer.weight` beside embedding LoRA); the runtime's wrappers are looked through."""
     if not key.endswith(".base_layer.weight"):
         return False
-    module = key[: -len(".base_layer.weight")].removesuffix(".token_adapter")
+    module = key[: -len(".base_layer.weight")]
     if module not in dict(model.named_modules()):
         return False
-    base = model.get_submodule(module)
-    base = getattr(base, "base_layer", getattr(base, "original_module", base))
-    w = getattr(base, "weight", None)
+    w = getattr(_bare(model.get_submodule(module)), "weight", None)
     t = af.tensors[key]
     return (isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(t.shape)
             and torch.allclose(w.detach().float().cpu(), t.float(), atol=1e-6, rtol=1e-5))
@@ -151,8 +153,7 @@ def served_tensors(af, model: nn.Module | None, modules: Mapping[str, LoraModule
     tensors = {k: (x.a, x.b) for k, x in modules.items()}
     scales = {k: x.scale for k, x in modules.items()}
     if tokens is not None:
-        embed = model.get_submodule(tokens.module) if tokens.module in dict(model.named_modules()) else None
-        embed = getattr(embed, "base_layer", embed)
+        embed = _bare(model.get_submodule(tokens.module)) if tokens.module in dict(model.named_modules()) else None
         if not isinstance(embed, nn.Embedding):
             raise TargetNotFoundError(f"{what} has trainable tokens for {tokens.module!r}, which is no nn.Embedding "
                                       "of this base")
