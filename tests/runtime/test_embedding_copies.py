@@ -41,7 +41,8 @@ def _peft(fields, tied, seed, path):
 def written(request, tmp_path_factory):
     """(tied, {name: directory}, {name: the PEFT model of that adapter alone; None: the bare base})."""
     tied, root = request.param, tmp_path_factory.mktemp("combos")
-    dirs = {n: _peft(f, tied, i + 1, root / n) for i, (n, f) in enumerate(COMBOS.items()) if not (tied and n == "head_tok")}
+    dirs = {n: _peft(f, tied, i + 1, root / n) for i, (n, f) in enumerate(COMBOS.items())
+            if not (tied and n == "head_tok")}  # refused on a tied base: test_what_has_no_per_row_form_is_refused
     oracles = {None: _base(tied).eval(), **{n: peft.PeftModel.from_pretrained(_base(tied), d).eval()
                                             for n, d in dirs.items()}}
     return tied, dirs, oracles
