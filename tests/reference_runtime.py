@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from loraplex.functional import lora_linear
+from loraplex.functional import lora_embedding, lora_linear
 
 
 def lora_rows_ref(
@@ -43,4 +43,22 @@ def lora_rows_ref(
         for slot, _ in pairs:
             if rescale and slot in rescale and adapters[slot] is not None:
                 out[b] = rescale[slot][0] * out[b] + rescale[slot][1]
+    return out
+
+
+def embedding_rows_ref(
+    y: torch.Tensor,
+    ids: torch.Tensor,
+    adapters: Mapping[int, tuple[torch.Tensor, torch.Tensor, float] | None],
+    assignments: Sequence[int | Sequence[tuple[int, float]]],
+) -> torch.Tensor:
+    """Return a new y: y_out[b] = y[b] + sum over row b's (slot, weight) of w * lora_embedding(ids[b], A, B, scale).
+
+    ids: (B, L), y: (B, L, dim); adapters[slot] = (A (r, vocab), B (dim, r), scale) or None (no embedding LoRA).
+    """
+    out = y.clone()
+    for b, a in enumerate(assignments):
+        for slot, w in ([] if a == -1 else [(a, 1.0)]) if isinstance(a, int) else list(a):
+            if adapters[slot] is not None:
+                out[b] = out[b] + w * lora_embedding(ids[b], *adapters[slot])
     return out

@@ -50,7 +50,6 @@ _IGNORED_KEYS = {
 _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "layer_replication": (None, []),
     "target_parameters": (None, []),
-    "trainable_token_indices": (None, {}, []),
     "alora_invocation_tokens": (None, []),
     "use_qalora": (False, None),
     "megatron_config": (None, {}),
@@ -74,6 +73,9 @@ class LoraConfig:
     computes y = m / ||W + scale B A||_row * (x @ (W + scale B A).T) + bias (see functional.py, docs/concepts.md).
     lora_bias: lora_B has a bias b (out,) too (PEFT's LoRA-B bias): y = base(x) + scale * (B A x + b), on linear
     layers; merging adds scale * b to the base bias.
+    trainable_token_indices: token ids whose input-embedding rows the adapter replaces by its own (PEFT's
+    trainable tokens, loraplex.tokens); a list, or {module name suffix: list} with one entry. Served by the
+    multi-adapter runtime and the server; `inject` (training, load_adapter) refuses it.
     """
 
     r: int = 8
@@ -95,6 +97,7 @@ class LoraConfig:
     inference_mode: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    trainable_token_indices: Union[list[int], dict[str, list[int]], None] = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -156,6 +159,7 @@ class LoraConfig:
             if not isinstance(self.base_model_name_or_path, str):
                 raise ConfigError(f"base_model_name_or_path must be a string, got {self.base_model_name_or_path!r}")
             self.base_model_name_or_path = canonical_base_id(self.base_model_name_or_path)
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -270,3 +274,20 @@ def _check_str_list(what: str, value: Any) -> StrList:
     if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
         return list(value)
     raise ConfigError(f"{what} must be a string or a list of non-empty strings, got {value!r}")
+
+
+def _check_token_indices(value: Any) -> Union[list[int], dict[str, list[int]], None]:
+    """trainable_token_indices: None (also [] / {}), a list of distinct ids >= 0, or {module suffix: such a list}
+    with one entry (loraplex serves trainable tokens on the input embedding only)."""
+    if value in (None, [], {}):
+        return None
+    ids = value
+    if isinstance(value, dict):
+        if len(value) != 1 or not all(isinstance(k, str) and k for k in value):
+            raise UnsupportedFeatureError(f"trainable_token_indices={value!r}: loraplex serves trainable tokens on "
+                                          "one module, the input embedding; give a list of ids or {name: ids}")
+        (ids,) = value.values()
+    if (not isinstance(ids, list) or not ids or len(set(ids)) != len(ids)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+        raise ConfigError(f"trainable_token_indices must list distinct token ids >= 0, got {value!r}")
+    return value

@@ -155,6 +155,12 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     to the residual W - scale * B0 @ A0 (layers.py), alone on those modules; `remove_adapter` puts W back.
     """
     check_name(name)
+    if config.trainable_token_indices is not None:
+        raise UnsupportedFeatureError(
+            f"trainable_token_indices={config.trainable_token_indices!r}: loraplex does not put trainable tokens on "
+            "a model of its own (training, load_adapter); serve such an adapter with loraplex.runtime.MultiLoraModel "
+            "or `loraplex serve`, or drop trainable_token_indices"
+        )
     if name in configs(model):
         raise AdapterExistsError(f"adapter {name!r} already exists on this model; remove it or pick another name")
     if initialize and not is_fresh_init(config.init_lora_weights):

@@ -36,6 +36,7 @@ from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets,
 from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
 from .models import NAMES, canonical_base_id
 from .outputs import PathLike, atomic_directory, write_json
+from .tokens import token_rows
 
 
 # -- model <-> PEFT state dict ------------------------------------------------------------------------------
@@ -155,6 +156,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
     no bias its config trains (AdapterFileError). Also runs `lora_factors`."""
     what, config = f"adapter {str(af.path)!r}", af.config
     lora_factors(af)
+    tokens = token_rows(af)  # fitted to the embedding by whoever serves them (runtime.embedding.token_tensors)
     try:
         targets = find_targets(model, config)
         modules = dict(model.named_modules())
@@ -182,11 +184,13 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         expected.update({f"{key}.{n}": t for n, t in original.state_dict().items()})
     wrapped = {k for k, m in layers.items() if m is not modules[k]}  # their parameters move under .base_layer
     params = {}
-    for n, p in model.named_parameters():
+    for n, p in model.named_parameters(remove_duplicate=False):  # a tied lm_head's weight under its own name too
         owner, _, leaf = n.rpartition(".")
         params[f"{owner}.base_layer.{leaf}" if owner in wrapped else n] = p
     biases = _trained_biases(config, params, targets)
     for key, t in af.tensors.items():
+        if tokens is not None and key == tokens.key:
+            continue
         if key in expected or key in biases:
             dest = expected.get(key, params.get(key))
             if tuple(dest.shape) != tuple(t.shape):

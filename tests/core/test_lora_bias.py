@@ -120,13 +120,13 @@ def test_refusals_are_typed_and_change_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("fields, match", [
-    (dict(target_modules=["q_proj", "embed_tokens"]), "lora_embedding_A"),
     (dict(target_modules=["q_proj"], bias="lora_only"), "base_layer.bias|bias training"),
 ])
 def test_runtime_and_server_refuse_what_has_no_row_wise_form_with_a_typed_error(fields, match, tmp_path):
-    """The multi-adapter runtime and the server serve LoRA of linear layers, LoRA-B biases and modules_to_save
-    copies per row; embedding LoRA and trained base biases (bias="lora_only"/"all": they change the base every row
-    shares) have no per-row form there: refused (UnsupportedFeatureError), nothing kept."""
+    """The multi-adapter runtime and the server serve LoRA of linear and embedding layers, LoRA-B biases and
+    modules_to_save copies per row (tests/runtime/test_embedding_rows.py, tests/core/test_variant_rows.py); trained
+    base biases (bias="lora_only"/"all": they change the base every row shares) have no per-row form there:
+    refused (UnsupportedFeatureError), nothing kept."""
     from loraplex.runtime import MultiLoraModel
     from loraplex.runtime.slots import pool_tensors
 

@@ -440,19 +440,26 @@ def test_unparseable_config_is_a_typed_error(tmp_path, text):
         lp.read_adapter(tmp_path)
 
 
-def test_peft_trainable_token_indices_file_is_refused_by_name(tmp_path):
-    """PEFT's trainable_token_indices trains chosen rows of the embedding (a TrainableTokensLayer): loraplex has no
-    per-row form of it, so such a file is refused by name (UnsupportedFeatureError) before anything changes."""
+def test_peft_trainable_token_indices_file_is_read_and_load_adapter_refuses_it(tmp_path):
+    """PEFT's trainable_token_indices (new rows of the input embedding for chosen ids): read_adapter reads the file
+    (loraplex.tokens.token_rows gives PEFT's ids and rows, served per row by the runtime and the server:
+    tests/runtime/test_embedding_rows.py); load_adapter does not put them on a model of its own: refused by name
+    (UnsupportedFeatureError) before anything changes."""
     from loraplex import models
     from loraplex.errors import UnsupportedFeatureError
+    from loraplex.tokens import token_rows
 
     base = models.tiny_llama(seed=0)
     cfg = peft.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2])
-    peft.get_peft_model(base, cfg).save_pretrained(tmp_path / "tt")
-    with pytest.raises(UnsupportedFeatureError, match="trainable_token_indices"):
-        lp.read_adapter(tmp_path / "tt")
+    pm = peft.get_peft_model(base, cfg)
+    pm.save_pretrained(tmp_path / "tt")
+    rows = token_rows(lp.read_adapter(tmp_path / "tt"))
+    assert rows.module == "model.embed_tokens" and rows.indices.tolist() == [1, 2]
+    peft_rows = pm.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
+    assert torch.equal(rows.values, peft_rows)
     fresh = models.tiny_llama(seed=0)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(UnsupportedFeatureError, match="trainable_token_indices"):
         lp.load_adapter(fresh, tmp_path / "tt", "tt")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    assert not list(lp.lora_layers(fresh))

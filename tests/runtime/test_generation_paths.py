@@ -229,8 +229,9 @@ def test_same_seed_samples_the_same_tokens_on_both_backends_and_the_server(adapt
 
 
 def test_what_the_decoder_cannot_run_falls_back_to_hf_or_is_refused(tmp_path):
-    """GPT-2, a quantized base, a merged adapter, an adapter on lm_head, a context past the positions: auto
-    runs the HF model (same tokens as backend='hf'), backend='decoder' raises saying why."""
+    """GPT-2, a quantized base, a merged adapter, a modules_to_save copy of the embedding, a context past the
+    positions: auto runs the HF model (same tokens as backend='hf'), backend='decoder' raises saying why. LoRA on
+    lm_head runs on the decoder (its head applies it)."""
     from loraplex.quant import quantize_model
 
     def check(eng: MultiLoraModel, why: str, prompts=([5, 6, 7], [9]), rows=(None, None), n: int = 4) -> None:
@@ -248,8 +249,13 @@ def test_what_the_decoder_cannot_run_falls_back_to_hf_or_is_refused(tmp_path):
     eng = MultiLoraModel(models.tiny_llama(seed=0))
     eng.load("a", random_adapter(models.tiny_llama, tmp_path / "a", 1, **SPECS["a"]))
     eng.load("h", random_adapter(models.tiny_llama, tmp_path / "h", 2, r=2, target_modules=["q_proj", "lm_head"]))
+    eng.load("e", random_adapter(models.tiny_llama, tmp_path / "e", 3, r=2, target_modules=["q_proj"],
+                                 modules_to_save=["embed_tokens"]))
     first = eng.compact_decoder()
-    check(eng, "lm_head", rows=("h", "a"))
+    check(eng, "model.embed_tokens", rows=("e", "a"))  # a copy of the embedding: no per-row place in the decoder
+    dec = eng.generate([[5, 6, 7], [9]], ["h", "a"], max_new_tokens=4, eos_token_id=[], backend="decoder")
+    hf = eng.generate([[5, 6, 7], [9]], ["h", "a"], max_new_tokens=4, eos_token_id=[], backend="hf")
+    assert [g.token_ids for g in dec] == [g.token_ids for g in hf]  # LoRA on lm_head: the decoder's head serves it
     check(eng, "positions", prompts=([5] * 250, [9]), n=8)  # tiny_llama holds 256 positions
     eng.merge("a")
     check(eng, "merged", rows=("a", None))

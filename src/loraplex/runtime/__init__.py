@@ -8,6 +8,7 @@
     model     `MultiLoraModel`: the Hugging Face model path (wrapper: `RuntimeLinear`; batch: `Batch`)
     decoder   `CompactLlama`, the Llama-family decoder the server runs (kernels: its projection kernel)
     rescale   DoRA's per-slot terms; rowbias: LoRA-B biases per row; saved_modules: modules_to_save copies per row
+    embedding embedding LoRA and trainable tokens per row (`RuntimeEmbedding`, `EmbeddingLayer`)
     generate  the one sampler, stop rule and left pad (`SamplingParams`, `sample_next`, `generate`)
     logprobs  raw token logprobs (`TokenLogprob`, `token_logprobs`)
 """

@@ -43,6 +43,7 @@ from .kernels import Projection, pick_kernel, projection
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+EMBED_KEY, HEAD_KEY = "model.embed_tokens", "lm_head"  # pool keys of the input embedding and the output head
 # rope variants whose frequencies depend on the sequence length at run time: not reproduced here
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 
@@ -200,8 +201,14 @@ class CompactLlama:
         return f"model.layers.{layer}.{'self_attn' if proj in ATTN_PROJ else 'mlp'}.{proj}"
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
-        """{layer key: (in_features, out_features)} of every LoRA-able projection, for AdapterPool."""
-        return dict(self._shapes)
+        """{layer key: (in_features, out_features)} of every LoRA-able projection and the output head, for
+        AdapterPool (register `embedding_shapes` too)."""
+        return {**self._shapes, HEAD_KEY: (self.hidden, self.vocab)}
+
+    def embedding_shapes(self) -> dict[str, tuple[int, int]]:
+        """{EMBED_KEY: (vocab, hidden)}: the input embedding, an embedding layer of AdapterPool (embedding LoRA and
+        trainable tokens per row, loraplex.runtime.embedding)."""
+        return {EMBED_KEY: (self.vocab, self.hidden)}
 
     def new_cache(self, *, max_lanes: int, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, max_lanes=max_lanes,
@@ -218,7 +225,7 @@ class CompactLlama:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
 
         h = self._forward(ids, pos, L, plan, attend)  # (B, L, H)
-        return self._head(h, plan)
+        return self.head(h, plan)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, cache: KVCache, lanes: list[int],
@@ -243,15 +250,21 @@ class CompactLlama:
 
         h = self._forward(ids, pos, L, plan, attend)  # (n, L, H)
         last = h[torch.arange(n, device=self.device), lengths.to(self.device) - 1]  # (n, H)
-        logits = self._head(last, plan)  # (n, V)
+        logits = self.head(last, plan)  # (n, V)
         return (logits, h) if hidden else logits
 
-    def head(self, h: torch.Tensor, plan: BatchPlan | None = None, row: int | None = None) -> torch.Tensor:
-        """Final-norm hidden states (..., H) -> logits (..., V); with plan and row: of that plan row (its
-        adapter's lm_head copy, if it has one)."""
-        lay = plan.saved.get("lm_head") if plan is not None and row is not None else None
-        copy = None if lay is None else lay.row_copy[row]
-        return self.lm_head(h) if copy is None else _linear_copy(h, copy)
+    def head(self, h: torch.Tensor, plan: BatchPlan | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, [L,] H) -> logits (B, [L,] V) for the B rows of `plan`: a row whose adapter
+        holds a modules_to_save copy of lm_head runs it (the others the base head), then each row's LoRA on the
+        head (e.g. a tied head's trainable tokens) is added."""
+        lay = plan.saved.get(HEAD_KEY) if plan is not None and plan.saved else None
+        if lay is None:
+            y = self.lm_head(h)
+        else:
+            y = lay.run(lambda hs, copy: self.lm_head(hs) if copy is None else _linear_copy(hs, copy), h)
+        if plan is not None and HEAD_KEY in plan.layers:
+            plan.apply_(HEAD_KEY, h, y)
+        return y
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -280,7 +293,7 @@ class CompactLlama:
             return out.view(B, self.n_heads, 1, self.head_dim)
 
         h = self._forward(tokens[:, None].to(self.device), positions[:, None], span, plan, attend)  # (B, 1, H)
-        return self._head(h[:, 0], plan)  # (B, V)
+        return self.head(h[:, 0], plan)  # (B, V)
 
     # ---- the layer loop ---------------------------------------------------------------------------------
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, span: int, plan: BatchPlan | None,
@@ -288,6 +301,8 @@ class CompactLlama:
         """ids (B, L), pos (B, L) with every position < span -> final-norm hidden states (B, L, H)."""
         B, L = ids.shape
         x = F.embedding(ids, self.embed)  # (B, L, H)
+        if plan is not None and EMBED_KEY in plan.embeddings:
+            plan.embeddings[EMBED_KEY].apply_(ids, x)  # each row's embedding LoRA / trainable tokens
         cos, sin = self._rope(pos, span)  # (B, 1, L, hd) each
         for i, lay in enumerate(self.layers):
             h = self._norm(x, lay.ln_attn, plan, f"model.layers.{i}.input_layernorm")
@@ -309,13 +324,6 @@ class CompactLlama:
         if lay is None:
             return self._rms(x, w)
         return lay.run(lambda xs, copy: self._rms(xs, w if copy is None else copy["weight"]), x)
-
-    def _head(self, h: torch.Tensor, plan: BatchPlan | None) -> torch.Tensor:
-        """h (B, ..., H) -> logits (B, ..., V); rows whose adapter holds an lm_head copy use it."""
-        lay = plan.saved.get("lm_head") if plan is not None and plan.saved else None
-        if lay is None:
-            return self.lm_head(h)
-        return lay.run(lambda hs, copy: self.lm_head(hs) if copy is None else _linear_copy(hs, copy), h)
 
     @staticmethod
     def _proj(groups: tuple[_Group, ...], x: torch.Tensor, plan: BatchPlan | None) -> list[torch.Tensor]:
@@ -349,9 +357,9 @@ class CompactLlama:
         return cos[pos][:, None], sin[pos][:, None]
 
 
-def saved_places(hf_model: nn.Module) -> frozenset[str]:
-    """The module keys of `hf_model` whose modules_to_save copies the compact decoder serves per row: lm_head,
-    the final norm and every layer's two norms (embed_tokens is not among them)."""
+def saved_places(hf_model: nn.Module | CompactLlama) -> frozenset[str]:
+    """The module keys of `hf_model` (or of the CompactLlama built from it) whose modules_to_save copies the compact
+    decoder serves per row: lm_head, the final norm and every layer's two norms (embed_tokens is not among them)."""
     n = hf_model.config.num_hidden_layers
     norms = [f"model.layers.{i}.{p}" for i in range(n) for p in ("input_layernorm", "post_attention_layernorm")]
     return frozenset(["lm_head", "model.norm", *norms])

@@ -65,12 +65,12 @@ from ..errors import (
 from ..functional import Residual, delta_weight, exact_merge, exact_restore, out_in, weight_layout
 from ..identity import base_fingerprint, check_base
 from ..inject import check_name, find_targets
-from ..store import AdapterFile, PathLike, lora_modules, read_adapter, unread_keys
+from ..store import AdapterFile, PathLike, lora_modules, read_adapter
 from .batch import Batch, RowSpec
 from .decoder import ARCHITECTURES, CompactLlama
+from .embedding import RuntimeEmbedding, served_tensors
 from .pool import AdapterPool, Lease, PoolStats
 from .rescale import dora_rescales
-from .rowbias import bias_keys, lora_biases
 from .saved_modules import RuntimeModulesToSave, saved_copies
 from .slots import PoolInput
 from .store import AdapterStore
@@ -123,7 +123,7 @@ class MultiLoraModel:
                                 loader=self._reload, max_plans=max_plans)
         self._current = CurrentPlan()
         self._lock = threading.RLock()
-        self._wrapped: dict[str, RuntimeLinear] = {}
+        self._wrapped: dict[str, Union[RuntimeLinear, RuntimeEmbedding]] = {}
         self._copied: dict[str, RuntimeModulesToSave] = {}  # modules some adapter holds modules_to_save copies of
         self._sources: dict[tuple[str, str], Path] = {}  # (name, content hash) -> directory, for reloads
         self._merged: Optional[_Merged] = None
@@ -134,7 +134,7 @@ class MultiLoraModel:
         if target_modules is not None:
             keys = find_targets(base_model, LoraConfig(target_modules=target_modules))
             modules = dict(base_model.named_modules())
-            shapes = {k: wrappable_features(modules[k]) for k in keys}
+            shapes = {k: _features(modules[k]) for k in keys}
             for k in keys:
                 self._wrap(k, modules[k], shapes[k])
 
@@ -145,8 +145,10 @@ class MultiLoraModel:
         return list(self._wrapped)
 
     def _wrap(self, key: str, module: nn.Module, shape: tuple[int, int]) -> None:
-        self.pool.register_layer(key, *shape)
-        wrapper = RuntimeLinear(module, key, *shape, self._current)
+        embedding = isinstance(module, nn.Embedding)
+        self.pool.register_layer(key, *shape, embedding=embedding)
+        wrapper = (RuntimeEmbedding(module, key, self._current) if embedding
+                   else RuntimeLinear(module, key, *shape, self._current))
         parent, _, child = key.rpartition(".")
         setattr(self.model.get_submodule(parent) if parent else self.model, child, wrapper)
         self._wrapped[key] = wrapper
@@ -158,17 +160,16 @@ class MultiLoraModel:
                 raise MergeStateError(f"adapter {self._merged.lease.name!r} is merged; unmerge() first")
             self._place(bare=True)
             self._wrapped.clear()
-            for key, copied in self._copied.items():
-                self._set_module(key, copied.original_module)
             self._copied.clear()
             return self.model
 
     def _place(self, *, bare: bool) -> None:
-        """Put each wrapped module's base layer (bare=True) or its RuntimeLinear (bare=False) in the model."""
+        """Put each wrapped module's base layer and each copied module's original (bare=True), or their runtime
+        wrappers (bare=False), in the model."""
         for key, wrapper in self._wrapped.items():
-            parent, _, child = key.rpartition(".")
-            setattr(self.model.get_submodule(parent) if parent else self.model, child,
-                    wrapper.base_layer if bare else wrapper)
+            self._set_module(key, wrapper.base_layer if bare else wrapper)
+        for key, copied in self._copied.items():
+            self._set_module(key, copied.original_module if bare else copied)
 
     # ---- adapters -----------------------------------------------------------------------------------------
     def load(self, name: str, directory: Union[PathLike, AdapterFile], *, check_base_model: bool = True) -> str:
@@ -255,6 +256,8 @@ class MultiLoraModel:
             module = self.model.get_submodule(key)
         except AttributeError:
             return None
+        if isinstance(module, (RuntimeLinear, RuntimeEmbedding)):
+            return module.base_layer  # a LoRA target: a copy of it is refused by _check_copies, with its reason
         return module.original_module if isinstance(module, RuntimeModulesToSave) else module
 
     def _set_module(self, key: str, module: nn.Module) -> None:
@@ -288,7 +291,7 @@ class MultiLoraModel:
         for k in new:  # check everything before changing the model
             if k not in modules:
                 raise TargetNotFoundError(f"adapter {name!r} targets module {k!r}, which this base does not have")
-            shapes[k] = wrappable_features(modules[k])
+            shapes[k] = _features(modules[k])
             A, B = tensors[k]
             if (A.shape[1], B.shape[0]) != shapes[k]:
                 raise ShapeMismatchError(
@@ -298,26 +301,15 @@ class MultiLoraModel:
         for k in new:
             self._wrap(k, modules[k], shapes[k])
 
-    @staticmethod
-    def _layer_tensors(af: AdapterFile
+    def _layer_tensors(self, af: AdapterFile
                        ) -> tuple[LayerTensors, dict[str, float], dict[str, torch.Tensor], list[str]]:
-        """{module: (A, B)}, {module: scale} and {module: LoRA-B bias} of an adapter file (decoded by
-        `store.lora_modules`), and its other keys (modules_to_save copies: `saved_modules.saved_copies` reads or
-        refuses them); refuses LoRA on anything but linear layers."""
-        modules = lora_modules(af)
-        bias = lora_biases(af, modules)
-        read = set(bias_keys(bias))
-        rest = [k for k in unread_keys(af, modules) if k not in read]
-        extra = [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
-        if extra:
-            raise UnsupportedFeatureError(
-                f"adapter {str(af.path)!r} holds {extra[0]!r}: the multi-adapter runtime serves lora_A/lora_B on "
-                "linear layers only (no embedding LoRA, modules_to_save or trained biases); load it on its "
-                "own model with loraplex.load_adapter instead"
-            )
-        if not modules:
+        """{module: (A, B)}, {module: scale} and {module: LoRA-B bias} of an adapter file (runtime.embedding.
+        served_tensors: LoRA of linear and embedding layers, trainable tokens as exact LoRA factors), and its other
+        keys (modules_to_save copies: `saved_modules.saved_copies` reads or refuses them)."""
+        tensors, scales, bias, rest = served_tensors(af, self.model, lora_modules(af))
+        if not tensors:
             raise AdapterFileError(f"adapter {str(af.path)!r} holds no lora_A/lora_B tensors")
-        return {k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias, rest
+        return tensors, scales, bias, rest
 
     def _bare_weight(self, key: str) -> torch.Tensor:
         """The base weight of wrapped module `key` as (out, in), without a merged adapter (bit for bit)."""
@@ -437,7 +429,8 @@ class MultiLoraModel:
                 layers = [(k, t) for k in self._wrapped if (t := self.pool.tensors(lease.slot, k)) is not None]
                 for k, _ in layers:
                     base = self._wrapped[k].base_layer
-                    if not (isinstance(base, nn.Linear) or weight_layout(base) == "in_out"):
+                    if not (isinstance(base, nn.Linear)
+                            or (not isinstance(base, nn.Embedding) and weight_layout(base) == "in_out")):
                         raise UnsupportedFeatureError(
                             f"cannot merge into {k!r} ({type(base).__name__}); the runtime "
                             "merges into float Linear/Conv1D weights only (serve a quantized base unmerged)"
@@ -514,3 +507,10 @@ class MultiLoraModel:
         merged, _, residual = exact_merge(w, lambda t: t + d, lambda t: t - d)
         w.copy_(merged)
         return residual
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of a module the engine wraps: (num_embeddings, embedding_dim) for an nn.Embedding."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return wrappable_features(module)

@@ -40,7 +40,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 
@@ -48,6 +48,9 @@ from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
 from .rescale import RescaleLayer, RescaleSource, dora_slot, rescale_layer
 from .rowbias import BiasLayer, BiasSource, bias_layer, row_bias
 from .saved_modules import SavedLayer, SavedSource, copy_slot, saved_layer
+
+if TYPE_CHECKING:
+    from .embedding import EmbeddingLayer
 
 # One row's adapters: ((slot, weight), ...); () = base only.
 Assignment = tuple[tuple[int, float], ...]
@@ -183,6 +186,7 @@ class BatchPlan:
     rescale: dict[str, RescaleLayer] = field(default_factory=dict)  # layers with DoRA rows (applied after LoRA)
     bias: dict[str, BiasLayer] = field(default_factory=dict)  # layers with LoRA-B bias rows (added with LoRA)
     saved: dict[str, SavedLayer] = field(default_factory=dict)  # module key -> rows running a modules_to_save copy
+    embeddings: dict[str, EmbeddingLayer] = field(default_factory=dict)  # embedding layers with LoRA rows (.embedding)
 
     @property
     def num_rows(self) -> int:

@@ -21,6 +21,10 @@ only) and count against the budget while the slot exists; so do a lora_bias adap
 (loraplex.runtime.rowbias). modules_to_save copies (loraplex.runtime.saved_modules; large: a whole lm_head)
 are fast-tier tensors like A and B: evicted with them and brought back by the loader (or the CPU copy).
 
+Embedding layers (`register_layer(..., embedding=True)`, e.g. the input embedding (vocab, dim)) hold embedding LoRA
+and trainable tokens in the same slots (A (r, vocab), Bt (r, dim)); a plan applies them by gathering
+(`BatchPlan.embeddings`, loraplex.runtime.embedding), never through `build_plan`'s stacks.
+
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
 What a slot holds and the checks on add/reload: `loraplex.runtime.slots`; the plan cache: `.plancache`.
@@ -46,7 +50,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
-from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, normalize_assignment
+from .embedding import embedding_layers
+from .ops import (AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, lora_compute_dtype,
+                  normalize_assignment)
 from .plancache import PlanCache
 from .slots import (LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors,
                     copies_fingerprint, fingerprint, reload, to_fast)
@@ -118,6 +124,7 @@ class AdapterPool:
         self.loader = loader
         self.max_plans = max_plans
         self._layers: dict[str, tuple[int, int]] = {}
+        self._embeddings: set[str] = set()  # keys of embedding layers among _layers
         self._entries: dict[int, SlotEntry] = {}  # slot -> entry
         self._by_name: dict[str, int] = {}  # name -> current slot
         self._free: list[int] = []  # heap of freed slot indices, reused smallest first
@@ -134,9 +141,13 @@ class AdapterPool:
             self.register_layer(key, fin, fout)
 
     # ---- layers -------------------------------------------------------------------------------------------
-    def register_layer(self, key: str, in_features: int, out_features: int) -> None:
-        """Declare a target layer; re-registering the same shape is a no-op."""
+    def register_layer(self, key: str, in_features: int, out_features: int, *, embedding: bool = False) -> None:
+        """Declare a target layer; re-registering the same shape is a no-op. An embedding layer (vocab, dim) holds
+        embedding LoRA (A (r, vocab), B (dim, r)) and is applied by gathering (loraplex.runtime.embedding)."""
         with self._lock:
+            if key in self._layers and (key in self._embeddings) != embedding:
+                raise ShapeMismatchError(f"layer {key!r} is registered already, as "
+                                         f"{'a linear' if embedding else 'an embedding'} layer")
             shape = (int(in_features), int(out_features))
             if min(shape) <= 0:
                 raise ConfigError(f"layer {key!r}: features must be positive, got {shape}")
@@ -145,11 +156,18 @@ class AdapterPool:
                 raise ShapeMismatchError(f"layer {key!r} is registered as (in, out) = {old}, got {shape}")
             if old is None:
                 self._layers[key] = shape
+                if embedding:
+                    self._embeddings.add(key)
                 self._plans.clear()  # plans cover the layers registered when they were built
 
     @property
     def layers(self) -> dict[str, tuple[int, int]]:
         return dict(self._layers)
+
+    @property
+    def embeddings(self) -> frozenset[str]:
+        """Keys of the registered embedding layers."""
+        return frozenset(self._embeddings)
 
     # ---- names and slots ----------------------------------------------------------------------------------
     def add(self, name: str, content_hash: str, tensors: LayerTensors, scales: Mapping[str, float],
@@ -279,9 +297,12 @@ class AdapterPool:
             for s in slots:
                 self._live(s)
             self._ensure_resident(slots)
-            plan = build_plan(self._get, rows, self._layers, dtype=self.dtype, device=self.device,
+            plan = build_plan(self._get, rows, self._linear(), dtype=self.dtype, device=self.device,
                               strategy=strategy, memo=self._plans.views, rescale=self._rescale, bias=self._bias,
                               saved=self._saved)
+            plan.embeddings = embedding_layers(
+                self._get, rows, {k: self._layers[k] for k in self._embeddings}, dtype=self.dtype,
+                compute=lora_compute_dtype(self.dtype, self.device), device=self.device)
             plan.versions.update({s: self._entries[s].version for s in slots})
             self._counts["plan_builds"] += 1
             self._plans.put(key, plan, self.max_plans)
@@ -415,8 +436,12 @@ class AdapterPool:
     def _prepare_views(self, slot: int) -> None:
         """Memoize the per-layer views of `slot` at weight 1 now, so its first plan (an adapter switch) does
         not build them."""
-        layer_views(self._get, ((slot, 1.0),), self._layers, dtype=self.dtype, device=self.device,
+        layer_views(self._get, ((slot, 1.0),), self._linear(), dtype=self.dtype, device=self.device,
                     memo=self._plans.views)
+
+    def _linear(self) -> dict[str, tuple[int, int]]:
+        """The registered layers but the embeddings (which plans apply by gathering, not through build_plan)."""
+        return {k: v for k, v in self._layers.items() if k not in self._embeddings}
 
     def _ensure_resident(self, slots: Sequence[int]) -> None:
         keep = frozenset(slots)

@@ -30,8 +30,8 @@ from ..errors import (
     TargetNotFoundError,
     UnsupportedFeatureError,
 )
-from ..store import AdapterFile, lora_modules, unread_keys
-from .rowbias import bias_keys, lora_biases
+from ..store import AdapterFile, lora_modules
+from .embedding import served_tensors
 from .saved_modules import saved_copies
 
 LayerTensors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # layer key -> (A (r, in), B (out, r))
@@ -74,37 +74,36 @@ class PoolInput(NamedTuple):
 
 
 def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]],
-                 module: Callable[[str], nn.Module | None] | None = None, places: Collection[str] = ()) -> PoolInput:
+                 module: Callable[[str], nn.Module | None] | None = None, places: Collection[str] = (),
+                 base: nn.Module | None = None) -> PoolInput:
     """An adapter file as AdapterPool input, key = module name (e.g. "model.layers.0.self_attn.q_proj"): LoRA on
-    the registered linear projections `layers` {key: (in, out)} (DoRA's magnitudes are left to `runtime.rescale`),
-    LoRA-B biases, and modules_to_save copies of the modules named in `places` (`module(key)`: the base's module,
-    for checking them; runtime.saved_modules). Refuses everything else with a typed error."""
+    the registered layers `layers` {key: (in, out)} (linear projections, and embeddings: A (r, vocab), B (dim, r);
+    DoRA's magnitudes are left to `runtime.rescale`), trainable tokens as exact LoRA factors on the embedding and
+    a tied head (from `base`: the HF model the pool serves; runtime.embedding.served_tensors), LoRA-B biases, and
+    modules_to_save copies of the modules named in `places` (`module(key)`: the base's module, for checking them;
+    runtime.saved_modules). Refuses everything else with a typed error."""
     cfg, what = af.config, f"adapter {str(af.path)!r}"
     if cfg.bias != "none" or cfg.fan_in_fan_out:
-        raise UnsupportedFeatureError(f"{what}: the server applies LoRA on linear projections only; "
-                                      "bias training (bias='all'/'lora_only') and fan_in_fan_out are not served")
+        raise UnsupportedFeatureError(f"{what}: bias training (bias='all'/'lora_only') and fan_in_fan_out are not "
+                                      "served (trained base biases change the base every row shares)")
     modules = lora_modules(af)
-    bias = lora_biases(af, modules)
-    read = set(bias_keys(bias))
-    rest = [k for k in unread_keys(af, modules) if k not in read]
-    extra = [x.keys[0] for x in modules.values() if x.embedding or x.a.dim() != 2]
-    if extra or (rest and module is None):
-        raise UnsupportedFeatureError(f"{what} holds {(extra or rest)[0]!r}: only lora_A/lora_B (and lora_B biases) "
-                                      "of linear layers are served (no embedding LoRA, no extra weights)")
+    tensors, scales, bias, rest = served_tensors(af, base, modules)
+    if rest and module is None:
+        raise UnsupportedFeatureError(f"{what} holds {rest[0]!r}: only LoRA factors, lora_B biases and trainable "
+                                      "tokens are served here (no extra weights)")
     copies = saved_copies(af, rest, module) if rest else {}
     homeless = sorted(set(copies) - set(places))
     if homeless:
         raise UnsupportedFeatureError(f"{what} holds a modules_to_save copy of {homeless[0]!r}, which the serving "
                                       "decoder has no per-row place for: it serves copies of lm_head and of its RMS "
                                       "norms (model.norm, each layer's input/post_attention_layernorm) only")
-    missing = [key for key in modules if key not in layers]
+    missing = [key for key in tensors if key not in layers]
     if missing:
-        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no projection for; "
-                                  f"it serves q/k/v/o/gate/up/down_proj of {len(layers) // 7} layers")
-    if not modules:
+        raise TargetNotFoundError(f"{what} targets {missing[0]!r}, which the serving model has no layer for; it serves "
+                                  f"the embedding, the output head and q/k/v/o/gate/up/down_proj of each layer")
+    if not tensors:
         raise AdapterFileError(f"{what} holds no LoRA tensors")
-    return PoolInput({k: (x.a, x.b) for k, x in modules.items()}, {k: x.scale for k, x in modules.items()}, bias,
-                     copies)
+    return PoolInput(tensors, scales, bias, copies)
 
 
 def check_tensors(

@@ -9,8 +9,9 @@ Both compute each row as it would alone (padding never reaches a real token). `b
 default) takes "decoder" when the base and the request allow it, else "hf"; `backend="decoder"` refuses
 (UnsupportedFeatureError, saying why) what the decoder cannot run: a base that is not a Llama-family causal LM
 of plain nn.Linear projections (GPT-2, a quantized base), an adapter merged into the base, a row's adapter on a
-layer other than the seven projections of each decoder layer, or prompt + new tokens past the decoder's
-positions (max_position_embeddings, or the sliding window).
+module the decoder does not serve per row (LoRA beyond the seven projections of each layer, the output head and
+the input embedding; a modules_to_save copy of anything but lm_head and the RMS norms), or prompt + new tokens
+past the decoder's positions (max_position_embeddings, or the sliding window).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol
 import torch
 
 from ..errors import ConfigError, UnsupportedFeatureError
-from .decoder import CompactLlama
+from .decoder import CompactLlama, saved_places
 
 if TYPE_CHECKING:
     from .batch import Batch
@@ -104,11 +105,14 @@ def check_plan(batch: Batch, decoder: Optional[CompactLlama], backend: str) -> O
     UnsupportedFeatureError for backend="decoder" when a row's adapters reach another layer."""
     if decoder is None or batch.plan is None:
         return decoder
-    own = decoder.layer_shapes()
-    other = sorted(k for k, lay in batch.plan.layers.items() if lay is not None and k not in own)
+    plan, own, places = batch.plan, decoder.layer_shapes(), saved_places(decoder)
+    other = sorted(k for k, lay in plan.layers.items() if lay is not None and k not in own)
+    other += sorted(k for k in plan.embeddings if k not in decoder.embedding_shapes())
+    other += sorted(k for k in plan.saved if k not in places)
     if other:
-        return _refuse(backend, f"the batch's adapters reach {other[:3]}, outside the seven projections of each "
-                                "decoder layer that the compact decoder applies LoRA to")
+        return _refuse(backend, f"the batch's adapters reach {other[:3]}, outside what the compact decoder serves "
+                                "per row (LoRA of the seven projections of each layer, the output head and the input "
+                                "embedding; modules_to_save copies of lm_head and the RMS norms)")
     return decoder
 
 

@@ -201,7 +201,7 @@ class ServedAdapters:
         if self.check_base_model:
             check_base(af.base_fingerprint, self.base, f"adapter {str(af.path)!r}")
         validate_adapter(af, self.base)  # targets vs tensors, shapes: the check every reader shares
-        return pool_tensors(af, self.pool.layers, self._module, saved_places(self.base))
+        return pool_tensors(af, self.pool.layers, self._module, saved_places(self.base), base=self.base)
 
     def _add(self, name: str, af: AdapterFile, verified: PoolInput | None = None) -> AdapterInfo:
         tensors, scales, bias, copies = verified or self._verify(af)
@@ -240,7 +240,7 @@ class ServedAdapters:
                 raise AdapterFileError(f"adapter directory {info.path!r} changed on disk since it was loaded "
                                        f"({content_hash[:12]} -> {af.content_hash[:12]}); load it again by name "
                                        "with replace=true")
-            loaded = pool_tensors(af, self.pool.layers, self._module, saved_places(self.base))
+            loaded = pool_tensors(af, self.pool.layers, self._module, saved_places(self.base), base=self.base)
         except LoraplexError as exc:  # marked until a reload succeeds; the pool fails the request that needed it
             self.broken[name] = f"reloading after an eviction failed: {exc}"
             raise

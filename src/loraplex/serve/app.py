@@ -62,6 +62,8 @@ class Server:
         self.metrics = Metrics()
         self.pool = AdapterPool(self.model.layer_shapes(), budget_bytes=memory_budget, dtype=self.model.dtype,
                                 device=self.model.device, max_plans=32)
+        for key, (vocab, dim) in self.model.embedding_shapes().items():
+            self.pool.register_layer(key, vocab, dim, embedding=True)
         self.store = ServedAdapters(adapters_dir, self.pool, hf_model, reserved=set(self.base_ids),
                                     metrics=self.metrics, max_upload_bytes=max_upload_bytes,
                                     check_base_model=check_base_model)

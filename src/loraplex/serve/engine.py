@@ -293,8 +293,9 @@ class Engine:
         for i, s in enumerate(new):
             if s.params.prompt_logprobs is None:
                 continue
-            # (len - 1, V): row j predicts prompt[j + 1]; through row i's lm_head copy if its adapter has one
-            lp = self.model.head(hidden[i, : len(s.prompt) - 1], plan, i)
+            # a one-row plan of this request's assignment: its lm_head copy and the head's LoRA rows (tied tokens)
+            row_plan = self.pool.plan([s.assignment]) if s.assignment else None
+            lp = self.model.head(hidden[i : i + 1, : len(s.prompt) - 1], row_plan)[0]  # (len - 1, V): j predicts j + 1
             if not torch.isfinite(lp).all():
                 self.cache.clear_lane(s.lane)
                 self._finish(s, "error", NonFiniteError(
