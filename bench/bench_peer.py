@@ -46,7 +46,7 @@ import httpx
 from safetensors.torch import load_file, save_file
 
 from loraplex.models import smollm2_path
-from loraplex.outputs import write_json
+from loraplex.outputs import check_output, write_json
 from loraplex.report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -269,7 +269,9 @@ def main() -> int:
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--vllm-venv", type=Path, default=vllm_env.DEFAULT_VENV)
     ap.add_argument("--install", action="store_true", help="create the vLLM venv when absent (a few GB)")
-    ap.add_argument("--out", type=Path, help="JSON results (must not exist)")
+    ap.add_argument("--out", type=Path, help="JSON results")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
+    ap.add_argument("--logs", type=Path, help="keep the servers' logs in this directory (default: discarded)")
     args = ap.parse_args()
     names = [n for n in args.servers.split(",") if n]
     if unknown := [n for n in names if n not in SPECS]:
@@ -278,7 +280,9 @@ def main() -> int:
     if args.requests < args.check:
         ap.error(f"--requests {args.requests} < --check {args.check}")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out = args.out or Path(__file__).resolve().parent / "results" / f"peer_vllm-{args.clients}c-{stamp}.json"
+    results = Path(__file__).resolve().parent / "results"
+    out = check_output(args.out or results / f"peer_vllm-{args.clients}c-{stamp}.json",  # refused now, not at the end
+                       overwrite=args.overwrite)
     skipped: dict[str, str] = {}
     if any(SPECS[n].engine == "vllm" for n in names):
         if args.install:
@@ -298,14 +302,20 @@ def main() -> int:
         args.vocab = write_adapters(str(base), None, args.rank,
                                     {folder / f"a{i}": 0.02 for i in range(max(ks, default=0))})
         prompts = token_prompts(args.requests, args.prompt_tokens, args.vocab)
+        logs = args.logs or Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
         for r in range(args.rounds):
+            if r == 1:
+                took = time.monotonic() - t_run
+                print(f"round 1 took {took / 60:.1f} min (with the identity check); the other {args.rounds - 1} "
+                      f"should take about {(args.rounds - 1) * took / 60:.1f} min", flush=True)
             order = names[r % len(names):] + names[:r % len(names)]
             print(f"round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.1f}): {', '.join(order)}",
                   flush=True)
             for name in order:
                 if name in skipped:
                     continue
-                spec, log = SPECS[name], Path(tmp) / f"{name}-{r}.log"
+                spec, log = SPECS[name], logs / f"{name}-{r + 1}.log"
                 try:
                     proc, url, startup = start(spec, args, base, folder, ks, log)
                 except RuntimeError as exc:
@@ -355,7 +365,8 @@ def main() -> int:
     write_json(out, {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "vllm": vllm_env.VLLM, "cpus": os.cpu_count(), "loadavg_start": load0, "loadavg_end": load1,
                      "wall_s": wall, "records": records, "startup_s": startups, "skipped": skipped,
-                     "summary": summary, "targets": targets, "identity": ident, "vllm_fp32_identical": fp32_ok})
+                     "summary": summary, "targets": targets, "identity": ident, "vllm_fp32_identical": fp32_ok},
+               overwrite=args.overwrite)
     print(f"\nwrote {out}")
     return 0
 
