@@ -346,6 +346,8 @@ def main() -> int:
                for n in ran for w in workloads(SPECS[n], ks)]
     targets = target_rows(records, startups, ks)
     ident, fp32_ok = identity_rows(outputs, tok)
+    ref = outputs.get("loraplex-fp32", {})  # request i of every workload has prompt i: adapter vs base, same prompt
+    moved = [first_difference(a[0], b[0]) is not None for w in ref if w != "base" for a, b in zip(ref[w], ref["base"])]
     wall, load1 = time.monotonic() - t_run, os.getloadavg()
     print(f"\nbase {args.base}{f' ({args.num_layers} layers)' if args.num_layers else ''}, {args.clients} clients, "
           f"{args.requests} requests x {args.max_tokens} tokens per workload, {args.prompt_tokens}-token prompts, "
@@ -358,14 +360,16 @@ def main() -> int:
     print(format_table(targets, ["ratio", "measured", "target", "verdict"], align="lrll"))
     if ident:
         print(f"\ngreedy tokens against loraplex-fp32 (first {args.check} requests per workload, {args.max_tokens} "
-              f"tokens): vLLM fp32 {'identical' if fp32_ok else 'DIFFERS' if fp32_ok is False else 'not run'}")
+              f"tokens): vLLM fp32 {'identical' if fp32_ok else 'DIFFERS' if fp32_ok is False else 'not run'}; "
+              f"the adapters changed {sum(moved)}/{len(moved)} of loraplex-fp32's completions from the base's")
         print(format_table(ident, ["server", "K", "identical", "parted at", "max |dlogprob| before"], align="llrlr"))
     for n, why in skipped.items():
         print(f"skipped {n}: {why}")
     write_json(out, {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                      "vllm": vllm_env.VLLM, "cpus": os.cpu_count(), "loadavg_start": load0, "loadavg_end": load1,
                      "wall_s": wall, "records": records, "startup_s": startups, "skipped": skipped,
-                     "summary": summary, "targets": targets, "identity": ident, "vllm_fp32_identical": fp32_ok},
+                     "summary": summary, "targets": targets, "identity": ident, "vllm_fp32_identical": fp32_ok,
+                     "adapters_moved": [sum(moved), len(moved)]},
                overwrite=args.overwrite)
     print(f"\nwrote {out}")
     return 0
