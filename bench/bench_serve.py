@@ -29,7 +29,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,104 +38,32 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import torch
-from safetensors.torch import save_file
 
-from loraplex.config import LoraConfig
-from loraplex.models import load_base, smollm2_path
+from loraplex.models import smollm2_path
 from loraplex.report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_env  # noqa: E402  (bench/ is not a package)
+from serve_load import free_port, load, loraplex_command, stop, token_prompts, wait_ready, write_adapters  # noqa: E402
 
 ADMIN_KEY = "bench-admin-key"
-PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-
-
-def write_adapters(base: str, num_layers: int | None, rank: int, dirs: dict[Path, float], seed: int = 0) -> int:
-    """A random adapter for `base` in each directory (PEFT keys, no loraplex metadata), B drawn with std
-    dirs[d] (the larger, the more it moves the output); returns the base's vocab size."""
-    model, _ = load_base(base, num_layers=num_layers)
-    shapes = {name: m.weight.shape for name, m in model.named_modules()
-              if name.split(".")[-1] in PROJ["self_attn"] + PROJ["mlp"]}
-    g = torch.Generator().manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(PROJ["self_attn"] + PROJ["mlp"])).to_dict()
-    for d, std in dirs.items():
-        tensors = {}
-        for name, (fout, fin) in shapes.items():
-            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, fin, generator=g) / fin**0.5
-            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(fout, rank, generator=g) * std
-        d.mkdir(parents=True)
-        save_file(tensors, str(d / "adapter_model.safetensors"))
-        (d / "adapter_config.json").write_text(json.dumps(config))
-    return model.config.vocab_size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
     def __init__(self, args: argparse.Namespace, folder: Path, naive: bool) -> None:
         self.port = free_port()
-        cmd = [sys.executable, "-m", "loraplex", "serve", "--base", args.base, "--adapters", str(folder),
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-batch", str(args.max_batch),
-               "--max-new-tokens", str(args.max_tokens), "--max-prompt-tokens", str(args.prompt_tokens),
-               "--queue-size", str(args.requests + 8), "--timeout", "900", "--log-level", "warning",
-               "--no-check-base", "--threads", str(args.threads), "--api-key", ADMIN_KEY]
-        if args.num_layers:
-            cmd += ["--num-layers", str(args.num_layers)]
-        if naive:
-            cmd.append("--single-adapter-batches")
-        self.proc = subprocess.Popen(cmd)
+        self.proc = subprocess.Popen(loraplex_command(
+            args.base, folder, self.port, max_batch=args.max_batch, max_tokens=args.max_tokens,
+            prompt_tokens=args.prompt_tokens, queue_size=args.requests + 8, threads=args.threads,
+            num_layers=args.num_layers,
+            extra=["--api-key", ADMIN_KEY] + (["--single-adapter-batches"] if naive else [])))
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 600) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("the server did not become ready")
+        wait_ready(self.proc, self.url, "/health", timeout)
 
     def stop(self) -> None:
-        self.proc.terminate()  # uvicorn shuts down gracefully on SIGTERM
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-async def load(url: str, models: list[str], clients: int, prompt_tokens: int, max_tokens: int,
-               timeout: float, vocab: int) -> tuple[float, list[float], int]:
-    """Send len(models) requests with `clients` in flight; returns (wall s, latencies s, tokens generated)."""
-    todo = list(enumerate(models))
-    lat: list[float] = []
-    tokens = 0
-
-    async def client(c: httpx.AsyncClient) -> None:
-        nonlocal tokens
-        while todo:
-            i, model = todo.pop(0)
-            prompt = [(17 * i + 5 * j) % min(vocab - 3, 500) + 3 for j in range(prompt_tokens)]
-            t0 = time.perf_counter()
-            r = await c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                                      "temperature": 0, "ignore_eos": True})
-            r.raise_for_status()
-            lat.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
-
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
-        t0 = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(client(c) for _ in range(clients))), timeout)
-        return time.perf_counter() - t0, lat, tokens
+        stop(self.proc)
 
 
 class VllmProcess(ServerProcess):
@@ -276,6 +203,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "adapters"
         vocab = write_adapters(args.base, args.num_layers, args.rank, {folder / f"a{i}": 0.01 for i in range(max(ks))})
+        prompts = token_prompts(args.requests, args.prompt_tokens, vocab)
         # the fault test's extras: "churn" in the folder (loaded by name), two versions of "swap" to upload, made
         # to move greedy output clearly so that a wrong version shows
         versions = [Path(tmp) / "swap-v1", Path(tmp) / "swap-v2"]
@@ -296,11 +224,11 @@ def main() -> int:
                     assert httpx.delete(f"{server.url}/v1/adapters/churn", headers={
                         "Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
                 # warm-up: a few requests so first-call costs stay out of the numbers
-                asyncio.run(load(server.url, [base_id, "a0"] * 2, 2, args.prompt_tokens, 4, args.timeout, vocab))
+                asyncio.run(load(server.url, [base_id, "a0"] * 2, prompts, 2, 4, args.timeout))
                 for w in workloads:
                     models = [base_id] * args.requests if w == "base" else [f"a{i % w}" for i in range(args.requests)]
-                    wall, lat, tokens = asyncio.run(load(server.url, models, args.clients, args.prompt_tokens,
-                                                         args.max_tokens, args.timeout, vocab))
+                    done = asyncio.run(load(server.url, models, prompts, args.clients, args.max_tokens, args.timeout))
+                    wall, lat, tokens = done.wall, done.latencies, done.tokens
                     tps = tokens / wall
                     results[(label, w)] = tps
                     q = statistics.quantiles(lat, n=100, method="inclusive")

@@ -18,7 +18,6 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_env  # noqa: E402  (bench/ is not a package)
-from bench_serve import free_port  # noqa: E402
+from serve_load import free_port, stop, wait_ready  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are"]
@@ -52,28 +51,6 @@ def write_adapters(folder: Path, names: Sequence[str], rank: int = 8, b_std: flo
         lp.save_adapter(model, name, folder / name)
 
 
-def wait_ready(proc: subprocess.Popen, url: str, path: str, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + path, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"{url}: not ready after {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def complete(url: str, model: str, prompt: list[int], tokens: int, vllm: bool) -> tuple[list[str], list[float], list[int]]:
     """Greedy completion: (token texts, chosen logprobs, token ids or [] where the server gives none)."""
     body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
@@ -84,6 +61,17 @@ def complete(url: str, model: str, prompt: list[int], tokens: int, vllm: bool) -
     r.raise_for_status()
     choice = r.json()["choices"][0]
     return choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"], choice.get("token_ids") or []
+
+
+def token_texts(tok, texts: list[str], ids: list[int]) -> list[str]:
+    """Each generated token's text: the tokenizer's text of each id where the server gave ids (vLLM), else its
+    own per-token texts (loraplex's logprobs tokens)."""
+    return [tok.decode([i], skip_special_tokens=False) for i in ids] if ids else texts
+
+
+def first_difference(a: list[str], b: list[str]) -> Optional[int]:
+    """The first position where the two token sequences differ (a length difference counts); None if equal."""
+    return next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def run(venv: Path, tokens: int, install: bool) -> int:
@@ -125,9 +113,9 @@ def run(venv: Path, tokens: int, install: bool) -> int:
                     prompt = tok(text)["input_ids"]
                     vt, vlp, vids = complete(vurl, model, prompt, tokens, vllm=True)
                     lt, llp, _ = complete(lurl, model, prompt, tokens, vllm=False)
-                    vtexts = [tok.decode([i], skip_special_tokens=False) for i in vids]
+                    vtexts = token_texts(tok, vt, vids)
                     moved += model != "base" and vids != base_out.setdefault(text, vids)
-                    same = next((j for j, (a, b) in enumerate(zip(vtexts, lt)) if a != b), None)
+                    same = first_difference(vtexts, lt)
                     agree = len(vids) == len(lt) == tokens and same is None and vtexts == vt
                     bad += not agree
                     dlp = max((abs(a - b) for a, b in zip(vlp, llp)), default=float("nan"))

@@ -69,14 +69,17 @@ def server_env(venv: Path = DEFAULT_VENV, cores: Optional[str] = None) -> dict[s
 
 
 def server_command(model_dir: Path, adapters: dict[str, Path], port: int, venv: Path = DEFAULT_VENV,
-                   max_lora_rank: int = 8, memory_fraction: float = 0.1) -> list[str]:
-    """The vLLM OpenAI server over `model_dir` (fp32) with `adapters` (name -> PEFT directory) loaded as LoRAs.
+                   max_lora_rank: int = 8, memory_fraction: float = 0.1, dtype: str = "float32") -> list[str]:
+    """The vLLM OpenAI server over `model_dir` in `dtype` with `adapters` (name -> PEFT directory) loaded as
+    LoRAs; with no adapters, LoRA is off (its compiled, no-LoRA path: vLLM turns compilation off under LoRA).
     `memory_fraction`: of the machine's memory, reserved by vLLM for weights and KV cache (on CPU it is
     --gpu-memory-utilization; its default 0.92 refuses to start when other processes hold memory)."""
     cmd = [str(python_of(venv)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--dtype", "float32", "--port", str(port), "--enable-lora", "--max-loras", str(max(1, len(adapters))),
-           "--max-lora-rank", str(max_lora_rank), "--gpu-memory-utilization", str(memory_fraction)]
-    return cmd + (["--lora-modules", *(f"{n}={d}" for n, d in adapters.items())] if adapters else [])
+           "--dtype", dtype, "--port", str(port), "--gpu-memory-utilization", str(memory_fraction)]
+    if not adapters:
+        return cmd
+    return cmd + ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_lora_rank),
+                  "--lora-modules", *(f"{n}={d}" for n, d in adapters.items())]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
