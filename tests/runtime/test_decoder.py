@@ -197,6 +197,7 @@ def decode_steps(model: CompactLlama, pool: AdapterPool, rows: list, n: int, ste
     return (torch.stack(out) if out else None), cache
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_equals_eager_and_reference(dtype):
     """Compiled decode (5 rows padded to 8, mixed plan with a DoRA row) == eager decode == the unfused aten
@@ -205,7 +206,7 @@ def test_compiled_decode_equals_eager_and_reference(dtype):
     comp, eager = CompactLlama(hf, compile=True), CompactLlama(hf)
     pool = mixed_pool(eager)
     got, _ = decode_steps(comp, pool, COMPILE_ROWS, 5)
-    assert comp._static is not None  # compiled, no fallback
+    assert comp.compiled  # compiled, no fallback
     want, _ = decode_steps(eager, pool, COMPILE_ROWS, 5)
     if dtype == torch.bfloat16:
         # 2x the bf16 tolerance: inductor keeps each fused chain of bf16 elementwise ops (norm, rotary, silu,
@@ -226,6 +227,7 @@ def test_compiled_decode_equals_eager_and_reference(dtype):
     assert not torch.allclose(base[0, 2], got[0, 2], atol=1e-2)  # the adapters really change the output
 
 
+@pytest.mark.compile
 def test_compiled_pad_rows_change_no_real_row():
     """5 rows padded to the 8-row graph == the same 5 rows decoded beside 3 real ones; the pad rows leave their
     lanes' cache untouched."""
@@ -234,7 +236,7 @@ def test_compiled_pad_rows_change_no_real_row():
     pool = mixed_pool(comp)
     five, cache5 = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=2)
     eight, cache8 = decode_steps(comp, pool, COMPILE_ROWS, 8, steps=2)
-    assert comp._static is not None
+    assert comp.compiled
     torch.testing.assert_close(five, eight[:, :5], atol=0, rtol=0)
     _, untouched = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=0)  # after the prefill only
     for k5, k8, k0 in zip(cache5.k + cache5.v, cache8.k + cache8.v, untouched.k + untouched.v):
@@ -242,6 +244,7 @@ def test_compiled_pad_rows_change_no_real_row():
         assert torch.equal(k5[:5], k8[:5]) and torch.equal(k5[5:, :, :cap], k0[5:]) and not k5[5:, :, cap:].any()
 
 
+@pytest.mark.compile
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog, tmp_path):
     """No usable C compiler: one warning, then eager decode (the same logits as a model built without compile)."""
     import torch._functorch.config as functorch_config
@@ -258,7 +261,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog, tmp_path):
     pool = mixed_pool(comp)
     with caplog.at_level("WARNING", logger="loraplex.runtime.compiled"):
         got, _ = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=2)
-    assert comp._static is None
+    assert not comp.compiled
     ours = [r.getMessage() for r in caplog.records if r.name == "loraplex.runtime.compiled"]
     assert len(ours) == 1 and "decoding eagerly" in ours[0] and "C++ compiler" in ours[0]
     want, _ = decode_steps(CompactLlama(hf), pool, COMPILE_ROWS, 5, steps=2)
@@ -270,4 +273,4 @@ def test_compile_flag_is_checked(monkeypatch):
     with pytest.raises(ConfigError, match="compile must be True, False or 'auto'"):
         CompactLlama(hf, compile="yes")
     monkeypatch.setenv("LORAPLEX_COMPILE", "0")
-    assert CompactLlama(hf, compile=True)._static is None
+    assert not CompactLlama(hf, compile=True).compiled

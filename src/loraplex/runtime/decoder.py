@@ -205,6 +205,11 @@ class CompactLlama:
         """{layer key: (in_features, out_features)} of every LoRA-able projection, for AdapterPool."""
         return dict(self._shapes)
 
+    @property
+    def compiled(self) -> bool:
+        """Whether decode runs through compiled graphs (False when off, or after a failure to compile)."""
+        return self._static is not None
+
     def new_cache(self, *, max_lanes: int, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, max_lanes=max_lanes,
                        max_len=min(max_len, self.max_positions), dtype=self.dtype, device=self.device)
