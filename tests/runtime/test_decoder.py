@@ -272,5 +272,12 @@ def test_compile_flag_is_checked(monkeypatch):
     hf = tiny("Llama")
     with pytest.raises(ConfigError, match="compile must be True, False or 'auto'"):
         CompactLlama(hf, compile="yes")
+    comp = CompactLlama(hf, compile=True)  # refuses what the cache cannot hold before compiling anything
+    cache = comp.new_cache(max_lanes=2, max_len=16)
+    with pytest.raises(ConfigError, match="KV cache holds at most 2 lanes x 16 positions"):
+        comp.decode(torch.tensor([1, 2]), torch.tensor([3, 16]), cache)
+    with pytest.raises(ConfigError, match="KV cache holds at most 2 lanes x 16 positions"):
+        comp.decode(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]), cache)
+    assert comp.compiled
     monkeypatch.setenv("LORAPLEX_COMPILE", "0")
     assert not CompactLlama(hf, compile=True).compiled
