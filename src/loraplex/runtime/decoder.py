@@ -19,6 +19,7 @@ Two entry points share one layer loop:
     cache lanes lanes[0..n-1] at positions 0..L-1; returns the logits of each one's last real token.
   - `decode(tokens (B,), positions (B,), cache, plan)`: one token for each of lanes 0..B-1 at its position;
     attention reads that lane's cache up to and including the position.
+    With compile=True the decode step runs as torch.compile graphs over padded shapes (runtime.compiled).
 `logits(ids (B, L), plan)` is the plain full-sequence forward (no cache), used to check parity with
 transformers.
 """
