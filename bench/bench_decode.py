@@ -7,13 +7,16 @@ projections (row b uses adapter b % K; K = 0: no plan). Variants (all in one pro
     fused/aten       q/k/v and gate/up as one GEMM each
     unfused/onednn   oneDNN prepacked weights (runtime/kernels.py)
     fused/onednn     both (the default where oneDNN computes the dtype natively)
+    <variant>+compile  the same decode step through torch.compile graphs (runtime/compiled.py); compiled during
+                     the warm-up step (not timed)
     baseline         with --baseline FILE: CompactLlama from another decoder.py (e.g. main's), run against this
                      checkout's runtime (`git show main:src/loraplex/runtime/decoder.py > /tmp/decoder_main.py`)
 Each repeat times `--steps` decode steps of every variant, the order rotating; printed: median ms per step,
 tokens/s (= batch / step time), and the median [min-max] over repeats of the paired ratio
 t(unfused/aten) / t(variant) (> 1: faster than the reference).
 
-    flock /tmp/loraplex-bench.lock .venv/bin/python bench/bench_decode.py [--threads 1] [--reps 7]
+    flock /tmp/loraplex-bench.lock .venv/bin/python bench/bench_decode.py [--threads 1] [--reps 7] \
+        [--variants unfused/aten,fused/onednn,fused/onednn+compile]
 """
 
 from __future__ import annotations
@@ -44,10 +47,13 @@ def load_baseline(path: str) -> type:
     return module.CompactLlama
 
 
-def variants(hf: torch.nn.Module, dtype: torch.dtype, baseline: type | None) -> dict[str, CompactLlama]:
+def variants(hf: torch.nn.Module, dtype: torch.dtype, baseline: type | None, only: list[str] | None
+             ) -> dict[str, CompactLlama]:
     kernels = ["aten"] + (["onednn"] if onednn_supports(torch.device("cpu"), dtype) else [])
-    out = {f"{'fused' if f else 'unfused'}/{k}": CompactLlama(hf, fused=f, kernel=k)
-           for k in kernels for f in (False, True)}
+    names = [f"{'fused' if f else 'unfused'}/{k}{c}" for c in ("", "+compile") for k in kernels for f in (False, True)]
+    out = {n: CompactLlama(hf, fused=n.startswith("fused"), kernel=n.split("/")[1].split("+")[0],
+                           compile=n.endswith("+compile"))
+           for n in names if (n in only if only else not n.endswith("+compile"))}
     if baseline is not None:
         out["baseline"] = baseline(hf)
     return out
@@ -70,7 +76,7 @@ def bench(models_: dict[str, CompactLlama], plan, args) -> list[list[str]]:
     tokens = torch.randint(3, 1000, (B,), generator=gen)
     caches = {}
     for k, m in models_.items():
-        caches[k] = m.new_cache(max_lanes=B, max_len=P + args.steps + 1)
+        caches[k] = m.new_cache(max_lanes=B, max_len=max(P + args.steps + 1, 512))  # a compiled step attends over 64
         m.prefill(ids, torch.full((B,), P), caches[k], list(range(B)), plan)
         m.decode(tokens, torch.full((B,), P), caches[k], plan)  # warm-up
 
@@ -108,6 +114,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)}")
     p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all)")
     p.add_argument("--baseline", help="another decoder.py to time as variant 'baseline'")
+    p.add_argument("--variants", help=f"comma-separated variants to run (default: the eager ones); {REFERENCE} "
+                   "is always run")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline) if args.baseline else None
@@ -116,7 +124,7 @@ def main() -> None:
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
         hf, _ = models.load_base("smollm2", dtype=dtype, num_layers=args.layers)
-        ms = variants(hf, dtype, baseline)
+        ms = variants(hf, dtype, baseline, [REFERENCE, *args.variants.split(",")] if args.variants else None)
         for n in (int(x) for x in args.adapters.split(",")):
             pool = random_pool(ms[REFERENCE], n, args.rank, dtype) if n else None
             plan = pool.plan([b % n for b in range(args.batch)]) if n else None

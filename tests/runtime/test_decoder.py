@@ -162,3 +162,122 @@ def test_rope_tables_grow_and_match_transformers():
         model.prefill(ids[:, :140], torch.tensor([140, 140]), cache, [0, 1])
         close(model.decode(ids[:, 140], torch.tensor([140, 140]), cache), hf(ids[:, :141]).logits[:, -1])
     assert model._rope_tables[0].shape[0] >= 141
+
+
+# ---- the compiled decode step (runtime/compiled.py) -----------------------------------------------------------
+# Compiling a graph of the tiny model takes ~10-30 s on the shared 2-core machine: these tests compile few graphs
+# (one per dtype and the failing one) and check everything on them.
+COMPILE_ROWS = [0, -1, 1, [(0, 0.5), (1, 1.5)], 2, 0, -1, 1]  # base rows, 2 adapters, a mix, a DoRA adapter (2)
+
+
+def mixed_pool(model: CompactLlama) -> AdapterPool:
+    """random_pool's two adapters, plus a DoRA adapter (slot 2) with its own [g; c] on the q and down layers."""
+    pool = random_pool(model, 2)
+    gen = torch.Generator().manual_seed(7)
+    t = {k: (torch.randn(4, i, generator=gen) * 0.3, torch.randn(o, 4, generator=gen) * 0.3)
+         for k, (i, o) in model.layer_shapes().items()}
+    dora = {k: torch.stack([1 + 0.2 * torch.randn(o, generator=gen), 0.1 * torch.randn(o, generator=gen)])
+            for k, (_, o) in model.layer_shapes().items() if k.endswith(("q_proj", "down_proj"))}
+    pool.add("dora", "hd", t, {k: 2.0 for k in t}, dora=dora)
+    return pool
+
+
+def decode_steps(model: CompactLlama, pool: AdapterPool, rows: list, n: int, steps: int = 3) -> tuple:
+    """Prefill the 8 sequences into lanes 0..7, then `steps` greedy decode steps of the first n rows ->
+    (logits of every step (steps, n, V), the cache)."""
+    ids = torch.randint(3, 128, (8, 9), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([9 - b % 4 for b in range(8)])
+    cache = model.new_cache(max_lanes=8, max_len=32)
+    first = model.prefill(ids, lengths, cache, list(range(8)), pool.plan(rows)).argmax(-1)
+    plan = pool.plan(rows[:n])
+    tokens, out = first[:n], []
+    for step in range(steps):
+        out.append(model.decode(tokens, lengths[:n] + step, cache, plan))
+        tokens = out[-1].argmax(-1)
+    return (torch.stack(out) if out else None), cache
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_equals_eager_and_reference(dtype):
+    """Compiled decode (5 rows padded to 8, mixed plan with a DoRA row) == eager decode == the unfused aten
+    reference, in logits (tolerance) and greedy tokens (fp32); base rows == transformers' full forward."""
+    hf = tiny("Llama", dtype)
+    comp, eager = CompactLlama(hf, compile=True), CompactLlama(hf)
+    pool = mixed_pool(eager)
+    got, _ = decode_steps(comp, pool, COMPILE_ROWS, 5)
+    assert comp.compiled  # compiled, no fallback
+    want, _ = decode_steps(eager, pool, COMPILE_ROWS, 5)
+    if dtype == torch.bfloat16:
+        # 2x the bf16 tolerance: inductor keeps each fused chain of bf16 elementwise ops (norm, rotary, silu,
+        # LoRA adds) in float32 and rounds once, eager rounds after every op; over 2 layers x 3 steps with large
+        # random adapters the two drift apart by up to ~1.5 bf16 tolerances
+        atol, rtol = tolerance(dtype)
+        torch.testing.assert_close(got, want, atol=2 * atol, rtol=2 * rtol)
+        return
+    close(got, want)
+    ref, _ = decode_steps(CompactLlama(hf, fused=False, kernel="aten"), pool, COMPILE_ROWS, 5)
+    close(got, ref)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    base, _ = decode_steps(comp, pool, [-1] * 8, 5)  # the same graph shapes: a base-only plan is all-zero stacks
+    ids = torch.randint(3, 128, (8, 9), generator=torch.Generator().manual_seed(1))
+    seq = torch.cat([ids[:1, :9], hf(ids[:1, :9]).logits[:, -1].argmax(-1, keepdim=True)], 1)  # row 0: length 9
+    with torch.no_grad():
+        close(base[0, 0], hf(seq).logits[0, -1])
+    assert not torch.allclose(base[0, 2], got[0, 2], atol=1e-2)  # the adapters really change the output
+
+
+@pytest.mark.compile
+def test_compiled_pad_rows_change_no_real_row():
+    """5 rows padded to the 8-row graph == the same 5 rows decoded beside 3 real ones; the pad rows leave their
+    lanes' cache untouched."""
+    hf = tiny("Llama")
+    comp = CompactLlama(hf, compile=True)
+    pool = mixed_pool(comp)
+    five, cache5 = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=2)
+    eight, cache8 = decode_steps(comp, pool, COMPILE_ROWS, 8, steps=2)
+    assert comp.compiled
+    torch.testing.assert_close(five, eight[:, :5], atol=0, rtol=0)
+    _, untouched = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=0)  # after the prefill only
+    for k5, k8, k0 in zip(cache5.k + cache5.v, cache8.k + cache8.v, untouched.k + untouched.v):
+        cap = k0.shape[2]  # the prefill reserved fewer positions than the compiled step (max_len), zeros past them
+        assert torch.equal(k5[:5], k8[:5]) and torch.equal(k5[5:, :, :cap], k0[5:]) and not k5[5:, :, cap:].any()
+
+
+@pytest.mark.compile
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog, tmp_path):
+    """No usable C compiler: one warning, then eager decode (the same logits as a model built without compile)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    # cached graphs and kernels would need no compiler: an empty cache folder, no in-memory graph caches
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    monkeypatch.setattr(functorch_config, "enable_autograd_cache", False)
+    torch._dynamo.reset()  # nor graphs compiled by earlier tests
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/cc",))
+    hf = tiny("Llama")
+    comp = CompactLlama(hf, compile=True)
+    pool = mixed_pool(comp)
+    with caplog.at_level("WARNING", logger="loraplex.runtime.compiled"):
+        got, _ = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=2)
+    assert not comp.compiled
+    ours = [r.getMessage() for r in caplog.records if r.name == "loraplex.runtime.compiled"]
+    assert len(ours) == 1 and "decoding eagerly" in ours[0] and "C++ compiler" in ours[0]
+    want, _ = decode_steps(CompactLlama(hf), pool, COMPILE_ROWS, 5, steps=2)
+    close(got, want)
+
+
+def test_compile_flag_is_checked(monkeypatch):
+    hf = tiny("Llama")
+    with pytest.raises(ConfigError, match="compile must be True, False or 'auto'"):
+        CompactLlama(hf, compile="yes")
+    comp = CompactLlama(hf, compile=True)  # refuses what the cache cannot hold before compiling anything
+    cache = comp.new_cache(max_lanes=2, max_len=16)
+    with pytest.raises(ConfigError, match="KV cache holds at most 2 lanes x 16 positions"):
+        comp.decode(torch.tensor([1, 2]), torch.tensor([3, 16]), cache)
+    with pytest.raises(ConfigError, match="KV cache holds at most 2 lanes x 16 positions"):
+        comp.decode(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]), cache)
+    assert comp.compiled
+    monkeypatch.setenv("LORAPLEX_COMPILE", "0")
+    assert not CompactLlama(hf, compile=True).compiled

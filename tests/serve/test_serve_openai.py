@@ -241,6 +241,18 @@ def test_models_retrieve(served, client):
     assert client.models.retrieve("base").id == "base"
 
 
+@pytest.mark.compile
+def test_serve_compile_flag(one_thread):
+    """--compile serves through the compiled decode step, with the greedy tokens of --no-compile (the default)."""
+    servers = [build_server(cli.build_parser().parse_args(
+        ["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64", "--max-new-tokens", "32", *flag]))
+        for flag in (["--compile"], ["--no-compile"], [])]
+    assert [s.model.compiled for s in servers] == [True, False, False]
+    got = [s.engine.generate([5, 9, 13], "tiny-llama", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).token_ids
+           for s in servers[:2]]
+    assert servers[0].model.compiled and got[0] == got[1]
+
+
 def test_served_model_name(tmp_path, one_thread):
     args = cli.build_parser().parse_args(["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64",
                                           "--max-new-tokens", "32",

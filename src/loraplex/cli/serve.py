@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest adapter upload (zip) in MB")
     p.add_argument("--no-check-base", action="store_true", help="skip the adapters' base fingerprint check")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the decode step as torch.compile graphs (default: off; see docs/serving.md)")
     p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="dtype the base and the adapters are served in (default fp32; bf16 on GPUs)")
@@ -84,7 +86,7 @@ def build_server(args: argparse.Namespace):
     return Server(model, tokenizer, base_id=names[0], aliases=names[1:], adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,
                   max_upload_bytes=int(args.max_upload_mb * 1e6), check_base_model=not args.no_check_base,
-                  shutdown_timeout=args.timeout)
+                  shutdown_timeout=args.timeout, compile=args.compile)
 
 
 def check_args(args: argparse.Namespace) -> None:

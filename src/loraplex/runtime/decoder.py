@@ -19,6 +19,7 @@ Two entry points share one layer loop:
     cache lanes lanes[0..n-1] at positions 0..L-1; returns the logits of each one's last real token.
   - `decode(tokens (B,), positions (B,), cache, plan)`: one token for each of lanes 0..B-1 at its position;
     attention reads that lane's cache up to and including the position.
+    With compile=True the decode step runs as torch.compile graphs over padded shapes (runtime.compiled).
 `logits(ids (B, L), plan)` is the plain full-sequence forward (no cache), used to check parity with
 transformers.
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
+from . import compiled
 from .ops import BatchPlan
 from .kernels import Projection, pick_kernel, projection
 
@@ -122,10 +124,13 @@ class KVCache:
 class CompactLlama:
     """Inference-only Llama-family forward over a transformers model's weights (see module docstring)."""
 
-    def __init__(self, hf_model: nn.Module, *, fused: bool = True, kernel: str = "auto") -> None:
-        """fused: one GEMM for q/k/v and one for gate/up (see the module docstring); kernel: see runtime.kernels."""
+    def __init__(self, hf_model: nn.Module, *, fused: bool = True, kernel: str = "auto",
+                 compile: bool | str = False) -> None:
+        """fused: one GEMM for q/k/v and one for gate/up (see the module docstring); kernel: see runtime.kernels;
+        compile: True / False / "auto", the decode step as a compiled graph (see runtime.compiled)."""
         if not isinstance(fused, bool):
             raise ConfigError(f"fused must be a bool, got {fused!r}")
+        use_compiled = compiled.resolve(compile)
         config = hf_model.config
         mtype = getattr(config, "model_type", None)
         if mtype not in ARCHITECTURES:
@@ -178,6 +183,7 @@ class CompactLlama:
             qkv, o, gate_up, down = (self._groups(i, [(p, mods[p]) for p in names]) for names in groups)
             self.layers.append(_Layer(layer.input_layernorm.weight.detach(),
                                       layer.post_attention_layernorm.weight.detach(), qkv, o, gate_up, down))
+        self._static = compiled.StaticDecode(self) if use_compiled else None
 
     def _groups(self, layer: int, mods: list[tuple[str, nn.Linear]]) -> tuple[_Group, ...]:
         """The projections `mods` (same input) as one fused group, or one group each when not fused."""
@@ -209,6 +215,11 @@ class CompactLlama:
         """{EMBED_KEY: (vocab, hidden)}: the input embedding, an embedding layer of AdapterPool (embedding LoRA and
         trainable tokens per row, loraplex.runtime.embedding)."""
         return {EMBED_KEY: (self.vocab, self.hidden)}
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode runs through compiled graphs (False when off, or after a failure to compile)."""
+        return self._static is not None
 
     def new_cache(self, *, max_lanes: int, max_len: int) -> KVCache:
         return KVCache(len(self.layers), self.n_kv, self.head_dim, max_lanes=max_lanes,
@@ -269,12 +280,21 @@ class CompactLlama:
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                plan: BatchPlan | None = None) -> torch.Tensor:
-        """tokens (B,), positions (B,) for lanes 0..B-1 -> next-token logits (B, V)."""
-        B = tokens.shape[0]
+        """tokens (B,), positions (B,) for lanes 0..B-1 -> next-token logits (B, V). With compile on, the step
+        runs as a compiled graph (runtime.compiled; eager when it cannot be compiled)."""
+        if self._static is not None and graph_ready(plan):
+            return self._static.decode(tokens, positions, cache, plan)
         span = int(positions.max()) + 1
-        cache.reserve(B, span)
+        cache.reserve(tokens.shape[0], span)
+        return self.step(tokens.to(self.device), positions.to(self.device), cache.k, cache.v, span, plan)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
+             span: int, plan, real: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode step over cache tensors ks[l], vs[l] (lanes >= B, n_kv, >= span, hd) -> logits (B, V);
+        `plan` has BatchPlan's apply_. real (B,) bool, when given: rows where it is False write back the cache
+        entries they read (their writes are no-ops; the compiled path's pad rows)."""
+        B = tokens.shape[0]
         lanes = torch.arange(B, device=self.device)
-        positions = positions.to(self.device)
         hide = torch.arange(span, device=self.device) > positions[:, None]  # (B, S) past each lane's position
         # additive mask (B, 1, 1, S), made once per step: SDPA would convert a boolean one at every layer
         mask = torch.zeros(B, 1, 1, span, dtype=self.dtype, device=self.device)
@@ -282,9 +302,13 @@ class CompactLlama:
         group = self.n_heads // self.n_kv
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            kc, vc = cache.k[i], cache.v[i]
-            kc[lanes, :, positions] = k[:, :, 0]  # (B, n_kv, hd) into each lane at its position
-            vc[lanes, :, positions] = v[:, :, 0]
+            kc, vc = ks[i], vs[i]
+            k, v = k[:, :, 0], v[:, :, 0]  # (B, n_kv, hd)
+            if real is not None:
+                keep = real[:, None, None]
+                k, v = torch.where(keep, k, kc[lanes, :, positions]), torch.where(keep, v, vc[lanes, :, positions])
+            kc[lanes, :, positions] = k  # into each lane at its position
+            vc[lanes, :, positions] = v
             # the heads sharing a kv head as `group` query positions of it (B, n_kv, group, hd): the same math
             # as enable_gqa, and in bf16 ~4x faster on CPU than one query position per head
             q = q.reshape(B, self.n_kv, group, self.head_dim)
@@ -292,7 +316,7 @@ class CompactLlama:
                                                  scale=self.scale)  # (B, n_kv, group, hd)
             return out.view(B, self.n_heads, 1, self.head_dim)
 
-        h = self._forward(tokens[:, None].to(self.device), positions[:, None], span, plan, attend)  # (B, 1, H)
+        h = self._forward(tokens[:, None], positions[:, None], span, plan, attend)  # (B, 1, H)
         return self.head(h[:, 0], plan)  # (B, V)
 
     # ---- the layer loop ---------------------------------------------------------------------------------
@@ -374,3 +398,9 @@ def _half_turn(x: torch.Tensor) -> torch.Tensor:
     """(x1, x2) -> (-x2, x1) over the two halves of the last dim: the rotary pairing of the HF checkpoints."""
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def graph_ready(plan: BatchPlan | None) -> bool:
+    """Whether the compiled step computes `plan` exactly: its graphs hold the projections' LoRA and DoRA rows
+    only; a plan with LoRA-B biases, modules_to_save copies, embedding rows or head LoRA runs eagerly."""
+    return plan is None or not (plan.bias or plan.saved or plan.embeddings or HEAD_KEY in plan.layers)

@@ -48,7 +48,20 @@ def pick_kernel(kernel: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # inductor cannot lower the op on a weight it did not pack itself
+        return onednn_linear(x, w, b)
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+
+
+@torch.library.custom_op("loraplex::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The "onednn" projection as an opaque op for compiled graphs: x (..., in), w oneDNN-blocked (out, in)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [None], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w.shape[0])  # (..., out)
 
 
 @dataclass(frozen=True)

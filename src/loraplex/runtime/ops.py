@@ -208,6 +208,55 @@ class BatchPlan:
         total += sum(_nbytes(b.bias) for b in self.bias.values())
         return total + sum(_nbytes(r.gc) for r in self.rescale.values())
 
+    @property
+    def max_rank(self) -> int:
+        """The largest (virtual) rank any row reads at any layer (0 when no row has LoRA)."""
+        ranks = [lay.A.shape[1] if isinstance(lay, _GatherLayer) else max(s.A.shape[0] for s in lay.segments)
+                 for lay in self.layers.values() if lay is not None]
+        return max(ranks, default=0)
+
+    def row_stacks(self, key: str, rows: int, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer `key` as dense per-row stacks for a batch padded to `rows` >= num_rows rows, zero-padded to
+        `rank` >= max_rank: A (rows, rank, in), Bt (rows, rank, out) in the plan's compute dtype, with
+            y[b] += (x[b] @ A[b].T) @ Bt[b]
+        equal to apply_'s LoRA terms (w * scale folded into Bt; all zero for base-only rows and rows past
+        num_rows). None when no row has LoRA at `key`. DoRA rows: see `rescale_stacks`."""
+        lay = self.layers[key]
+        if lay is None:
+            return None
+        fin, fout = self.in_out[key]
+        if isinstance(lay, _GatherLayer):
+            dev, dt = lay.A.device, lay.A.dtype
+            parts = [(lay.rows if lay.rows is not None else torch.arange(lay.A.shape[0], device=dev), lay.A, lay.Bt)]
+        else:
+            dev, dt = lay.segments[0].A.device, lay.compute
+            parts = []
+            for seg in lay.segments:
+                idx = seg.rows if isinstance(seg.rows, torch.Tensor) else torch.arange(
+                    seg.rows.start, seg.rows.stop, device=dev)
+                n = idx.shape[0]
+                parts.append((idx, seg.A.to(dt).expand(n, -1, -1), (seg.Bt.to(dt) * seg.alpha).expand(n, -1, -1)))
+        A = torch.zeros(rows, rank, fin, dtype=dt, device=dev)  # (rows, rank, in)
+        Bt = torch.zeros(rows, rank, fout, dtype=dt, device=dev)  # (rows, rank, out)
+        for idx, a, bt in parts:  # a (n, r, in), bt (n, r, out) for rows idx (n,)
+            A[idx, : a.shape[1]] = a
+            Bt[idx, : bt.shape[1]] = bt
+        return A, Bt
+
+    def rescale_stacks(self, key: str, rows: int) -> torch.Tensor | None:
+        """Layer `key`'s DoRA rows as gc (rows, 2, out) in the plan's dtype: y[b] = gc[b, 0] * y[b] + gc[b, 1]
+        after the LoRA terms, with g = 1, c = 0 for rows that are not DoRA; None when no row is DoRA there."""
+        r = self.rescale.get(key)
+        if r is None:
+            return None
+        fout = self.in_out[key][1]
+        gc = torch.zeros(rows, 2, fout, dtype=r.gc.dtype, device=r.gc.device)  # (rows, 2, out)
+        gc[:, 0] = 1
+        n = self.num_rows if r.rows is None else r.rows.shape[0]
+        idx = torch.arange(n, device=gc.device) if r.rows is None else r.rows
+        gc[idx] = r.gc[0].expand(n, -1, -1) if r.u is None else r.gc.index_select(0, r.u)
+        return gc
+
     def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Add each row's LoRA output for layer `key` into y in place; x: (B, L, in) or (B, in); returns y."""
         if key not in self.layers:

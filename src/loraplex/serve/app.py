@@ -54,11 +54,11 @@ class Server:
     def __init__(self, hf_model, tokenizer, *, base_id: str, adapters_dir=None, config: EngineConfig | None = None,
                  memory_budget: int | None = None, api_key: str | None = None, max_upload_bytes: int = 64 << 20,
                  check_base_model: bool = True, shutdown_timeout: float | None = 30.0,
-                 aliases: Sequence[str] = ()) -> None:
+                 aliases: Sequence[str] = (), compile: bool | str = False) -> None:
         self.base_id = base_id  # the name answers carry; `aliases` (--served-model-name's others) and "base" too
         self.served = tuple(dict.fromkeys((base_id, *aliases)))
         self.base_ids = tuple(dict.fromkeys((*self.served, BASE_ALIAS)))
-        self.model = CompactLlama(hf_model)
+        self.model = CompactLlama(hf_model, compile=compile)  # compile: see runtime.compiled
         self.metrics = Metrics()
         self.pool = AdapterPool(self.model.layer_shapes(), budget_bytes=memory_budget, dtype=self.model.dtype,
                                 device=self.model.device, max_plans=32)
