@@ -144,31 +144,29 @@ def check_tensors(
 def check_dora(name: str, dora: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int, int]], *,
                dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Validated fast-tier copies of a DoRA adapter's {key: [g; c] (2, out)}."""
-    out = {}
-    for key, t in dora.items():
-        if key not in shapes:
-            raise ConfigError(f"adapter {name!r}: DoRA tensor for layer {key!r}, which has no lora_A/lora_B")
-        if tuple(t.shape) != (2, shapes[key][2]):
-            raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: DoRA [g; c] must be "
-                                     f"(2, {shapes[key][2]}), got {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
-            raise NonFiniteError(f"adapter {name!r} layer {key!r}: DoRA scale holds NaN/Inf")
-        out[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t.detach())
-    return out
+    return _per_layer(name, dora, shapes, "DoRA [g; c]", lambda out: (2, out), dtype=dtype, device=device)
 
 
 def check_bias(name: str, bias: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int, int]], *,
                dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Validated fast-tier copies of an adapter's LoRA-B biases {key: b (out,)}."""
+    return _per_layer(name, bias, shapes, "LoRA-B bias", lambda out: (out,), dtype=dtype, device=device)
+
+
+def _per_layer(name: str, tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int, int]],
+               what: str, want: Callable[[int], tuple[int, ...]], *, dtype: torch.dtype,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Fast-tier copies of per-layer extras {key: tensor of shape want(out_features)}: each for a layer with
+    lora_A/lora_B (`shapes`: key -> (r, in, out)), of that shape, finite."""
     out = {}
-    for key, t in bias.items():
+    for key, t in tensors.items():
         if key not in shapes:
-            raise ConfigError(f"adapter {name!r}: LoRA-B bias for layer {key!r}, which has no lora_A/lora_B")
-        if tuple(t.shape) != (shapes[key][2],):
-            raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: a LoRA-B bias must be ({shapes[key][2]},), "
+            raise ConfigError(f"adapter {name!r}: {what} for layer {key!r}, which has no lora_A/lora_B")
+        if tuple(t.shape) != want(shapes[key][2]):
+            raise ShapeMismatchError(f"adapter {name!r} layer {key!r}: {what} must be {want(shapes[key][2])}, "
                                      f"got {tuple(t.shape)}")
         if not torch.isfinite(t).all():
-            raise NonFiniteError(f"adapter {name!r} layer {key!r}: LoRA-B bias holds NaN/Inf")
+            raise NonFiniteError(f"adapter {name!r} layer {key!r}: {what} holds NaN/Inf")
         out[key] = torch.empty(t.shape, dtype=dtype, device=device).copy_(t.detach())
     return out
 
