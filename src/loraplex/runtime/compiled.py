@@ -67,6 +67,11 @@ class DenseLora:
 
     def __init__(self, plan: BatchPlan, rows: int) -> None:
         rank = _pow2(plan.max_rank)
+        # what the decoder reads beside apply_: empty, since only plans that decoder.graph_ready accepts (no
+        # copies, embedding rows or head LoRA) reach a graph
+        self.saved: dict = {}
+        self.embeddings: dict = {}
+        self.layers: dict = {}
         self.stacks: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = {}
         for key in plan.layers:
             ab = plan.row_stacks(key, rows, rank)  # A (rows, R, in), Bt (rows, R, out)

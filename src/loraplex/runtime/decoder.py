@@ -403,4 +403,4 @@ def _half_turn(x: torch.Tensor) -> torch.Tensor:
 def graph_ready(plan: BatchPlan | None) -> bool:
     """Whether the compiled step computes `plan` exactly: its graphs hold the projections' LoRA and DoRA rows
     only; a plan with LoRA-B biases, modules_to_save copies, embedding rows or head LoRA runs eagerly."""
-    return plan is None or not (plan.bias or plan.saved or plan.embeddings or HEAD_KEY in plan.layers)
+    return plan is None or not (plan.bias or plan.saved or plan.embeddings or plan.layers.get(HEAD_KEY) is not None)
