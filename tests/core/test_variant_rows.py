@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from peft_helpers import peft_adapter_dir as _peft_dir
 import loraplex as lp
 import reference_runtime as ref
 from loraplex.functional import tolerance
@@ -32,20 +33,6 @@ ADAPTERS = {  # name -> PEFT LoraConfig fields (each written by PEFT, with every
 
 def _base(tied: bool) -> nn.Module:
     return tiny_llama(seed=0, tie_word_embeddings=tied)
-
-
-def _peft_dir(directory, tied: bool, seed: int, **fields):
-    """A PEFT-written adapter: get_peft_model, every trainable tensor (A, B, lora_B bias, copies, m) moved."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns about lora_bias on bias-less layers and about tied copies
-        pm = peft.get_peft_model(_base(tied), peft.LoraConfig(init_lora_weights=False, **fields))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    pm.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

@@ -11,6 +11,7 @@ import torch
 import loraplex as lp
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama
+from peft_helpers import peft_adapter_dir
 
 ATOL, RTOL = tolerance(torch.float32)
 COMBOS = {  # name -> PEFT LoraConfig fields
@@ -25,23 +26,11 @@ def _base(tied: bool):
     return tiny_llama(seed=0, tie_word_embeddings=tied)
 
 
-def _peft(fields, tied, seed, path):
-    """A PEFT adapter on the tiny Llama, every trainable tensor moved off its init, saved to `path`."""
-    pm = peft.get_peft_model(_base(tied), peft.LoraConfig(init_lora_weights=False, **fields))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    pm.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
 def written(request, tmp_path_factory):
     """(tied, {name: directory}, {name: the PEFT model of that adapter alone; None: the bare base})."""
     tied, root = request.param, tmp_path_factory.mktemp("combos")
-    dirs = {n: _peft(f, tied, i + 1, root / n) for i, (n, f) in enumerate(COMBOS.items())
+    dirs = {n: peft_adapter_dir(root / n, tied, i + 1, **f) for i, (n, f) in enumerate(COMBOS.items())
             if not (tied and n == "head_tok")}  # refused on a tied base: test_what_has_no_per_row_form_is_refused
     oracles = {None: _base(tied).eval(), **{n: peft.PeftModel.from_pretrained(_base(tied), d).eval()
                                             for n, d in dirs.items()}}
@@ -129,7 +118,7 @@ def test_what_has_no_per_row_form_is_refused(tmp_path):
              (dict(r=2, target_modules=["q_proj", "lm_head"], trainable_token_indices=[5, 9]), True,
               "trainable tokens tied to it")]
     for i, (fields, tied, match) in enumerate(cases):
-        path = _peft(fields, tied, i + 1, tmp_path / f"case{i}")
+        path = peft_adapter_dir(tmp_path / f"case{i}", tied, i + 1, **fields)
         eng = MultiLoraModel(_base(tied))
         with pytest.raises(lp.UnsupportedFeatureError, match=match):
             eng.load("t", path)
@@ -141,8 +130,8 @@ def test_what_has_no_per_row_form_is_refused(tmp_path):
             with pytest.raises(lp.UnsupportedFeatureError, match=match):
                 lp.validate_adapter(af, hf)
 
-    copy = _peft(dict(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]), False, 2, tmp_path / "c")
-    emb = _peft(dict(r=2, target_modules=["q_proj", "embed_tokens"]), False, 3, tmp_path / "e")
+    copy = peft_adapter_dir(tmp_path / "c", False, 2, r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    emb = peft_adapter_dir(tmp_path / "e", False, 3, r=2, target_modules=["q_proj", "embed_tokens"])
     for first, second in ((copy, emb), (emb, copy)):
         eng = MultiLoraModel(_base(False))
         eng.load("first", first)
