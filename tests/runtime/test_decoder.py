@@ -5,6 +5,8 @@ SmolLM2 against transformers. Logits are compared with functional.tolerance(dtyp
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,8 @@ from loraplex.errors import ConfigError, UnsupportedFeatureError
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool
 from loraplex.serve import CompactLlama
-from loraplex.runtime.decoder import HEAD_KEY
+from loraplex.runtime import decoder
+from loraplex.runtime.decoder import HEAD_KEY, decode_attention
 from loraplex.runtime.kernels import onednn_supports, pick_kernel, projection
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +101,27 @@ def test_onednn_projection_equals_f_linear(rows, fin, fout, bias, lead, strided,
     p = projection(w, b, "onednn")
     assert p.shape == (fin, fout)
     close(p(x), F.linear(x, w, b))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lanes=st.integers(1, 6), n_kv=st.integers(1, 3), group=st.integers(1, 4), span=st.integers(1, 40),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), long=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_attention_equals_sdpa(lanes, n_kv, group, span, dtype, long, seed):
+    """The decode step's attention (matmuls in fp32 up to MATMUL_ATTENTION_MAX_SPAN, SDPA beyond or in bf16)
+    against SDPA with the same additive mask; each lane sees positions 0..its own."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(lanes, n_kv, group, 16, generator=gen).to(dtype)
+    k, v = (torch.randn(lanes, n_kv, span, 16, generator=gen).to(dtype) for _ in range(2))
+    seen = torch.randint(0, span, (lanes,), generator=gen)
+    mask = torch.zeros(lanes, 1, 1, span, dtype=dtype)
+    mask.masked_fill_((torch.arange(span) > seen[:, None])[:, None, None], -math.inf)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+    limit = decoder.MATMUL_ATTENTION_MAX_SPAN
+    decoder.MATMUL_ATTENTION_MAX_SPAN = span - 1 if long else limit  # long: past the matmul route's limit, SDPA
+    try:
+        close(decode_attention(q, k, v, mask, 0.25), want)
+    finally:
+        decoder.MATMUL_ATTENTION_MAX_SPAN = limit
 
 
 def test_kernel_and_fused_are_checked():

@@ -48,6 +48,8 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 EMBED_KEY, HEAD_KEY = "model.embed_tokens", "lm_head"  # pool keys of the input embedding and the output head
 # rope variants whose frequencies depend on the sequence length at run time: not reproduced here
 _DYNAMIC_ROPE = ("dynamic", "longrope")
+# decode attention as two matmuls up to this span (fp32), SDPA beyond: crossover measured at 16 lanes x 9 heads
+MATMUL_ATTENTION_MAX_SPAN = 2048
 
 
 @dataclass(frozen=True)
@@ -312,8 +314,7 @@ class CompactLlama:
             # the heads sharing a kv head as `group` query positions of it (B, n_kv, group, hd): the same math
             # as enable_gqa, and in bf16 ~4x faster on CPU than one query position per head
             q = q.reshape(B, self.n_kv, group, self.head_dim)
-            out = F.scaled_dot_product_attention(q, kc[:B, :, :span], vc[:B, :, :span], attn_mask=mask,
-                                                 scale=self.scale)  # (B, n_kv, group, hd)
+            out = decode_attention(q, kc[:B, :, :span], vc[:B, :, :span], mask, self.scale)  # (B, n_kv, group, hd)
             return out.view(B, self.n_heads, 1, self.head_dim)
 
         h = self._forward(tokens[:, None], positions[:, None], span, plan, attend)  # (B, 1, H)
@@ -392,6 +393,18 @@ def saved_places(hf_model: nn.Module | CompactLlama) -> frozenset[str]:
 def _linear_copy(h: torch.Tensor, copy: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A modules_to_save copy of a Linear (lm_head) applied to h (..., in)."""
     return F.linear(h, copy["weight"], copy.get("bias"))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """q (B, n_kv, g, hd) against k, v (B, n_kv, S, hd) with an additive mask (B, 1, 1, S) -> (B, n_kv, g, hd):
+    softmax(q k^T * scale + mask) v. In fp32 as two matmuls: with a few query positions per lane this is ~2.5x
+    faster on CPU than SDPA's flash kernel at span 32 and 1.2x at 2048 (same math, rounding ~5e-7). Longer spans
+    and other dtypes keep SDPA, whose scores stay in fp32 (a bf16 matmul would round them to 8 bits)."""
+    if q.dtype != torch.float32 or k.shape[-2] > MATMUL_ATTENTION_MAX_SPAN:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(mask)  # (B, n_kv, g, S)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
 def _half_turn(x: torch.Tensor) -> torch.Tensor:
