@@ -47,9 +47,10 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, LoraplexError, NonFiniteError, PoolFullError, QueueFullError, ShuttingDownError
-from ..runtime import AdapterPool, Lease
+from ..runtime import AdapterPool, BatchPlan, Lease
 from ..runtime.decoder import CompactLlama
 from ..runtime.logprobs import token_logprobs
+from .lanes import LaneBatch, LaneLora
 from .metrics import Metrics
 from .modelspec import Mix, check_copies_alone, check_dora_alone, model_key, parse_model
 from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob
@@ -98,6 +99,7 @@ class Engine:
                               f"{model.max_positions} positions; lower one of them")
         self.context = need
         self.cache = model.new_cache(max_lanes=self.config.max_batch, max_len=need)
+        self.lora = LaneLora(pool, self.config.max_batch)  # the running batch's LoRA, per lane
         self._cond = threading.Condition()
         self._waiting: dict[str, deque[RequestState]] = {}  # model key -> its queue, in arrival order
         self._turns: deque[str] = deque()  # model keys with waiting requests, round-robin order
@@ -249,8 +251,21 @@ class Engine:
             while self.lanes and self.lanes[-1] is None:
                 self.lanes.pop()
             self._layout = tuple(s.assignment if s is not None else () for s in self.lanes)
-            self._plan = self.pool.plan(self._layout) if any(self._layout) else None
+            self._plan = self._batch_plan(self._layout, range(len(self._layout)))
         return new
+
+    def _batch_plan(self, assignments: Sequence[tuple], lanes: Sequence[int]) -> LaneBatch | BatchPlan | None:
+        """The LoRA of a batch whose row i runs assignments[i] in lane lanes[i]: None for the base alone; the
+        pool's plan for one distinct assignment (a segment plan reads the pool's tensors, copies nothing), for
+        the compiled decoder, or when a row is not plain LoRA; else the per-lane stacks (serve/lanes.py)."""
+        distinct = {a for a in assignments if a}
+        if not distinct:
+            return None
+        if len(distinct) > 1 and not self.model.compiled:
+            batch = self.lora.rows(assignments, lanes)
+            if batch is not None:
+                return batch
+        return self.pool.plan(assignments)
 
     def _pop(self, key: str) -> None:
         """Take the head of `key`'s queue and move `key` to the back of the turns (or drop it if empty)."""
@@ -284,8 +299,7 @@ class Engine:
         for i, s in enumerate(new):
             ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
         lengths = torch.tensor([len(s.prompt) for s in new])
-        assignments = [s.assignment for s in new]
-        plan = self.pool.plan(assignments) if any(assignments) else None
+        plan = self._batch_plan([s.assignment for s in new], [s.lane for s in new])
         echo = [s for s in new if s.params.prompt_logprobs is not None]
         out = self.model.prefill(ids.to(self.model.device), lengths, self.cache, [s.lane for s in new], plan,
                                  hidden=bool(echo))

@@ -1,0 +1,118 @@
+"""The engine's running batch as per-lane LoRA stacks, updated one lane at a time.
+
+A request keeps its KV lane (= its decode-batch row) from admission to finish, so the batch's LoRA can live in
+stacks indexed by lane, per layer key:
+
+    A[key]: (lanes, R, in)    lane b's virtual A (runtime/ops.py: a mix's slots concatenated along r),
+    Bt[key]: (lanes, R, out)  its (w * scale * B).T, both zero past the lane's rank (zero padding is exact)
+
+and one batch's LoRA at `key` is, for rows = some lanes,
+
+    y[i] += (x[i] @ A[key][rows[i]].T) @ Bt[key][rows[i]]
+
+the math of a gather `BatchPlan` (runtime/ops.py) whose rows are those lanes. Admitting a request writes its
+lane (a copy of one adapter, ~10 MB for SmolLM2 at r = 8); a gather `BatchPlan` for the whole layout copies
+every row again (~160 MB for 16 distinct adapters, as much time as a few decode steps on CPU), at every
+admission. A lane's rows are written only when a batch first needs them (`rows`), from the one-row
+`AdapterPool.plan` of its assignment (`BatchPlan.row_stacks`), so they hold the adapter versions the request
+leased. Rows of lanes that no request holds are left as they are: their outputs are ignored.
+
+Only plain LoRA goes into stacks: an assignment whose plan has DoRA rows, LoRA-B biases, modules_to_save
+copies or embedding rows makes `rows` return None, and the engine uses `AdapterPool.plan` for that batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..runtime import AdapterPool, Assignment
+
+
+class LaneBatch:
+    """The LoRA of a batch whose row i is lane rows[i]; has the part of `BatchPlan`'s interface that
+    `CompactLlama` reads (`apply_`, `layers`, and no saved copies, embedding rows, biases or DoRA rows)."""
+
+    saved: dict = {}
+    embeddings: dict = {}
+    bias: dict = {}
+    rescale: dict = {}
+
+    def __init__(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers  # key -> (A (n, R, in), Bt (n, R, out)), only the keys some lane has LoRA at
+
+    def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y[i] += (x[i] @ A[i].T) @ Bt[i] in place for x (n, [L,] in), y (n, [L,] out); returns y."""
+        ab = self.layers.get(key)
+        if ab is None:
+            return y
+        A, Bt = ab
+        out = y
+        if x.dim() == 2:  # (n, in): one token per row
+            x, y = x.unsqueeze(1), y.unsqueeze(1)
+        h = torch.bmm(x.to(A.dtype), A.transpose(1, 2))  # (n, L, R)
+        if y.is_contiguous() and y.dtype == Bt.dtype:
+            y.baddbmm_(h, Bt)  # (n, L, out)
+        else:  # y in another dtype, or a view (a part of a fused GEMM's output)
+            y.add_(torch.bmm(h, Bt))
+        return out
+
+
+class LaneLora:
+    """LoRA stacks for `lanes` KV lanes over the layers of `pool` (see the module docstring)."""
+
+    def __init__(self, pool: AdapterPool, lanes: int) -> None:
+        self.pool = pool
+        self.lanes = lanes
+        self.rank = 0  # R: the largest virtual rank written so far (stacks grow, never shrink)
+        self.A: dict[str, torch.Tensor] = {}  # key -> (lanes, R, in)
+        self.Bt: dict[str, torch.Tensor] = {}  # key -> (lanes, R, out)
+        # what each lane's rows hold: (assignment, its slots' versions); None: nothing written yet
+        self.held: list[tuple[Assignment, tuple[int, ...]] | None] = [None] * lanes
+
+    def rows(self, assignments: Sequence[Assignment], lanes: Sequence[int]) -> LaneBatch | None:
+        """The batch whose row i is lane lanes[i] running assignments[i] (() = base only; the slots leased), after
+        writing the lanes that do not hold it yet; None when one of them is not plain LoRA (module docstring)."""
+        for a, lane in zip(assignments, lanes):
+            held = (a, tuple(self.pool.version(s) for s, _ in a))  # a slot's version changes with its content
+            if self.held[lane] != held:
+                if not self._write(lane, a):
+                    return None
+                self.held[lane] = held
+        if list(lanes) == list(range(lanes[0], lanes[0] + len(lanes))):  # contiguous: views, no copy
+            sel = slice(lanes[0], lanes[0] + len(lanes))
+            return LaneBatch({k: (A[sel], self.Bt[k][sel]) for k, A in self.A.items()})  # views
+        idx = torch.tensor(list(lanes), dtype=torch.long, device=self.pool.device)
+        return LaneBatch({k: (A.index_select(0, idx), self.Bt[k].index_select(0, idx)) for k, A in self.A.items()})
+
+    def _write(self, lane: int, a: Assignment) -> bool:
+        """Write assignment `a` into `lane`'s rows; False (nothing written) when it is not plain LoRA."""
+        one = self.pool.plan([a]) if a else None  # cached by the pool while its slots keep their versions
+        if one is not None and (one.rescale or one.bias or one.saved or one.embeddings):
+            return False
+        if one is not None and one.max_rank > self.rank:
+            self._grow(one.max_rank)
+        rows = {k: one.row_stacks(k, 1, self.rank) for k in one.in_out} if one is not None else {}
+        for key, ab in rows.items():  # ab: A (1, R, in), Bt (1, R, out), or None where `a` has no LoRA
+            if ab is not None and key not in self.A:
+                self.A[key] = ab[0].new_zeros(self.lanes, *ab[0].shape[1:])
+                self.Bt[key] = ab[1].new_zeros(self.lanes, *ab[1].shape[1:])
+        for key, A in self.A.items():
+            ab = rows.get(key)
+            if ab is None:
+                A[lane].zero_()
+                self.Bt[key][lane].zero_()
+            else:
+                A[lane].copy_(ab[0][0])
+                self.Bt[key][lane].copy_(ab[1][0])
+        return True
+
+    def _grow(self, rank: int) -> None:
+        """Pad every stack to `rank` (the written rows keep their values; the new rank rows are zero)."""
+        for stacks in (self.A, self.Bt):
+            for key, old in stacks.items():
+                new = old.new_zeros(old.shape[0], rank, old.shape[2])
+                new[:, : self.rank] = old
+                stacks[key] = new
+        self.rank = rank

@@ -1,0 +1,104 @@
+"""serve/lanes.py: the running batch's LoRA as per-lane stacks, against the pool's `BatchPlan` (the reference)
+on the compact decoder's forward, and the engine on that path against each request run alone.
+
+Logits are compared with functional.tolerance(dtype); greedy token sequences exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex import models
+from loraplex.functional import tolerance
+from loraplex.runtime import AdapterPool
+from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
+from loraplex.serve.lanes import LaneBatch, LaneLora
+from loraplex.serve.text import TextCodec
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    atol, rtol = tolerance(a.dtype)
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def add_random(pool: AdapterPool, model: CompactLlama, name: str, r: int, seed: int, *, every: int = 1,
+               dora: bool = False) -> int:
+    """A random rank-r adapter on every `every`-th layer key (the head included), made to move the output."""
+    g = torch.Generator().manual_seed(seed)
+    keys = list(model.layer_shapes().items())[::every]
+    t = {k: (torch.randn(r, i, generator=g) * 0.3, torch.randn(o, r, generator=g) * 0.3) for k, (i, o) in keys}
+    gc = {k: torch.stack([1 + 0.1 * torch.randn(o, generator=g), 0.1 * torch.randn(o, generator=g)])
+          for k, (_, o) in keys} if dora else None
+    return pool.add(name, f"{name}-{seed}", t, {k: 0.5 for k in t}, dora=gc)
+
+
+def setup(lanes: int = 6):
+    hf = models.tiny_llama(seed=0)
+    model = CompactLlama(hf)
+    pool = AdapterPool(model.layer_shapes(), dtype=model.dtype, max_plans=4)
+    return hf, model, pool, LaneLora(pool, lanes)
+
+
+def test_lane_rows_equal_the_pool_plan():
+    _, model, pool, lora = setup()
+    a, b, c = (add_random(pool, model, n, r, s, every=e) for n, r, s, e in [("a", 2, 1, 1), ("b", 4, 2, 2), ("c", 3, 3, 3)])
+    ids = torch.randint(3, 128, (6, 5), generator=torch.Generator().manual_seed(0))
+    layout = [((a, 1.0),), (), ((b, 1.0),), ((a, 0.5), (c, 0.7)), ((c, 1.0),), ((b, 1.0),)]
+
+    def check(rows: list[int]) -> None:
+        batch = lora.rows([layout[i] for i in rows], rows)
+        assert isinstance(batch, LaneBatch)
+        close(model.logits(ids[rows], batch), model.logits(ids[rows], pool.plan([layout[i] for i in rows])))
+
+    check(list(range(6)))  # the decode batch: contiguous lanes, views
+    check([4, 0, 3])  # a prefill of scattered new lanes
+    check([2, 3])
+    assert lora.rank == 5  # the mix: 2 + 3
+    layout[1], layout[0], layout[5] = ((b, 1.0),), ((a, 2.0), (b, 1.0), (c, -1.0)), ()  # lanes reused; rank grows
+    check(list(range(6)))
+    assert lora.rank == 9
+    pool.remove("c")  # no lease: slot c is freed, and the next adapter takes it with new content
+    d = add_random(pool, model, "d", 2, 4)
+    assert d == c
+    layout[4], layout[3] = ((d, 1.0),), ()  # lane 4's assignment tuple is unchanged; its content is not
+    check(list(range(6)))
+    check([4])
+
+
+def test_an_assignment_that_is_not_plain_lora_is_refused():
+    _, model, pool, lora = setup(2)
+    a = add_random(pool, model, "a", 2, 1)
+    d = add_random(pool, model, "d", 2, 2, dora=True)
+    assert lora.rows([((a, 1.0),), ((d, 1.0),)], [0, 1]) is None
+    assert isinstance(lora.rows([((a, 1.0),), ()], [0, 1]), LaneBatch)
+
+
+def test_engine_on_lane_stacks_equals_each_request_alone():
+    hf, model, pool, _ = setup()
+    names = ["a", "b", "c"]
+    for i, n in enumerate(names):
+        add_random(pool, model, n, 2 + i, 10 + i)
+    codec = TextCodec.for_model(None, hf.config)
+    config = dict(max_prompt_tokens=48, max_new_tokens=32)
+    eng = Engine(model, pool, codec, base_ids=("base",), config=EngineConfig(max_batch=3, admit_min=1, **config))
+    g = torch.Generator().manual_seed(5)
+    specs = ["a", "b", "base", "a:0.5+c:0.5", "c", "b", "a", "c"]
+    reqs = [(torch.randint(3, 128, (3 + 2 * i,), generator=g).tolist(), m) for i, m in enumerate(specs)]
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 3), temperature=0.0, ignore_eos=True) for i in range(len(reqs))]
+    handles = []
+    on_lanes = 0
+    for step in range(300):
+        if step % 2 == 0 and len(handles) < len(reqs):
+            i = len(handles)
+            handles.append(eng.submit(reqs[i][0], reqs[i][1], params[i]))
+        eng.step()
+        on_lanes += isinstance(eng._plan, LaneBatch)
+        if len(handles) == len(reqs) and all(h.done for h in handles):
+            break
+    assert on_lanes > 0  # the lane path ran
+    for i, h in enumerate(handles):
+        alone = Engine(model, pool, codec, base_ids=("base",), config=EngineConfig(**config)).generate(reqs[i][0], reqs[i][1], params[i])
+        assert h.result().token_ids == alone.token_ids, f"request {i} ({reqs[i][1]})"
