@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
+from collections import deque
 from typing import TYPE_CHECKING
 
 from fastapi import Request
@@ -34,22 +36,60 @@ def encode_all(server: Server, prompts: list) -> list[list[int]]:
             for p in prompts]
 
 
-def _submit_all(server: Server, prompts: list[list[int]], model: str, params: list[SamplingParams]
-                ) -> tuple[list[Handle], asyncio.Queue]:
+class Inbox:
+    """Events from the engine thread into one event loop's request queues, with at most one wake-up of the loop
+    pending: a decode step hands the loop one event per running request, and waking it once per event makes
+    its thread compete for the cores with the engine's OpenMP threads 16 times a step (at batch 16)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: deque[tuple[asyncio.Queue, tuple]] = deque()
+        self._lock = threading.Lock()
+        self._pending = False  # a drain is scheduled and has not started yet
+
+    def put(self, queue: asyncio.Queue, item: tuple) -> None:
+        """Called on the engine thread: `item` goes into `queue` at the loop's next drain (order kept)."""
+        with self._lock:
+            self._items.append((queue, item))
+            if self._pending:
+                return
+            self._pending = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop is closed: nobody reads these events any more
+            pass
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._pending = False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+def _inbox(server: Server) -> Inbox:
+    """The server's inbox for the running event loop (a new one if the loop changed)."""
+    loop = asyncio.get_running_loop()
+    if server.inbox is None or server.inbox.loop is not loop:
+        server.inbox = Inbox(loop)
+    return server.inbox
+
+
+def _submit_all(server: Server, prompts: list[list[int]], model: str, params: list[SamplingParams], *,
+                stream: bool) -> tuple[list[Handle], asyncio.Queue]:
     """Submit len(params) rows per prompt (row k = prompt k // len(params), copy k % len(params)); the queue
-    gets (k, event) for each of their events. All or none: a refused row cancels the ones before it."""
+    gets (k, event) for each of their events (not streamed: only the "done" ones). All or none: a refused row
+    cancels the ones before it."""
     if len(prompts) * len(params) > server.engine.config.max_queue:
         raise RequestTooLargeError(f"{len(prompts)} prompts x {len(params)} answers = {len(prompts) * len(params)} "
                                    f"rows; this server queues at most {server.engine.config.max_queue} (--queue-size)")
-    loop = asyncio.get_running_loop()
+    inbox = _inbox(server)
     queue: asyncio.Queue = asyncio.Queue()
 
     def listener(k: int):
         def put(event) -> None:  # called on the engine thread
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, (k, event))
-            except RuntimeError:  # the event loop is closed: nobody reads this request's events any more
-                pass
+            if stream or event[0] == "done":
+                inbox.put(queue, (k, event))
         return put
 
     handles: list[Handle] = []
@@ -68,7 +108,7 @@ async def answer(server: Server, request: Request, body: CompletionBody | ChatBo
                  params: list[SamplingParams], *, chat: bool):
     """Run one request's rows; a client that disconnects before the answer cancels them (streamed: at the
     next chunk; not streamed: within DISCONNECT_POLL_S)."""
-    handles, queue = _submit_all(server, prompts, body.model, params)
+    handles, queue = _submit_all(server, prompts, body.model, params, stream=bool(body.stream))
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     if body.stream:
@@ -76,7 +116,7 @@ async def answer(server: Server, request: Request, body: CompletionBody | ChatBo
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     results: list[Result | None] = [None] * len(handles)
     try:
-        while any(r is None for r in results):  # the client is checked after every event and DISCONNECT_POLL_S
+        while any(r is None for r in results):  # the client is checked after every row's end and DISCONNECT_POLL_S
             try:
                 k, event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
                 if event[0] == "done":

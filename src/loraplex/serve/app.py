@@ -37,7 +37,7 @@ from ..errors import AdapterNotFoundError, ConfigError, RequestTooLargeError, Un
 from ..runtime import AdapterPool
 from . import errors, ui
 from .adapters import ServedAdapters
-from .answers import answer, encode_all
+from .answers import Inbox, answer, encode_all
 from .bodylimit import MAX_REQUEST_BYTES, BodyLimit
 from .engine import Engine, EngineConfig
 from ..runtime.decoder import CompactLlama
@@ -71,6 +71,7 @@ class Server:
         self.engine = Engine(self.model, self.pool, self.codec, base_ids=self.base_ids, config=config,
                              metrics=self.metrics, on_step=self.store.poll_evictions)
         self.api_key = api_key
+        self.inbox: Inbox | None = None  # engine events into the event loop (answers.py)
         self.shutdown_timeout = shutdown_timeout
         self.skipped: dict[str, str] = {}
         self.created = int(time.time())
