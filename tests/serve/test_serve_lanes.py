@@ -1,5 +1,6 @@
 """serve/lanes.py: the running batch's LoRA as per-lane stacks, against the pool's `BatchPlan` (the reference)
-on the compact decoder's forward, and the engine on that path against each request run alone.
+on the compact decoder's forward, and the engine on that path against each request run alone; the engine's
+finite-logits check against the elementwise one.
 
 Logits are compared with functional.tolerance(dtype); greedy token sequences exactly.
 """
@@ -14,6 +15,7 @@ from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
 from loraplex.serve.lanes import LaneBatch, LaneLora
+from loraplex.serve.sequence import finite_rows
 from loraplex.serve.text import TextCodec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
@@ -102,3 +104,10 @@ def test_engine_on_lane_stacks_equals_each_request_alone():
     for i, h in enumerate(handles):
         alone = Engine(model, pool, codec, base_ids=("base",), config=EngineConfig(**config)).generate(reqs[i][0], reqs[i][1], params[i])
         assert h.result().token_ids == alone.token_ids, f"request {i} ({reqs[i][1]})"
+
+
+def test_finite_rows_equals_the_elementwise_check():
+    big = torch.finfo(torch.float32).max
+    logits = torch.tensor([[0.0, 1.0, -2.0], [big, big, 1.0], [0.0, float("inf"), 1.0], [float("nan"), 0.0, 0.0],
+                           [float("-inf"), float("inf"), 0.0]])  # row 1: finite, but its sum overflows
+    assert finite_rows(logits) == torch.isfinite(logits).all(-1).tolist() == [True, True, False, False, False]

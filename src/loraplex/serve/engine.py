@@ -21,18 +21,18 @@ logits are not finite (then its KV lane is zeroed, so the next request on that l
 values are bounded when `SamplingParams` is built, and the sampler cannot fail on finite logits. Only an
 error in the batched forward itself (a bug) fails every request and stops the engine.
 
-Lanes and plans. A request keeps its KV-cache lane (= its batch row) from admission to finish; a finished
-request leaves a dead row behind (decoded and ignored) until a new request takes the lane. So the batch's
-`BatchPlan` (whose build costs about as much as a decode step on CPU with many distinct adapters) changes
-only when requests are admitted, never when they leave. Admission is grouped to amortise that: it happens
-when nothing runs, when at least `admit_min` lanes are free, or when the oldest waiting request has waited
-`admit_wait_steps` steps.
+Lanes and LoRA. A request keeps its KV-cache lane (= its batch row) from admission to finish; a finished
+request leaves a dead row behind (decoded and ignored) until a new request takes the lane. With two or more
+distinct assignments running, the batch's LoRA lives in per-lane stacks (serve/lanes.py) that admission
+writes one lane at a time; with one (or for rows a stack cannot hold: DoRA, biases, copies, the compiled
+decoder) it is the pool's `BatchPlan`. Admission happens when nothing runs, when at least `admit_min` lanes
+are free, or when the oldest waiting request has waited `admit_wait_steps` steps.
 
 `single_adapter=True` is the naive baseline for benchmarks: the batch holds one `model` value at a time
 (requests for other adapters wait until it empties), as a server that swaps one active adapter would.
 
-One request's state, its stop rules and how it ends (leases released, metrics, the Result) are
-serve/sequence.py `RequestState`; this module schedules.
+One request's state, its stop rules and how it ends are serve/sequence.py `RequestState`; the waiting
+requests serve/queues.py `WaitQueues`; this module schedules.
 """
 
 from __future__ import annotations
@@ -40,23 +40,22 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConfigError, LoraplexError, NonFiniteError, PoolFullError, QueueFullError, ShuttingDownError
-from ..runtime import AdapterPool, BatchPlan, Lease
+from ..runtime import AdapterPool, BatchPlan
 from ..runtime.decoder import CompactLlama
 from ..runtime.logprobs import token_logprobs
 from .lanes import LaneBatch, LaneLora
 from .metrics import Metrics
-from .modelspec import Mix, check_copies_alone, check_dora_alone, model_key, parse_model
-from .requests import Handle, Listener, Result, SamplingParams, TokenLogprob
-from .sequence import RequestState, sample_tokens
+from .queues import WaitQueues
+from .modelspec import Mix, lease_mix, model_key, parse_model
+from .requests import Handle, Listener, Result, SamplingParams
+from .sequence import RequestState, finite_rows, sample_tokens
 from .text import Detokenizer, TextCodec, check_prompt
-
 
 
 @dataclass
@@ -101,9 +100,7 @@ class Engine:
         self.cache = model.new_cache(max_lanes=self.config.max_batch, max_len=need)
         self.lora = LaneLora(pool, self.config.max_batch)  # the running batch's LoRA, per lane
         self._cond = threading.Condition()
-        self._waiting: dict[str, deque[RequestState]] = {}  # model key -> its queue, in arrival order
-        self._turns: deque[str] = deque()  # model keys with waiting requests, round-robin order
-        self._n_waiting = 0
+        self._queue = WaitQueues()  # waiting requests, per model key (serve/queues.py)
         self.lanes: list[RequestState | None] = []  # batch row = KV cache lane; None = free (a dead row)
         self._layout: tuple = ()  # the assignments self._plan was built for, one per lane
         self._plan = None
@@ -139,8 +136,8 @@ class Engine:
             if not self.accepting or self.failed is not None:
                 raise ShuttingDownError("the server is shutting down and takes no new requests"
                                         if self.failed is None else f"the engine stopped after an error: {self.failed!r}")
-            if self._n_waiting >= self.config.max_queue:
-                raise QueueFullError(f"{self._n_waiting} requests are waiting (--queue-size "
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFullError(f"{len(self._queue)} requests are waiting (--queue-size "
                                      f"{self.config.max_queue}); retry later")
             self._ids += 1
             now = time.monotonic()
@@ -148,11 +145,7 @@ class Engine:
                                Detokenizer(self.codec, params.stop, ids), now,
                                now + self.config.timeout_s if self.config.timeout_s else math.inf,
                                params.generator(self.model.device), self.steps)
-            if key not in self._waiting:
-                self._waiting[key] = deque()
-                self._turns.append(key)
-            self._waiting[key].append(seq)
-            self._n_waiting += 1
+            self._queue.push(seq)
             self._cond.notify_all()
         return seq.handle
 
@@ -165,7 +158,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return self._n_waiting
+        return len(self._queue)
 
     @property
     def running(self) -> list[RequestState]:
@@ -188,15 +181,8 @@ class Engine:
     def _expire(self) -> None:
         now = time.monotonic()
         with self._cond:
-            for key in list(self._waiting):
-                q = self._waiting[key]
-                for s in [s for s in q if s.handle.cancelled or now > s.deadline or self._abort]:
-                    q.remove(s)
-                    self._n_waiting -= 1
-                    s.drop(self.metrics, shutdown=self._abort, timeout_s=self.config.timeout_s)
-                if not q:
-                    del self._waiting[key]
-                    self._turns.remove(key)
+            for s in self._queue.remove_if(lambda s: s.handle.cancelled or now > s.deadline or self._abort):
+                s.drop(self.metrics, shutdown=self._abort, timeout_s=self.config.timeout_s)
         for s in self.running:
             if s.handle.cancelled or now > s.deadline or self._abort:
                 s.drop(self.metrics, shutdown=self._abort, timeout_s=self.config.timeout_s)
@@ -209,37 +195,36 @@ class Engine:
         new: list[RequestState] = []
         longest = 0
         with self._cond:
-            if not self._turns or not free:
+            if not len(self._queue) or not free:
                 return new
-            oldest = min(q[0].queued_step for q in self._waiting.values())
             if running and len(free) < self.config.admit_min and \
-                    self.steps - oldest < self.config.admit_wait_steps:
+                    self.steps - self._queue.oldest_step() < self.config.admit_wait_steps:
                 return new
             current = next((s.key for s in self.lanes if s is not None), None)
-            while free and self._turns:
-                key = self._turns[0]
+            while free and len(self._queue):
+                key = self._queue.next_key()
                 if self.config.single_adapter and current is not None and key != current:
-                    if current not in self._waiting:
+                    if not self._queue.has(current):
                         break
                     key = current
                 current = key
-                s = self._waiting[key][0]
+                s = self._queue.head(key)
                 longest2 = max(longest, len(s.prompt))
                 if new and (len(new) + 1) * longest2 > self.config.max_prefill_tokens:
                     break
                 try:
-                    s.leases = self._lease(s.mix)
+                    s.leases = lease_mix(self.pool, s.mix)
                 except PoolFullError as exc:
                     if running or new:
                         break  # room comes back when running requests finish
-                    self._pop(key)
+                    self._queue.pop(key)
                     self._finish(s, "error", exc)
                     continue
                 except LoraplexError as exc:  # removed or replaced by a DoRA version (in a mix) after it was queued, or its files fail to reload
-                    self._pop(key)
+                    self._queue.pop(key)
                     self._finish(s, "error", exc)
                     continue
-                self._pop(key)
+                self._queue.pop(key)
                 s.assignment = tuple((lease.slot, w) for lease, (_, w) in zip(s.leases, s.mix))
                 s.lane = free.pop(0)
                 if s.lane == len(self.lanes):
@@ -255,9 +240,8 @@ class Engine:
         return new
 
     def _batch_plan(self, assignments: Sequence[tuple], lanes: Sequence[int]) -> LaneBatch | BatchPlan | None:
-        """The LoRA of a batch whose row i runs assignments[i] in lane lanes[i]: None for the base alone; the
-        pool's plan for one distinct assignment (a segment plan reads the pool's tensors, copies nothing), for
-        the compiled decoder, or when a row is not plain LoRA; else the per-lane stacks (serve/lanes.py)."""
+        """The LoRA of a batch whose row i runs assignments[i] in lane lanes[i] (see the module docstring); for one
+        distinct assignment the pool's segment plan reads the pool's own tensors and copies nothing."""
         distinct = {a for a in assignments if a}
         if not distinct:
             return None
@@ -266,32 +250,6 @@ class Engine:
             if batch is not None:
                 return batch
         return self.pool.plan(assignments)
-
-    def _pop(self, key: str) -> None:
-        """Take the head of `key`'s queue and move `key` to the back of the turns (or drop it if empty)."""
-        q = self._waiting[key]
-        q.popleft()
-        self._n_waiting -= 1
-        self._turns.remove(key)
-        if q:
-            self._turns.append(key)
-        else:
-            del self._waiting[key]
-
-    def _lease(self, mix: Mix) -> list[Lease]:
-        leases: list[Lease] = []
-        try:
-            for name, _ in mix:
-                leases.append(self.pool.acquire(name))
-            dora = [self.pool.is_dora_slot(lease.slot) for lease in leases]
-            check_dora_alone(mix, dora, "+".join(n for n, _ in mix))
-            check_copies_alone(mix, [self.pool.has_copies_slot(lease.slot) for lease in leases],
-                               "+".join(n for n, _ in mix))
-        except LoraplexError:
-            for lease in leases:
-                lease.release()
-            raise
-        return leases
 
     def _prefill(self, new: list[RequestState]) -> None:
         L = max(len(s.prompt) for s in new)
@@ -330,12 +288,12 @@ class Engine:
         positions = torch.tensor([len(s.prompt) + len(s.gen) - 1 if s is not None else 0 for s in self.lanes])
         logits = self.model.decode(tokens, positions, self.cache, self._plan)  # the plan of self._layout
         live = [i for i, s in enumerate(self.lanes) if s is not None]
-        self._sample_and_accept([self.lanes[i] for i in live], logits[live])
+        self._sample_and_accept([self.lanes[i] for i in live], logits if len(live) == len(self.lanes) else logits[live])
 
     def _sample_and_accept(self, rows: list[RequestState], logits: torch.Tensor) -> None:
         """logits (n, V) for `rows` -> one token each; then retire finished rows and compact the lanes.
         A row whose logits are not finite fails alone (NonFiniteError) and its KV lane is zeroed."""
-        finite = torch.isfinite(logits).all(-1).tolist()  # (n,)
+        finite = finite_rows(logits)
         for s in (s for s, ok in zip(rows, finite) if not ok):
             self.cache.clear_lane(s.lane)
             self._finish(s, "error", NonFiniteError(
@@ -343,14 +301,12 @@ class Engine:
                 "adapter weights times the mix weights overflow); lower the mix weights or check the adapter"))
         keep = [i for i, ok in enumerate(finite) if ok]
         live = [rows[i] for i in keep]
-        for s, (tok, e) in zip(live, sample_tokens(live, logits[keep])):
-            self._accept(s, tok, e)
+        for s, (tok, e) in zip(live, sample_tokens(live, logits if len(keep) == len(rows) else logits[keep])):
+            reason = s.accept(tok, e, eos_ids=self.codec.eos_ids, context=self.context, metrics=self.metrics)
+            if reason is not None:
+                self._finish(s, reason)
         self._retire()
 
-    def _accept(self, s: RequestState, token: int, logprob: TokenLogprob | None) -> None:
-        reason = s.accept(token, logprob, eos_ids=self.codec.eos_ids, context=self.context, metrics=self.metrics)
-        if reason is not None:
-            self._finish(s, reason)
 
     def _finish(self, s: RequestState, reason: str, error: LoraplexError | None = None) -> None:
         s.finish(reason, self.metrics, error)
@@ -374,9 +330,9 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self.lanes and not self._n_waiting and not self._stop:
+                while not self.lanes and not len(self._queue) and not self._stop:
                     self._cond.wait()
-                if self._stop and not self.lanes and not self._n_waiting:
+                if self._stop and not self.lanes and not len(self._queue):
                     return
             try:
                 self.step()
@@ -393,12 +349,8 @@ class Engine:
         for s in list(self.running):
             self._finish(s, "error", err)
         with self._cond:
-            for q in self._waiting.values():
-                for s in q:
-                    self._finish(s, "error", err)
-            self._waiting.clear()
-            self._turns.clear()
-            self._n_waiting = 0
+            for s in self._queue.remove_if(lambda s: True):
+                self._finish(s, "error", err)
         self.lanes, self._layout, self._plan = [], (), None
 
     def shutdown(self, *, drain: bool = True, timeout: float | None = None) -> None:
@@ -412,9 +364,9 @@ class Engine:
             self._cond.notify_all()
         if self._thread is None:
             end = math.inf if timeout is None else time.monotonic() + timeout
-            while (self.lanes or self._n_waiting) and time.monotonic() < end:
+            while (self.lanes or len(self._queue)) and time.monotonic() < end:
                 self.step()
-            if self.lanes or self._n_waiting:
+            if self.lanes or len(self._queue):
                 self._abort = True
                 self.step()
             return

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..errors import AdapterNotFoundError, ConfigError, UnsupportedFeatureError
+from ..errors import AdapterNotFoundError, ConfigError, LoraplexError, UnsupportedFeatureError
 from ..inject import check_name
-from ..runtime import AdapterPool
+from ..runtime import AdapterPool, Lease
 
 Mix = tuple[tuple[str, float], ...]  # (adapter name, weight) pairs; () = the base alone
 MAX_MIX_WEIGHT = 100.0  # |weight| bound in a mix: larger ones only overflow activations
@@ -38,6 +38,23 @@ def check_copies_alone(mix: Mix, copies: list[bool], spec: str) -> None:
         raise UnsupportedFeatureError(f"model {spec!r} mixes adapter(s) {names} holding modules_to_save copies: a "
                                       "weighted mix of whole modules is not defined, so serve it alone "
                                       "(model='name', weight 1)")
+
+
+def lease_mix(pool: AdapterPool, mix: Mix) -> list[Lease]:
+    """Leases on the current versions of `mix`'s adapters (all or none), checking that DoRA adapters and adapters
+    with modules_to_save copies are served alone."""
+    leases: list[Lease] = []
+    try:
+        for name, _ in mix:
+            leases.append(pool.acquire(name))
+        spec = "+".join(n for n, _ in mix)
+        check_dora_alone(mix, [pool.is_dora_slot(lease.slot) for lease in leases], spec)
+        check_copies_alone(mix, [pool.has_copies_slot(lease.slot) for lease in leases], spec)
+    except LoraplexError:
+        for lease in leases:
+            lease.release()
+        raise
+    return leases
 
 
 def parse_model(spec: str, base_ids: Sequence[str], pool: AdapterPool) -> Mix:

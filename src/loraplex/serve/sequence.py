@@ -1,7 +1,7 @@
 """One request inside the engine: its state from submit to finish, the stop rules, and how it ends.
 
-`sample_tokens` draws the next token of several requests at once (the one sampler, runtime/generate.py),
-with their logprobs where asked. `RequestState.accept(token)` records a generated token, hands the listener
+`finite_rows` says which rows of a batch's logits are finite; `sample_tokens` draws the next token of several
+requests at once (the one sampler, runtime/generate.py), with their logprobs where asked. `RequestState.accept(token)` records a generated token, hands the listener
 its text delta (held back while it may be part of a stop string, see serve/text.py `Detokenizer`) and says
 whether the request ends there: "stop" on an end-of-sequence id (unless ignore_eos) or a stop string,
 "length" at max_tokens or when the KV lane is full. `finish` releases the request's adapter leases, flushes
@@ -102,6 +102,13 @@ class RequestState:
             self.finish("error", metrics, RequestTimeoutError(
                 f"the request ran past its time limit of {timeout_s} s (--timeout); "
                 f"{len(self.gen)} tokens were generated"))
+
+
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row of logits (n, V) is all finite. A finite row sum proves it (one pass, no (n, V) mask);
+    a sum can also overflow over finite values, so only the rows whose sum is not finite are checked elementwise."""
+    ok = torch.isfinite(logits.sum(-1)).tolist()  # (n,)
+    return [True if o else bool(torch.isfinite(logits[i]).all()) for i, o in enumerate(ok)]
 
 
 def sample_tokens(rows: list[RequestState], logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
