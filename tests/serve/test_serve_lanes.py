@@ -68,6 +68,12 @@ def test_lane_rows_equal_the_pool_plan():
     layout[4], layout[3] = ((d, 1.0),), ()  # lane 4's assignment tuple is unchanged; its content is not
     check(list(range(6)))
     check([4])
+    lora.shrink([2, 4])  # ranks 4 and 2: the stacks drop to rank 4, the other lanes are rewritten when used
+    assert lora.rank == 4
+    check(list(range(6)))
+    assert lora.rank == 8  # lane 0's mix, now over d: 2 + 4 + 2
+    lora.shrink([0, 2])  # rank 8 is needed: nothing changes
+    assert lora.rank == 8
 
 
 def test_an_assignment_that_is_not_plain_lora_is_refused():

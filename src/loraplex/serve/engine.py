@@ -236,6 +236,7 @@ class Engine:
             while self.lanes and self.lanes[-1] is None:
                 self.lanes.pop()
             self._layout = tuple(s.assignment if s is not None else () for s in self.lanes)
+            self.lora.shrink([s.lane for s in self.lanes if s is not None and all(s is not t for t in new)])
             self._plan = self._batch_plan(self._layout, range(len(self._layout)))
         return new
 

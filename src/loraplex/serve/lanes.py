@@ -15,7 +15,8 @@ lane (a copy of one adapter, ~10 MB for SmolLM2 at r = 8); a gather `BatchPlan` 
 every row again (~160 MB for 16 distinct adapters, as much time as a few decode steps on CPU), at every
 admission. A lane's rows are written only when a batch first needs them (`rows`), from the one-row
 `AdapterPool.plan` of its assignment (`BatchPlan.row_stacks`), so they hold the adapter versions the request
-leased. Rows of lanes that no request holds are left as they are: their outputs are ignored.
+leased. Rows of lanes that no request holds are left as they are: their outputs are ignored. The stacks'
+rank R grows with the largest rank written and shrinks (`shrink`) when the running lanes need at most half.
 
 Only plain LoRA goes into stacks: an assignment whose plan has DoRA rows, LoRA-B biases, modules_to_save
 copies or embedding rows makes `rows` return None, and the engine uses `AdapterPool.plan` for that batch.
@@ -70,6 +71,7 @@ class LaneLora:
         self.Bt: dict[str, torch.Tensor] = {}  # key -> (lanes, R, out)
         # what each lane's rows hold: (assignment, its slots' versions); None: nothing written yet
         self.held: list[tuple[Assignment, tuple[int, ...]] | None] = [None] * lanes
+        self.ranks = [0] * lanes  # the virtual rank each lane's rows hold
 
     def rows(self, assignments: Sequence[Assignment], lanes: Sequence[int]) -> LaneBatch | None:
         """The batch whose row i is lane lanes[i] running assignments[i] (() = base only; the slots leased), after
@@ -106,7 +108,20 @@ class LaneLora:
             else:
                 A[lane].copy_(ab[0][0])
                 self.Bt[key][lane].copy_(ab[1][0])
+        self.ranks[lane] = one.max_rank if one is not None else 0
         return True
+
+    def shrink(self, keep: Sequence[int]) -> None:
+        """When the lanes `keep` need at most half of R: rebuild the stacks at their largest rank (a big-rank
+        request that has left stops padding every later batch); the other lanes are rewritten when next used."""
+        need = max((self.ranks[lane] for lane in keep), default=0)
+        if 2 * need > self.rank:
+            return
+        for stacks in (self.A, self.Bt):
+            for key in list(stacks):
+                stacks[key] = stacks[key][:, :need].clone()
+        self.held = [h if lane in keep else None for lane, h in enumerate(self.held)]
+        self.rank = need
 
     def _grow(self, rank: int) -> None:
         """Pad every stack to `rank` (the written rows keep their values; the new rank rows are zero)."""
