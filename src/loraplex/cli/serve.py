@@ -108,6 +108,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..serve.app import create_app
+    from ..serve.threads import in_fresh_thread
 
     check_args(args)
     if args.adapters is not None and not Path(args.adapters).is_dir():
@@ -118,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    server = build_server(args)
+    server = in_fresh_thread(build_server, args)  # the engine thread's OpenMP team alone: serve/threads.py
     uvicorn.run(create_app(server, results=args.results), host=args.host, port=args.port,
                 log_level=args.log_level or "info", timeout_graceful_shutdown=int(args.timeout))
     return 0

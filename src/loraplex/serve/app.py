@@ -44,6 +44,7 @@ from ..runtime.decoder import CompactLlama
 from .metrics import Metrics
 from .protocol import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody, refused
 from .text import TextCodec
+from .threads import to_fresh_thread
 
 BASE_ALIAS = "base"
 
@@ -117,7 +118,7 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await asyncio.to_thread(server.start)
+        await to_fresh_thread(server.start)
         yield
         await asyncio.to_thread(server.stop)
 
@@ -206,13 +207,13 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
                 raise ConfigError("a zip upload needs the adapter name as a query parameter: ?name=NAME")
             replace = request.query_params.get("replace", "false").lower() in ("1", "true", "yes")
             data = await _read_limited(request, server.store.max_upload_bytes)
-            info = await asyncio.to_thread(server.store.upload, name, data, replace=replace)
+            info = await to_fresh_thread(server.store.upload, name, data, replace=replace)
         elif ctype == "application/json":
             try:
                 body = AdapterBody.model_validate_json(await _read_limited(request, 1 << 16))
             except ValidationError as exc:
                 raise RequestValidationError(exc.errors()) from None
-            info = await asyncio.to_thread(server.store.load, body.name, replace=body.replace)
+            info = await to_fresh_thread(server.store.load, body.name, replace=body.replace)
         else:
             raise ConfigError(f"Content-Type {ctype or '(none)'!r}: send application/json {{\"name\": ...}} to load "
                               "from the adapter folder, or application/zip to upload an adapter directory")
@@ -222,7 +223,7 @@ def create_app(server: Server, *, results: ui.ResultsLike = None) -> FastAPI:
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str, request: Request):
         server.check_admin(request)
-        await asyncio.to_thread(server.store.remove, name)
+        await to_fresh_thread(server.store.remove, name)
         return {"id": name, "object": "adapter", "deleted": True}
 
     @app.post("/v1/completions")

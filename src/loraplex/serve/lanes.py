@@ -112,10 +112,10 @@ class LaneLora:
         return True
 
     def shrink(self, keep: Sequence[int]) -> None:
-        """When the lanes `keep` need at most half of R: rebuild the stacks at their largest rank (a big-rank
-        request that has left stops padding every later batch); the other lanes are rewritten when next used."""
+        """When the lanes `keep` need at most half of R (and some LoRA): rebuild the stacks at their largest rank
+        (a big-rank request that has left stops padding every later batch); other lanes are rewritten when used."""
         need = max((self.ranks[lane] for lane in keep), default=0)
-        if 2 * need > self.rank:
+        if need == 0 or 2 * need > self.rank:  # no LoRA running: keep the stacks for the next batch (no realloc)
             return
         for stacks in (self.A, self.Bt):
             for key in list(stacks):
