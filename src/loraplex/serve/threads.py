@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 
 def in_fresh_thread(fn: Callable[..., T], *args, **kwargs) -> T:
-    """fn(*args, **kwargs) on a new thread that ends when fn returns; returns its result or re-raises its error."""
+    """fn(*args, **kwargs) on a new (daemon) thread that ends when fn returns; its result, or its error re-raised."""
     out: list = []
 
     def run() -> None:
@@ -28,7 +28,7 @@ def in_fresh_thread(fn: Callable[..., T], *args, **kwargs) -> T:
         except BaseException as exc:  # handed to the caller's thread, raised there
             out.append((False, exc))
 
-    t = threading.Thread(target=run, name=f"loraplex-{getattr(fn, '__name__', 'work')}")
+    t = threading.Thread(target=run, name=f"loraplex-{getattr(fn, '__name__', 'work')}", daemon=True)
     t.start()
     t.join()
     ok, value = out[0]
