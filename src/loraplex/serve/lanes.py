@@ -66,7 +66,7 @@ class LaneLora:
     def __init__(self, pool: AdapterPool, lanes: int) -> None:
         self.pool = pool
         self.lanes = lanes
-        self.rank = 0  # R: the largest virtual rank written so far (stacks grow, never shrink)
+        self.rank = 0  # R: the stacks' rank (grows with the largest rank written; see `shrink`)
         self.A: dict[str, torch.Tensor] = {}  # key -> (lanes, R, in)
         self.Bt: dict[str, torch.Tensor] = {}  # key -> (lanes, R, out)
         # what each lane's rows hold: (assignment, its slots' versions); None: nothing written yet
@@ -82,7 +82,7 @@ class LaneLora:
                 if not self._write(lane, a):
                     return None
                 self.held[lane] = held
-        if list(lanes) == list(range(lanes[0], lanes[0] + len(lanes))):  # contiguous: views, no copy
+        if lanes and list(lanes) == list(range(lanes[0], lanes[0] + len(lanes))):  # contiguous: views, no copy
             sel = slice(lanes[0], lanes[0] + len(lanes))
             return LaneBatch({k: (A[sel], self.Bt[k][sel]) for k, A in self.A.items()})  # views
         idx = torch.tensor(list(lanes), dtype=torch.long, device=self.pool.device)
