@@ -10,7 +10,7 @@ from ..inject import inject
 from ..models import base_name, load_base
 from ..report import WeightArithmetic, format_table, human_bytes, parameter_report
 from ..store import load_adapter, read_adapter
-from .flags import default_of
+from .flags import add_num_layers, default_of
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                                    "inference cost kept separate (W+A+B) vs merged (W').")
     p.add_argument("base", help="a local transformers model directory, or 'smollm2' (the embedded default)")
     p.add_argument("adapter", nargs="?", help="an adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--rank", type=int, default=default_of(LoraConfig, "r"),
                    help="rank for the what-if report when no adapter is given")
     p.add_argument("--modules", action="store_true", help="also list every LoRA module")

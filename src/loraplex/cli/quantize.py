@@ -14,6 +14,7 @@ from ..models import load_base
 from ..report import format_table, human_bytes
 from ..quant.io import save_quantized
 from ..quant.linear import BACKENDS, SCHEMES, quantize_model
+from .flags import add_num_layers
 
 BASE_HELP = "a local transformers model directory, 'smollm2' (the embedded default), 'tiny-llama' or 'tiny-gpt2'"
 
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--backend", choices=BACKENDS, default="loraplex",
                    help="library that quantizes: loraplex (pure PyTorch, the reference), bitsandbytes (nf4), "
                         "torchao (int8); the file layout is the same for all")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=run_quantize)
 

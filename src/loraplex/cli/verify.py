@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from ..workflows.export import DTYPES
 from ..workflows.probes import read_prompts
 from ..workflows.verify import ALL_VARIANTS, VARIANTS, VerifyReport, check_golden, record_golden_from, verify
+from .flags import add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"variants to compare, of {list(VARIANTS)} (default: all)")
     p.add_argument("--max-length", type=int, default=32, help="tokens per probe (default 32)")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--record-golden", action="store_true",
                    help="store the reference logits in the adapter directory (golden.safetensors + golden.json)")
     p.add_argument("--against", metavar="DIR",
