@@ -150,7 +150,8 @@ def gather_layer(
     virt: list[Virtual | None], rows: RowIndex, fin: int, fout: int, dtype: torch.dtype, device: torch.device
 ) -> GatherLayer | None:
     """One layer's GatherLayer from virt[u] (distinct assignment u's virtual adapter, or None where it has no LoRA
-    here): per active row, its adapter padded to the largest rank, alpha folded into Bt; None when no row has LoRA here."""
+    here): per active row, its adapter padded to the largest rank, alpha folded into Bt; None when no row has
+    LoRA here."""
     present = tuple(u for u, v in enumerate(virt) if v is not None)
     if not present:
         return None
