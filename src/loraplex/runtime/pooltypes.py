@@ -32,6 +32,8 @@ class Lease:
 
 @dataclass(frozen=True)
 class PoolStats:
+    """Counters and sizes of one pool (`AdapterPool.stats`), taken together."""
+
     hits: int  # an adapter needed by acquire/plan was already in the fast tier
     misses: int  # it had to be reloaded into the fast tier
     evictions: int  # adapters dropped from the fast tier to make room
