@@ -47,7 +47,7 @@ METRICS_FILE = "metrics.jsonl"
 
 # ---- the loss module DDP / FSDP wrap ---------------------------------------------------------------------
 
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """What DDP wraps: forward(batch) -> per-row loss sums (B,)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -64,7 +64,7 @@ class Trainer:
     """Runs jobs to completion over one model; rank 0 writes metrics/checkpoints under `out` (if given).
 
     `module`: the loss module already sharded by fsdp.shard (the jobs' params must be taken after sharding);
-    None: the loop wraps `_LossModule(model)` itself (DDP under torchrun). `fingerprint`: the base fingerprint
+    None: the loop wraps `LossModule(model)` itself (DDP under torchrun). `fingerprint`: the base fingerprint
     recorded in checkpoints (taken before sharding; None: computed from `model` at save time)."""
 
     def __init__(self, model: nn.Module, jobs: Sequence[Job], config: TrainConfig, info: DistInfo = DistInfo(),
@@ -73,7 +73,7 @@ class Trainer:
         self.model, self.jobs, self.config, self.info, self.out = model, list(jobs), config, info, out
         self.routed = len(self.jobs) > 1  # several adapters: route rows; otherwise the active adapter runs
         # several adapters: a finished adapter (or a short last step) leaves tensors without gradients
-        self.module = module if module is not None else wrap(_LossModule(model), info,
+        self.module = module if module is not None else wrap(LossModule(model), info,
                                                              find_unused_parameters=self.routed)
         self.sharded, self.fingerprint = fsdp.is_sharded(self.module), fingerprint
         # bf16 without FSDP: autocast (FSDP's mixed-precision policy casts the sharded parameters instead)
