@@ -169,8 +169,9 @@ def test_eviction_reload_copies_in_the_budget_and_refusals(served):
     mixed = eng.forward(ids[:1], mask[:1], adapters=[{"bias": 0.5, "plain": -1.0}])  # biases mix like B: allowed
     assert torch.isfinite(mixed).all()
     eng.merge("plain")  # a merged plain adapter is taken back out of copy and bias rows
-    try:
-        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)
+    try:  # merged weights round W + s*B@A once: an error that scales with the logits, hence atol x their size
+        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want,
+                                   atol=ATOL * max(1.0, want.abs().max().item()), rtol=RTOL)
     finally:
         eng.unmerge()
     before = small.stats.adapters
