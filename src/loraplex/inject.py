@@ -45,9 +45,14 @@ def modules_to_save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToS
             yield name, module
 
 
+def is_adapter_name(name: object) -> bool:
+    """True when `name` is a valid adapter name: 1-64 characters of [A-Za-z0-9_-]."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
     """Adapter names are 1-64 characters of [A-Za-z0-9_-] (they become module keys and file names)."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not is_adapter_name(name):
         raise ConfigError(f"adapter name must match {_NAME_RE.pattern}, got {name!r}")
     return name
 

@@ -12,7 +12,7 @@ from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..models import load_base
 from ..outputs import check_output
 from ..workflows.plot import plot_results
-from .flags import add_num_layers
+from .flags import add_base, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                     "completion tokens: loss (token-weighted mean cross-entropy), perplexity = exp(loss), "
                     "next-token accuracy; exact_match = greedy reply equals the reference (whitespace and case "
                     "normalized). See docs/workflow.md.")
-    p.add_argument("--base", required=True, help="a transformers model directory with a tokenizer, or 'smollm2'")
+    add_base(p, note="it needs a tokenizer")
     p.add_argument("--adapters", required=True, nargs="+",
                    help="adapter directories, folders of them, or NAME=DIR (comma-separated lists too)")
     p.add_argument("--data", required=True, nargs="+", help="JSONL files, chatterbot:TOPIC or fortunes:CATEGORY")

@@ -8,14 +8,14 @@ import os
 from ..models import load_base
 from ..outputs import check_output
 from ..workflows.extract import extract_lora, save_extracted
-from .flags import add_num_layers, add_output_flags
+from .flags import add_base, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("extract", help="extract a LoRA adapter from a fully fine-tuned model (truncated SVD)",
                        description="Per target: W_ft - W_base = U S V^T, keep the top rank (or the energy fraction); "
                                    "prints the relative error per module.")
-    p.add_argument("--base", required=True, help="the base: a local transformers model directory, or a spec")
+    add_base(p)
     p.add_argument("--finetuned", required=True, help="the fully fine-tuned model directory")
     p.add_argument("--rank", type=int, help="rank per module")
     p.add_argument("--energy", type=float, help="smallest rank keeping this fraction of ||delta||^2 (capped by --rank)")

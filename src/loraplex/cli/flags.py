@@ -8,8 +8,9 @@ A command supplies only what a dataclass cannot say: the help text, the group, a
 parsing `type`, `choices`, `action="append"`) and, rarely, another flag name, in a table of `Flag`s keyed
 by field name.
 
-The flags several commands share with one meaning are spelled once here too: `add_num_layers` (--num-layers)
-and `add_output_flags` (--out / --overwrite of a command that writes a new directory).
+The flags several commands share with one meaning are spelled once here too: `add_base` (the base model
+spec), `add_num_layers` (--num-layers) and `add_output_flags` (--out / --overwrite of a command that writes a
+new directory).
 """
 
 from __future__ import annotations
@@ -93,6 +94,21 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, table: Mappi
 
 
 # ---- flags several commands share ---------------------------------------------------------------------------
+BASE_HELP = ("'smollm2' (the embedded default), 'tiny-llama', 'tiny-gpt2', a local transformers model directory, "
+             "or a Hugging Face model id in the local HF cache (never downloaded)")
+
+
+def add_base(parser: argparse.ArgumentParser, *, positional: bool = False, required: bool = True,
+             note: str = "") -> None:
+    """The base model spec every command loads with models.load_base: --base (required unless `required` is
+    False), or the positional `base`; `note` adds what this command needs of it (e.g. a tokenizer)."""
+    text = BASE_HELP + (f"; {note}" if note else "")
+    if positional:
+        parser.add_argument("base", help=text)
+    else:
+        parser.add_argument("--base", required=required, help=text)
+
+
 def add_num_layers(parser: argparse.ArgumentParser, models: str = "the base") -> None:
     """--num-layers N (default None: all): load only the first N decoder layers of `models` (load_base's
     num_layers)."""

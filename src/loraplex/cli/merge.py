@@ -10,14 +10,14 @@ from ..models import load_base
 from ..report import format_table
 from ..outputs import check_output
 from ..workflows.export import DTYPES, export_merged
-from .flags import add_num_layers, add_output_flags
+from .flags import add_base, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("merge", help="merge adapters into the base and write a transformers model directory",
                        description="W' = W + sum_i w_i * scale_i * B_i @ A_i; the output loads with "
                                    "AutoModelForCausalLM.from_pretrained and needs no loraplex.")
-    p.add_argument("--base", required=True, help="a local transformers model directory, or 'smollm2'")
+    add_base(p)
     p.add_argument("--adapter", required=True, action="append", help="adapter directory (repeat for several)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per --adapter (default 1.0 each)")
     add_output_flags(p, never="an --adapter or the --base directory")

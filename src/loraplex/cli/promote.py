@@ -9,7 +9,7 @@ from ..workflows.probes import read_prompts
 from ..workflows.promote import CARD_NAME, promote
 from ..workflows.verify import Row, VerifyReport
 from .eval import adapter_args
-from .flags import add_num_layers, add_output_flags
+from .flags import add_base, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                     "the check fails). The model card records the base, the adapter's content hash, its training "
                     "data (train_summary.json), the eval metrics and the parity numbers.")
     p.add_argument("name", metavar="NAME", help="adapter name, or 'best' (the leaderboard winner of --results)")
-    p.add_argument("--base", required=True, help="a transformers model directory, or 'smollm2'")
+    add_base(p)
     p.add_argument("--adapters", required=True, nargs="+",
                    help="the adapter directory, or the folder(s) holding adapter NAME (as given to eval)")
     add_output_flags(p)
