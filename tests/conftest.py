@@ -26,24 +26,18 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
-def tiny_llama() -> nn.Module:
-    return models.tiny_llama(seed=0)
+def _tiny_model_fixture(name: str):
+    """The fixture `name`: a fresh `models.<name>(seed=0)` per test."""
+
+    def build() -> nn.Module:
+        """A fresh tiny model, seed 0 (the module docstring lists them)."""
+        return getattr(models, name)(seed=0)
+
+    return pytest.fixture(name=name)(build)
 
 
-@pytest.fixture
-def tiny_gpt2() -> nn.Module:
-    return models.tiny_gpt2(seed=0)
-
-
-@pytest.fixture
-def tiny_mlp() -> nn.Module:
-    return models.tiny_mlp(seed=0)
-
-
-@pytest.fixture
-def tiny_conv() -> nn.Module:
-    return models.tiny_conv(seed=0)
+tiny_llama, tiny_gpt2, tiny_mlp, tiny_conv = map(_tiny_model_fixture, ["tiny_llama", "tiny_gpt2", "tiny_mlp",
+                                                                       "tiny_conv"])
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,9 @@ import warnings
 from pathlib import Path
 
 import peft
-import torch
 
 from loraplex.models import tiny_llama
+from lora_helpers import move_off_init
 
 
 def peft_adapter_dir(directory: Path, tied: bool, seed: int, **fields) -> Path:
@@ -18,10 +18,6 @@ def peft_adapter_dir(directory: Path, tied: bool, seed: int, **fields) -> Path:
         warnings.simplefilter("ignore")  # PEFT warns about lora_bias on bias-less layers and about tied copies
         pm = peft.get_peft_model(tiny_llama(seed=0, tie_word_embeddings=tied),
                                  peft.LoraConfig(init_lora_weights=False, **fields))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    move_off_init(pm, seed)
     pm.save_pretrained(directory)
     return directory

@@ -46,6 +46,18 @@ def lora_rows_ref(
     return out
 
 
+def random_layer(gen: torch.Generator, rows: int, L: int, fin: int, fout: int
+                 ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor, float] | None], torch.Tensor, torch.Tensor]:
+    """Random inputs of `lora_rows_ref` for one layer (in fin, out fout), drawn from `gen` in this order:
+    adapters for slots 0, 1, 2 of rank 2, 3, 1 and scale 0.5 + slot, slot 3 with no LoRA on the layer (None);
+    then x (rows, L, fin) and y (rows, L, fout)."""
+    adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float] | None] = {
+        s: (torch.randn(r, fin, generator=gen), torch.randn(fout, r, generator=gen), 0.5 + s)
+        for s, r in [(0, 2), (1, 3), (2, 1)]}
+    adapters[3] = None
+    return adapters, torch.randn(rows, L, fin, generator=gen), torch.randn(rows, L, fout, generator=gen)
+
+
 def embedding_rows_ref(
     y: torch.Tensor,
     ids: torch.Tensor,

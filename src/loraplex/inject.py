@@ -38,15 +38,21 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+def modules_to_save_wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """(module name, wrapper) for every modules_to_save wrapper in `model`."""
     for name, module in model.named_modules():
         if isinstance(module, ModulesToSave):
             yield name, module
 
 
+def is_adapter_name(name: object) -> bool:
+    """True when `name` is a valid adapter name: 1-64 characters of [A-Za-z0-9_-]."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
     """Adapter names are 1-64 characters of [A-Za-z0-9_-] (they become module keys and file names)."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+    if not is_adapter_name(name):
         raise ConfigError(f"adapter name must match {_NAME_RE.pattern}, got {name!r}")
     return name
 
@@ -170,7 +176,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
             "training data: loraplex.train.eva.inject_eva)"
         )
     targets = find_targets(model, config)
-    copies = _modules_to_save_targets(model, config, targets)
+    copies = modules_to_save_targets(model, config, targets)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     modules = dict(model.named_modules())
     layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
@@ -196,7 +202,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, seed:
     return targets
 
 
-def _modules_to_save_targets(model: nn.Module, config: LoraConfig, targets: Sequence[str]) -> list[str]:
+def modules_to_save_targets(model: nn.Module, config: LoraConfig, targets: Sequence[str]) -> list[str]:
     """Modules whose name ends with an entry of modules_to_save (PEFT's plain suffix rule: "norm" takes
     model.norm and every *_layernorm), outermost only. A module (or one inside it) that is also a LoRA
     target in `targets` is refused: it is either adapted or copied."""
@@ -232,7 +238,7 @@ def freeze_base(model: nn.Module, trainable: Optional[str] = None) -> None:
                 t.requires_grad_(True)
             if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(True)
-    for _, wrapper in _wrappers(model):
+    for _, wrapper in modules_to_save_wrappers(model):
         if trainable in wrapper.modules_to_save:
             for p in wrapper.modules_to_save[trainable].parameters():
                 p.requires_grad_(True)
@@ -244,13 +250,13 @@ def freeze_base(model: nn.Module, trainable: Optional[str] = None) -> None:
 
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete adapter `name` (it must not be merged); wrappers left with no adapter are unwrapped."""
-    _require(model, name)
+    require_adapter(model, name)
     for key, layer in list(lora_layers(model)):
         if name in layer.r:
             layer.remove_adapter(name)
             if not layer.r:
                 _replace(model, key, layer.base_layer)
-    for key, wrapper in list(_wrappers(model)):
+    for key, wrapper in list(modules_to_save_wrappers(model)):
         if name in wrapper.modules_to_save:
             wrapper.remove_adapter(name)
             if not len(wrapper.modules_to_save):
@@ -263,7 +269,7 @@ def eject(model: nn.Module) -> nn.Module:
     (so eject after merge = PEFT's merge_and_unload); unmerged ones are dropped."""
     for key, layer in list(lora_layers(model)):
         _replace(model, key, layer.base_layer)
-    for key, wrapper in list(_wrappers(model)):
+    for key, wrapper in list(modules_to_save_wrappers(model)):
         merged = wrapper.merged_name
         _replace(model, key, wrapper.modules_to_save[merged] if merged else wrapper.original_module)
     configs(model).clear()
@@ -272,12 +278,15 @@ def eject(model: nn.Module) -> nn.Module:
 
 
 # -- active set ---------------------------------------------------------------------------------------------
-def _require(model: nn.Module, name: str) -> None:
+def require_adapter(model: nn.Module, name: str) -> None:
+    """Raise AdapterNotFoundError unless adapter `name` is injected into `model`."""
     if name not in configs(model):
         raise AdapterNotFoundError(f"no adapter {name!r} on this model; loaded: {sorted(configs(model))}")
 
 
-def _normalize(spec: ActiveSpec) -> list[tuple[str, float]]:
+def normalize_active(spec: ActiveSpec) -> list[tuple[str, float]]:
+    """An active-set spec as [(name, weight), ...]: "a" -> [("a", 1.0)], ["a", "b"] -> weight 1 each,
+    {"a": 0.7} -> [("a", 0.7)] (names are not checked here: see `require_adapter`)."""
     if isinstance(spec, str):
         return [(spec, 1.0)]
     if isinstance(spec, Mapping):
@@ -288,9 +297,9 @@ def _normalize(spec: ActiveSpec) -> list[tuple[str, float]]:
 def set_active(model: nn.Module, spec: ActiveSpec) -> None:
     """Choose the adapters applied on the fly: a name, a list of names (weight 1 each), or {name: weight}
     for a weighted mix, e.g. {"legal": 0.7, "tone": 0.3}. An empty list activates none."""
-    active = _normalize(spec)
+    active = normalize_active(spec)
     for n, _ in active:
-        _require(model, n)
+        require_adapter(model, n)
     dora = [(n, w) for n, w in active if configs(model)[n].use_dora]
     if dora and (len(active) > 1 or dora[0][1] != 1.0):
         raise UnsupportedFeatureError(
@@ -298,12 +307,12 @@ def set_active(model: nn.Module, spec: ActiveSpec) -> None:
             "output row by its own magnitude, so a weighted mix with it is not defined; merge-free mixes need "
             "plain LoRA adapters"
         )
-    owners = [n for n, _ in active if any(n in w.modules_to_save for _, w in _wrappers(model))]
+    owners = [n for n, _ in active if any(n in w.modules_to_save for _, w in modules_to_save_wrappers(model))]
     if len(owners) > 1:
         raise ConfigError(f"adapters {owners} each replace whole modules (modules_to_save); activate only one of them")
     for _, layer in lora_layers(model):
         layer.active = [(n, w) for n, w in active if n in layer.r]
-    for _, wrapper in _wrappers(model):
+    for _, wrapper in modules_to_save_wrappers(model):
         wrapper.active_name = next((n for n, _ in active if n in wrapper.modules_to_save), None)
     model.__dict__["loraplex_active"] = active
 
@@ -320,7 +329,7 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     if merged:
         raise MergeStateError(f"adapters {merged} are merged into the base; unmerge them before disabling adapters")
     _refuse_residual(model, "disabling adapters")
-    mods = [m for _, m in lora_layers(model)] + [w for _, w in _wrappers(model)]
+    mods = [m for _, m in lora_layers(model)] + [w for _, w in modules_to_save_wrappers(model)]
     previous = [m.disabled for m in mods]
     for m in mods:
         m.disabled = True
@@ -348,11 +357,11 @@ def route_rows(model: nn.Module, adapters: Sequence[Optional[str]]) -> Iterator[
     batch). Yields the row index tensor (B,). Refuses merged adapters and modules_to_save owners."""
     names = list(dict.fromkeys(a for a in adapters if a is not None))
     for n in names:
-        _require(model, n)
+        require_adapter(model, n)
     merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged} & set(names))
     if merged:
         raise MergeStateError(f"adapters {merged} are merged; per-row routing needs them unmerged")
-    owners = [n for n in names if any(n in w.modules_to_save for _, w in _wrappers(model))]
+    owners = [n for n in names if any(n in w.modules_to_save for _, w in modules_to_save_wrappers(model))]
     if owners:
         raise ConfigError(f"adapters {owners} replace whole modules (modules_to_save) and cannot be routed per row")
     _refuse_residual(model, "per-row routing")

@@ -14,7 +14,8 @@ from typing import Optional, Union
 import torch.nn as nn
 
 from .errors import MergeStateError, NonFiniteError
-from .inject import _normalize, _require, _wrappers, active_adapters, eject, lora_layers
+from .inject import (active_adapters, eject, lora_layers, modules_to_save_wrappers, normalize_active,
+                     require_adapter)
 
 
 @dataclass
@@ -36,7 +37,7 @@ def merge(model: nn.Module, name: str, weight: float = 1.0, *, safe: bool = True
     restored bit for bit and NonFiniteError is raised (the model is left exactly as it was).  exact: keep the small residual
     that makes a later `unmerge` restore the base bit for bit.
     """
-    _require(model, name)
+    require_adapter(model, name)
     for _, layer in lora_layers(model):  # refusals that need no arithmetic (DoRA's rules): before any change
         if name in layer.r:
             layer.check_merge(name, weight)
@@ -53,7 +54,7 @@ def merge(model: nn.Module, name: str, weight: float = 1.0, *, safe: bool = True
     if not exact:
         for layer in done:
             layer.merged[name].residual = None
-    for _, wrapper in _wrappers(model):
+    for _, wrapper in modules_to_save_wrappers(model):
         if name in wrapper.modules_to_save:
             wrapper.merged_name = name
     err = max((layer.merged[name].restore_error for layer in done), default=0.0)
@@ -62,11 +63,11 @@ def merge(model: nn.Module, name: str, weight: float = 1.0, *, safe: bool = True
 
 def unmerge(model: nn.Module, name: str) -> MergeReport:
     """Take merged adapter `name` out of the base weights again."""
-    _require(model, name)
+    require_adapter(model, name)
     records = [layer.unmerge(name) for _, layer in lora_layers(model) if name in layer.merged]
     if not records:
         raise MergeStateError(f"adapter {name!r} is not merged")
-    for _, wrapper in _wrappers(model):
+    for _, wrapper in modules_to_save_wrappers(model):
         if wrapper.merged_name == name:
             wrapper.merged_name = None
     exact = all(r.residual is not None or r.restore_error == 0.0 for r in records)
@@ -84,7 +85,7 @@ def merge_and_unload(
 ) -> nn.Module:
     """Merge the given adapters (default: the active ones, with their weights) and remove all LoRA wrappers,
     leaving a plain model whose weights are W' = W + sum_i w_i * delta_i."""
-    chosen: list[tuple[str, float]] = active_adapters(model) if adapters is None else _normalize(adapters)
+    chosen: list[tuple[str, float]] = active_adapters(model) if adapters is None else normalize_active(adapters)
     if not chosen:
         raise MergeStateError("no adapter to merge: none is active and none was named")
     already = set(merged_adapters(model))

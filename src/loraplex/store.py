@@ -31,8 +31,8 @@ from .errors import (AdapterFileError, ConfigError, LoraplexError, NonFiniteErro
                      TargetNotFoundError, UnsupportedFeatureError, UnsupportedModuleError)
 from .functional import tolerance
 from .identity import base_fingerprint, check_base, content_hash
-from .inject import (_modules_to_save_targets, _wrappers, configs, find_targets, freeze_base, inject, lora_layers,
-                     remove_adapter, set_active)
+from .inject import (configs, find_targets, freeze_base, inject, lora_layers, modules_to_save_targets,
+                     modules_to_save_wrappers, remove_adapter, set_active)
 from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
 from .models import NAMES, canonical_base_id
 from .outputs import PathLike, atomic_directory, write_json
@@ -66,7 +66,7 @@ def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{key}.lora_B.bias"] = layer.lora_b_bias(name)
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             out[f"{PREFIX}{key}.base_layer.bias"] = layer.base_layer.bias
-    for key, wrapper in _wrappers(model):
+    for key, wrapper in modules_to_save_wrappers(model):
         if name in wrapper.modules_to_save:
             for pname, p in wrapper.modules_to_save[name].state_dict().items():
                 out[f"{PREFIX}{key}.{pname}"] = p
@@ -161,7 +161,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         targets = find_targets(model, config)
         modules = dict(model.named_modules())
         layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
-        copies = _modules_to_save_targets(model, config, targets)
+        copies = modules_to_save_targets(model, config, targets)
     except (TargetNotFoundError, UnsupportedModuleError, ConfigError) as exc:
         raise type(exc)(f"{what}: {exc}") from None
     expected: dict[str, torch.Tensor] = {}  # file key -> a tensor of the shape and kind it must have (meta)
@@ -292,7 +292,7 @@ def _copy_in(model: nn.Module, name: str, af: AdapterFile) -> None:
                 dest[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
             if layer.lora_b_bias(name) is not None:
                 dest[f"{key}.lora_B.bias"] = layer.lora_b_bias(name)
-    for key, wrapper in _wrappers(model):
+    for key, wrapper in modules_to_save_wrappers(model):
         if name in wrapper.modules_to_save:
             dest.update({f"{key}.{n}": t for n, t in wrapper.modules_to_save[name].state_dict().items()})
     params = dict(model.named_parameters())

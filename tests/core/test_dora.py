@@ -18,6 +18,7 @@ import loraplex as lp
 from loraplex.functional import tolerance
 from loraplex.models import tiny_conv, tiny_gpt2, tiny_llama, tiny_mlp
 from loraplex.store import CONFIG_NAME, WEIGHTS_NAME
+from lora_helpers import move_off_init
 
 IDS = torch.randint(0, 32, (2, 6), generator=torch.Generator().manual_seed(0))
 X_MLP = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
@@ -41,19 +42,10 @@ def _out(model, x):
     return out.logits if hasattr(out, "logits") else out
 
 
-def _randomize(model, seed=7):
-    """Move every trainable tensor (A, B and the magnitude m) away from its init, so g != 1 and B != 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _peft(case, **extra):
     build, _, kw = CASES[case]
     pm = peft.get_peft_model(build(seed=1), peft.LoraConfig(use_dora=True, **kw, **extra))
-    _randomize(pm)
+    move_off_init(pm, 7)
     return pm
 
 
@@ -61,7 +53,7 @@ def _ours(case, **extra):
     build, _, kw = CASES[case]
     model = build(seed=1)
     lp.inject(model, lp.LoraConfig(use_dora=True, **kw, **extra), "a")
-    _randomize(model)
+    move_off_init(model, 7)
     return model
 
 
@@ -107,7 +99,7 @@ def test_fresh_magnitude_and_gradients_equal_peft(case):
     for n, p in theirs.items():
         if "magnitude" in n:
             torch.testing.assert_close(ours[n].detach(), p.detach(), atol=ATOL, rtol=RTOL)
-    _randomize(pm)
+    move_off_init(pm, 7)
     with torch.no_grad():
         for n, p in theirs.items():
             ours[n].copy_(p)
@@ -147,7 +139,7 @@ def test_merge_equals_on_the_fly_and_restores_bit_for_bit(fin, fout, r, bias, dt
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(fin, fout, bias=bias, dtype=dtype))
     lp.inject(net, lp.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], use_dora=True), "d")
-    _randomize(net, seed)
+    move_off_init(net, seed)
     x = torch.randn(5, fin, dtype=dtype)
     want = net(x).detach()
     w0 = net[0].base_layer.weight.detach().clone()
@@ -166,7 +158,7 @@ def test_route_rows_with_dora_equals_each_row_alone_with_gradients(rows, seed):
     output and, summed, each adapter's gradients (A, B and m) of the rows run alone."""
     model = _ours("mlp-bias")
     lp.inject(model, lp.LoraConfig(r=2, target_modules=["net.0", "head"], init_lora_weights=False), "plain")
-    _randomize(model, seed)
+    move_off_init(model, seed)
     params = {n: p for n, p in model.named_parameters() if ".a." in n or ".plain." in n}
     for p in params.values():
         p.requires_grad_(True)
@@ -264,11 +256,8 @@ def test_plan_rescales_dora_rows_like_the_reference(rows, strategy, L, seed):
 
     gen = torch.Generator().manual_seed(seed)
     fin, fout = 6, 5
-    adapters = {s: (torch.randn(r, fin, generator=gen), torch.randn(fout, r, generator=gen), 0.5 + s)
-                for s, r in [(0, 2), (1, 3), (2, 1)]}
-    adapters[3] = None
+    adapters, x, y = ref.random_layer(gen, len(rows), L, fin, fout)
     gc = {1: torch.randn(2, fout, generator=gen), 3: torch.randn(2, fout, generator=gen)}
-    x, y = torch.randn(len(rows), L, fin, generator=gen), torch.randn(len(rows), L, fout, generator=gen)
     plan = build_plan(lambda s, k: adapters[s], rows, {"l": (fin, fout)}, dtype=torch.float32, strategy=strategy,
                       rescale=lambda s, k: gc[s] if adapters[s] is not None and s in gc else None)
     want = ref.lora_rows_ref(y, x, adapters, rows, rescale=gc)
@@ -279,7 +268,7 @@ def _adapter_dir(build, directory, seed, **fields):
     """A random adapter (non-zero B, magnitudes off their init for DoRA) saved in PEFT's layout."""
     model = build(seed=0)
     lp.inject(model, lp.LoraConfig(init_lora_weights=False, **fields), "x", seed=seed)
-    _randomize(model, seed)
+    move_off_init(model, seed)
     lp.save_adapter(model, "x", directory)
     return directory
 
@@ -459,7 +448,7 @@ def test_a_refused_dora_merge_changes_no_layer():
     LAST layer only makes the DoRA merge fail there, and the earlier layers stay untouched."""
     model = _ours("mlp-bias")
     lp.inject(model, lp.LoraConfig(r=2, target_modules=["head"]), "plain")
-    _randomize(model)
+    move_off_init(model, 7)
     lp.merge(model, "plain")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(lp.MergeStateError, match="unmerge them first"):

@@ -17,6 +17,7 @@ import loraplex as lp
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.store import CONFIG_NAME
+from lora_helpers import move_off_init
 
 IDS = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
 ATOL, RTOL = tolerance(torch.float32)
@@ -27,15 +28,6 @@ KW = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], r
 
 def _logits(model, ids=IDS):
     return model(ids).logits.detach()
-
-
-def _train_like(model, seed=5):
-    """Move every trainable tensor away from its init (as training would)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def _merged_weights(model):
@@ -50,7 +42,7 @@ def test_trained_adapter_saved_as_plain_lora_loads_in_peft_and_loraplex(init, rs
     model = tiny_llama(seed=1)
     lp.inject(model, lp.LoraConfig(init_lora_weights=init, use_rslora=rslora, use_dora=use_dora, **KW), "a", seed=3)
     torch.testing.assert_close(_logits(model), _logits(base), atol=ATOL, rtol=RTOL)  # a no-op at the start
-    _train_like(model)
+    move_off_init(model, 5, std=0.05)
     want = _logits(model)
     lp.save_adapter(model, "a", tmp_path / "a")
     raw = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
@@ -94,7 +86,7 @@ def test_peft_converted_residual_adapter_loads_in_loraplex(init, tmp_path):
     pm.peft_config["default"].init_lora_weights = True  # PEFT's documented recipe: save the initial adapter ...
     pm.save_pretrained(tmp_path / "init")
     pm.peft_config["default"].init_lora_weights = init
-    _train_like(pm)
+    move_off_init(pm, 5, std=0.05)
     want = _logits(pm.eval())
     pm.save_pretrained(tmp_path / "conv", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     model = tiny_llama(seed=1)
@@ -109,7 +101,7 @@ def test_conv1d_base_pissa_round_trips(tmp_path):
     lp.inject(model, lp.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                                    init_lora_weights="pissa"), "a")
     torch.testing.assert_close(_logits(model, ids), _logits(tiny_gpt2(seed=1), ids), atol=ATOL, rtol=RTOL)
-    _train_like(model)
+    move_off_init(model, 5, std=0.05)
     want = _logits(model, ids)
     lp.save_adapter(model, "a", tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(tiny_gpt2(seed=1), tmp_path / "a").eval()
@@ -181,7 +173,7 @@ def test_residual_file_delta_equals_the_in_memory_update(fin, fout, data, init, 
     w = model[0].weight.detach().clone()
     lp.inject(model, lp.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=init), "a",
               seed=seed)
-    _train_like(model, seed)
+    move_off_init(model, seed, std=0.05)
     layer = model[0]
     in_memory = layer.base_layer.weight + layer.delta("a")
     sd, cfg = lp.adapter_state_dict(model, "a"), lp.store.saved_config(model, "a")
@@ -265,7 +257,7 @@ def test_bf16_base_residual_round_trip_within_the_bf16_tolerance(init, tmp_path)
     lp.inject(model, lp.LoraConfig(init_lora_weights=init, **KW), "a")
     assert next(iter(lp.lora_layers(model)))[1].adapter_tensors("a")[0].dtype == torch.float32
     torch.testing.assert_close(_logits(model).float(), _logits(base).float(), atol=atol, rtol=rtol)
-    _train_like(model)
+    move_off_init(model, 5, std=0.05)
     want = _logits(model).float()
     lp.save_adapter(model, "a", tmp_path / "a")
     pm = peft.PeftModel.from_pretrained(tiny_llama(seed=1).to(torch.bfloat16), tmp_path / "a").eval()

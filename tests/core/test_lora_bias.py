@@ -15,6 +15,7 @@ from torch import nn
 import loraplex as lp
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama, tiny_mlp
+from lora_helpers import move_off_init
 
 IDS = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
 X_MLP = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
@@ -32,19 +33,11 @@ def _out(model, x):
     return (out.logits if hasattr(out, "logits") else out).detach()
 
 
-def _randomize(model, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_logits_and_gradients_equal_peft_both_ways(case, tmp_path):
     build, x, kw = CASES[case]
     pm = peft.get_peft_model(build(seed=1), peft.LoraConfig(lora_bias=True, **kw))
-    _randomize(pm)
+    move_off_init(pm, 7)
     pm.save_pretrained(tmp_path / "p")
     model = build(seed=1)
     lp.load_adapter(model, tmp_path / "p", "p", trainable=True)
@@ -69,7 +62,7 @@ def test_merged_weights_equal_peft_and_unmerge_restores_bit_for_bit(case, tmp_pa
     kw = kw | {"target_modules": ["net.0", "head"]} if case == "mlp" else kw  # net.2 has no bias to merge into
     model = build(seed=1)
     lp.inject(model, lp.LoraConfig(lora_bias=True, **kw), "a")
-    _randomize(model)
+    move_off_init(model, 7)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     want = _out(model, x)
     lp.save_adapter(model, "a", tmp_path / "a")

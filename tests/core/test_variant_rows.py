@@ -66,11 +66,8 @@ def test_plan_adds_each_rows_weighted_lora_b_biases_like_the_reference(rows, str
 
     gen = torch.Generator().manual_seed(seed)
     fin, fout = 6, 5
-    adapters = {s: (torch.randn(r, fin, generator=gen), torch.randn(fout, r, generator=gen), 0.5 + s)
-                for s, r in [(0, 2), (1, 3), (2, 1)]}
-    adapters[3] = None
+    adapters, x, y = ref.random_layer(gen, len(rows), L, fin, fout)
     bias = {1: torch.randn(fout, generator=gen), 2: torch.randn(fout, generator=gen)}
-    x, y = torch.randn(len(rows), L, fin, generator=gen), torch.randn(len(rows), L, fout, generator=gen)
     plan = build_plan(lambda s, k: adapters[s], rows, {"l": (fin, fout)}, dtype=torch.float32, strategy=strategy,
                       bias=lambda s, k: (bias[s], adapters[s][2]) if s in bias else None)
     want = ref.lora_rows_ref(y, x, adapters, rows, bias=bias)
@@ -172,8 +169,9 @@ def test_eviction_reload_copies_in_the_budget_and_refusals(served):
     mixed = eng.forward(ids[:1], mask[:1], adapters=[{"bias": 0.5, "plain": -1.0}])  # biases mix like B: allowed
     assert torch.isfinite(mixed).all()
     eng.merge("plain")  # a merged plain adapter is taken back out of copy and bias rows
-    try:
-        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want, atol=ATOL, rtol=RTOL)
+    try:  # merged weights round W + s*B@A once: an error that scales with the logits, hence atol x their size
+        torch.testing.assert_close(eng.forward(ids, mask, adapters=rows), want,
+                                   atol=ATOL * max(1.0, want.abs().max().item()), rtol=RTOL)
     finally:
         eng.unmerge()
     before = small.stats.adapters

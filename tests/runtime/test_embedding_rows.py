@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import loraplex as lp
 from loraplex.functional import tolerance
 from loraplex.models import tiny_llama
+from lora_helpers import move_off_init
 
 ATOL, RTOL = tolerance(torch.float32)
 ADAPTERS = {  # name -> PEFT LoraConfig fields
@@ -21,16 +22,6 @@ ADAPTERS = {  # name -> PEFT LoraConfig fields
     "tok": dict(r=2, lora_alpha=4, target_modules=["k_proj"], trainable_token_indices=[3, 5, 40, 77]),
     "tok2": dict(r=2, lora_alpha=4, target_modules=["down_proj"], trainable_token_indices={"embed_tokens": [5, 9]}),
 }
-
-
-def _randomize(model, seed):
-    """Move every trainable tensor (A, B, the trainable tokens' rows) away from its init (by 0.1 sd, as
-    tests/core/test_dora.py: merged mode's rounding grows with |scale B A|, and its fp32 bound is for such sizes)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _base(tied: bool):
@@ -42,7 +33,7 @@ def _write(root, tied):
     dirs = {}
     for i, (name, fields) in enumerate(ADAPTERS.items()):
         pm = peft.get_peft_model(_base(tied), peft.LoraConfig(init_lora_weights=False, **fields))
-        _randomize(pm, i + 1)
+        move_off_init(pm, i + 1)  # 0.1 sd: merged mode's rounding grows with |scale B A|; its fp32 bound is for that
         pm.save_pretrained(root / name)
         dirs[name] = root / name / "default" if (root / name / "default").exists() else root / name
     return dirs

@@ -24,6 +24,7 @@ from loraplex.serve.adapters import ServedAdapters
 from loraplex.serve.text import TextCodec
 from loraplex.train.data import IGNORE_INDEX, Example
 from loraplex.workflows.evaluate import evaluate
+from lora_helpers import move_off_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.one_thread
 
@@ -127,11 +128,7 @@ def random_adapter(build, directory, seed: int, **fields):
     init, saved in PEFT's layout."""
     model = build()
     lp.inject(model, lp.LoraConfig(init_lora_weights=False, **fields), "x", seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    move_off_init(model, seed)
     lp.save_adapter(model, "x", directory)
     return directory
 

@@ -19,16 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import loraplex as lp
 from loraplex import models
-from loraplex.errors import (
-    AdapterExistsError,
-    AdapterFileError,
-    AdapterNotFoundError,
-    ConfigError,
-    MergeStateError,
-    ShapeMismatchError,
-    TargetNotFoundError,
-    UnsupportedFeatureError,
-)
+from loraplex.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, ConfigError, MergeStateError,
+                             ShapeMismatchError, TargetNotFoundError, UnsupportedFeatureError)
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterStore, MultiLoraModel, RuntimeLinear
 

@@ -15,21 +15,9 @@ from serve_helpers import make_adapter
 
 import loraplex as lp
 from loraplex import models
-from loraplex.errors import (
-    AdapterExistsError,
-    AdapterFileError,
-    AdapterNotFoundError,
-    BaseMismatchError,
-    ConfigError,
-    LoraplexError,
-    PoolFullError,
-    QueueFullError,
-    RequestTimeoutError,
-    RequestTooLargeError,
-    ShuttingDownError,
-    TargetNotFoundError,
-    UnsupportedFeatureError,
-)
+from loraplex.errors import (AdapterExistsError, AdapterFileError, AdapterNotFoundError, BaseMismatchError, ConfigError,
+                             LoraplexError, PoolFullError, QueueFullError, RequestTimeoutError, RequestTooLargeError,
+                             ShuttingDownError, TargetNotFoundError, UnsupportedFeatureError)
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams

@@ -22,13 +22,16 @@ lm_eval = pytest.importorskip("lm_eval")  # a test dependency (pyproject [test])
 pytestmark = [pytest.mark.lm_eval, pytest.mark.usefixtures("one_thread")]
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
-TASKS = """\
-task: {name}_mc
+DATASET = """\
 dataset_path: json
 dataset_kwargs:
   data_files: {{test: {data}}}
   cache_dir: {cache}
 test_split: test
+"""  # the part of every task file that names the data
+TASKS = """\
+task: {name}_mc
+""" + DATASET + """\
 output_type: multiple_choice
 doc_to_text: "Q: {{{{question}}}}\\nA:"
 doc_to_choice: choices
@@ -38,11 +41,7 @@ metric_list:
 """
 GEN = """\
 task: {name}_gen
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-  cache_dir: {cache}
-test_split: test
+""" + DATASET + """\
 output_type: generate_until
 doc_to_text: "Q: {{{{question}}}}\\nA:"
 doc_to_target: "{{{{choices[answer]}}}}"

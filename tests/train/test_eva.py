@@ -22,6 +22,7 @@ from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.store import CONFIG_NAME
 from loraplex.train import TrainConfig
 from loraplex.train.eva import EvaConfig, get_eva_state_dict, inject_eva
+from lora_helpers import move_off_init
 from train_helpers import (assert_same, crash_at_second_checkpoint_then_resume, data, tensors,  # noqa: F401
                            tiny_base)  # data, tiny_base: fixtures
 
@@ -104,11 +105,7 @@ def test_saved_eva_adapter_loads_in_peft_and_loraplex(tmp_path):
     model = ours_eva(tiny_llama, QKV_DOWN, dict(rho=2.0, tau=0.9), batches())
     ids = batches(n=1, seed=9)[0]["input_ids"]
     torch.testing.assert_close(model(ids).logits, tiny_llama(seed=1)(ids).logits)  # B = 0: a no-op at the start
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    move_off_init(model, 5, std=0.05)
     want = model(ids).logits.detach()
     lp.save_adapter(model, "default", tmp_path / "eva")
     raw = json.loads((tmp_path / "eva" / CONFIG_NAME).read_text())

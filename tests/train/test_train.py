@@ -29,7 +29,8 @@ from loraplex.errors import (CheckpointError, ConfigError, NonFiniteError, Outpu
 from loraplex.functional import tolerance
 from loraplex.models import tiny_gpt2, tiny_llama
 from loraplex.train import Batcher, TrainConfig, lr_factor, row_losses, row_losses_reference, train
-from loraplex.train.loop import INT_LIMIT, NUMERIC_FIELDS, head_logits
+from loraplex.train.config import INT_LIMIT, NUMERIC_FIELDS
+from loraplex.train.loss import head_logits
 from loraplex.train import checkpoint as ckpt_mod
 from loraplex.cli.train import parse_targets
 from loraplex.train.data import Example

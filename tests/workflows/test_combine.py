@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 import loraplex as lp
 from loraplex.cli import main
-from loraplex.workflows.combine import METHODS, PRUNING, combine, dare_mask, save_combined
+from loraplex.workflows.combine import METHODS, PRUNING, combine, save_combined
+from loraplex.workflows.combine_methods import dare_mask
 from loraplex.config import LoraConfig
 from loraplex.device import present
 from loraplex.errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, OutputExistsError,

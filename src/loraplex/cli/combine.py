@@ -6,6 +6,7 @@ import argparse
 
 from ..workflows.combine import METHODS, combine, save_combined
 from ..outputs import check_output
+from .flags import add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -20,8 +21,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--rank", type=int, help="output rank bound: svd and the pruning methods (default: max input rank)")
     p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
     p.add_argument("--union", action="store_true", help="combine over the union of target modules (missing = 0)")
-    p.add_argument("--out", required=True, help="output adapter directory: new or empty (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically; never an input)")
+    add_output_flags(p, "adapter directory", never="an input")
     p.add_argument("--modules", action="store_true", help="one table row per module instead of per module name")
     p.set_defaults(func=run_combine)
 

@@ -12,6 +12,7 @@ from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..models import load_base
 from ..outputs import check_output
 from ..workflows.plot import plot_results
+from .flags import add_base, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                     "completion tokens: loss (token-weighted mean cross-entropy), perplexity = exp(loss), "
                     "next-token accuracy; exact_match = greedy reply equals the reference (whitespace and case "
                     "normalized). See docs/workflow.md.")
-    p.add_argument("--base", required=True, help="a transformers model directory with a tokenizer, or 'smollm2'")
+    add_base(p, note="it needs a tokenizer")
     p.add_argument("--adapters", required=True, nargs="+",
                    help="adapter directories, folders of them, or NAME=DIR (comma-separated lists too)")
     p.add_argument("--data", required=True, nargs="+", help="JSONL files, chatterbot:TOPIC or fortunes:CATEGORY")
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--seed", type=int, default=0, help="the seed of that split (default 0, train's default)")
     p.add_argument("--no-base", action="store_true", help="leave the bare base out of the leaderboard")
     p.add_argument("--skip-bad", action="store_true", help="skip malformed records instead of failing")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--device", type=parse_device, default="auto", help=DEVICE_HELP)
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")

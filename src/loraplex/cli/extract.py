@@ -8,21 +8,21 @@ import os
 from ..models import load_base
 from ..outputs import check_output
 from ..workflows.extract import extract_lora, save_extracted
+from .flags import add_base, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("extract", help="extract a LoRA adapter from a fully fine-tuned model (truncated SVD)",
                        description="Per target: W_ft - W_base = U S V^T, keep the top rank (or the energy fraction); "
                                    "prints the relative error per module.")
-    p.add_argument("--base", required=True, help="the base: a local transformers model directory, or a spec")
+    add_base(p)
     p.add_argument("--finetuned", required=True, help="the fully fine-tuned model directory")
     p.add_argument("--rank", type=int, help="rank per module")
     p.add_argument("--energy", type=float, help="smallest rank keeping this fraction of ||delta||^2 (capped by --rank)")
     p.add_argument("--targets", nargs="+", default=["all-linear"],
                    help="module names (or 'all-linear', the default) to extract")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of both models")
-    p.add_argument("--out", required=True, help="output adapter directory: new or empty (written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    add_num_layers(p, "both models")
+    add_output_flags(p, "adapter directory")
     p.add_argument("--modules", action="store_true", help="one table row per module instead of per module name")
     p.set_defaults(func=run_extract)
     return ["extract"]

@@ -7,6 +7,10 @@
 A command supplies only what a dataclass cannot say: the help text, the group, argparse overrides (a
 parsing `type`, `choices`, `action="append"`) and, rarely, another flag name, in a table of `Flag`s keyed
 by field name.
+
+The flags several commands share with one meaning are spelled once here too: `add_base` (the base model
+spec), `add_num_layers` (--num-layers) and `add_output_flags` (--out / --overwrite of a command that writes a
+new directory).
 """
 
 from __future__ import annotations
@@ -87,3 +91,33 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, table: Mappi
             raise TypeError(f"{cls.__name__}.{name}: type {hints[name]} has no argparse type; give one in its Flag")
         kwargs.update(spec.overrides)
         groups[spec.group].add_argument("--" + (spec.name or name).replace("_", "-"), **kwargs)
+
+
+# ---- flags several commands share ---------------------------------------------------------------------------
+BASE_HELP = ("'smollm2' (the embedded default), 'tiny-llama', 'tiny-gpt2', a local transformers model directory, "
+             "or a Hugging Face model id in the local HF cache (never downloaded)")
+
+
+def add_base(parser: argparse.ArgumentParser, *, positional: bool = False, required: bool = True,
+             note: str = "") -> None:
+    """The base model spec every command loads with models.load_base: --base (required unless `required` is
+    False), or the positional `base`; `note` adds what this command needs of it (e.g. a tokenizer)."""
+    text = BASE_HELP + (f"; {note}" if note else "")
+    if positional:
+        parser.add_argument("base", help=text)
+    else:
+        parser.add_argument("--base", required=required, help=text)
+
+
+def add_num_layers(parser: argparse.ArgumentParser, models: str = "the base") -> None:
+    """--num-layers N (default None: all): load only the first N decoder layers of `models` (load_base's
+    num_layers)."""
+    parser.add_argument("--num-layers", type=int, help=f"load only the first N decoder layers of {models}")
+
+
+def add_output_flags(parser: argparse.ArgumentParser, what: str = "directory", never: str = "") -> None:
+    """--out DIR (required): the output `what`, new or empty, written atomically; --overwrite: replace an existing
+    one, atomically (outputs.check_output); `never`: what it never replaces, when the help should say so."""
+    parser.add_argument("--out", required=True, help=f"output {what}: new or empty (written atomically)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace an existing --out (atomically{'; never ' + never if never else ''})")

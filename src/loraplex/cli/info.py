@@ -10,16 +10,16 @@ from ..inject import inject
 from ..models import base_name, load_base
 from ..report import WeightArithmetic, format_table, human_bytes, parameter_report
 from ..store import load_adapter, read_adapter
-from .flags import default_of
+from .flags import add_base, add_num_layers, default_of
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("info", help="parameter report of a base, or of a base with an adapter",
                        description="Print trainable vs frozen parameters, per module, adapter bytes on disk, and "
                                    "inference cost kept separate (W+A+B) vs merged (W').")
-    p.add_argument("base", help="a local transformers model directory, or 'smollm2' (the embedded default)")
+    add_base(p, positional=True)
     p.add_argument("adapter", nargs="?", help="an adapter directory (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--rank", type=int, default=default_of(LoraConfig, "r"),
                    help="rank for the what-if report when no adapter is given")
     p.add_argument("--modules", action="store_true", help="also list every LoRA module")

@@ -10,21 +10,20 @@ from ..models import load_base
 from ..report import format_table
 from ..outputs import check_output
 from ..workflows.export import DTYPES, export_merged
+from .flags import add_base, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("merge", help="merge adapters into the base and write a transformers model directory",
                        description="W' = W + sum_i w_i * scale_i * B_i @ A_i; the output loads with "
                                    "AutoModelForCausalLM.from_pretrained and needs no loraplex.")
-    p.add_argument("--base", required=True, help="a local transformers model directory, or 'smollm2'")
+    add_base(p)
     p.add_argument("--adapter", required=True, action="append", help="adapter directory (repeat for several)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per --adapter (default 1.0 each)")
-    p.add_argument("--out", required=True, help="output directory: new or empty (written atomically)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out (atomically; never an --adapter or the --base directory)")
+    add_output_flags(p, never="an --adapter or the --base directory")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
     p.add_argument("--no-check-base", action="store_true", help="skip the base fingerprint check")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--device", type=parse_device, default="auto", help=f"where to merge: {DEVICE_HELP}")
     p.set_defaults(func=run_merge)
     return ["merge"]

@@ -9,6 +9,7 @@ from ..workflows.probes import read_prompts
 from ..workflows.promote import CARD_NAME, promote
 from ..workflows.verify import Row, VerifyReport
 from .eval import adapter_args
+from .flags import add_base, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -19,14 +20,13 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                     "the check fails). The model card records the base, the adapter's content hash, its training "
                     "data (train_summary.json), the eval metrics and the parity numbers.")
     p.add_argument("name", metavar="NAME", help="adapter name, or 'best' (the leaderboard winner of --results)")
-    p.add_argument("--base", required=True, help="a transformers model directory, or 'smollm2'")
+    add_base(p)
     p.add_argument("--adapters", required=True, nargs="+",
                    help="the adapter directory, or the folder(s) holding adapter NAME (as given to eval)")
-    p.add_argument("--out", required=True, help="output directory (new or empty; written atomically)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (atomically)")
+    add_output_flags(p)
     p.add_argument("--results", help="results JSON written by `loraplex eval --out`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--prompts", help="text file, one parity probe prompt per line (default: built-in prompts)")
     p.set_defaults(func=run_promote)
     return ["promote"]

@@ -14,7 +14,7 @@ from ..models import load_base
 from ..quant.compare import DEFAULT_PROBE_TEXTS, compare_merge_strategies, probe_ids_from_texts, random_probe_ids
 from ..quant.linear import SCHEMES
 from ..workflows.probes import read_prompts
-from .quantize import BASE_HELP
+from .flags import add_base, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -22,11 +22,11 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                        description="Against the fp32 base with the adapter merged: the quantized base alone, "
                                    "(a) requantize Q(deQ(Wq)+d), (b) from_original Q(W+d), (c) separate (on the fly); "
                                    "max |dlogit|, KL, perplexity, greedy agreement, and a recommendation per scheme.")
-    p.add_argument("--base", required=True, help=BASE_HELP)
+    add_base(p)
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
     p.add_argument("--schemes", nargs="+", default=["int8", "nf4"], choices=[*SCHEMES, "nf4+dq"],
                    help="schemes to compare (default: int8 nf4); nf4+dq = nf4 with double quantization")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--prompts", help="probe text file, one prompt per line (default: built-in sentences; "
                                      "random token ids for a base without a tokenizer)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per probe row (default 64)")

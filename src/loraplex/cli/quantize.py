@@ -14,22 +14,20 @@ from ..models import load_base
 from ..report import format_table, human_bytes
 from ..quant.io import save_quantized
 from ..quant.linear import BACKENDS, SCHEMES, quantize_model
-
-BASE_HELP = "a local transformers model directory, 'smollm2' (the embedded default), 'tiny-llama' or 'tiny-gpt2'"
-
+from .flags import add_base, add_num_layers
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("quantize", help="quantize a base (int8 or NF4) and save it",
                        description="Replace every linear layer but the output head by a quantized one and write "
                                    "model.safetensors + quantization.json; load it back with load_quantized.")
-    p.add_argument("--base", required=True, help=BASE_HELP)
+    add_base(p)
     p.add_argument("--scheme", required=True, choices=SCHEMES, help="int8: per-row absmax; nf4: 4-bit NormalFloat")
     p.add_argument("--double-quant", action="store_true", help="nf4: store the block scales in 8 bits too")
     p.add_argument("--block-size", type=int, default=64, help="nf4: elements per scale block (default 64)")
     p.add_argument("--backend", choices=BACKENDS, default="loraplex",
                    help="library that quantizes: loraplex (pure PyTorch, the reference), bitsandbytes (nf4), "
                         "torchao (int8); the file layout is the same for all")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=run_quantize)
 

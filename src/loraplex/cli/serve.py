@@ -19,6 +19,7 @@ from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..errors import ConfigError, UsageError
 from ..extras import require
 from ..serve.engine import EngineConfig
+from .flags import add_base, add_num_layers
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -36,15 +37,14 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p = sub.add_parser("serve", help="serve many adapters over an OpenAI-compatible HTTP API",
                        description="Continuous batching across adapters on one base (Llama family). "
                                    "model = base id, adapter name, or a mix 'a:0.7+b:0.3'.")
-    p.add_argument("--base", required=True, help="'smollm2', 'tiny-llama', a local transformers model directory, "
-                   "or a Hugging Face model id in the local HF cache (never downloaded)")
+    add_base(p, note="Llama family")
     p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
                    help="the name(s) the base answers to instead of its id (as vLLM); the first is the one "
                         "answers and /v1/models carry; 'base' always works too")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--memory-budget", type=parse_bytes, help="adapter pool budget, e.g. 256MiB (default: none); "
                    "least recently used adapters are evicted and reloaded from disk")

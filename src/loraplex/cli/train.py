@@ -18,7 +18,7 @@ from ..config import ALL_LINEAR
 from ..device import DEVICE_HELP, parse_device
 from ..errors import ConfigError, UsageError
 from ..report import format_table, human_bytes
-from ..train.loop import TrainConfig
+from ..train.config import TrainConfig
 from .flags import Flag, add_dataclass_flags
 
 _REGEX_CHARS = re.compile(r"[\\^$.|?*+()\[\]{}]")

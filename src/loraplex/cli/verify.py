@@ -9,6 +9,7 @@ from ..errors import ConfigError
 from ..workflows.export import DTYPES
 from ..workflows.probes import read_prompts
 from ..workflows.verify import ALL_VARIANTS, VARIANTS, VerifyReport, check_golden, record_golden_from, verify
+from .flags import add_base, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
@@ -17,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
         description="Compare each way of running an adapter with base + adapter on the fly in fp32 on a probe "
                     "set: max |delta logit|, KL, greedy agreement, PASS/FAIL per dtype. Exit status 1 when a "
                     "required check fails. See docs/verify.md.")
-    p.add_argument("--base", help="a local transformers model directory, or 'smollm2' / 'tiny-llama'")
+    add_base(p, required=False, note="required unless --against compares with recorded golden outputs")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: built-in prompts)")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES), metavar="DTYPE",
@@ -25,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
                    help=f"variants to compare, of {list(VARIANTS)} (default: all)")
     p.add_argument("--max-length", type=int, default=32, help="tokens per probe (default 32)")
-    p.add_argument("--num-layers", type=int, help="load only the first N decoder layers of the base")
+    add_num_layers(p)
     p.add_argument("--record-golden", action="store_true",
                    help="store the reference logits in the adapter directory (golden.safetensors + golden.json)")
     p.add_argument("--against", metavar="DIR",

@@ -47,34 +47,56 @@ BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' 4-
 DEVICE_TYPES = ("cpu", "cuda")  # where both libraries have kernels
 
 
-class BitsAndBytesBackend:
-    """NF4 through bitsandbytes (see the module docstring)."""
+class _LibraryBackend:
+    """A library computing one `scheme` on DEVICE_TYPES: the checks both library backends share."""
 
-    name = "bitsandbytes-nf4"
-    library = "bitsandbytes"
+    name: str
+    library: str  # the package (and the backend's name in select_backend)
+    scheme: str  # the one scheme it computes
+    scheme_hint: str  # appended when another scheme is asked for: why not, and which backend has it
 
     def __init__(self) -> None:
-        require("bitsandbytes", "quantization backend 'bitsandbytes'")
-        self._bnb = importlib.import_module("bitsandbytes")
-        self._functional = importlib.import_module("bitsandbytes.functional")
+        require(self.library, f"quantization backend '{self.library}'")  # MissingDependencyError without it
 
     def unsupported(self, spec: QuantSpec, device: torch.device, shape: tuple[int, int] | None = None) -> str | None:
         """Why this backend cannot run `spec` on `device` (for an (out, in) weight of `shape`), or None."""
-        if spec.scheme != "nf4":
-            return (f"backend 'bitsandbytes' computes scheme 'nf4' only, got {spec.scheme!r} (its int8 matmul "
-                    "quantizes the activations too); use backend 'torchao' or 'loraplex' for int8")
+        if spec.scheme != self.scheme:
+            return (f"backend '{self.library}' computes scheme '{self.scheme}' only, got {spec.scheme!r}"
+                    f"{self.scheme_hint}")
+        reason = self.limits(spec, device, shape)
+        if reason is None and device.type not in DEVICE_TYPES:
+            return f"backend '{self.library}' runs on {DEVICE_TYPES}, got device {device}"
+        return reason
+
+    def limits(self, spec: QuantSpec, device: torch.device, shape: tuple[int, int] | None) -> str | None:
+        """Why the library cannot run `spec` (of its scheme) on `device` for `shape`, beyond the scheme and
+        device type; None by default."""
+        return None
+
+    def supports(self, spec: QuantSpec, device: torch.device) -> bool:
+        return self.unsupported(spec, device) is None
+
+
+class BitsAndBytesBackend(_LibraryBackend):
+    """NF4 through bitsandbytes (see the module docstring)."""
+
+    name, library, scheme = "bitsandbytes-nf4", "bitsandbytes", "nf4"
+    scheme_hint = " (its int8 matmul quantizes the activations too); use backend 'torchao' or 'loraplex' for int8"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bnb = importlib.import_module("bitsandbytes")
+        self._functional = importlib.import_module("bitsandbytes.functional")
+
+    def limits(self, spec: QuantSpec, device: torch.device, shape: tuple[int, int] | None) -> str | None:
+        """Block sizes its kernels take; on CPU, in_features a multiple of block_size."""
         if spec.block_size not in BNB_BLOCK_SIZES:
             return f"backend 'bitsandbytes' takes NF4 block_size in {BNB_BLOCK_SIZES}, got {spec.block_size}"
-        if device.type not in DEVICE_TYPES:
-            return f"backend 'bitsandbytes' runs on {DEVICE_TYPES}, got device {device}"
         if device.type == "cpu" and shape is not None and shape[1] % spec.block_size:
             return (f"backend 'bitsandbytes' on CPU needs in_features to be a multiple of block_size "
                     f"{spec.block_size} (its CPU kernel dequantizes blocks that straddle rows wrong), got a "
                     f"weight of shape {tuple(shape)}; use backend 'loraplex', or skip this module")
         return None
-
-    def supports(self, spec: QuantSpec, device: torch.device) -> bool:
-        return self.unsupported(spec, device) is None
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> NF4Weight:
         check_float_weight(weight, ndim=None)
@@ -98,29 +120,17 @@ class BitsAndBytesBackend:
         return self._bnb.matmul_4bit(x, packed.t(), quant_state=state, bias=None if bias is None else bias.to(dtype))
 
 
-class TorchAOBackend:
-    """int8 weight-only through torchao (see the module docstring)."""
+class TorchAOBackend(_LibraryBackend):
+    """int8 weight-only through torchao (see the module docstring); any weight shape."""
 
-    name = "torchao-int8"
-    library = "torchao"
+    name, library, scheme = "torchao-int8", "torchao", "int8"
+    scheme_hint = "; use backend 'bitsandbytes' or 'loraplex' for nf4"
 
     def __init__(self) -> None:
-        require("torchao", "quantization backend 'torchao'")
+        super().__init__()
         quantization = importlib.import_module("torchao.quantization")
         self._int8_tensor = quantization.Int8Tensor
         self._per_row = quantization.PerRow
-
-    def unsupported(self, spec: QuantSpec, device: torch.device, shape: tuple[int, int] | None = None) -> str | None:
-        """Why this backend cannot run `spec` on `device` (any weight shape), or None when it can."""
-        if spec.scheme != "int8":
-            return (f"backend 'torchao' computes scheme 'int8' only, got {spec.scheme!r}; use backend "
-                    "'bitsandbytes' or 'loraplex' for nf4")
-        if device.type not in DEVICE_TYPES:
-            return f"backend 'torchao' runs on {DEVICE_TYPES}, got device {device}"
-        return None
-
-    def supports(self, spec: QuantSpec, device: torch.device) -> bool:
-        return self.unsupported(spec, device) is None
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec) -> Int8Weight:
         check_float_weight(weight)

@@ -89,32 +89,33 @@ class QuantBackend(Protocol):
         ...
 
 
-class TorchInt8Backend:
-    """Pure PyTorch, any device. Scales after the matmul: (x @ q.T) * s — skips the (out, in) multiply."""
+class _TorchBackend:
+    """Pure PyTorch, any device, for the one `scheme`; quantizes with loraplex's own code (QuantSpec.quantize)."""
 
-    name = "torch-int8"
+    name: str
+    scheme: str
 
     def supports(self, spec: QuantSpec, device: torch.device) -> bool:
-        return spec.scheme == "int8"
+        return spec.scheme == self.scheme
 
     def quantize(self, weight, spec):
         return spec.quantize(weight)
+
+
+class TorchInt8Backend(_TorchBackend):
+    """Scales after the matmul: (x @ q.T) * s — skips the (out, in) multiply."""
+
+    name, scheme = "torch-int8", "int8"
 
     def linear(self, x, weight, bias, dtype):
         y = F.linear(x, weight.qweight.to(dtype)) * weight.scale.to(dtype)  # (..., out)
         return y if bias is None else y + bias.to(dtype)
 
 
-class TorchNF4Backend:
-    """Pure PyTorch, any device: dequantize the packed weight to `dtype`, then one matmul."""
+class TorchNF4Backend(_TorchBackend):
+    """Dequantize the packed weight to `dtype`, then one matmul."""
 
-    name = "torch-nf4"
-
-    def supports(self, spec: QuantSpec, device: torch.device) -> bool:
-        return spec.scheme == "nf4"
-
-    def quantize(self, weight, spec):
-        return spec.quantize(weight)
+    name, scheme = "torch-nf4", "nf4"
 
     def linear(self, x, weight, bias, dtype):
         return F.linear(x, weight.dequantize(dtype), None if bias is None else bias.to(dtype))

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError, MergeStateError, NonFiniteError, QuantConfigError, UnsupportedFeatureError
-from ..inject import _require, lora_layers
+from ..inject import lora_layers, require_adapter
 from ..layers import LoraLinear
 from ..lora_layer import MergeRecord
 from ..merge import merge, merged_adapters
@@ -251,7 +251,7 @@ def merge_quantized(
     all or nothing (on failure every layer is restored). The strategy stays set on the layers, so `unmerge`
     and later merges follow it. 'separate' checks the adapter and returns without changing any weight.
     """
-    _require(model, name)
+    require_adapter(model, name)
     if name in merged_adapters(model):
         raise MergeStateError(f"adapter {name!r} is already merged; unmerge it first")
     set_merge_strategy(model, strategy)

@@ -33,7 +33,8 @@ from ..errors import ConfigError
 from .ops import BatchPlan
 
 if TYPE_CHECKING:
-    from .decoder import CompactLlama, KVCache
+    from .decoder import CompactLlama
+    from .kvcache import KVCache
 
 log = logging.getLogger(__name__)
 

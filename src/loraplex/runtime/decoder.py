@@ -1,8 +1,8 @@
 """A compact Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) for serving with continuous batching.
 
 It reads the weights of a loaded transformers `*ForCausalLM` and runs the same math with a KV cache that has
-one *lane* per running sequence, so sequences can join and leave the batch at any step. LoRA is applied on the
-seven projections of every layer through a `runtime.BatchPlan`:
+one *lane* per running sequence (runtime.kvcache), so sequences can join and leave the batch at any step. LoRA
+is applied on the seven projections of every layer through a `runtime.BatchPlan`:
 
     y = x @ W.T (+ b);  plan.apply_(key, x, y)   # y[i] += sum_k w_k * scale_k * (x[i] @ A_k.T) @ B_k.T
 
@@ -39,8 +39,9 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
 from . import compiled
-from .ops import BatchPlan
 from .kernels import Projection, pick_kernel, projection
+from .kvcache import KVCache
+from .ops import BatchPlan
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -69,58 +70,6 @@ class _Layer:
     o: tuple[_Group, ...]
     gate_up: tuple[_Group, ...]  # yields gate, up
     down: tuple[_Group, ...]
-
-
-class KVCache:
-    """Keys and values per layer, one lane per running sequence: k[l], v[l]: (lanes, n_kv, capacity, hd).
-
-    Lane b holds its sequence's positions 0..len-1 (rotary already applied to keys). Storage grows by
-    doubling (lanes up to `max_lanes`, positions up to `max_len`); positions past a lane's length hold junk
-    that attention masks out and later writes overwrite.
-    """
-
-    def __init__(self, n_layers: int, n_kv: int, head_dim: int, *, max_lanes: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.shape = (n_kv, head_dim)
-        self.max_lanes, self.max_len = max_lanes, max_len
-        self.dtype, self.device = dtype, device
-        self.k = [torch.empty(0, n_kv, 0, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.empty_like(t) for t in self.k]
-
-    @property
-    def lanes(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-    def clear_lane(self, lane: int) -> None:
-        """Zero every position of `lane` (junk past a lane's length must stay finite: attention gives it weight
-        0, and 0 * NaN is NaN)."""
-        for t in self.k + self.v:
-            if lane < t.shape[0]:
-                t[lane].zero_()
-
-    def reserve(self, lanes: int, length: int) -> None:
-        """Make room for `lanes` lanes of `length` positions (keeps the contents)."""
-        if lanes > self.max_lanes or length > self.max_len:
-            raise ConfigError(f"KV cache holds at most {self.max_lanes} lanes x {self.max_len} positions, "
-                              f"asked for {lanes} x {length}")
-        if lanes <= self.lanes and length <= self.capacity:
-            return
-        new_lanes = min(self.max_lanes, max(lanes, 2 * self.lanes, 1))
-        new_len = min(self.max_len, max(length, 2 * self.capacity, 16))
-        for store in (self.k, self.v):
-            for i, old in enumerate(store):
-                t = torch.zeros(new_lanes, *self.shape[:1], new_len, self.shape[1], dtype=self.dtype,
-                                device=self.device)  # (lanes, n_kv, cap, hd)
-                t[: old.shape[0], :, : old.shape[2]] = old
-                store[i] = t
 
 
 class CompactLlama:

@@ -30,8 +30,8 @@ import torch.nn as nn
 from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError, UnsupportedFeatureError
 from ..store import LoraModule, unread_keys
 from ..tokens import TokenRows, token_rows
-from .ops import AdapterSource, Assignment, layer_views
 from .rowbias import bias_keys, lora_biases
+from .strategies import AdapterSource, Assignment, layer_views
 
 
 @dataclass(slots=True)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Union
 
@@ -47,18 +47,16 @@ import torch
 from ..errors import ConfigError, ShapeMismatchError, TargetNotFoundError
 from .rescale import RescaleLayer, RescaleSource, dora_slot, rescale_layer
 from .rowbias import BiasLayer, BiasSource, bias_layer, row_bias
+from .rows import RowIndex
 from .saved_modules import SavedLayer, SavedSource, copy_slot, saved_layer
+from .strategies import (AdapterSource, Assignment, GatherLayer, SegmentLayer, Virtual, gather_layer, layer_views,
+                         segment_layer)
 
 if TYPE_CHECKING:
     from .embedding import EmbeddingLayer
 
-# One row's adapters: ((slot, weight), ...); () = base only.
-Assignment = tuple[tuple[int, float], ...]
 # What a caller may pass for one row: a slot index (-1 = base only) or an iterable of (slot, weight).
 AssignmentLike = Union[int, Iterable[tuple[int, float]]]
-# Where a plan reads adapter tensors: (slot, layer_key) -> (A (r, in), B (out, r), scale), or None when
-# that slot has no LoRA on that layer.
-AdapterSource = Callable[[int, str], Union[tuple[torch.Tensor, torch.Tensor, float], None]]
 Strategy = Literal["auto", "gather", "segment"]
 
 # The rule, measured with bench/bench_runtime_ops.py-like sweeps (2 CPU threads, hidden 512, r 8, rows x L in
@@ -111,61 +109,6 @@ def choose_strategy(num_active_rows: int, num_distinct: int, contiguous: bool = 
     return "gather"
 
 
-@dataclass(slots=True)
-class _GatherLayer:
-    """One layer of a gather plan: per active row, its virtual adapter padded to rank R."""
-
-    rows: torch.Tensor | None  # (n,) int64 active rows of the batch; None = every row is active
-    A: torch.Tensor  # (n, R, in)   each row's virtual A, zero rows past its rank (lora_compute_dtype)
-    Bt: torch.Tensor  # (n, R, out)  each row's (w * scale * B).T, zero rows past its rank
-    # (A used through a transposed view and Bt stored transposed: the fastest bmm layouts measured on CPU)
-
-    def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = x.to(self.A.dtype)  # no-op unless the plan computes in float32 for a bf16/fp16 batch
-        if self.rows is None:
-            h = torch.bmm(x, self.A.transpose(1, 2))  # (B, L, R)
-            if y.is_contiguous() and y.dtype == self.Bt.dtype:
-                y.baddbmm_(h, self.Bt)  # (B, L, out)
-            else:  # y in another dtype, or a view (a part of a fused GEMM's output: CPU baddbmm_ loops over rows)
-                y.add_(torch.bmm(h, self.Bt))
-        else:
-            h = torch.bmm(x.index_select(0, self.rows), self.A.transpose(1, 2))  # (n, L, R)
-            y.index_add_(0, self.rows, torch.bmm(h, self.Bt).to(y.dtype))  # (n, L, out) into the active rows
-
-
-@dataclass(slots=True)
-class _Segment:
-    rows: slice | torch.Tensor  # contiguous rows as a slice, else an (n_u,) int64 index
-    A: torch.Tensor  # (r_u, in)  the virtual adapter's A, at its own rank
-    Bt: torch.Tensor  # (r_u, out) its B.T (for a mix: cat_k(c_k B_k).T)
-    alpha: float  # w * scale for a single slot (its tensors are then the pool's own, not copied); 1.0 for a mix
-    owned: bool  # A / Bt are copies made for this plan (counted in BatchPlan.nbytes)
-
-
-@dataclass(slots=True)
-class _SegmentLayer:
-    """One layer of a segment plan: one pair of matmuls per distinct virtual adapter."""
-
-    segments: tuple[_Segment, ...]
-    compute: torch.dtype  # lora_compute_dtype of the plan: A, Bt and x are cast to it at each call (no-op if equal)
-
-    def apply_(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        L = x.shape[1]
-        for seg in self.segments:
-            A, Bt = seg.A.to(self.compute), seg.Bt.to(self.compute)  # (r_u, in), (r_u, out)
-            if isinstance(seg.rows, slice):
-                xs, ys = x[seg.rows], y[seg.rows]  # views: (n_u, L, in), (n_u, L, out)
-                h = xs.reshape(-1, xs.shape[-1]).to(self.compute) @ A.T  # (n_u * L, r_u)
-                if ys.is_contiguous() and ys.dtype == self.compute:
-                    ys.view(-1, ys.shape[-1]).addmm_(h, Bt, alpha=seg.alpha)
-                else:
-                    ys.add_((h @ Bt).view(ys.shape), alpha=seg.alpha)
-            else:
-                xs = x.index_select(0, seg.rows)  # (n_u, L, in)
-                h = xs.view(-1, xs.shape[-1]).to(self.compute) @ A.T  # (n_u * L, r_u)
-                y.index_add_(0, seg.rows, (h @ Bt).view(-1, L, Bt.shape[-1]).to(y.dtype), alpha=seg.alpha)
-
-
 @dataclass
 class BatchPlan:
     """Per-batch tensors for every layer; build once per batch composition, apply at every layer and step.
@@ -180,7 +123,7 @@ class BatchPlan:
     assignments: tuple[Assignment, ...]  # one per batch row
     strategy: Literal["gather", "segment"]
     dtype: torch.dtype
-    layers: dict[str, _GatherLayer | _SegmentLayer | None]  # None: no active row at that layer
+    layers: dict[str, GatherLayer | SegmentLayer | None]  # None: no active row at that layer
     in_out: dict[str, tuple[int, int]]  # layer key -> (in_features, out_features)
     versions: dict[int, int] = field(default_factory=dict)  # slot -> content version it was built from
     rescale: dict[str, RescaleLayer] = field(default_factory=dict)  # layers with DoRA rows (applied after LoRA)
@@ -201,9 +144,9 @@ class BatchPlan:
         """Bytes of the tensors the plan copied (stacks, mixes); single-slot segments read the source's own."""
         total = 0
         for lay in self.layers.values():
-            if isinstance(lay, _GatherLayer):
+            if isinstance(lay, GatherLayer):
                 total += _nbytes(lay.A) + _nbytes(lay.Bt)
-            elif isinstance(lay, _SegmentLayer):
+            elif isinstance(lay, SegmentLayer):
                 total += sum(_nbytes(s.A) + _nbytes(s.Bt) for s in lay.segments if s.owned)
         total += sum(_nbytes(b.bias) for b in self.bias.values())
         return total + sum(_nbytes(r.gc) for r in self.rescale.values())
@@ -211,7 +154,7 @@ class BatchPlan:
     @property
     def max_rank(self) -> int:
         """The largest (virtual) rank any row reads at any layer (0 when no row has LoRA)."""
-        ranks = [lay.A.shape[1] if isinstance(lay, _GatherLayer) else max(s.A.shape[0] for s in lay.segments)
+        ranks = [lay.A.shape[1] if isinstance(lay, GatherLayer) else max(s.A.shape[0] for s in lay.segments)
                  for lay in self.layers.values() if lay is not None]
         return max(ranks, default=0)
 
@@ -225,7 +168,7 @@ class BatchPlan:
         if lay is None:
             return None
         fin, fout = self.in_out[key]
-        if isinstance(lay, _GatherLayer):
+        if isinstance(lay, GatherLayer):
             dev, dt = lay.A.device, lay.A.dtype
             parts = [(lay.rows if lay.rows is not None else torch.arange(lay.A.shape[0], device=dev), lay.A, lay.Bt)]
         else:
@@ -302,7 +245,7 @@ def build_plan(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     strategy: Strategy = "auto",
-    memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
+    memo: MutableMapping[Assignment, dict[str, Virtual | None]] | None = None,
     rescale: RescaleSource | None = None,
     bias: BiasSource | None = None,
     saved: SavedSource | None = None,
@@ -333,9 +276,9 @@ def build_plan(
     if strategy not in ("gather", "segment"):
         raise ConfigError(f"strategy must be 'auto', 'gather' or 'segment', got {strategy!r}")
     device = torch.device(device)
-    rows = _RowIndex(rows_of, row_u, device)
+    rows = RowIndex(rows_of, row_u, device)
     per_u = [layer_views(get, a, layers, dtype=dtype, device=device, memo=memo) for a in distinct]
-    built: dict[str, _GatherLayer | _SegmentLayer | None] = {}
+    built: dict[str, GatherLayer | SegmentLayer | None] = {}
     scaled: dict[str, RescaleLayer] = {}
     biased: dict[str, BiasLayer] = {}
     for key, (fin, fout) in layers.items():
@@ -345,11 +288,11 @@ def build_plan(
         if bias is not None and (b := bias_layer([row_bias(bias, a, key) for a in distinct], row_u, fout,
                                                  device, dtype)) is not None:
             biased[key] = b
-        virt = [v[key] for v in per_u]  # per distinct assignment: _Virtual | None
+        virt = [v[key] for v in per_u]  # per distinct assignment: Virtual | None
         if strategy == "gather":
-            built[key] = _gather_layer(virt, rows, fin, fout, lora_compute_dtype(dtype, device), device)
+            built[key] = gather_layer(virt, rows, fin, fout, lora_compute_dtype(dtype, device), device)
         else:
-            built[key] = _segment_layer(virt, rows, lora_compute_dtype(dtype, device))
+            built[key] = segment_layer(virt, rows, lora_compute_dtype(dtype, device))
     copies: dict[str, SavedLayer] = {}
     if saved is not None:
         for key in dict.fromkeys(k for a in distinct for s, _ in a for k in saved(s)):
@@ -380,128 +323,6 @@ def lora_batched_(
 
     plan = build_plan(get, assignments, {"": (fin, fout)}, dtype=x.dtype, device=x.device, strategy=strategy)
     return plan.apply_("", x, y)
-
-
-@dataclass(slots=True)
-class _Virtual:
-    """One distinct assignment at one layer: y_rows += alpha * (x_rows @ A.T) @ Bt."""
-
-    A: torch.Tensor  # (R, in)   cat_k A_k
-    Bt: torch.Tensor  # (R, out)  cat_k (c_k B_k).T for a mix; B.T for a single slot
-    alpha: float  # 1.0 for a mix (c_k = w_k * scale_k folded into Bt); w * scale for a single slot
-    owned: bool  # A / Bt were copied for the plan (False: they are the source's own tensors)
-
-
-class _RowIndex:
-    """Row bookkeeping shared by every layer of a plan (built once per plan)."""
-
-    def __init__(self, rows_of: list[list[int]], row_u: list[int], device: torch.device) -> None:
-        self.rows_of, self.row_u, self.device = rows_of, row_u, device
-        self.sel = [  # per distinct assignment: its rows as a slice when contiguous, else an index tensor
-            slice(r[0], r[-1] + 1) if r[-1] - r[0] + 1 == len(r) else torch.tensor(r, dtype=torch.long, device=device)
-            for r in rows_of
-        ]
-        self._active: dict[tuple[int, ...], tuple[torch.Tensor | None, list[int]]] = {}
-
-    def active(self, present: tuple[int, ...]) -> tuple[torch.Tensor | None, list[int]]:
-        """Rows whose assignment is in `present` (ascending; None = all rows) and each one's assignment."""
-        if present not in self._active:
-            keep = set(present)
-            act = [b for b, u in enumerate(self.row_u) if u in keep]
-            idx = None if len(act) == len(self.row_u) else torch.tensor(act, dtype=torch.long, device=self.device)
-            self._active[present] = (idx, [self.row_u[b] for b in act])
-        return self._active[present]
-
-
-def layer_views(
-    get: AdapterSource,
-    a: Assignment,
-    layers: Mapping[str, tuple[int, int]],
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    memo: MutableMapping[Assignment, dict[str, _Virtual | None]] | None = None,
-) -> dict[str, _Virtual | None]:
-    """What a plan reads for assignment `a` (normalized) at every layer: {key: view, or None where no slot of
-    `a` has LoRA}. A single-slot result that copies nothing is stored in `memo` (see `build_plan`); calling
-    this when an adapter arrives makes its first plan as cheap as the later ones."""
-    if memo is not None and len(a) == 1:
-        hit = memo.get(a)
-        if hit is not None and hit.keys() == layers.keys():
-            return hit
-    out = {key: _virtual(get, a, key, fin, fout, dtype, device) for key, (fin, fout) in layers.items()}
-    if memo is not None and len(a) == 1 and not any(v.owned for v in out.values() if v is not None):
-        memo[a] = out
-    return out
-
-
-def _virtual(
-    get: AdapterSource, a: Assignment, key: str, fin: int, fout: int, dtype: torch.dtype, device: torch.device
-) -> _Virtual | None:
-    """One assignment's virtual adapter at layer `key`; None when none of its slots has LoRA there.
-
-    A mix concatenates along r, exactly: sum_k c_k (x @ A_k.T) @ B_k.T == (x @ cat(A_k).T) @ cat(c_k B_k).T,
-    with c_k = w_k * scale_k folded into B in float32 (at least), then cast to `dtype` once.
-    """
-    parts = []
-    for slot, w in a:
-        t = get(slot, key)
-        if t is None:
-            continue
-        A, B, scale = t
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != fin or B.shape[0] != fout or A.shape[0] != B.shape[1]:
-            raise ShapeMismatchError(
-                f"slot {slot} at layer {key!r}: expected A (r, {fin}) and B ({fout}, r), "
-                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
-            )
-        parts.append((A, B, w * scale))
-    if not parts:
-        return None
-    if len(parts) == 1:  # no copy when the source already has the plan's dtype and device
-        A, B, c = parts[0]
-        A2, Bt2 = A.to(device=device, dtype=dtype), B.T.to(device=device, dtype=dtype)
-        return _Virtual(A2, Bt2, c, owned=A2 is not A or Bt2.data_ptr() != B.data_ptr())
-    compute = torch.promote_types(dtype, torch.float32)
-    A = torch.cat([A.to(device=device, dtype=dtype) for A, _, _ in parts], dim=0)  # (R, in)
-    Bt = torch.cat([(B.T.to(device=device, dtype=compute) * c).to(dtype) for _, B, c in parts], dim=0)  # (R, out)
-    return _Virtual(A, Bt, 1.0, owned=True)
-
-
-def _gather_layer(
-    virt: list[_Virtual | None], rows: _RowIndex, fin: int, fout: int, dtype: torch.dtype, device: torch.device
-) -> _GatherLayer | None:
-    present = tuple(u for u, v in enumerate(virt) if v is not None)
-    if not present:
-        return None
-    idx, sel = rows.active(present)  # active rows, and each one's distinct assignment
-    R = max(virt[u].A.shape[0] for u in present)
-    by_rank: dict[int, list[int]] = {}
-    for u in present:
-        by_rank.setdefault(virt[u].A.shape[0], []).append(u)
-    alphas = [virt[u].alpha for u in range(len(virt)) if virt[u] is not None]
-    if len(present) == len(virt) and len(by_rank) == 1:  # one rank, all present: no padding, no zero fill
-        A_u = torch.stack([v.A for v in virt]).to(dtype)  # (U, R, in)
-        Bt_u = torch.stack([v.Bt for v in virt]).to(dtype)  # (U, R, out)
-        if any(a != 1.0 for a in alphas):
-            Bt_u.mul_(torch.tensor(alphas, dtype=torch.float32, device=device).view(-1, 1, 1))  # fold alpha
-    else:
-        A_u = torch.zeros(len(virt), R, fin, dtype=dtype, device=device)  # (U, R, in)
-        Bt_u = torch.zeros(len(virt), R, fout, dtype=dtype, device=device)  # (U, R, out)
-        for u in present:
-            v = virt[u]
-            r = v.A.shape[0]
-            A_u[u, :r] = v.A
-            Bt_u[u, :r].copy_(v.Bt).mul_(v.alpha)  # fold alpha (in the stack's dtype): its rows all use alpha 1
-    if sel == list(range(len(virt))):  # every row its own assignment, in order: the stacks are the rows
-        return _GatherLayer(idx, A_u, Bt_u)
-    u_idx = torch.tensor(sel, dtype=torch.long, device=device)
-    return _GatherLayer(idx, A_u.index_select(0, u_idx), Bt_u.index_select(0, u_idx))  # (n, R, in), (n, R, out)
-
-
-def _segment_layer(virt: list[_Virtual | None], rows: _RowIndex, compute: torch.dtype) -> _SegmentLayer | None:
-    sel = rows.sel
-    segs = tuple([_Segment(sel[u], v.A, v.Bt, v.alpha, v.owned) for u, v in enumerate(virt) if v is not None])
-    return _SegmentLayer(segs, compute) if segs else None
 
 
 def _nbytes(t: torch.Tensor) -> int:

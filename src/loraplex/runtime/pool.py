@@ -7,13 +7,8 @@ leases get the new slot. A slot's `version` (unique over the pool's life) change
 new content, so a cached `BatchPlan` built from old content is never reused.
 
 Tiers. The fast tier holds the tensors that plans read: CUDA when `device="cuda"` is given and available,
-else CPU RAM. Its size is capped by `budget_bytes`; when an add or a reload needs room, the least recently
-used adapters that nobody leases are evicted from it. Where an evicted adapter goes back from:
-  - `loader(name, content_hash) -> {layer_key: (A, B)}` when one is given (e.g. read from an adapter store);
-  - otherwise a CPU copy, when the fast tier is not CPU;
-  - otherwise nowhere: a CPU pool without a loader never evicts and raises PoolFullError when full.
-Reloaded content is checked against a fingerprint taken at `add`, so a loader that returns another version
-(a replaced file on disk) fails loudly instead of serving stale weights.
+else CPU RAM, capped by `budget_bytes`; the least recently used adapters nobody leases are evicted from it when
+room is needed and come back from `loader` (or a CPU copy) when used again (`loraplex.runtime.tier`).
 
 A DoRA adapter also has, at each of its layers, a [g; c] (2, out) tensor (loraplex.runtime.rescale). These
 are small (2 * out values per layer), stay in the fast tier for the slot's whole life (eviction drops A and B
@@ -27,7 +22,8 @@ and trainable tokens in the same slots (A (r, vocab), Bt (r, dim)); a plan appli
 
 Each adapter is stored at its own rank per layer (no padding to the largest rank); adding or removing one
 costs the same whatever the number loaded: per-batch stacks are built by `plan`, not kept here.
-What a slot holds and the checks on add/reload: `loraplex.runtime.slots`; the plan cache: `.plancache`.
+What a slot holds and the checks on add/reload: `loraplex.runtime.slots`; the plan cache: `.plancache`;
+`Lease` and `PoolStats`: `.pooltypes`.
 
 Example:
     pool = AdapterPool({"layers.0.q_proj": (512, 512)}, budget_bytes=64 << 20)
@@ -43,53 +39,18 @@ import heapq
 import itertools
 import threading
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AdapterNotFoundError, ConfigError, LeaseError, PoolFullError, ShapeMismatchError
 from .embedding import embedding_layers
-from .ops import (AssignmentLike, BatchPlan, Strategy, build_plan, layer_views, lora_compute_dtype,
-                  normalize_assignment)
+from .ops import AssignmentLike, BatchPlan, Strategy, build_plan, lora_compute_dtype, normalize_assignment
 from .plancache import PlanCache
-from .slots import (LayerTensors, Loader, SlotEntry, check_bias, check_dora, check_saved, check_tensors,
-                    copies_fingerprint, fingerprint, reload, to_fast)
-
-
-@dataclass(frozen=True)
-class Lease:
-    """A hold on one version of an adapter: its slot keeps that content until released (also `with`)."""
-
-    name: str
-    slot: int
-    version: int
-    content_hash: str
-    pool: AdapterPool = field(repr=False, compare=False)
-    lease_id: int = field(repr=False)
-
-    def release(self) -> None:
-        self.pool.release(self)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    hits: int  # an adapter needed by acquire/plan was already in the fast tier
-    misses: int  # it had to be reloaded into the fast tier
-    evictions: int  # adapters dropped from the fast tier to make room
-    adapters: int  # slots in use (names + retired versions still leased)
-    resident: int  # of which in the fast tier
-    resident_bytes: int
-    budget_bytes: int | None
-    plan_builds: int
-    plan_hits: int  # plan() answered from the cache
+from .pooltypes import Lease, PoolStats
+from .slots import LayerTensors, Loader, SlotEntry, check_adapter, new_entry
+from .strategies import layer_views
+from .tier import FastTier
 
 
 class AdapterPool:
@@ -120,8 +81,6 @@ class AdapterPool:
             device = torch.device("cpu")
         self.device = device
         self.dtype = dtype
-        self.budget_bytes = budget_bytes
-        self.loader = loader
         self.max_plans = max_plans
         self._layers: dict[str, tuple[int, int]] = {}
         self._embeddings: set[str] = set()  # keys of embedding layers among _layers
@@ -132,13 +91,27 @@ class AdapterPool:
         self._versions = itertools.count(1)
         self._lease_ids = itertools.count(1)
         self._leases: dict[int, int] = {}  # outstanding lease id -> slot
-        self._lru: OrderedDict[int, None] = OrderedDict()  # resident slots, least recently used first
-        self._resident_bytes = 0
         self._plans = PlanCache()
-        self._counts = dict(hits=0, misses=0, evictions=0, plan_builds=0, plan_hits=0)
+        self._tier = FastTier(self._entries, budget_bytes=budget_bytes, device=device, dtype=dtype, loader=loader,
+                              on_evict=self._plans.drop)
+        self._counts = dict(plan_builds=0, plan_hits=0)
         self._lock = threading.RLock()
         for key, (fin, fout) in (layers or {}).items():
             self.register_layer(key, fin, fout)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """Cap on the fast tier's bytes (None = no cap)."""
+        return self._tier.budget_bytes
+
+    @property
+    def loader(self) -> Loader | None:
+        """Where evicted adapters are read back from: (name, content_hash) -> their tensors (None = nowhere)."""
+        return self._tier.loader
+
+    @loader.setter
+    def loader(self, loader: Loader | None) -> None:
+        self._tier.loader = loader
 
     # ---- layers -------------------------------------------------------------------------------------------
     def register_layer(self, key: str, in_features: int, out_features: int, *, embedding: bool = False) -> None:
@@ -189,35 +162,21 @@ class AdapterPool:
                 raise ConfigError(f"content_hash must be a non-empty string, got {content_hash!r}")
             cur = self._by_name.get(name)
             if cur is not None and self._entries[cur].content_hash == content_hash:
-                self._touch(cur)
+                self._tier.touch(cur)
                 return cur
-            shapes, scl = check_tensors(name, tensors, scales, self._layers)
-            gc = check_dora(name, dora or {}, shapes, dtype=self.dtype, device=self.device)
-            copies = check_saved(name, saved or {}, dtype=self.dtype, device=self.device)
-            nbytes = sum(self._nbytes(r, fin, fout) for r, fin, fout in shapes.values())
-            nbytes += sum(t.numel() * t.element_size() for t in _flat(copies))  # evicted with A and B
-            lb = check_bias(name, bias or {}, shapes, dtype=self.dtype, device=self.device)
-            dbytes = sum(t.numel() * t.element_size() for t in [*gc.values(), *lb.values()])
+            checked = check_adapter(name, tensors, scales, dora or {}, bias or {}, saved or {}, self._layers,
+                                    dtype=self.dtype, device=self.device)
             old = self._entries[cur] if cur is not None else None
             # an unleased old version is freed right after: its bytes count as available
             credit = old.nbytes if old is not None and old.refs == 0 and old.fast is not None else 0
             keep = frozenset([cur]) if credit else frozenset()
-            self._make_room(max(0, nbytes + dbytes - credit), what=f"adapter {name!r}", keep=keep)
-            fast = to_fast(tensors, dtype=self.dtype, device=self.device)
-            slow = slow_saved = None
-            if self.loader is None and self.device.type != "cpu":
-                pin = torch.cuda.is_available()
-                slow = {k: tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in pair)
-                        for k, pair in fast.items()}
-                slow_saved = {k: {p: t.to("cpu").pin_memory() if pin else t.to("cpu") for p, t in params.items()}
-                              for k, params in copies.items()}
+            self._tier.make_room(max(0, checked.nbytes + checked.kept_bytes - credit), what=f"adapter {name!r}",
+                                 keep=keep)
+            entry = new_entry(name, content_hash, next(self._versions), tensors, checked, dtype=self.dtype,
+                              device=self.device, cpu_copy=self._tier.keeps_cpu_copy)
             slot = heapq.heappop(self._free) if self._free else self._new_slot()
-            self._entries[slot] = SlotEntry(
-                name, content_hash, next(self._versions), scl, shapes, fingerprint(fast), nbytes, fast, slow, dora=gc,
-                bias=lb, saved=copies, saved_keys=frozenset(copies), saved_fingerprint=copies_fingerprint(copies),
-                slow_saved=slow_saved)
-            self._resident_bytes += nbytes + dbytes
-            self._lru[slot] = None
+            self._entries[slot] = entry
+            self._tier.admit(slot, checked.nbytes + checked.kept_bytes)
             self._by_name[name] = slot
             if cur is not None:
                 self._retire(cur)
@@ -260,7 +219,7 @@ class AdapterPool:
         with self._lock:
             slot = self._slot_of(name)
             e = self._entries[slot]
-            self._ensure_resident([slot])
+            self._tier.ensure_resident([slot], self._prepare_views)
             e.refs += 1
             lid = next(self._lease_ids)
             self._leases[lid] = slot
@@ -291,12 +250,12 @@ class AdapterPool:
             if cached is not None:
                 self._counts["plan_hits"] += 1
                 for s in cached.versions:
-                    self._touch(s)
+                    self._tier.touch(s)
                 return cached
             slots = sorted({s for a in rows for s, _ in a})
             for s in slots:
                 self._live(s)
-            self._ensure_resident(slots)
+            self._tier.ensure_resident(slots, self._prepare_views)
             plan = build_plan(self._get, rows, self._linear(), dtype=self.dtype, device=self.device,
                               strategy=strategy, memo=self._plans.views, rescale=self._rescale, bias=self._bias,
                               saved=self._saved)
@@ -324,13 +283,13 @@ class AdapterPool:
     def stats(self) -> PoolStats:
         with self._lock:
             return PoolStats(
-                adapters=len(self._entries), resident=len(self._lru), resident_bytes=self._resident_bytes,
-                budget_bytes=self.budget_bytes, **self._counts,
+                adapters=len(self._entries), resident=len(self._tier.lru), resident_bytes=self._tier.resident_bytes,
+                budget_bytes=self.budget_bytes, **self._tier.counts, **self._counts,
             )
 
     @property
     def resident_bytes(self) -> int:
-        return self._resident_bytes
+        return self._tier.resident_bytes
 
     def is_resident(self, name: str) -> bool:
         with self._lock:
@@ -338,11 +297,7 @@ class AdapterPool:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _get(self, slot: int, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        e = self._entries[slot]
-        if key not in e.shapes:
-            return None
-        A, Bt = e.fast[key]
-        return A, Bt.T, e.scales[key]
+        return self._entries[slot].lora(key)
 
     def _rescale(self, slot: int, key: str) -> torch.Tensor | None:
         return self._entries[slot].dora.get(key)
@@ -398,41 +353,6 @@ class AdapterPool:
         self._next_slot += 1
         return self._next_slot - 1
 
-    def _nbytes(self, r: int, fin: int, fout: int) -> int:
-        return r * (fin + fout) * self.dtype.itemsize
-
-    def _can_evict(self) -> bool:
-        return self.loader is not None or self.device.type != "cpu"
-
-    def _make_room(self, nbytes: int, *, what: str, keep: frozenset[int] = frozenset()) -> None:
-        """Evict least recently used, unleased adapters (not in `keep`) until `nbytes` more fit the budget."""
-        if self.budget_bytes is None or self._resident_bytes + nbytes <= self.budget_bytes:
-            return
-        if nbytes > self.budget_bytes:
-            raise PoolFullError(f"{what} needs {nbytes} bytes; the pool budget is {self.budget_bytes} bytes")
-        if self._can_evict():
-            for slot in list(self._lru):
-                if self._resident_bytes + nbytes <= self.budget_bytes:
-                    return
-                e = self._entries[slot]
-                if e.refs == 0 and slot not in keep:
-                    self._evict(slot)
-        if self._resident_bytes + nbytes > self.budget_bytes:
-            why = ("the rest is leased or needed by this batch" if self._can_evict()
-                   else "a CPU pool without a loader cannot evict (pass loader=...)")
-            raise PoolFullError(
-                f"{what} needs {nbytes} bytes; {self._resident_bytes} of {self.budget_bytes} are in use and "
-                f"{why}; raise budget_bytes or release leases"
-            )
-
-    def _evict(self, slot: int) -> None:
-        e = self._entries[slot]
-        e.fast, e.saved = None, {}
-        self._resident_bytes -= e.nbytes
-        del self._lru[slot]
-        self._counts["evictions"] += 1
-        self._plans.drop(slot)  # cached plans may read its tensors: let the memory go
-
     def _prepare_views(self, slot: int) -> None:
         """Memoize the per-layer views of `slot` at weight 1 now, so its first plan (an adapter switch) does
         not build them."""
@@ -443,25 +363,6 @@ class AdapterPool:
         """The registered layers but the embeddings (which plans apply by gathering, not through build_plan)."""
         return {k: v for k, v in self._layers.items() if k not in self._embeddings}
 
-    def _ensure_resident(self, slots: Sequence[int]) -> None:
-        keep = frozenset(slots)
-        for slot in slots:
-            e = self._entries[slot]
-            if e.fast is not None:
-                self._counts["hits"] += 1
-                self._touch(slot)
-                continue
-            self._counts["misses"] += 1
-            self._make_room(e.nbytes, what=f"reloading adapter {e.name!r}", keep=keep)
-            e.fast, e.saved = reload(e, self.loader, dtype=self.dtype, device=self.device)
-            self._resident_bytes += e.nbytes
-            self._lru[slot] = None
-            self._prepare_views(slot)
-
-    def _touch(self, slot: int) -> None:
-        if slot in self._lru:
-            self._lru.move_to_end(slot)
-
     def _retire(self, slot: int) -> None:
         e = self._entries[slot]
         e.retired = True
@@ -469,17 +370,7 @@ class AdapterPool:
             self._free_slot(slot)
 
     def _free_slot(self, slot: int) -> None:
-        e = self._entries.pop(slot)
-        self._resident_bytes -= sum(t.numel() * t.element_size()
-                                    for t in [*e.dora.values(), *e.bias.values()])
-        if e.fast is not None:
-            self._resident_bytes -= e.nbytes
-            del self._lru[slot]
+        self._tier.forget(slot, self._entries.pop(slot))
         heapq.heappush(self._free, slot)
         self._plans.drop(slot)
 
-
-
-def _flat(saved: Mapping[str, Mapping[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Every tensor of a slot's modules_to_save copies."""
-    return [t for params in saved.values() for t in params.values()]

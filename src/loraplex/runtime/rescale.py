@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AdapterFileError, ShapeMismatchError, UnsupportedFeatureError
+from ..errors import AdapterFileError, UnsupportedFeatureError
 from ..functional import dora_scale
 from ..store import AdapterFile, lora_modules
+from .rows import stack_rows
 
 # (slot, layer_key) -> that slot's [g; c] (2, out) at the layer, or None when the slot is plain LoRA there.
 RescaleSource = Callable[[int, str], "torch.Tensor | None"]
@@ -89,15 +90,5 @@ def dora_slot(get: RescaleSource, assignment: Sequence[tuple[int, float]], key: 
 def rescale_layer(per_u: list[torch.Tensor | None], row_u: list[int], fout: int,
                   device: torch.device, dtype: torch.dtype) -> RescaleLayer | None:
     """Build one layer's RescaleLayer: per_u[u] is distinct assignment u's [g; c] (or None), row_u[b] row b's u."""
-    present = [u for u, t in enumerate(per_u) if t is not None]
-    if not present:
-        return None
-    for u in present:
-        if tuple(per_u[u].shape) != (2, fout):
-            raise ShapeMismatchError(f"a DoRA [g; c] tensor must be (2, {fout}), got {tuple(per_u[u].shape)}")
-    where = {u: i for i, u in enumerate(present)}
-    rows = [b for b, u in enumerate(row_u) if u in where]
-    gc = torch.stack([per_u[u].to(device=device, dtype=dtype) for u in present])  # (U, 2, out)
-    idx = None if len(rows) == len(row_u) else torch.tensor(rows, dtype=torch.long, device=device)
-    u = None if len(present) == 1 else torch.tensor([where[row_u[b]] for b in rows], dtype=torch.long, device=device)
-    return RescaleLayer(idx, gc, u)
+    stacked = stack_rows(per_u, row_u, (2, fout), "a DoRA [g; c] tensor", device, dtype)
+    return None if stacked is None else RescaleLayer(*stacked)

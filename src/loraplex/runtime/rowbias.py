@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import AdapterFileError, ShapeMismatchError
+from ..errors import AdapterFileError
 from ..store import AdapterFile, LoraModule
+from .rows import stack_rows
 
 BIAS_SUFFIX = ".lora_B.bias"
 # (slot, layer_key) -> (b (out,), scale) of that slot at the layer, or None when it has no LoRA-B bias there.
@@ -73,15 +74,5 @@ def row_bias(get: BiasSource, assignment: Sequence[tuple[int, float]], key: str)
 def bias_layer(per_u: list[torch.Tensor | None], row_u: list[int], fout: int,
                device: torch.device, dtype: torch.dtype) -> BiasLayer | None:
     """Build one layer's BiasLayer: per_u[u] is distinct assignment u's summed bias (or None), row_u[b] row b's u."""
-    present = [u for u, t in enumerate(per_u) if t is not None]
-    if not present:
-        return None
-    for u in present:
-        if tuple(per_u[u].shape) != (fout,):
-            raise ShapeMismatchError(f"a LoRA-B bias must be ({fout},), got {tuple(per_u[u].shape)}")
-    where = {u: i for i, u in enumerate(present)}
-    rows = [b for b, u in enumerate(row_u) if u in where]
-    bias = torch.stack([per_u[u].to(device=device, dtype=dtype) for u in present])  # (U, out)
-    idx = None if len(rows) == len(row_u) else torch.tensor(rows, dtype=torch.long, device=device)
-    u = None if len(present) == 1 else torch.tensor([where[row_u[b]] for b in rows], dtype=torch.long, device=device)
-    return BiasLayer(idx, bias, u)
+    stacked = stack_rows(per_u, row_u, (fout,), "a LoRA-B bias", device, dtype)
+    return None if stacked is None else BiasLayer(*stacked)

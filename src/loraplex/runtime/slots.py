@@ -63,6 +63,30 @@ class SlotEntry:
     saved_fingerprint: dict[str, int] = field(default_factory=dict)  # "module.param" -> hash of the stored bits
     slow_saved: dict[str, dict[str, torch.Tensor]] | None = None  # CPU copy of `saved` (like `slow`)
 
+    @property
+    def kept_bytes(self) -> int:
+        """Fast-tier bytes held for the slot's whole life (DoRA [g; c], LoRA-B biases: eviction keeps them)."""
+        return _nbytes([*self.dora.values(), *self.bias.values()])
+
+    def lora(self, key: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, in), B (out, r), scale) at layer `key` (B as a view of the stored Bt), None without LoRA there."""
+        if key not in self.shapes:
+            return None
+        A, Bt = self.fast[key]
+        return A, Bt.T, self.scales[key]
+
+
+class CheckedAdapter(NamedTuple):
+    """An adapter checked for a slot (`check_adapter`), before any of its A / B is stored."""
+
+    shapes: dict[str, tuple[int, int, int]]  # key -> (r, in, out)
+    scales: dict[str, float]  # key -> scale
+    dora: dict[str, torch.Tensor]  # fast-tier [g; c] (2, out) per DoRA layer
+    bias: dict[str, torch.Tensor]  # fast-tier b (out,) per lora_bias layer
+    saved: dict[str, dict[str, torch.Tensor]]  # fast-tier modules_to_save copies
+    nbytes: int  # fast-tier bytes of A, B and the copies (what eviction frees)
+    kept_bytes: int  # fast-tier bytes of dora and bias (held while the slot lives)
+
 
 class PoolInput(NamedTuple):
     """An adapter file as `AdapterPool.add` input (see `pool_tensors`)."""
@@ -104,6 +128,38 @@ def pool_tensors(af: AdapterFile, layers: Mapping[str, tuple[int, int]],
     if not tensors:
         raise AdapterFileError(f"{what} holds no LoRA tensors")
     return PoolInput(tensors, scales, bias, copies)
+
+
+def check_adapter(name: str, tensors: LayerTensors, scales: Mapping[str, float],
+                  dora: Mapping[str, torch.Tensor], bias: Mapping[str, torch.Tensor],
+                  saved: Mapping[str, Mapping[str, torch.Tensor]], layers: Mapping[str, tuple[int, int]], *,
+                  dtype: torch.dtype, device: torch.device) -> CheckedAdapter:
+    """Everything `AdapterPool.add` takes, checked (check_tensors, check_dora, check_saved, check_bias) against
+    the registered layers {key: (in, out)}, with the fast-tier bytes it will take in `dtype`."""
+    shapes, scl = check_tensors(name, tensors, scales, layers)
+    gc = check_dora(name, dora, shapes, dtype=dtype, device=device)
+    copies = check_saved(name, saved, dtype=dtype, device=device)
+    nbytes = sum(r * (fin + fout) * dtype.itemsize for r, fin, fout in shapes.values())
+    nbytes += _nbytes([t for params in copies.values() for t in params.values()])  # evicted with A and B
+    lb = check_bias(name, bias, shapes, dtype=dtype, device=device)
+    return CheckedAdapter(shapes, scl, gc, lb, copies, nbytes, _nbytes([*gc.values(), *lb.values()]))
+
+
+def new_entry(name: str, content_hash: str, version: int, tensors: LayerTensors, checked: CheckedAdapter, *,
+              dtype: torch.dtype, device: torch.device, cpu_copy: bool) -> SlotEntry:
+    """A resident slot for `tensors` (copied into the fast tier) as `check_adapter` checked them; cpu_copy: keep
+    a (pinned, where CUDA is) CPU copy too, for an off-CPU pool with no loader to bring it back from."""
+    fast = to_fast(tensors, dtype=dtype, device=device)
+    slow = slow_saved = None
+    if cpu_copy:
+        pin = torch.cuda.is_available()
+        slow = {k: tuple(t.to("cpu").pin_memory() if pin else t.to("cpu") for t in pair) for k, pair in fast.items()}
+        slow_saved = {k: {p: t.to("cpu").pin_memory() if pin else t.to("cpu") for p, t in params.items()}
+                      for k, params in checked.saved.items()}
+    return SlotEntry(name, content_hash, version, checked.scales, checked.shapes, fingerprint(fast), checked.nbytes,
+                     fast, slow, dora=checked.dora, bias=checked.bias, saved=checked.saved,
+                     saved_keys=frozenset(checked.saved), saved_fingerprint=copies_fingerprint(checked.saved),
+                     slow_saved=slow_saved)
 
 
 def check_tensors(
@@ -204,6 +260,10 @@ def fingerprint(fast: Stored) -> dict[str, tuple[int, int]]:
 def copies_fingerprint(saved: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, int]:
     """Per "module.param" of modules_to_save copies, an xor-hash of its bits (as stored)."""
     return {f"{k}.{p}": _hash(t) for k, params in saved.items() for p, t in params.items()}
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _hash(t: torch.Tensor) -> int:

@@ -51,7 +51,7 @@ from ..errors import (
     RequestTooLargeError,
 )
 from ..identity import check_base
-from ..inject import check_name
+from ..inject import check_name, is_adapter_name
 from ..runtime import AdapterPool, AdapterStore
 from ..runtime.rescale import dora_rescales
 from ..runtime.decoder import saved_places
@@ -105,7 +105,7 @@ class ServedAdapters:
     def available(self) -> list[str]:
         """Adapter directories in the folder (loaded or not) whose names can be served."""
         folder = self._folder()
-        return [n for n in folder.names() if _valid(n)] if folder is not None else []
+        return [n for n in folder.names() if is_adapter_name(n)] if folder is not None else []
 
     def _folder(self, *, create: bool = False) -> AdapterStore | None:
         """The adapter folder (made first with create=True); None without one."""
@@ -246,14 +246,6 @@ class ServedAdapters:
             raise
         self.broken.pop(name, None)
         return loaded
-
-
-def _valid(name: str) -> bool:
-    try:
-        check_name(name)
-    except ConfigError:
-        return False
-    return True
 
 
 def _unzip(data: bytes, dest: Path, limit: int) -> None:

@@ -13,7 +13,8 @@ from .sources import (
 )
 from .distributed import DistInfo, init_distributed
 from .eva import EvaConfig, get_eva_state_dict, inject_eva
-from .loop import Job, Trainer, TrainConfig, adapter_params, lr_factor, row_losses, row_losses_reference
+from .config import TrainConfig
+from .loop import Job, Trainer, adapter_params, lr_factor, row_losses, row_losses_reference
 from .plot import plot_losses
 from .run import TrainResult, train
 

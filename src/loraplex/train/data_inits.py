@@ -17,7 +17,7 @@ from ..config import LoraConfig
 from ..quant.loftq import LoftQConfig, loftq_quantize
 from .data import IGNORE_INDEX, Batcher, Example
 from .eva import Batch, EvaConfig
-from .loop import TrainConfig
+from .config import TrainConfig
 
 LOFTQ_BASE = "loftq-base"  # OUT/loftq-base: the LoftQ-quantized base the adapter belongs to
 _BITS = {"nf4": 4, "int8": 8}

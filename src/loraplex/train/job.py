@@ -16,7 +16,7 @@ from ..inject import lora_layers
 from .data import Batcher, Example
 
 if TYPE_CHECKING:
-    from .loop import TrainConfig
+    from .config import TrainConfig
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -43,7 +43,7 @@ from .data import Examples, split, tokenize
 from .data_inits import LOFTQ_BASE, eva_batches, eva_config, forward_no_cache, loftq_base
 from .eva import inject_eva
 from .distributed import barrier, broadcast_object, gather_objects, init_distributed, shutdown
-from .loop import METRICS_FILE, Job, Trainer, TrainConfig, _LossModule, adapter_params
+from .loop import METRICS_FILE, Job, LossModule, Trainer, TrainConfig, adapter_params
 from .plot import plot_losses
 from .sources import load_records
 
@@ -244,7 +244,7 @@ def _run(config: TrainConfig, info) -> TrainResult:
     module = fingerprint = None
     if config.fsdp:  # before the jobs take their parameters: sharding replaces them
         fingerprint = broadcast_object(base_fingerprint(model) if info.is_main else None, info)
-        module = (fsdp.shard_from_rank0 if from_rank0 else fsdp.shard)(_LossModule(model), model, info,
+        module = (fsdp.shard_from_rank0 if from_rank0 else fsdp.shard)(LossModule(model), model, info,
                                                                        bf16=config.bf16)
     loaded_peak = peak_rss_bytes()  # the peak up to here: loading (and sharding) the base, before any step
     jobs = [Job(name, adapter_params(model, name), train_set, eval_set, config, info.world_size, pad_id)

@@ -1,6 +1,7 @@
 """Workflows built on the core (nothing in the core imports them); each module is one task:
 
     combine.py   a new adapter from several (linear, cat, svd, ties, dare, magnitude_prune)
+                 (combine_methods.py: each method's rule at one module)
     extract.py   an adapter from a fully fine-tuned model (truncated SVD of W_ft - W_base)
     export.py    merged transformers directories (what `loraplex merge` writes)
     evaluate.py  the base and many adapters scored in one pass; results.py: the results file and leaderboard

@@ -33,13 +33,13 @@ DoRA adapters (use_dora) are refused: each rescales W + its own delta by its own
 With union=True a module some adapters do not target counts as a zero delta for them. Inputs must share one
 base: their loraplex base fingerprints must agree (inputs without one, e.g. written by PEFT, are not checked),
 and the full base-weight copies PEFT saves with embedding targets (`*.base_layer.weight`) must be equal; those
-copies are not written (the base has them).
+copies are not written (the base has them). The per-module rules are combine_methods.py's; this module reads and
+checks the inputs and assembles the new adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,8 +49,10 @@ import torch
 
 from ..errors import (BaseMismatchError, ConfigError, IncompatibleAdaptersError, ShapeMismatchError,
                      UnsupportedFeatureError)
+from .combine_methods import (  # noqa: F401  (the masks: importable from here, as before)
+    ModuleLora, cat_factors, dare_mask, linear_factors, magnitude_mask, pruned_sum, svd_of_product, truncate,
+)
 from .extract import COMPUTE, adapter_config, best_low_rank, grouped_rows, new_adapter, write_adapter
-from ..functional import delta_weight
 from ..identity import PROBE_RTOL
 from ..report import format_table
 from ..store import AdapterFile, factor_keys, lora_modules, read_adapter, unread_keys
@@ -115,27 +117,6 @@ class CombineResult(AdapterFile):
     report: Optional[CombineReport] = None
 
 
-@dataclass
-class _Lora:
-    """One adapter's LoRA at one module; delta = scale * B @ A (factors flattened to 2-D)."""
-
-    kind: str
-    a: torch.Tensor  # (r, in[, *k]) as stored
-    b: torch.Tensor  # (out, r[, 1, 1]) as stored
-    scale: float
-
-    @property
-    def a2(self) -> torch.Tensor:
-        return self.a.to(COMPUTE).flatten(1)  # (r, in * prod(k))
-
-    @property
-    def b2(self) -> torch.Tensor:
-        return self.b.to(COMPUTE).flatten(1)  # (out, r)
-
-    def delta(self) -> torch.Tensor:
-        return delta_weight(self.a2, self.b2, self.scale)  # (out, in * prod(k))
-
-
 # -- the combination ------------------------------------------------------------------------------------------
 def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[float], method: str = "cat", *,
             density: Optional[float] = None, rank: Optional[int] = None, seed: int = 0,
@@ -169,17 +150,17 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
         present = [(i, lr[module]) for i, lr in enumerate(loras) if module in lr]
         _check_shapes(module, present, afs)
         mods, ws = [x for _, x in present], [weights[i] for i, _ in present]
-        a_cat, b_cat = _cat(mods, ws)
+        a_cat, b_cat = cat_factors(mods, ws)
         if method == "cat":
             a, b, err = a_cat, b_cat, 0.0
         elif method == "linear":
-            a, b, err = _linear(module, present, ws, afs, a_cat, b_cat)
+            a, b, err = linear_factors(module, present, ws, [str(af.path) for af in afs], a_cat, b_cat)
         else:
             r = rank or max(x.a.shape[0] for x in mods)
             if method == "svd":
-                a, b, err = _truncate(*_svd_lowrank(b_cat, a_cat), r)
+                a, b, err = truncate(*svd_of_product(b_cat, a_cat), r)
             else:
-                a, b, err = best_low_rank(_pruned_sum(method, module, present, ws, density, seed), r)
+                a, b, err = best_low_rank(pruned_sum(method, module, present, ws, density, seed), r)
         first = mods[0]
         dtype = _promote([t.dtype for x in mods for t in (x.a, x.b)])
         a = a.reshape(a.shape[0], *first.a.shape[1:]).to(dtype)  # (r_out, in[, *k])
@@ -198,85 +179,6 @@ def combine(adapters: Sequence[Union[AdapterFile, PathLike]], weights: Sequence[
                            density, rank, seed, union, rows, sorted(copies))
     af = new_adapter(config, tensors, fingerprint, f"<combined:{method}>")
     return CombineResult(**{f.name: getattr(af, f.name) for f in dataclasses.fields(AdapterFile)}, report=report)
-
-
-def _cat(mods: list[_Lora], ws: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    a = torch.cat([x.a2 for x in mods], dim=0)  # (sum r_i, in')
-    b = torch.cat([(w * x.scale) * x.b2 for x, w in zip(mods, ws)], dim=1)  # (out, sum r_i)
-    return a, b
-
-
-def _linear(module: str, present: list[tuple[int, _Lora]], ws: list[float], afs: list[AdapterFile],
-            a_cat: torch.Tensor, b_cat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    ranks = {str(afs[i].path): x.a.shape[0] for i, x in present}
-    if len(set(ranks.values())) > 1:
-        raise IncompatibleAdaptersError(
-            f"method 'linear' adds the A's and the B's, so it needs equal ranks, but module {module!r} has ranks "
-            f"{ranks}; use 'cat' (exact, rank = sum of ranks) or 'svd' (exact sum truncated to the rank you choose)")
-    cs = [math.sqrt(abs(w) * x.scale) for w, (_, x) in zip(ws, present)]
-    a = sum(c * x.a2 for c, (_, x) in zip(cs, present))  # (r, in')
-    b = sum(math.copysign(c, w) * x.b2 for c, w, (_, x) in zip(cs, ws, present))  # (out, r)
-    target = _fro(b_cat, a_cat)
-    err = _fro(torch.cat([b, -b_cat], 1), torch.cat([a, a_cat], 0)) / target if target > 0 else 0.0
-    return a, b, err
-
-
-def _fro(b: torch.Tensor, a: torch.Tensor) -> float:
-    """||b @ a||_F without forming the product: trace((b^T b)(a a^T)), both (R, R) and symmetric."""
-    return math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
-
-
-def _svd_lowrank(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD of b @ a from its factors: b (out, R), a (R, in) -> U (out, k), S (k,), Vh (k, in), k = min(out, in, R)."""
-    qb, rb = torch.linalg.qr(b)  # (out, k1), (k1, R)
-    qa, ra = torch.linalg.qr(a.T)  # (in, k2), (k2, R)
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # (k1, k), (k,), (k, k2)
-    return qb @ u, s, vh @ qa.T
-
-
-def _truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Keep the top r (at most len(s)) components: A = Vh[:r], B = U[:, :r] * S[:r]; relative Frobenius error."""
-    r = min(r, s.shape[0])
-    total = float(s.pow(2).sum())
-    err = math.sqrt(float(s[r:].pow(2).sum()) / total) if total > 0 else 0.0
-    return vh[:r], u[:, :r] * s[:r], err
-
-
-def magnitude_mask(d: torch.Tensor, density: float) -> torch.Tensor:
-    """Boolean mask of the k = ceil(density * numel) entries of largest |d| (at least one)."""
-    k = max(1, math.ceil(density * d.numel() - 1e-9))  # the epsilon keeps 0.3 * 10 at 3, not 4
-    mask = torch.zeros(d.numel(), dtype=torch.bool)
-    mask[d.abs().flatten().topk(k).indices] = True
-    return mask.view(d.shape)
-
-
-def dare_mask(shape: Sequence[int], density: float, seed: int, module: str, index: int,
-              device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """DARE's keep-mask for input adapter `index` at `module`: True with probability `density`, drawn from a
-    CPU generator seeded by sha256(seed|module|index), so it depends on neither the order nor the set of
-    modules; drawn on the CPU and then moved to `device`, so it is the same mask whatever the device."""
-    digest = hashlib.sha256(f"{seed}|{module}|{index}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:7], "little"))
-    return (torch.rand(tuple(shape), generator=gen, dtype=COMPUTE) < density).to(device)
-
-
-def _pruned_sum(method: str, module: str, present: list[tuple[int, _Lora]], ws: list[float], density: float,
-                seed: int) -> torch.Tensor:
-    """The merged dense delta of a pruning method (module docstring), (out, in * prod(k))."""
-    kept = []
-    for (i, x), w in zip(present, ws):
-        d = x.delta()
-        if method in ("magnitude_prune", "ties"):
-            d = d * magnitude_mask(d, density)
-        else:
-            d = d * dare_mask(d.shape, density, seed, module, i, d.device) / density
-        kept.append(w * d)
-    t = torch.stack(kept)  # (n, out, in')
-    if method in ("magnitude_prune", "dare_linear"):
-        return t.sum(0)
-    elected = torch.where(t.sum(0) >= 0, 1.0, -1.0).to(t.dtype)  # (out, in')
-    agree = torch.sign(t) == elected  # zeros never agree
-    return (t * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 # -- checks and bookkeeping -----------------------------------------------------------------------------------
@@ -321,8 +223,8 @@ def _common_base(afs: list[AdapterFile]) -> Optional[dict[str, Any]]:
     return known[0].base_fingerprint if known else None
 
 
-def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """({module: _Lora}, {key: modules_to_save copy}, {key: base weight copy}) of one adapter; refuses tensors of
+def _split(af: AdapterFile) -> tuple[dict[str, ModuleLora], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({module: ModuleLora}, {key: modules_to_save copy}, {key: base weight copy}) of one adapter; refuses tensors of
     unknown role. Base weight copies (PEFT's save_embedding_layers) must agree between inputs and are not written."""
     cfg = af.config
     if cfg.bias != "none":
@@ -339,12 +241,12 @@ def _split(af: AdapterFile) -> tuple[dict[str, _Lora], dict[str, torch.Tensor], 
         else:
             raise UnsupportedFeatureError(f"adapter {str(af.path)!r} holds {key!r}, neither a LoRA factor nor a "
                                           "modules_to_save copy; combine cannot tell what it means")
-    loras = {module: _Lora("embedding" if x.embedding else "conv" if x.a.ndim > 2 else "linear", x.a, x.b, x.scale)
+    loras = {module: ModuleLora("embedding" if x.embedding else "conv" if x.a.ndim > 2 else "linear", x.a, x.b, x.scale)
              for module, x in modules.items()}
     return loras, copies, base_copies
 
 
-def _module_plan(afs: list[AdapterFile], loras: list[dict[str, _Lora]], union: bool) -> list[str]:
+def _module_plan(afs: list[AdapterFile], loras: list[dict[str, ModuleLora]], union: bool) -> list[str]:
     every = set().union(*loras)
     if not union:
         lacking = [(af, sorted(every - set(lr))) for af, lr in zip(afs, loras) if every - set(lr)]
@@ -355,8 +257,8 @@ def _module_plan(afs: list[AdapterFile], loras: list[dict[str, _Lora]], union: b
     return sorted(every)
 
 
-def _check_shapes(module: str, present: list[tuple[int, _Lora]], afs: list[AdapterFile]) -> None:
-    def sig(x: _Lora) -> tuple:
+def _check_shapes(module: str, present: list[tuple[int, ModuleLora]], afs: list[AdapterFile]) -> None:
+    def sig(x: ModuleLora) -> tuple:
         return x.kind, tuple(x.a.shape[1:]), x.b.shape[0], tuple(x.b.shape[2:])
 
     sigs = {str(afs[i].path): sig(x) for i, x in present}

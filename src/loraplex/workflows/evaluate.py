@@ -39,13 +39,14 @@ from ..models import base_name, load_base
 from ..runtime.generate import left_pad, pad_id, stop_ids
 from ..runtime.store import AdapterStore
 from ..store import CONFIG_NAME, AdapterFile, load_adapter, read_adapter
+from ..train.config import INT_LIMIT, check_numbers
 from ..train.data import IGNORE_INDEX, Batcher, Example, split, tokenize
-from ..train.loop import FAST_LOSS_TYPES, INT_LIMIT, check_numbers
+from ..train.loss import FAST_LOSS_TYPES
 from ..train.sources import Record, load_records
 from .results import BASE, DEFAULT_METRICS, METRICS, EvalResult, PathLike
 
 GENERATION_SLACK = 8  # extra greedy tokens allowed beyond the reference's length
-# evaluate's numeric arguments (= eval's flags) for train.loop.check_numbers: (kind, None allowed, meaning, check)
+# evaluate's numeric arguments (= eval's flags) for train.config.check_numbers: (kind, None allowed, meaning, check)
 NUMERIC_ARGS = {
     "batch_size": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
     "max_length": (int, False, f"an int in [1, {INT_LIMIT}]", lambda v: 1 <= v <= INT_LIMIT),
