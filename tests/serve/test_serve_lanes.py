@@ -37,8 +37,8 @@ def add_random(pool: AdapterPool, model: CompactLlama, name: str, r: int, seed: 
     return pool.add(name, f"{name}-{seed}", t, {k: 0.5 for k in t}, dora=gc)
 
 
-def setup(lanes: int = 6):
-    hf = models.tiny_llama(seed=0)
+def setup(lanes: int = 6, dtype: torch.dtype = torch.float32):
+    hf = models.tiny_llama(seed=0).to(dtype)
     model = CompactLlama(hf)
     pool = AdapterPool(model.layer_shapes(), dtype=model.dtype, max_plans=4)
     return hf, model, pool, LaneLora(pool, lanes)
@@ -74,6 +74,24 @@ def test_lane_rows_equal_the_pool_plan():
     assert lora.rank == 8  # lane 0's mix, now over d: 2 + 4 + 2
     lora.shrink([0, 2])  # rank 8 is needed: nothing changes
     assert lora.rank == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: stacks in float32, as gather plans
+def test_lane_rows_equal_the_pool_plan_at_every_layer(dtype):
+    _, model, pool, lora = setup(dtype=dtype)
+    a, b = add_random(pool, model, "a", 2, 1), add_random(pool, model, "b", 4, 2, every=2)
+    layout = [((b, 1.0),), ((a, 0.5), (b, 2.0)), (), ((a, 1.0),)]
+    g = torch.Generator().manual_seed(0)
+    for rows in ([0, 1, 2, 3], [3, 1]):
+        batch, plan = lora.rows([layout[i] for i in rows], rows), pool.plan([layout[i] for i in rows])
+        for key, (fin, fout) in model.layer_shapes().items():
+            x = torch.randn(len(rows), 3, fin, generator=g).to(dtype)
+            wide = torch.randn(len(rows), 3, fout + 5, generator=g).to(dtype)  # y: or a view, as a fused GEMM's part
+            for view in (False, True):
+                got, want = (t[..., 5:] if view else t[..., 5:].contiguous() for t in (wide.clone(), wide.clone()))
+                batch.apply_(key, x, got)
+                plan.apply_(key, x, want)
+                close(got, want)
 
 
 def test_an_assignment_that_is_not_plain_lora_is_refused():
