@@ -96,3 +96,20 @@ def test_layers_import_downward():
     serve = {t for m in graph if m.startswith("loraplex.serve") for t in graph[m]}
     assert not {t for t in serve if t.startswith(("loraplex.train", "loraplex.cli"))}
     assert "loraplex.workflows.evaluate" not in serve
+
+
+def test_no_private_names_imported_across_modules():
+    """A leading underscore means "this module's own": no module imports another's private name."""
+    found = []
+    for path in (SRC / "loraplex").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("loraplex")):
+                found += [f"{_module(path)}: {a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
+
+
+def test_no_module_over_400_lines():
+    """Modules stay readable in one sitting (issue 16): split by responsibility past ~400 lines."""
+    long = {_module(p): n for p in (SRC / "loraplex").rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
