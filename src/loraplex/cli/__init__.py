@@ -1,10 +1,11 @@
 """`loraplex` command line: thin subcommands over the Python API (each mirrors a library call).
 
-One module per subcommand, named after it (cli/info.py, cli/quant_report.py, ...); each has
-`register(subparsers)` that adds its parser and sets `func` (the handler, args -> exit code). Every subcommand
-also gets the common flags (`--progress / --no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error of the
-LoraplexError family prints one clear line on stderr, no traceback), 2 usage error (argparse); anything else
-is a bug and shows its traceback.
+One module per subcommand, named after it (cli/info.py, cli/quant_report.py, ...); its docstring is the
+command's help and description, and its `register(subparsers)` adds the parser (flags.add_command, which sets
+`func`: the handler, args -> exit code) and its flags. Every subcommand also gets the common flags
+(`--progress / --no-progress`, `--log-level`), added here once. Exit status: 0 success, 1 failure (an error
+of the LoraplexError family prints one clear line on stderr, no traceback), 2 usage error (argparse);
+anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""`loraplex combine`: a new adapter from several (linear, cat, svd, ties, dare...)."""
+"""`loraplex combine`: combine adapters into a new adapter (linear, cat, svd, ties, dare...).
+
+A new adapter from several, e.g. 'cat' gives delta = sum_i w_i * scale_i * B_i @ A_i exactly (rank = sum of ranks);
+see docs/combine.md for every method.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,11 @@ import argparse
 
 from ..workflows.combine import METHODS, combine, save_combined
 from ..outputs import check_output
-from .flags import add_output_flags
+from .flags import add_command, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("combine", help="combine adapters into a new adapter (linear, cat, svd, ties, dare...)",
-                       description="A new adapter from several, e.g. 'cat' gives delta = sum_i w_i * scale_i * "
-                                   "B_i @ A_i exactly (rank = sum of ranks); see docs/combine.md for every method.")
+    p = add_command(sub, __doc__, run_combine)
     p.add_argument("adapters", nargs="+", help="adapter directories (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per adapter (may be negative)")
     p.add_argument("--method", choices=METHODS, default="cat", help="how to combine (default: cat, exact)")
@@ -23,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--union", action="store_true", help="combine over the union of target modules (missing = 0)")
     add_output_flags(p, "adapter directory", never="an input")
     p.add_argument("--modules", action="store_true", help="one table row per module instead of per module name")
-    p.set_defaults(func=run_combine)
 
     return ["combine"]
 

@@ -1,4 +1,10 @@
-"""`loraplex eval`: score the base and many adapters in one pass (leaderboard, JSON, chart)."""
+"""`loraplex eval`: score the base and many adapters on held-out data in one pass; leaderboard, JSON, chart.
+
+Loads every adapter onto one base; each batch holds every example once per adapter (and once for the base), routed
+per row, so one pass over the data scores them all. Metrics over completion tokens: loss (token-weighted mean
+cross-entropy), perplexity = exp(loss), next-token accuracy; exact_match = greedy reply equals the reference
+(whitespace and case normalized). See docs/workflow.md.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +18,11 @@ from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..models import load_base
 from ..outputs import check_output
 from ..workflows.plot import plot_results
-from .flags import add_base, add_num_layers
+from .flags import add_base, add_command, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser(
-        "eval", help="score the base and many adapters on held-out data in one pass; leaderboard, JSON, chart",
-        description="Loads every adapter onto one base; each batch holds every example once per adapter (and "
-                    "once for the base), routed per row, so one pass over the data scores them all. Metrics over "
-                    "completion tokens: loss (token-weighted mean cross-entropy), perplexity = exp(loss), "
-                    "next-token accuracy; exact_match = greedy reply equals the reference (whitespace and case "
-                    "normalized). See docs/workflow.md.")
+    p = add_command(sub, __doc__, run_eval)
     add_base(p, note="it needs a tokenizer")
     p.add_argument("--adapters", required=True, nargs="+",
                    help="adapter directories, folders of them, or NAME=DIR (comma-separated lists too)")
@@ -43,7 +43,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--out", help="write the results as JSON here (input of `promote --results`)")
     p.add_argument("--plot", help="write a PNG bar chart here: one panel per metric, one bar per variant")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out / --plot file")
-    p.set_defaults(func=run_eval)
 
     return ["eval"]
 

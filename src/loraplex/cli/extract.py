@@ -1,4 +1,8 @@
-"""`loraplex extract`: a LoRA adapter from a fully fine-tuned model (truncated SVD of the weight difference)."""
+"""`loraplex extract`: extract a LoRA adapter from a fully fine-tuned model (truncated SVD).
+
+Per target: W_ft - W_base = U S V^T, keep the top rank (or the energy fraction); prints the relative error per
+module.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,11 @@ import os
 from ..models import load_base
 from ..outputs import check_output
 from ..workflows.extract import extract_lora, save_extracted
-from .flags import add_base, add_num_layers, add_output_flags
+from .flags import add_base, add_command, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("extract", help="extract a LoRA adapter from a fully fine-tuned model (truncated SVD)",
-                       description="Per target: W_ft - W_base = U S V^T, keep the top rank (or the energy fraction); "
-                                   "prints the relative error per module.")
+    p = add_command(sub, __doc__, run_extract)
     add_base(p)
     p.add_argument("--finetuned", required=True, help="the fully fine-tuned model directory")
     p.add_argument("--rank", type=int, help="rank per module")
@@ -24,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     add_num_layers(p, "both models")
     add_output_flags(p, "adapter directory")
     p.add_argument("--modules", action="store_true", help="one table row per module instead of per module name")
-    p.set_defaults(func=run_extract)
     return ["extract"]
 
 

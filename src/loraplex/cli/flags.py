@@ -8,7 +8,8 @@ A command supplies only what a dataclass cannot say: the help text, the group, a
 parsing `type`, `choices`, `action="append"`) and, rarely, another flag name, in a table of `Flag`s keyed
 by field name.
 
-The flags several commands share with one meaning are spelled once here too: `add_base` (the base model
+`add_command` makes a subcommand's parser from its module's docstring (one text for `--help`). The flags
+several commands share with one meaning are spelled once here too: `add_base` (the base model
 spec), `add_num_layers` (--num-layers) and `add_output_flags` (--out / --overwrite of a command that writes a
 new directory).
 """
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -94,6 +97,21 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, table: Mappi
 
 
 # ---- flags several commands share ---------------------------------------------------------------------------
+def add_command(sub: argparse._SubParsersAction, doc: str | None,
+                run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """The parser of a subcommand from its module docstring, "`loraplex NAME`: HELP." then the description:
+    HELP is its line in `loraplex --help`, the rest (printed as written) heads `loraplex NAME --help`; `run`
+    handles the parsed arguments (args -> exit code)."""
+    first, _, description = inspect.cleandoc(doc or "").partition("\n\n")
+    match = re.fullmatch(r"`loraplex ([a-z-]+)`: (.+)\.", " ".join(first.split()), re.DOTALL)
+    if match is None:  # a programming error in a cli module, caught by the --help test of every command
+        raise ValueError(f"a command module's docstring must start '`loraplex NAME`: HELP.', got {first!r}")
+    parser = sub.add_parser(match[1], help=match[2], description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=run)
+    return parser
+
+
 BASE_HELP = ("'smollm2' (the embedded default), 'tiny-llama', 'tiny-gpt2', a local transformers model directory, "
              "or a Hugging Face model id in the local HF cache (never downloaded)")
 

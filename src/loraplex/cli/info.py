@@ -1,4 +1,8 @@
-"""`loraplex info`: the parameter report of a base, or of a base with an adapter."""
+"""`loraplex info`: parameter report of a base, or of a base with an adapter.
+
+Print trainable vs frozen parameters, per module, adapter bytes on disk, and inference cost kept separate (W+A+B) vs
+merged (W').
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ from ..inject import inject
 from ..models import base_name, load_base
 from ..report import WeightArithmetic, format_table, human_bytes, parameter_report
 from ..store import load_adapter, read_adapter
-from .flags import add_base, add_num_layers, default_of
+from .flags import add_base, add_command, add_num_layers, default_of
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("info", help="parameter report of a base, or of a base with an adapter",
-                       description="Print trainable vs frozen parameters, per module, adapter bytes on disk, and "
-                                   "inference cost kept separate (W+A+B) vs merged (W').")
+    p = add_command(sub, __doc__, run_info)
     add_base(p, positional=True)
     p.add_argument("adapter", nargs="?", help="an adapter directory (adapter_config.json + adapter_model.safetensors)")
     add_num_layers(p)
@@ -24,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    help="rank for the what-if report when no adapter is given")
     p.add_argument("--modules", action="store_true", help="also list every LoRA module")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run_info)
 
     return ["info"]
 

@@ -1,4 +1,8 @@
-"""`loraplex merge`: merge adapters into the base and write a plain transformers model directory."""
+"""`loraplex merge`: merge adapters into the base and write a transformers model directory.
+
+W' = W + sum_i w_i * scale_i * B_i @ A_i; the output loads with AutoModelForCausalLM.from_pretrained and needs no
+loraplex.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,11 @@ from ..models import load_base
 from ..report import format_table
 from ..outputs import check_output
 from ..workflows.export import DTYPES, export_merged
-from .flags import add_base, add_num_layers, add_output_flags
+from .flags import add_base, add_command, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("merge", help="merge adapters into the base and write a transformers model directory",
-                       description="W' = W + sum_i w_i * scale_i * B_i @ A_i; the output loads with "
-                                   "AutoModelForCausalLM.from_pretrained and needs no loraplex.")
+    p = add_command(sub, __doc__, run_merge)
     add_base(p)
     p.add_argument("--adapter", required=True, action="append", help="adapter directory (repeat for several)")
     p.add_argument("--weights", type=float, nargs="+", help="one weight per --adapter (default 1.0 each)")
@@ -25,7 +27,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--no-check-base", action="store_true", help="skip the base fingerprint check")
     add_num_layers(p)
     p.add_argument("--device", type=parse_device, default="auto", help=f"where to merge: {DEVICE_HELP}")
-    p.set_defaults(func=run_merge)
     return ["merge"]
 
 

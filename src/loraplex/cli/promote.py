@@ -1,4 +1,9 @@
-"""`loraplex promote`: merge the chosen adapter, check parity, write the deployable directory with a model card."""
+"""`loraplex promote`: merge the chosen adapter, check parity, write a deployable directory + MODEL_CARD.md.
+
+W' = W + scale * B @ A written as a plain transformers directory; then loaded back with AutoModelForCausalLM and
+compared with base + adapter on the fly (nothing is written when the check fails). The model card records the base,
+the adapter's content hash, its training data (train_summary.json), the eval metrics and the parity numbers.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,11 @@ from ..workflows.probes import read_prompts
 from ..workflows.promote import CARD_NAME, promote
 from ..workflows.verify import Row, VerifyReport
 from .eval import adapter_args
-from .flags import add_base, add_num_layers, add_output_flags
+from .flags import add_base, add_command, add_num_layers, add_output_flags
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser(
-        "promote", help="merge the chosen adapter, check parity, write a deployable directory + MODEL_CARD.md",
-        description="W' = W + scale * B @ A written as a plain transformers directory; then loaded back with "
-                    "AutoModelForCausalLM and compared with base + adapter on the fly (nothing is written when "
-                    "the check fails). The model card records the base, the adapter's content hash, its training "
-                    "data (train_summary.json), the eval metrics and the parity numbers.")
+    p = add_command(sub, __doc__, run_promote)
     p.add_argument("name", metavar="NAME", help="adapter name, or 'best' (the leaderboard winner of --results)")
     add_base(p)
     p.add_argument("--adapters", required=True, nargs="+",
@@ -28,7 +28,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the written weights")
     add_num_layers(p)
     p.add_argument("--prompts", help="text file, one parity probe prompt per line (default: built-in prompts)")
-    p.set_defaults(func=run_promote)
     return ["promote"]
 
 

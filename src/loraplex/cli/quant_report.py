@@ -1,6 +1,10 @@
-"""`loraplex quant-report`: what merging an adapter into a quantized base costs, three ways.
+"""`loraplex quant-report`: measure merging an adapter into a quantized base, three ways.
 
-    loraplex quant-report --base smollm2 --adapter my_adapter --schemes int8 nf4
+Against the fp32 base with the adapter merged: the quantized base alone, (a) requantize Q(deQ(Wq)+d), (b)
+from_original Q(W+d), (c) separate (on the fly); max |dlogit|, KL, perplexity, greedy agreement, and a
+recommendation per scheme.
+
+loraplex quant-report --base smollm2 --adapter my_adapter --schemes int8 nf4
 """
 
 from __future__ import annotations
@@ -14,14 +18,11 @@ from ..models import load_base
 from ..quant.compare import DEFAULT_PROBE_TEXTS, compare_merge_strategies, probe_ids_from_texts, random_probe_ids
 from ..quant.linear import SCHEMES
 from ..workflows.probes import read_prompts
-from .flags import add_base, add_num_layers
+from .flags import add_base, add_command, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("quant-report", help="measure merging an adapter into a quantized base, three ways",
-                       description="Against the fp32 base with the adapter merged: the quantized base alone, "
-                                   "(a) requantize Q(deQ(Wq)+d), (b) from_original Q(W+d), (c) separate (on the fly); "
-                                   "max |dlogit|, KL, perplexity, greedy agreement, and a recommendation per scheme.")
+    p = add_command(sub, __doc__, run_quant_report)
     add_base(p)
     p.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
     p.add_argument("--schemes", nargs="+", default=["int8", "nf4"], choices=[*SCHEMES, "nf4+dq"],
@@ -33,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
     p.add_argument("--rows", type=int, default=4, help="probe rows at most (default 4)")
     p.add_argument("--no-check-base", action="store_true", help="skip the adapter's base fingerprint check")
     p.add_argument("--json", action="store_true", help="print the rows and recommendations as JSON")
-    p.set_defaults(func=run_quant_report)
     return ["quant-report"]
 
 

@@ -1,4 +1,7 @@
-"""`loraplex quantize`: write a quantized base (int8 or NF4).
+"""`loraplex quantize`: quantize a base (int8 or NF4) and save it.
+
+Replace every linear layer but the output head by a quantized one and write model.safetensors + quantization.json;
+load it back with load_quantized.
 
     loraplex quantize --base smollm2 --scheme nf4 --double-quant --out smollm2-nf4
 A quantized directory loads back onto its float architecture with
@@ -14,12 +17,10 @@ from ..models import load_base
 from ..report import format_table, human_bytes
 from ..quant.io import save_quantized
 from ..quant.linear import BACKENDS, SCHEMES, quantize_model
-from .flags import add_base, add_num_layers
+from .flags import add_base, add_command, add_num_layers
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("quantize", help="quantize a base (int8 or NF4) and save it",
-                       description="Replace every linear layer but the output head by a quantized one and write "
-                                   "model.safetensors + quantization.json; load it back with load_quantized.")
+    p = add_command(sub, __doc__, run_quantize)
     add_base(p)
     p.add_argument("--scheme", required=True, choices=SCHEMES, help="int8: per-row absmax; nf4: 4-bit NormalFloat")
     p.add_argument("--double-quant", action="store_true", help="nf4: store the block scales in 8 bits too")
@@ -29,7 +30,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                         "torchao (int8); the file layout is the same for all")
     add_num_layers(p)
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.set_defaults(func=run_quantize)
 
     return ["quantize"]
 

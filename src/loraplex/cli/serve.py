@@ -1,4 +1,7 @@
-"""`loraplex serve`: start the OpenAI-compatible multi-adapter server (uvicorn) on one base.
+"""`loraplex serve`: serve many adapters over an OpenAI-compatible HTTP API.
+
+Continuous batching across adapters on one base (Llama family). model = base id, adapter name, or a mix
+'a:0.7+b:0.3'.
 
     loraplex serve --base smollm2 --adapters ./adapters --port 8000 --api-key "$KEY"
 
@@ -19,7 +22,7 @@ from ..device import DEVICE_HELP, parse_device, resolve_device
 from ..errors import ConfigError, UsageError
 from ..extras import require
 from ..serve.engine import EngineConfig
-from .flags import add_base, add_num_layers
+from .flags import add_base, add_command, add_num_layers
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -34,9 +37,7 @@ def parse_bytes(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser("serve", help="serve many adapters over an OpenAI-compatible HTTP API",
-                       description="Continuous batching across adapters on one base (Llama family). "
-                                   "model = base id, adapter name, or a mix 'a:0.7+b:0.3'.")
+    p = add_command(sub, __doc__, run_serve)
     add_base(p, note="Llama family")
     p.add_argument("--adapters", help="folder of adapter directories (PEFT format); uploads are installed here")
     p.add_argument("--served-model-name", nargs="+", metavar="NAME",
@@ -66,7 +67,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    "the /ui page (default: ADAPTERS/eval_results.json when it exists)")
     p.add_argument("--single-adapter-batches", action="store_true",
                    help="naive baseline: batch only requests of one model at a time (for benchmarks)")
-    p.set_defaults(func=run_serve)
     return ["serve"]
 
 

@@ -1,9 +1,12 @@
-"""`loraplex train`: the command-line face of `loraplex.train.train` (one flag per TrainConfig field).
+"""`loraplex train`: train LoRA adapters (several in one pass with --out-per-data; DDP under torchrun).
 
-    loraplex train --base smollm2 --data chatterbot:tech_support --out runs/tech --max-steps 60
-    loraplex train --base smollm2 --data a.jsonl --data b.jsonl --out-per-data --out runs/ab
-    torchrun --nproc-per-node 2 -m loraplex train --base smollm2 --data d.jsonl --out runs/ddp
-    torchrun --nproc-per-node 8 -m loraplex train --fsdp --bf16 --device cuda --base DIR --data d.jsonl --out runs/f
+Train a LoRA adapter on a frozen base with loraplex's own loop (AdamW, warmup + cosine, accumulation, clipping,
+held-out eval, atomic checkpoints). Under torchrun it trains with DDP.
+
+loraplex train --base smollm2 --data chatterbot:tech_support --out runs/tech --max-steps 60
+loraplex train --base smollm2 --data a.jsonl --data b.jsonl --out-per-data --out runs/ab
+torchrun --nproc-per-node 2 -m loraplex train --base smollm2 --data d.jsonl --out runs/ddp
+torchrun --nproc-per-node 8 -m loraplex train --fsdp --bf16 --device cuda --base DIR --data d.jsonl --out runs/f
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..device import DEVICE_HELP, parse_device
 from ..errors import ConfigError, UsageError
 from ..report import format_table, human_bytes
 from ..train.config import TrainConfig
-from .flags import Flag, add_dataclass_flags
+from .flags import Flag, add_command, add_dataclass_flags
 
 _REGEX_CHARS = re.compile(r"[\\^$.|?*+()\[\]{}]")
 
@@ -100,12 +103,8 @@ FLAGS: dict[str, Flag] = {
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser(
-        "train", help="train LoRA adapters (several in one pass with --out-per-data; DDP under torchrun)",
-        description="Train a LoRA adapter on a frozen base with loraplex's own loop (AdamW, warmup + cosine, "
-                    "accumulation, clipping, held-out eval, atomic checkpoints). Under torchrun it trains with DDP.")
+    p = add_command(sub, __doc__, run_train)
     add_dataclass_flags(p, TrainConfig, FLAGS, skip={"progress": "the common --progress flag"})
-    p.set_defaults(func=run_train)
     return ["train"]
 
 

@@ -1,4 +1,8 @@
-"""`loraplex verify`: the parity report of an adapter (merged / on the fly / mixed batch / quantized / exported)."""
+"""`loraplex verify`: parity report: merged / on-the-fly / mixed batch / quantized / exported vs the reference.
+
+Compare each way of running an adapter with base + adapter on the fly in fp32 on a probe set: max |delta logit|, KL,
+greedy agreement, PASS/FAIL per dtype. Exit status 1 when a required check fails. See docs/verify.md.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,11 @@ from ..errors import ConfigError
 from ..workflows.export import DTYPES
 from ..workflows.probes import read_prompts
 from ..workflows.verify import ALL_VARIANTS, VARIANTS, VerifyReport, check_golden, record_golden_from, verify
-from .flags import add_base, add_num_layers
+from .flags import add_base, add_command, add_num_layers
 
 
 def register(sub: argparse._SubParsersAction) -> list[str]:
-    p = sub.add_parser(
-        "verify", help="parity report: merged / on-the-fly / mixed batch / quantized / exported vs the reference",
-        description="Compare each way of running an adapter with base + adapter on the fly in fp32 on a probe "
-                    "set: max |delta logit|, KL, greedy agreement, PASS/FAIL per dtype. Exit status 1 when a "
-                    "required check fails. See docs/verify.md.")
+    p = add_command(sub, __doc__, run_verify)
     add_base(p, required=False, note="required unless --against compares with recorded golden outputs")
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
     p.add_argument("--prompts", metavar="FILE", help="text file, one prompt per line (default: built-in prompts)")
@@ -33,7 +33,6 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    help="a deployed merged model directory to check against the stored golden logits")
     p.add_argument("--device", type=parse_device, default="auto",
                    help=f"where the reference, the variants and --against run: {DEVICE_HELP}")
-    p.set_defaults(func=run_verify)
     return ["verify"]
 
 
