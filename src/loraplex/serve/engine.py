@@ -51,8 +51,8 @@ from ..runtime.decoder import CompactLlama
 from ..runtime.logprobs import token_logprobs
 from .lanes import LaneBatch, LaneLora
 from .metrics import Metrics
-from .queues import WaitQueues
 from .modelspec import Mix, lease_mix, model_key, parse_model
+from .queues import WaitQueues
 from .requests import Handle, Listener, Result, SamplingParams
 from .sequence import RequestState, finite_rows, sample_tokens
 from .text import Detokenizer, TextCodec, check_prompt
