@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from ..runtime import AdapterPool, Assignment
+from ..runtime.strategies import GatherLayer
 
 
 class LaneBatch:
@@ -41,23 +42,18 @@ class LaneBatch:
     rescale: dict = {}
 
     def __init__(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.layers = layers  # key -> (A (n, R, in), Bt (n, R, out)), only the keys some lane has LoRA at
+        # key -> the gather plan's layer over every row (A (n, R, in), Bt (n, R, out)), only the keys some lane
+        # has LoRA at: the same math as a gather BatchPlan (runtime/strategies.py GatherLayer)
+        self.layers = {k: GatherLayer(None, A, Bt) for k, (A, Bt) in layers.items()}
 
     def apply_(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y[i] += (x[i] @ A[i].T) @ Bt[i] in place for x (n, [L,] in), y (n, [L,] out); returns y."""
-        ab = self.layers.get(key)
-        if ab is None:
-            return y
-        A, Bt = ab
-        out = y
-        if x.dim() == 2:  # (n, in): one token per row
-            x, y = x.unsqueeze(1), y.unsqueeze(1)
-        h = torch.bmm(x.to(A.dtype), A.transpose(1, 2))  # (n, L, R)
-        if y.is_contiguous() and y.dtype == Bt.dtype:
-            y.baddbmm_(h, Bt)  # (n, L, out)
-        else:  # y in another dtype, or a view (a part of a fused GEMM's output)
-            y.add_(torch.bmm(h, Bt))
-        return out
+        layer = self.layers.get(key)
+        if layer is not None and x.dim() == 2:  # (n, in): one token per row (unsqueezed: views of y)
+            layer.apply_(x.unsqueeze(1), y.unsqueeze(1))
+        elif layer is not None:
+            layer.apply_(x, y)
+        return y
 
 
 class LaneLora:

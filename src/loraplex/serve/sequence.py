@@ -1,12 +1,13 @@
 """One request inside the engine: its state from submit to finish, the stop rules, and how it ends.
 
 `finite_rows` says which rows of a batch's logits are finite; `sample_tokens` draws the next token of several
-requests at once (the one sampler, runtime/generate.py), with their logprobs where asked. `RequestState.accept(token)` records a generated token, hands the listener
-its text delta (held back while it may be part of a stop string, see serve/text.py `Detokenizer`) and says
-whether the request ends there: "stop" on an end-of-sequence id (unless ignore_eos) or a stop string,
-"length" at max_tokens or when the KV lane is full. `finish` releases the request's adapter leases, flushes
-held-back text, records the metrics and hands the listener the final `Result` (events: serve/requests.py);
-`drop` ends one early (cancelled, timed out, shutdown). The scheduling is serve/engine.py.
+requests at once (the one sampler, runtime/generate.py), with their logprobs where asked.
+`RequestState.accept(token)` records a generated token, hands the listener its text delta (held back while it
+may be part of a stop string, see serve/text.py `Detokenizer`) and says whether the request ends there:
+"stop" on an end-of-sequence id (unless ignore_eos) or a stop string, "length" at max_tokens or when the KV
+lane is full. `finish` releases the request's adapter leases, flushes held-back text, records the metrics and
+hands the listener the final `Result` (events: serve/requests.py); `drop` ends one early (cancelled, timed
+out, shutdown). The scheduling is serve/engine.py.
 """
 
 from __future__ import annotations
