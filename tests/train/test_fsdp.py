@@ -153,7 +153,7 @@ def test_fsdp_over_an_nf4_base_equals_one_process(tiny_base, data, tmp_path):  #
 
 
 WORKER = '''
-import sys, torch, torch.nn as nn
+import pathlib, sys, torch, torch.nn as nn
 from loraplex import LoraConfig, inject
 from loraplex.models import load_base
 from loraplex.train import fsdp
@@ -181,7 +181,7 @@ for name, p in root.named_parameters():
     assert not p.is_meta and torch.equal(p.full_tensor(), want.get_parameter(name)), name
 for name, b in root.named_buffers():
     assert torch.equal(b, want.get_buffer(name)), name
-print("ok", info.rank, flush=True)
+(pathlib.Path(sys.argv[2]) / f"ok{info.rank}").write_text("ok")
 gc = __import__("gc"); del root, model; gc.collect(); shutdown(info)
 '''
 
@@ -191,7 +191,10 @@ def test_fsdp_loads_the_base_on_rank_0_only_and_broadcasts_its_shards(tiny_base,
     parameter (base and rank 0's adapter init) and buffer (rotary tables) equals the fully loaded model's."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    run = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(tiny_base)],
-                           env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # both ranks report; their prints may interleave mid-line on the shared pipe ("okok 0\n 1\n" was seen)
-    assert sorted(finish(run).split()) == ["0", "1", "ok", "ok"]
+    done = tmp_path / "done"
+    done.mkdir()
+    run = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", str(script), str(tiny_base),
+                            str(done)], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finish(run)
+    # each rank leaves its own file once every check passed (prints to the shared pipe interleave mid-line)
+    assert sorted(p.name for p in done.iterdir()) == ["ok0", "ok1"]
