@@ -61,8 +61,10 @@ class LoraLinear(LoraLayer):
     def _add_path(self, name: str) -> AddPath:
         return "addmm" if not self.is_dora(name) and self.lora_b_bias(name) is None else super()._add_path(name)
 
-    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (r, self.in_features), (self.out_features, r)
+    @classmethod
+    def shapes_for(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        fin, fout = LF.linear_features(base_layer)
+        return (r, fin), (fout, r)
 
     def _check_init(self, init: InitMode, r: int) -> None:
         if init == "orthogonal":
@@ -182,8 +184,9 @@ class LoraEmbedding(LoraLayer):
     def _stores(self) -> tuple[Any, Any]:
         return self.lora_embedding_A, self.lora_embedding_B
 
-    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return (r, self.base_layer.num_embeddings), (self.base_layer.embedding_dim, r)
+    @classmethod
+    def shapes_for(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, base_layer.num_embeddings), (base_layer.embedding_dim, r)
 
     def _create(self, name: str, r: int) -> None:
         base = self.base_layer
@@ -240,17 +243,22 @@ class LoraConv(LoraLayer):
     channel, stored (1, out, 1[, 1]) as PEFT does."""
 
     def __init__(self, base_layer: Union[nn.Conv1d, nn.Conv2d]) -> None:
+        self.check_base(base_layer)
         super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
         if base_layer.groups != 1:
             raise UnsupportedModuleError(f"LoRA on grouped convolutions is not supported (groups={base_layer.groups})")
         if base_layer.padding_mode != "zeros":
             raise UnsupportedModuleError(f"LoRA needs padding_mode='zeros', got {base_layer.padding_mode!r}")
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
 
-    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        base = self.base_layer
-        return (r, base.in_channels, *base.kernel_size), (base.out_channels, r, *(1,) * len(base.kernel_size))
+    @classmethod
+    def shapes_for(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        k = base_layer.kernel_size
+        return (r, base_layer.in_channels, *k), (base_layer.out_channels, r, *(1,) * len(k))
 
     def _create(self, name: str, r: int) -> None:
         base = self.base_layer
@@ -334,18 +342,28 @@ class ModulesToSave(nn.Module):
 
 def lora_layer_for(module: nn.Module) -> LoraLayer:
     """Build the LoRA wrapper matching `module`'s type (chosen once here, never by branching in forward)."""
+    return lora_layer_type(module)(module)
+
+
+def lora_layer_type(module: nn.Module) -> type[LoraLayer]:
+    """The LoRA wrapper class `lora_layer_for` builds around `module`, after its `check_base` passed
+    (UnsupportedModuleError for a module no wrapper supports)."""
     from .quant.linear import QuantLinear  # lazy: loraplex.quant imports store -> inject -> this module
 
+    cls: type[LoraLayer] | None = None
     if isinstance(module, QuantLinear):
         from .quant.lora import LoraQuantLinear
 
-        return LoraQuantLinear(module)
-    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
-        return LoraLinear(module)
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return LoraConv(module)
+        cls = LoraQuantLinear
+    elif isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+        cls = LoraLinear
+    elif isinstance(module, nn.Embedding):
+        cls = LoraEmbedding
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        cls = LoraConv
+    if cls is not None:
+        cls.check_base(module)
+        return cls
     raise UnsupportedModuleError(
         f"cannot put LoRA on a {type(module).__name__}; supported: nn.Linear, nn.Embedding, nn.Conv1d, "
         "nn.Conv2d, transformers Conv1D, loraplex QuantLinear"

@@ -153,7 +153,17 @@ class LoraLayer(LayerMerge, nn.Module):
 
     def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes (A, B) of a rank-r adapter on this layer, as `_create` makes them (nothing allocated)."""
+        return self.shapes_for(self.base_layer, r)
+
+    @classmethod
+    def shapes_for(cls, base_layer: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """`adapter_shapes` of a wrapper of this class around `base_layer`, without building the wrapper
+        (callers check `check_base` first)."""
         raise NotImplementedError
+
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
+        """Refuse (UnsupportedModuleError) a base this class can not wrap; the constructor runs it too."""
 
     def adapter_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of adapter `name` as stored (PEFT layout)."""

@@ -33,7 +33,7 @@ from .functional import tolerance
 from .identity import base_fingerprint, check_base, content_hash
 from .inject import (configs, find_targets, freeze_base, inject, lora_layers, modules_to_save_targets,
                      modules_to_save_wrappers, remove_adapter, set_active)
-from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_for
+from .layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave, lora_layer_type
 from .models import NAMES, canonical_base_id
 from .outputs import PathLike, atomic_directory, write_json
 from .tokens import token_rows
@@ -160,19 +160,21 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
     try:
         targets = find_targets(model, config)
         modules = dict(model.named_modules())
-        layers = {k: modules[k] if isinstance(modules[k], LoraLayer) else lora_layer_for(modules[k]) for k in targets}
+        # the wrapper class and base of each target (no wrapper is built: a check needs only their shapes)
+        layers = {k: (type(m), m.base_layer) if isinstance(m, LoraLayer) else (lora_layer_type(m), m)
+                  for k, m in ((k, modules[k]) for k in targets)}
         copies = modules_to_save_targets(model, config, targets)
     except (TargetNotFoundError, UnsupportedModuleError, ConfigError) as exc:
         raise type(exc)(f"{what}: {exc}") from None
     expected: dict[str, torch.Tensor] = {}  # file key -> a tensor of the shape and kind it must have (meta)
-    for key, layer in layers.items():
-        ka, kb = factor_keys(key, isinstance(layer, LoraEmbedding))
-        a_shape, b_shape = layer.adapter_shapes(config.rank_for(key))
+    for key, (cls, base) in layers.items():
+        ka, kb = factor_keys(key, issubclass(cls, LoraEmbedding))
+        a_shape, b_shape = cls.shapes_for(base, config.rank_for(key))
         expected[ka], expected[kb] = torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta")
         if config.use_dora:  # m: (out,), a conv's (1, out, 1[, 1]) as PEFT stores it
-            shape = (1, b_shape[0], *b_shape[2:]) if isinstance(layer, LoraConv) else (b_shape[0],)
+            shape = (1, b_shape[0], *b_shape[2:]) if issubclass(cls, LoraConv) else (b_shape[0],)
             expected[f"{key}.lora_magnitude_vector"] = torch.empty(shape, device="meta")
-        if config.lora_bias and not isinstance(layer, LoraEmbedding):  # b (out,); inject refuses other layers
+        if config.lora_bias and not issubclass(cls, LoraEmbedding):  # b (out,); inject refuses other layers
             expected[f"{key}.lora_B.bias"] = torch.empty(b_shape[0], device="meta")
     missing = [k for k in expected if k not in af.tensors]
     if missing:
@@ -182,7 +184,7 @@ def validate_adapter(af: AdapterFile, model: nn.Module) -> list[str]:
         module = modules[key]
         original = module.original_module if isinstance(module, ModulesToSave) else module
         expected.update({f"{key}.{n}": t for n, t in original.state_dict().items()})
-    wrapped = {k for k, m in layers.items() if m is not modules[k]}  # their parameters move under .base_layer
+    wrapped = {k for k, (_, base) in layers.items() if base is modules[k]}  # parameters move under .base_layer
     params = {}
     for n, p in model.named_parameters(remove_duplicate=False):  # a tied lm_head's weight under its own name too
         owner, _, leaf = n.rpartition(".")

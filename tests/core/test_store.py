@@ -198,6 +198,23 @@ def test_refuses_shape_mismatch_missing_target_and_other_base(tmp_path):
     lp.load_adapter(model, d, check_base_model=False)  # the explicit override works
 
 
+def test_a_target_no_wrapper_supports_is_refused_before_anything_changes(tmp_path):
+    """validate_adapter checks targets by wrapper class and shapes, without building wrappers: a base whose
+    targeted conv became grouped (or padding_mode "circular") is refused as at injection, nothing changed."""
+    model = tiny_conv(seed=0)
+    lp.inject(model, lp.LoraConfig(r=2, target_modules=["conv1d", "head"]), "a")
+    lp.save_adapter(model, "a", tmp_path / "a")
+    named = r"^adapter '.*': "  # validate_adapter names the file (inject would not)
+    for change, match in (({"groups": 2}, named + "LoRA on grouped"),
+                          ({"padding_mode": "circular"}, named + "LoRA needs")):
+        other = tiny_conv(seed=0)
+        other.conv1d = torch.nn.Conv1d(8, 8, kernel_size=3, padding=1, **change)
+        _refused(tmp_path / "a", lp.UnsupportedModuleError, match, model=other, check_base_model=False)
+    fine = tiny_conv(seed=0)
+    lp.load_adapter(fine, tmp_path / "a")
+    assert torch.equal(fine(IDS), model(IDS))
+
+
 def test_refuses_nonfinite_weights_and_missing_tensors(tmp_path):
     d = _saved(tmp_path)
     tensors = load_file(str(d / WEIGHTS_NAME))
