@@ -189,6 +189,31 @@ def test_rope_tables_grow_and_match_transformers():
     assert model._rope_tables[0].shape[0] >= 141
 
 
+def test_rotary_of_fused_and_separate_q_k_equals_transformers_bit_for_bit():
+    """q and k rotated as one tensor (parts of one fused GEMM output) and one by one (separate tensors) give the
+    same values as transformers' apply_rotary_pos_emb, bit for bit."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hf = tiny("Llama")
+    model = CompactLlama(hf)
+    nh, n_kv, hd = model.n_heads, model.n_kv, model.head_dim
+    B, L = 3, 5
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(B, L, (nh + 2 * n_kv) * hd, generator=g)  # a fused q/k/v GEMM output
+    q, k, _ = y.split([nh * hd, n_kv * hd, n_kv * hd], dim=-1)
+    assert decoder._follows(q, k) and not decoder._follows(q.clone(), k.clone())
+    pos = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11], [60, 61, 62, 63, 64]])
+    cos, sin = model._rope(pos, 65)
+    joined = model._rotary(q, k, cos, sin)
+    apart = model._rotary(q.clone(), k.clone(), cos, sin)
+    hf_cos, hf_sin = hf.model.rotary_emb(y, pos)  # (B, L, hd)
+    want = apply_rotary_pos_emb(q.view(B, L, nh, hd).transpose(1, 2), k.view(B, L, n_kv, hd).transpose(1, 2),
+                                hf_cos, hf_sin)
+    for got in (joined, apart):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
 # ---- the compiled decode step (runtime/compiled.py) -----------------------------------------------------------
 # Compiling a graph of the tiny model takes ~10-30 s on the shared 2-core machine: these tests compile few graphs
 # (one per dtype and the failing one) and check everything on them.

@@ -277,20 +277,31 @@ class CompactLlama:
         x = F.embedding(ids, self.embed)  # (B, L, H)
         if plan is not None and EMBED_KEY in plan.embeddings:
             plan.embeddings[EMBED_KEY].apply_(ids, x)  # each row's embedding LoRA / trainable tokens
-        cos, sin = self._rope(pos, span)  # (B, 1, L, hd) each
+        cos, sin = self._rope(pos, span)  # (B, L, 1, hd) each
         for i, lay in enumerate(self.layers):
             h = self._norm(x, lay.ln_attn, plan, f"model.layers.{i}.input_layernorm")
             q, k, v = self._proj(lay.qkv, h, plan)  # (B, L, nh * hd), (B, L, n_kv * hd) x 2
-            q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-            k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = self._rotary(q, k, cos, sin)  # (B, nh | n_kv, L, hd)
             v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = q * cos + _half_turn(q) * sin, k * cos + _half_turn(k) * sin  # (B, nh|n_kv, L, hd)
             a = attend(i, q, k, v).transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
             x = x + self._proj(lay.o, a, plan)[0]
             h = self._norm(x, lay.ln_mlp, plan, f"model.layers.{i}.post_attention_layernorm")
             g, u = self._proj(lay.gate_up, h, plan)  # (B, L, I) each
             x = x + self._proj(lay.down, F.silu(g) * u, plan)[0]
         return self._norm(x, self.norm, plan, "model.norm")
+
+    def _rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q (B, L, nh * hd), k (B, L, n_kv * hd), cos/sin from `_rope` -> rotated q (B, nh, L, hd) and
+        k (B, n_kv, L, hd). Eagerly as one tensor when k follows q in memory (the fused q/k/v GEMM): half the ops. A compiled graph
+        rotates each (inductor fuses each chain anyway; joining them first changed bf16 rounding)."""
+        B, L, nh, hd = *q.shape[:2], self.n_heads, self.head_dim
+        if not torch.compiler.is_compiling() and _follows(q, k):
+            joined = q.as_strided((B, L, q.shape[-1] + k.shape[-1]), q.stride())
+            qk = _rotate(joined.view(B, L, nh + self.n_kv, hd), cos, sin).transpose(1, 2)
+            return qk[:, :nh], qk[:, nh:]
+        return (_rotate(q.view(B, L, nh, hd), cos, sin).transpose(1, 2),
+                _rotate(k.view(B, L, self.n_kv, hd), cos, sin).transpose(1, 2))
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor, plan: BatchPlan | None, key: str) -> torch.Tensor:
         """RMS norm `key` of x (B, L, H): rows whose adapter holds a modules_to_save copy of it use its weight."""
@@ -313,22 +324,25 @@ class CompactLlama:
         return out
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm: w * (x / sqrt(mean(x^2) + eps)) with the norm in fp32, cast back to x's dtype
+        before the weight (one fused op in fp32, bit for bit the same)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
 
     def _rope(self, pos: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos (B, L), every position < span -> cos, sin (B, 1, L, hd): rows of tables of angle p * inv_freq
-        (the half-size table repeated twice), computed once for positions 0..P-1 (P doubles when outgrown)."""
+        """pos (B, L), every position < span -> cos, sin (B, L, 1, hd) for `_rotate`: rows of tables of the angle
+        p * inv_freq, cos of the half-size table repeated twice and sin with the first half negated, computed once
+        for positions 0..P-1 (P doubles when outgrown)."""
         cos, sin = self._rope_tables
         if span > cos.shape[0]:
             n = max(span, min(self.max_positions, max(2 * cos.shape[0], 64)))
             ang = torch.arange(n, device=self.device).float()[:, None] * self.inv_freq.to(self.device)  # (P, hd/2)
-            ang = torch.cat((ang, ang), dim=-1)  # (P, hd)
-            cos = (ang.cos() * self.rope_scaling).to(self.dtype)
-            sin = (ang.sin() * self.rope_scaling).to(self.dtype)
+            c, s = ang.cos() * self.rope_scaling, ang.sin() * self.rope_scaling
+            cos = torch.cat((c, c), dim=-1).to(self.dtype)  # (P, hd)
+            sin = torch.cat((-s, s), dim=-1).to(self.dtype)
             self._rope_tables = (cos, sin)
-        return cos[pos][:, None], sin[pos][:, None]
+        return cos[pos][:, :, None], sin[pos][:, :, None]
 
 
 def saved_places(hf_model: nn.Module | CompactLlama) -> frozenset[str]:
@@ -356,10 +370,20 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
-def _half_turn(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dim: the rotary pairing of the HF checkpoints."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (..., hd) in the HF checkpoints' pairing, x * cos + (-x2, x1) * sin over the halves
+    (x1, x2) of the last dim, as x * cos + (x2, x1) * (-sin, sin) with `sin` given so (`_rope`): the same values
+    bit for bit, in four ops."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # (x2, x1)
+    return (x * cos).add_(swapped.mul_(sin))
+
+
+def _follows(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether k (..., b) directly follows q (..., a) in memory with q's strides, so (..., a + b) views both (the
+    parts of one fused GEMM's output)."""
+    return (q.stride() == k.stride() and q.stride(-1) == 1 and q.shape[:-1] == k.shape[:-1]
+            and k.data_ptr() == q.data_ptr() + q.shape[-1] * q.element_size())
 
 
 def graph_ready(plan: BatchPlan | None) -> bool:
