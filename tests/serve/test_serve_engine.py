@@ -180,6 +180,22 @@ def test_continuous_batching_equals_each_request_alone(tmp_path):
     assert solo(tmp_path, names, reqs[2][0], "base").token_ids == hf_greedy(models.tiny_llama(seed=0), reqs[2][0], 10)
 
 
+def test_a_wave_beyond_max_prefill_tokens_is_prefilled_over_several_steps(tmp_path):
+    """Rows are admitted while (rows x longest prompt) fits max_prefill_tokens; the rest wait for the next step
+    (decoding in between), and a single longer prompt is still prefilled alone. Answers equal each alone."""
+    _, eng, _ = build(tmp_path, max_batch=4, max_prefill_tokens=12, admit_min=1)
+    prompts = [[5 + i] * 6 for i in range(4)] + [[7] * 20]  # four of 6 tokens, then one of 20 (> the budget)
+    handles = [eng.submit(p, "base", GREEDY) for p in prompts]
+    eng.step()
+    assert [len(eng.running), eng.waiting] == [2, 3]  # 2 x 6 tokens fit 12; a third would make 18
+    eng.step()
+    assert [len(eng.running), eng.waiting] == [4, 1]
+    while eng.waiting or eng.lanes:
+        eng.step()
+    for p, h in zip(prompts, handles):
+        assert h.result().token_ids == solo(tmp_path, (), p, "base", GREEDY).token_ids
+
+
 def test_round_robin_keeps_a_hot_adapter_from_starving_others(tmp_path):
     _, eng, _ = build(tmp_path, ["hot", "cold"], max_batch=1)
     order: list[str] = []

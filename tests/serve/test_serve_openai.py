@@ -25,6 +25,7 @@ from loraplex.errors import ConfigError
 from loraplex.functional import tolerance
 from loraplex.runtime.generate import SamplingParams, distribution, sample_next
 from loraplex.serve.app import create_app
+from loraplex.serve.engine import EngineConfig
 from loraplex.cli.serve import build_server, check_args
 from loraplex.serve.text import Detokenizer, TextCodec
 
@@ -259,6 +260,10 @@ def test_served_model_name(tmp_path, one_thread):
                                       "--served-model-name", "mine", "alias"])
     server = build_server(args)
     assert server.base_id == "mine" and server.base_ids == ("mine", "alias", "base")
+    assert server.engine.config.max_prefill_tokens == EngineConfig.max_prefill_tokens
+    prefill = cli.build_parser().parse_args(["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64",
+                                             "--max-new-tokens", "32", "--max-prefill-tokens", "100"])
+    assert build_server(prefill).engine.config.max_prefill_tokens == 100
     assert server.engine.parse_model("alias") == () and server.engine.parse_model("mine") == ()
     with pytest.raises(ConfigError, match="--served-model-name"):
         check_args(cli.build_parser().parse_args(["serve", "--base", "tiny-llama", "--served-model-name", " "]))

@@ -53,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> list[str]:
                    help="bearer key for the admin routes (default $LORAPLEX_API_KEY; unset = admin disabled)")
     p.add_argument("--max-prompt-tokens", type=int, default=1024)
     p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-prefill-tokens", type=int, default=EngineConfig.max_prefill_tokens,
+                   help="prompt tokens (admitted requests x their longest prompt) prefilled in one step; a wave of "
+                        "requests beyond it is prefilled over several steps, decoding in between (default "
+                        f"{EngineConfig.max_prefill_tokens}; a longer single prompt is still prefilled alone)")
     p.add_argument("--queue-size", type=int, default=256, help="waiting requests before 429 (default 256)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queue wait included")
     p.add_argument("--max-upload-mb", type=float, default=64.0, help="largest adapter upload (zip) in MB")
@@ -81,7 +85,7 @@ def build_server(args: argparse.Namespace):
     model.to(device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                          timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
+                          max_prefill_tokens=args.max_prefill_tokens, timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
     names = args.served_model_name or [base_id(args.base)]
     return Server(model, tokenizer, base_id=names[0], aliases=names[1:], adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,

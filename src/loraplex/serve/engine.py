@@ -65,7 +65,9 @@ class EngineConfig:
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 512
     timeout_s: float | None = 300.0  # per request, queue wait included; None = no limit
-    max_prefill_tokens: int = 4096  # new rows x padded prompt length prefilled in one step
+    # new rows x padded prompt length prefilled in one step; a larger wave goes over several steps, so the first
+    # rows answer sooner (64 clients x 16-token prompts on SmolLM2: TTFT p50 ~0.5 s instead of ~0.8 s at 4096)
+    max_prefill_tokens: int = 512
     admit_min: int | None = None  # free lanes that trigger admission; None = max(1, max_batch // 4)
     admit_wait_steps: int = 4  # ... or steps the oldest waiting request has waited
     single_adapter: bool = False  # baseline mode: a batch only ever holds requests of one `model` value
