@@ -107,8 +107,8 @@ def test_onednn_projection_equals_f_linear(rows, fin, fout, bias, lead, strided,
 @given(lanes=st.integers(1, 6), n_kv=st.integers(1, 3), group=st.integers(1, 4), span=st.integers(1, 40),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), long=st.booleans(), seed=st.integers(0, 2**16))
 def test_decode_attention_equals_sdpa(lanes, n_kv, group, span, dtype, long, seed):
-    """The decode step's attention (matmuls in fp32 up to MATMUL_ATTENTION_MAX_SPAN, SDPA beyond or in bf16)
-    against SDPA with the same additive mask; each lane sees positions 0..its own."""
+    """The decode step's attention (fp32 matmuls up to MATMUL_ATTENTION_MAX_SPAN[dtype], bf16 upcast; SDPA
+    beyond) against SDPA with the same additive mask; each lane sees positions 0..its own."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(lanes, n_kv, group, 16, generator=gen).to(dtype)
     k, v = (torch.randn(lanes, n_kv, span, 16, generator=gen).to(dtype) for _ in range(2))
@@ -116,12 +116,15 @@ def test_decode_attention_equals_sdpa(lanes, n_kv, group, span, dtype, long, see
     mask = torch.zeros(lanes, 1, 1, span, dtype=dtype)
     mask.masked_fill_((torch.arange(span) > seen[:, None])[:, None, None], -math.inf)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
-    limit = decoder.MATMUL_ATTENTION_MAX_SPAN
-    decoder.MATMUL_ATTENTION_MAX_SPAN = span - 1 if long else limit  # long: past the matmul route's limit, SDPA
+    limits = decoder.MATMUL_ATTENTION_MAX_SPAN
+    # long: past the matmul route's limit (SDPA); else within it
+    decoder.MATMUL_ATTENTION_MAX_SPAN = {**limits, dtype: span - 1 if long else span}
     try:
-        close(decode_attention(q, k, v, mask, 0.25), want)
+        got = decode_attention(q, k, v, mask, 0.25)
+        assert got.dtype == dtype
+        close(got, want)
     finally:
-        decoder.MATMUL_ATTENTION_MAX_SPAN = limit
+        decoder.MATMUL_ATTENTION_MAX_SPAN = limits
 
 
 def test_kernel_and_fused_are_checked():

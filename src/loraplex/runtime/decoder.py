@@ -49,8 +49,9 @@ MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 EMBED_KEY, HEAD_KEY = "model.embed_tokens", "lm_head"  # pool keys of the input embedding and the output head
 # rope variants whose frequencies depend on the sequence length at run time: not reproduced here
 _DYNAMIC_ROPE = ("dynamic", "longrope")
-# decode attention as two matmuls up to this span (fp32), SDPA beyond: crossover measured at 16 lanes x 9 heads
-MATMUL_ATTENTION_MAX_SPAN = 2048
+# decode attention as two fp32 matmuls up to this span, per dtype (bf16 upcast first), SDPA beyond or for other
+# dtypes: crossovers measured at 16 lanes x 9 heads (bf16: 1.5x faster than SDPA at span 17, equal at 256)
+MATMUL_ATTENTION_MAX_SPAN = {torch.float32: 2048, torch.bfloat16: 128}
 
 
 @dataclass(frozen=True)
@@ -361,13 +362,17 @@ def _linear_copy(h: torch.Tensor, copy: Mapping[str, torch.Tensor]) -> torch.Ten
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                       scale: float) -> torch.Tensor:
     """q (B, n_kv, g, hd) against k, v (B, n_kv, S, hd) with an additive mask (B, 1, 1, S) -> (B, n_kv, g, hd):
-    softmax(q k^T * scale + mask) v. In fp32 as two matmuls: with a few query positions per lane this is ~2.5x
-    faster on CPU than SDPA's flash kernel at span 32 and 1.2x at 2048 (same math, rounding ~5e-7). Longer spans
-    and other dtypes keep SDPA, whose scores stay in fp32 (a bf16 matmul would round them to 8 bits)."""
-    if q.dtype != torch.float32 or k.shape[-2] > MATMUL_ATTENTION_MAX_SPAN:
+    softmax(q k^T * scale + mask) v. Up to MATMUL_ATTENTION_MAX_SPAN[dtype] as two fp32 matmuls (bf16 inputs
+    upcast, the result rounded back once): with a few query positions per lane this is ~2.5x faster on CPU than
+    SDPA's flash kernel at span 32 in fp32 and ~1.5x at span 17 in bf16 (same math; fp32 rounding ~5e-7, bf16
+    within one bf16 step of SDPA, whose scores are fp32 as well). Longer spans and other dtypes keep SDPA."""
+    if k.shape[-2] > MATMUL_ATTENTION_MAX_SPAN.get(q.dtype, 0):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    dtype = q.dtype
+    if dtype != torch.float32:
+        q, k, v, mask = q.float(), k.float(), v.float(), mask.float()
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(mask)  # (B, n_kv, g, S)
-    return torch.matmul(torch.softmax(s, dim=-1), v)
+    return torch.matmul(torch.softmax(s, dim=-1), v).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
