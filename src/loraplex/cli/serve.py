@@ -85,7 +85,8 @@ def build_server(args: argparse.Namespace):
     model.to(device=resolve_device(args.device), dtype=DTYPES[args.dtype])
     config = EngineConfig(max_batch=args.max_batch, max_queue=args.queue_size,
                           max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                          max_prefill_tokens=args.max_prefill_tokens, timeout_s=args.timeout, single_adapter=args.single_adapter_batches)
+                          max_prefill_tokens=args.max_prefill_tokens, timeout_s=args.timeout,
+                          single_adapter=args.single_adapter_batches)
     names = args.served_model_name or [base_id(args.base)]
     return Server(model, tokenizer, base_id=names[0], aliases=names[1:], adapters_dir=args.adapters, config=config,
                   memory_budget=args.memory_budget, api_key=args.api_key,

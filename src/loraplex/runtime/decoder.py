@@ -294,8 +294,8 @@ class CompactLlama:
     def _rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q (B, L, nh * hd), k (B, L, n_kv * hd), cos/sin from `_rope` -> rotated q (B, nh, L, hd) and
-        k (B, n_kv, L, hd). Eagerly as one tensor when k follows q in memory (the fused q/k/v GEMM): half the ops. A compiled graph
-        rotates each (inductor fuses each chain anyway; joining them first changed bf16 rounding)."""
+        k (B, n_kv, L, hd). Eagerly as one tensor when k follows q in memory (the fused q/k/v GEMM): half the ops.
+        A compiled graph has no addresses to compare and rotates each (inductor fuses each chain anyway)."""
         B, L, nh, hd = *q.shape[:2], self.n_heads, self.head_dim
         if not torch.compiler.is_compiling() and _follows(q, k):
             joined = q.as_strided((B, L, q.shape[-1] + k.shape[-1]), q.stride())
@@ -325,8 +325,6 @@ class CompactLlama:
         return out
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """transformers' LlamaRMSNorm: w * (x / sqrt(mean(x^2) + eps)) with the norm in fp32, cast back to x's dtype
-        before the weight (one fused op in fp32, bit for bit the same)."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return w * xf.to(x.dtype)
