@@ -11,6 +11,9 @@ paired ratio tree / first tree of the non-streamed tokens/s.
 
     flock /tmp/loraplex-bench.lock .venv/bin/python bench/bench_serve_trees.py /work/main /work/wt/branch \
         [--rounds 4] [--threads 2] [--workloads base,16]
+
+A tree may carry extra `loraplex serve` flags after "::", to compare flag values on one tree:
+    bench/bench_serve_trees.py . ".::--max-prefill-tokens 4096" --clients 64 --requests 128 --max-batch 64
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -31,7 +35,8 @@ from serve_load import free_port, load, loraplex_command, stop, token_prompts, w
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("trees", nargs="+", help="source trees (each has src/loraplex); ratios are to the first")
+    ap.add_argument("trees", nargs="+", help="source trees (each has src/loraplex), each optionally followed by "
+                    "'::' and extra serve flags; ratios are to the first")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="server torch threads")
     ap.add_argument("--clients", type=int, default=16)
@@ -51,10 +56,11 @@ def main() -> None:
         servers = {}
         for tree in args.trees:
             port = free_port()
+            src, _, flags = tree.partition("::")
             cmd = loraplex_command("smollm2", folder, port, max_batch=args.max_batch, max_tokens=args.max_tokens,
                                    prompt_tokens=args.prompt_tokens, queue_size=args.requests + 8,
-                                   threads=args.threads)
-            proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(Path(tree) / "src")),
+                                   threads=args.threads, extra=shlex.split(flags))
+            proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONPATH=str(Path(src) / "src")),
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             servers[tree] = (proc, f"http://127.0.0.1:{port}")
         try:
