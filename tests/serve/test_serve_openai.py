@@ -254,16 +254,23 @@ def test_serve_compile_flag(one_thread):
     assert servers[0].model.compiled and got[0] == got[1]
 
 
+def test_max_prefill_tokens_flag_reaches_the_engine(one_thread):
+    """--max-prefill-tokens sets EngineConfig.max_prefill_tokens (default: the config's); below 1 is refused."""
+    base = ["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64", "--max-new-tokens", "32"]
+    default = build_server(cli.build_parser().parse_args(base))
+    assert default.engine.config.max_prefill_tokens == EngineConfig.max_prefill_tokens
+    assert build_server(cli.build_parser().parse_args([*base, "--max-prefill-tokens", "100"])
+                        ).engine.config.max_prefill_tokens == 100
+    with pytest.raises(ConfigError, match="max_prefill_tokens must be an integer >= 1, got 0"):
+        build_server(cli.build_parser().parse_args([*base, "--max-prefill-tokens", "0"]))
+
+
 def test_served_model_name(tmp_path, one_thread):
     args = cli.build_parser().parse_args(["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64",
                                           "--max-new-tokens", "32",
                                       "--served-model-name", "mine", "alias"])
     server = build_server(args)
     assert server.base_id == "mine" and server.base_ids == ("mine", "alias", "base")
-    assert server.engine.config.max_prefill_tokens == EngineConfig.max_prefill_tokens
-    prefill = cli.build_parser().parse_args(["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64",
-                                             "--max-new-tokens", "32", "--max-prefill-tokens", "100"])
-    assert build_server(prefill).engine.config.max_prefill_tokens == 100
     assert server.engine.parse_model("alias") == () and server.engine.parse_model("mine") == ()
     with pytest.raises(ConfigError, match="--served-model-name"):
         check_args(cli.build_parser().parse_args(["serve", "--base", "tiny-llama", "--served-model-name", " "]))
