@@ -13,7 +13,8 @@ all 7 projections (PEFT files, bench/serve_load.py):
     vllm-fp32, vllm-bf16           vLLM without --enable-lora (its compiled path): the no-adapter workload only
 vLLM gets OpenMP on cores 0..T-1 (VLLM_CPU_OMP_THREADS_BIND); loraplex T torch threads.
 Workloads: "base" (no adapter) and each K of --adapters: request i names adapter a{i % K}. Every request: the
-same 16 random prompt token ids per i for every server, greedy, ignore_eos, exactly --max-tokens generated,
+same 16 random prompt token ids per i for every server, greedy (or --temperature/--top-p sampling), ignore_eos,
+exactly --max-tokens generated,
 streamed (TTFT = time to the first chunk with text) unless --no-stream, --clients in flight.
 
 Each round starts every server fresh, one at a time (they never compete), in an order rotated by one per round;
@@ -52,8 +53,8 @@ from loraplex.report import format_table
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vllm_env  # noqa: E402  (bench/ is not a package)
 from check_vllm import complete, first_difference, token_texts  # noqa: E402
-from serve_load import (free_port, load, loraplex_command, stop, token_prompts, tree_cpu_seconds,  # noqa: E402
-                        wait_ready, write_adapters)
+from serve_load import (add_sampling_flags, free_port, load, loraplex_command, sampling, stop,  # noqa: E402
+                        token_prompts, tree_cpu_seconds, wait_ready, write_adapters)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def run_server(spec: Spec, args: argparse.Namespace, url: str, pid: int, ks: lis
     for w in workloads(spec, ks):
         cpu0 = tree_cpu_seconds(pid)
         res = asyncio.run(load(url, models_of(w, args.requests), prompts, args.clients, args.max_tokens,
-                               args.timeout, stream=not args.no_stream))
+                               args.timeout, stream=not args.no_stream, sampling=args.sampling))
         cpu = tree_cpu_seconds(pid) - cpu0
         rec = {"round": round_, "server": spec.name, "workload": w, "tokens": res.tokens, "wall_s": res.wall,
                "tok_s": res.tokens / res.wall, "p50_s": statistics.median(res.latencies),
@@ -264,6 +265,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2, help="loraplex --threads; vLLM's OpenMP on cores 0..N-1")
     ap.add_argument("--no-stream", action="store_true", help="plain JSON answers (no TTFT)")
+    add_sampling_flags(ap)
     ap.add_argument("--check", type=int, default=3, help="greedy identity: first N requests per workload")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per workload before giving up")
     ap.add_argument("--startup-timeout", type=float, default=900)
@@ -277,6 +279,7 @@ def main() -> int:
     if unknown := [n for n in names if n not in SPECS]:
         ap.error(f"unknown server(s) {unknown}; expected some of {list(SPECS)}")
     ks = [int(k) for k in args.adapters.split(",") if k]
+    args.sampling = sampling(ap, args)
     if args.requests < args.check:
         ap.error(f"--requests {args.requests} < --check {args.check}")
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -352,7 +355,9 @@ def main() -> int:
     print(f"\nbase {args.base}{f' ({args.num_layers} layers)' if args.num_layers else ''}, {args.clients} clients, "
           f"{args.requests} requests x {args.max_tokens} tokens per workload, {args.prompt_tokens}-token prompts, "
           f"r={args.rank} adapters on 7 projections, --max-batch {args.max_batch}, {args.threads} threads each, "
-          f"{'streamed' if not args.no_stream else 'not streamed'}; {args.rounds} rounds, {wall / 60:.1f} min; "
+          f"{'streamed' if not args.no_stream else 'not streamed'}, "
+          f"{f'temperature {args.temperature}, top_p {args.top_p}' if args.sampling else 'greedy'}; "
+          f"{args.rounds} rounds, {wall / 60:.1f} min; "
           f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end ({os.cpu_count()} CPUs)")
     print(format_table(summary, ["server", "K", "tok/s", "p50 s", "TTFT p50 s", "CPU s / 1k tok"], align="llrrrr"))
     print("\nstartup s: " + ", ".join(f"{n} {spread(startups[n])}" for n in ran))

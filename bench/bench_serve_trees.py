@@ -5,7 +5,8 @@ One server per tree (PYTHONPATH=<tree>/src, SmolLM2-135M, random r=8 all-linear 
 started together; only the one being measured runs (the others are SIGSTOPped). Each round visits the trees in
 turn (the order reversed every other round) and runs, per workload K (base = no adapter, or K distinct adapters,
 request i naming a{i % K}), the bench_serve.py load twice: --clients concurrent clients, --requests requests of
---max-tokens greedy tokens (ignore_eos), not streamed (tokens/s) and streamed (tokens/s, median TTFT).
+--max-tokens greedy tokens (or --temperature / --top-p sampled; ignore_eos), not streamed (tokens/s) and streamed
+(tokens/s, median TTFT).
 Printed: every measurement, then per workload and tree the medians, and the median [min-max] over rounds of the
 paired ratio tree / first tree of the non-streamed tokens/s.
 
@@ -30,7 +31,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port, load, loraplex_command, stop, token_prompts, wait_ready, write_adapters  # noqa: E402
+from serve_load import (add_sampling_flags, free_port, load, loraplex_command, sampling, stop,  # noqa: E402
+                        token_prompts, wait_ready, write_adapters)
 
 
 def main() -> None:
@@ -45,7 +47,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=16)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--workloads", default="base,16", help="comma-separated: base, or a number K of adapters")
+    add_sampling_flags(ap)
     args = ap.parse_args()
+    fields = sampling(ap, args)
     workloads = args.workloads.split(",")
     n_adapters = max([int(w) for w in workloads if w != "base"], default=1)
     res: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
@@ -75,9 +79,10 @@ def main() -> None:
                     for w in workloads:
                         models = ["base"] * args.requests if w == "base" else \
                             [f"a{i % int(w)}" for i in range(args.requests)]
-                        plain = asyncio.run(load(url, models, prompts, args.clients, args.max_tokens, 600))
+                        plain = asyncio.run(load(url, models, prompts, args.clients, args.max_tokens, 600,
+                                                 sampling=fields))
                         streamed = asyncio.run(load(url, models, prompts, args.clients, args.max_tokens, 600,
-                                                    stream=True))
+                                                    stream=True, sampling=fields))
                         r = (plain.tokens / plain.wall, streamed.tokens / streamed.wall,
                              statistics.median(streamed.ttfts))
                         res.setdefault((tree, w), []).append(r)
@@ -89,7 +94,8 @@ def main() -> None:
                 proc.send_signal(signal.SIGCONT)
                 stop(proc)
     print(f"\nSmolLM2-135M, {args.threads} torch threads, {args.clients} clients, {args.requests} requests x "
-          f"{args.max_tokens} tokens, --max-batch {args.max_batch}, {args.rounds} rounds; medians:")
+          f"{args.max_tokens} tokens ({'greedy' if fields is None else fields}), --max-batch {args.max_batch}, "
+          f"{args.rounds} rounds; medians:")
     first = args.trees[0]
     for w in workloads:
         for tree in args.trees:

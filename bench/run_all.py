@@ -24,6 +24,7 @@ SCRIPTS: dict[str, list[str]] = {
     "dora": [],
     "quant": [],
     "serve": [],
+    "sampling": [],
 }
 
 

@@ -7,6 +7,7 @@ The load: request i sends prompts[i] to models[i] (greedy, ignore_eos, exactly m
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -123,6 +124,21 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
 
 
+def add_sampling_flags(ap: argparse.ArgumentParser) -> None:
+    """--temperature / --top-p for the timed requests (see `sampling`)."""
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="the timed requests' temperature (default 0: greedy; identity checks stay greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="the timed requests' top_p, with --temperature > 0")
+
+
+def sampling(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[dict]:
+    """The timed requests' sampling fields from `add_sampling_flags`' flags: None (greedy) at --temperature 0;
+    a --top-p with greedy requests is refused."""
+    if args.top_p != 1.0 and args.temperature <= 0:
+        ap.error(f"--top-p {args.top_p} needs --temperature > 0 (at 0 the requests are greedy)")
+    return {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
+
+
 @dataclass
 class LoadResult:
     wall: float  # s, first request sent to last answer
@@ -132,14 +148,15 @@ class LoadResult:
 
 
 async def load(url: str, models: Sequence[str], prompts: Sequence[list[int]], clients: int, max_tokens: int,
-               timeout: float, stream: bool = False) -> LoadResult:
-    """Send request i = (models[i], prompts[i]) for every i with `clients` in flight (see the module doc)."""
+               timeout: float, stream: bool = False, sampling: Optional[dict] = None) -> LoadResult:
+    """Send request i = (models[i], prompts[i]) for every i with `clients` in flight (see the module doc);
+    greedy unless `sampling` gives other request fields (e.g. {"temperature": 1.0, "top_p": 0.95})."""
     todo = list(range(len(models)))
     res = LoadResult(0.0, [], [], 0)
 
     async def one(c: httpx.AsyncClient, i: int) -> None:
         body = {"model": models[i], "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True}
+                "ignore_eos": True, **(sampling or {})}
         t0 = time.perf_counter()
         if not stream:
             r = await c.post("/v1/completions", json=body)
