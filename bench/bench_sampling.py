@@ -1,4 +1,4 @@
-"""The sampler (runtime/generate.py `sample_next`) on one decode step's logits: 16 rows x SmolLM2's 49,152-token
+"""The sampler (runtime/sampling.py `sample_next`) on one decode step's logits: 16 rows x SmolLM2's 49,152-token
 vocabulary, against the sort-based sampler it replaced (a full descending sort of every sampled row), interleaved.
 
     flock /tmp/loraplex-bench.lock .venv/bin/python bench/bench_sampling.py [--reps 15]
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from loraplex.report import format_table
-from loraplex.runtime.generate import SamplingParams, sample_next
+from loraplex.runtime.sampling import SamplingParams, sample_next
 
 CONFIGS = {
     "temperature 1": SamplingParams(temperature=1.0),
@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=5, help="calls per sampler per repeat")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    for flag in ("rows", "vocab", "reps", "calls", "threads"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads)
     table = []
     for scale in (float(x) for x in args.scales.split(",")):

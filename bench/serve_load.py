@@ -134,7 +134,11 @@ def add_sampling_flags(ap: argparse.ArgumentParser) -> None:
 def sampling(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[dict]:
     """The timed requests' sampling fields from `add_sampling_flags`' flags: None (greedy) at --temperature 0;
     a --top-p with greedy requests is refused."""
-    if args.top_p != 1.0 and args.temperature <= 0:
+    if not 0 <= args.temperature <= 100:  # NaN fails too
+        ap.error(f"--temperature must be in [0, 100] (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_p != 1.0 and args.temperature == 0:
         ap.error(f"--top-p {args.top_p} needs --temperature > 0 (at 0 the requests are greedy)")
     return {"temperature": args.temperature, "top_p": args.top_p} if args.temperature > 0 else None
 

@@ -1,6 +1,6 @@
 """The obvious slow sampler: one row's next-token distribution written as plain Python loops over the
 vocabulary, straight from the definitions (vLLM's order: logit_bias, repetition, frequency and presence
-penalties, then temperature, min_p, top_k, top_p). The fast one is runtime.generate.distribution."""
+penalties, then temperature, min_p, top_k, top_p). The fast one is runtime.sampling.distribution."""
 
 from __future__ import annotations
 

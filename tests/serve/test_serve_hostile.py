@@ -31,7 +31,7 @@ from loraplex.errors import (
     NonFiniteError,
     RequestTooLargeError,
 )
-from loraplex.runtime.generate import MIN_TEMPERATURE, sample_next
+from loraplex.runtime.sampling import MIN_TEMPERATURE, sample_next
 from loraplex.serve import EngineConfig, SamplingParams
 from loraplex.serve.app import Server, create_app
 from loraplex.serve.text import ByteTokenizer

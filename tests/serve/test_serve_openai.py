@@ -23,7 +23,8 @@ from test_serve_http import ADMIN, IGNORE_EOS, client, http, serving  # noqa: F4
 from loraplex import cli, models
 from loraplex.errors import ConfigError
 from loraplex.functional import tolerance
-from loraplex.runtime.generate import SamplingParams, distribution, sample_next
+from loraplex.runtime import sampling
+from loraplex.runtime.sampling import SamplingParams, distribution, sample_next
 from loraplex.serve.app import create_app
 from loraplex.serve.engine import EngineConfig
 from loraplex.cli.serve import build_server, check_args
@@ -372,6 +373,26 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_its_batch():
     together = draws(list(range(len(SAMPLED_ROWS))))
     for b in range(len(SAMPLED_ROWS)):
         assert [d[0] for d in draws([b])] == [d[b] for d in together]
+
+
+def test_adjustments_of_a_batch_equal_each_row_adjusted_alone():
+    """adjust_logits works on n rows at once (each row's ids offset into its own part): bit for bit what each row
+    gets alone, whatever penalties its neighbours have (none, the same ids, other values)."""
+    g = torch.Generator().manual_seed(3)
+    V = 40
+    params = [SamplingParams(), SamplingParams(repetition_penalty=1.3, logit_bias=((5, 3.0), (5, -1.0))),
+              SamplingParams(frequency_penalty=0.5, presence_penalty=-0.5),
+              SamplingParams(repetition_penalty=0.7, frequency_penalty=-1.5, presence_penalty=1.0,
+                             logit_bias=((39, 100.0),)),
+              SamplingParams(frequency_penalty=2.0)]
+    contexts = [(torch.randint(0, V, (int(n),), generator=g).tolist(), torch.randint(0, V, (int(m),), generator=g).tolist())
+                for n, m in torch.randint(1, 12, (len(params), 2), generator=g)]
+    contexts[4] = (contexts[4][0], [])  # penalties with no output yet
+    logits = torch.randn(len(params), V, generator=g) * 5
+    batch = sampling.adjust_logits(logits, params, contexts)
+    for b, p in enumerate(params):
+        assert torch.equal(batch[b], sampling.adjust_logits(logits[b:b + 1], [p], [contexts[b]])[0])
+    assert torch.equal(batch[0], logits[0]) and not torch.equal(batch[1], logits[1])
 
 
 def test_logit_bias_and_penalties_act_per_row_in_one_batch(tmp_path):

@@ -13,7 +13,8 @@
               kvcache: `KVCache`, its cache lanes)
     rescale   DoRA's per-slot terms; rowbias: LoRA-B biases per row; saved_modules: modules_to_save copies per row
     embedding embedding LoRA and trainable tokens per row (`RuntimeEmbedding`, `EmbeddingLayer`)
-    generate  the one sampler, stop rule and left pad (`SamplingParams`, `sample_next`, `generate`)
+    generate  batched generation, the stop rule and left pad (`generate`, `stop_ids`, `left_pad`)
+    sampling  the one sampler (`SamplingParams`, `sample_next`)
     logprobs  raw token logprobs (`TokenLogprob`, `token_logprobs`)
 """
 

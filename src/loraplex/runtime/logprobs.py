@@ -3,7 +3,7 @@ taken before logit_bias, penalties and temperature (so they do not depend on the
 
     token_logprobs(logits (n, V), tokens [n], k) -> [TokenLogprob(token, logprob, top k (id, logprob))] * n
 
-The sampler that picks the tokens is runtime/generate.py `sample_next`; the server reports these
+The sampler that picks the tokens is runtime/sampling.py `sample_next`; the server reports these
 (serve/engine.py, serve/protocol.py).
 """
 

@@ -4,7 +4,7 @@ and metrics. The model it runs is runtime.decoder.CompactLlama (re-exported here
     engine.py    Engine: scheduler (continuous batching, round-robin over adapters), limits, shutdown
     sequence.py  RequestState: one request in the engine (accept a token, stop rules, finish); sample_tokens
     modelspec.py a request's `model`: the base, one adapter, or a weighted mix "a:0.7+b:0.3"
-    requests.py  SamplingParams (from runtime.generate), Result, TokenLogprob, Handle (a submitted request)
+    requests.py  SamplingParams (from runtime.sampling), Result, TokenLogprob, Handle (a submitted request)
     text.py      tokenizers, chat prompts, incremental detokenizing
     adapters.py  ServedAdapters: uploads, verification, pool loading, over the folder (runtime.AdapterStore)
     metrics.py   Prometheus metrics (prometheus_client, imported when a Metrics is built)

@@ -21,7 +21,7 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from ..errors import ConfigError
-from ..runtime.generate import MAX_LOGPROBS, MAX_TEMPERATURE, SEED_RANGE, SamplingParams
+from ..runtime.sampling import MAX_LOGPROBS, MAX_TEMPERATURE, SEED_RANGE, SamplingParams
 from .requests import TokenLogprob
 from .text import TextCodec
 

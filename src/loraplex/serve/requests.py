@@ -1,4 +1,4 @@
-"""What a request is and what comes back: sampling parameters (runtime.generate.SamplingParams, checked when
+"""What a request is and what comes back: sampling parameters (runtime.sampling.SamplingParams, checked when
 built), the result, the handle.
 
 A request's listener gets events in order, on the engine thread: ("prompt", [TokenLogprob | None, ...]) once
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LoraplexError, RequestTimeoutError
-from ..runtime.generate import SamplingParams
+from ..runtime.sampling import SamplingParams
 from ..runtime.logprobs import TokenLogprob
 
 

@@ -1,7 +1,7 @@
 """One request inside the engine: its state from submit to finish, the stop rules, and how it ends.
 
 `finite_rows` says which rows of a batch's logits are finite; `sample_tokens` draws the next token of several
-requests at once (the one sampler, runtime/generate.py), with their logprobs where asked.
+requests at once (the one sampler, runtime/sampling.py), with their logprobs where asked.
 `RequestState.accept(token)` records a generated token, hands the listener its text delta (held back while it
 may be part of a stop string, see serve/text.py `Detokenizer`) and says whether the request ends there:
 "stop" on an end-of-sequence id (unless ignore_eos) or a stop string, "length" at max_tokens or when the KV
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LoraplexError, RequestTimeoutError, ShuttingDownError
 from ..runtime import Lease
-from ..runtime.generate import sample_next
+from ..runtime.sampling import sample_next
 from ..runtime.logprobs import TokenLogprob, token_logprobs
 from .metrics import Metrics
 from .modelspec import Mix
