@@ -220,10 +220,11 @@ def _nucleus(prob: torch.Tensor, min_p: torch.Tensor, top_p: torch.Tensor) -> to
         d = ((suffix >= target[:, None]).sum(-1) - 1).clamp(min=0)  # (n,) the last key still reaching the target
         above = suffix[rows, d] - mass[rows, d]
         prefix = (prefix << width) | d
-        hit = key == (d + (rows << width))[:, None] if r is None else key == d[r] + offset[r]
+        want = d + (rows << width)  # (n,) each row's chosen key
         if r is None:
-            r, i = hit.nonzero(as_tuple=True)
+            r, i = (key == want[:, None]).nonzero(as_tuple=True)
         else:
+            hit = key == want[r]
             r, i = r[hit], i[hit]
     tau = prefix.to(torch.int32).view(torch.float32)[:, None]  # (n, 1)
     need = torch.ceil((target - above) / tau[:, 0].double()).clamp(min=1)  # (n,) ties to keep, the first ones
@@ -260,7 +261,7 @@ def distribution(logits: torch.Tensor, p: SamplingParams, prompt: Sequence[int] 
     z = adjust_logits(logits.float()[None], [p], [(prompt, output)])[0] if p.adjusts else logits.float()
     if p.greedy:
         return torch.nn.functional.one_hot(z.argmax(), z.shape[0]).float()
-    e = _exp(z[None], torch.tensor([[p.temperature]]))  # (1, V)
+    e = _exp(z[None], torch.tensor([[p.temperature]], device=z.device))  # (1, V)
     w, ids = _filtered(e, [p]) if _filters(p, z.shape[0]) else (e, None)
     w = w[0] / w[0].sum()
     return w if ids is None else torch.zeros_like(z).scatter(0, ids[0], w)
