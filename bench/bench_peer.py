@@ -8,6 +8,7 @@
 Servers (--servers; default all six), each over the same base directory and the same K random r=8 adapters on
 all 7 projections (PEFT files, bench/serve_load.py):
     loraplex-fp32, loraplex-bf16   `loraplex serve --dtype fp32|bf16 --threads T --max-batch B`
+    loraplex-fp32-compile, ...     the same with --compile (not in the default: it compiles for minutes at start)
     vllm-fp32-lora, vllm-bf16-lora vLLM (bench/vllm_env.py) --dtype float32|bfloat16 --enable-lora
                                    --max-loras min(K, B) --max-cpu-loras K --max-num-seqs B
     vllm-fp32, vllm-bf16           vLLM without --enable-lora (its compiled path): the no-adapter workload only
@@ -63,12 +64,16 @@ class Spec:
     engine: str  # "loraplex" | "vllm"
     dtype: str  # "fp32" | "bf16"
     lora: bool  # serves adapters (else the no-adapter workload only)
+    compile: bool = False  # loraplex --compile
 
 
 SPECS = {s.name: s for s in [
     Spec("loraplex-fp32", "loraplex", "fp32", True), Spec("loraplex-bf16", "loraplex", "bf16", True),
     Spec("vllm-fp32-lora", "vllm", "fp32", True), Spec("vllm-fp32", "vllm", "fp32", False),
-    Spec("vllm-bf16-lora", "vllm", "bf16", True), Spec("vllm-bf16", "vllm", "bf16", False)]}
+    Spec("vllm-bf16-lora", "vllm", "bf16", True), Spec("vllm-bf16", "vllm", "bf16", False),
+    Spec("loraplex-fp32-compile", "loraplex", "fp32", True, compile=True),
+    Spec("loraplex-bf16-compile", "loraplex", "bf16", True, compile=True)]}
+DEFAULT_SERVERS = ",".join(s.name for s in SPECS.values() if not s.compile)
 VLLM_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 # (what, dtype, target): throughput vs the best vLLM server of the dtype for the workload
 TPS_TARGETS = {"fp32": 1.2, "bf16": 1.0}
@@ -108,7 +113,7 @@ def start(spec: Spec, args: argparse.Namespace, base: Path, folder: Path, ks: li
     if spec.engine == "loraplex":
         cmd = loraplex_command(str(base), folder, port, max_batch=args.max_batch, max_tokens=args.max_tokens,
                                prompt_tokens=args.prompt_tokens, queue_size=args.requests + args.clients + maxk + 8,
-                               threads=args.threads, dtype=spec.dtype)
+                               threads=args.threads, dtype=spec.dtype, extra=["--compile"] if spec.compile else [])
         env = dict(os.environ)
     else:
         adapters = {f"a{i}": folder / f"a{i}" for i in range(maxk)} if spec.lora and ks else {}
@@ -205,10 +210,13 @@ def target_rows(records: list[dict], startups: dict[str, list[float]], ks: list[
         verdict = "-" if not values else ("PASS" if statistics.median(values) >= target else "FAIL")
         rows.append([what, spread(values, fmt), f">= {fmt.format(target)}", verdict])
 
-    for dtype, target in TPS_TARGETS.items():
-        lp = f"loraplex-{dtype}"
+    runs = [(dtype, target, lp) for dtype, target in TPS_TARGETS.items()
+            for lp in (f"loraplex-{dtype}", f"loraplex-{dtype}-compile")]
+    for dtype, target, lp in runs:
         for w in ["base"] + [str(k) for k in ks]:
             peer = best_vllm(records, dtype, w)
+            if SPECS[lp].compile and not series(records, lp, w, "tok_s"):
+                continue  # the opt-in compiled server did not run
             if peer is None or not series(records, lp, w, "tok_s"):
                 rows.append([f"{dtype} K={w}: {lp} vs vLLM", "-", "", "n/a (a server did not run)"])
                 continue
@@ -218,7 +226,7 @@ def target_rows(records: list[dict], startups: dict[str, list[float]], ks: list[
     for k in (k for k in ks if k > 1):
         add(f"fp32 K={k} / K=base: tok/s loraplex-fp32",
             ratio(records, "loraplex-fp32", "loraplex-fp32", str(k), "tok_s", den_workload="base"), OWN_BASE_TARGET)
-    for name in ("loraplex-fp32", "loraplex-bf16"):
+    for name in ("loraplex-fp32", "loraplex-bf16"):  # the default (uncompiled) servers
         if startups.get(name):
             s = startups[name]
             rows.append([f"startup s {name}", spread(s), f"< {STARTUP_LIMIT_S:.0f} s",
@@ -252,7 +260,7 @@ def identity_rows(outputs: dict[str, dict], tok) -> tuple[list[list[str]], Optio
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--servers", default=",".join(SPECS), help=f"some of {','.join(SPECS)}")
+    ap.add_argument("--servers", default=DEFAULT_SERVERS, help=f"some of {','.join(SPECS)} (default {DEFAULT_SERVERS})")
     ap.add_argument("--base", default="smollm2", help="'smollm2' or a transformers directory with a tokenizer")
     ap.add_argument("--num-layers", type=int, help="serve a copy of the base cut to its first N layers (smoke runs)")
     ap.add_argument("--rounds", type=int, default=3)

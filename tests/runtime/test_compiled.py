@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_decoder import close, mixed_pool, tiny
 
-from loraplex.runtime.compiled import DenseLora, row_bucket
+from loraplex.runtime.compiled import DenseLora
 from loraplex.serve import CompactLlama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,7 +35,3 @@ def test_dense_lora_equals_plan(rows, strategy, pad, seed):
         close(got[:n], want)
         assert torch.equal(got[n:], y[n:])  # pad rows: no LoRA, g = 1, c = 0
 
-
-def test_row_bucket():
-    assert [row_bucket(n, 64) for n in (1, 2, 3, 5, 16, 17, 33, 64)] == [1, 2, 4, 8, 16, 32, 64, 64]
-    assert row_bucket(5, 6) == 6 and row_bucket(65, 200) == 128 and row_bucket(130, 150) == 150

@@ -253,7 +253,7 @@ def decode_steps(model: CompactLlama, pool: AdapterPool, rows: list, n: int, ste
 @pytest.mark.compile
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_decode_equals_eager_and_reference(dtype):
-    """Compiled decode (5 rows padded to 8, mixed plan with a DoRA row) == eager decode == the unfused aten
+    """Compiled decode (5 rows, mixed plan with a DoRA row) == eager decode == the unfused aten
     reference, in logits (tolerance) and greedy tokens (fp32); base rows == transformers' full forward."""
     hf = tiny("Llama", dtype)
     comp, eager = CompactLlama(hf, compile=True), CompactLlama(hf)
@@ -281,20 +281,28 @@ def test_compiled_decode_equals_eager_and_reference(dtype):
 
 
 @pytest.mark.compile
-def test_compiled_pad_rows_change_no_real_row():
-    """5 rows padded to the 8-row graph == the same 5 rows decoded beside 3 real ones; the pad rows leave their
-    lanes' cache untouched."""
+def test_one_compiled_graph_serves_every_batch_and_span():
+    """After warm_up (which leaves the cache zeroed), base steps of 8, 5, 3 and 1 rows at growing spans all run in
+    the one graph, equal eager decode, and a 1-row step's pad row (lane 1) leaves lane 1's cache as it was."""
+    from torch._dynamo.utils import counters
+
     hf = tiny("Llama")
-    comp = CompactLlama(hf, compile=True)
-    pool = mixed_pool(comp)
-    five, cache5 = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=2)
-    eight, cache8 = decode_steps(comp, pool, COMPILE_ROWS, 8, steps=2)
-    assert comp.compiled
-    torch.testing.assert_close(five, eight[:, :5], atol=0, rtol=0)
-    _, untouched = decode_steps(comp, pool, COMPILE_ROWS, 5, steps=0)  # after the prefill only
-    for k5, k8, k0 in zip(cache5.k + cache5.v, cache8.k + cache8.v, untouched.k + untouched.v):
-        cap = k0.shape[2]  # the prefill reserved fewer positions than the compiled step (max_len), zeros past them
-        assert torch.equal(k5[:5], k8[:5]) and torch.equal(k5[5:, :, :cap], k0[5:]) and not k5[5:, :, cap:].any()
+    comp, eager = CompactLlama(hf, compile=True), CompactLlama(hf)
+    caches = [m.new_cache(max_lanes=8, max_len=32) for m in (comp, eager)]
+    comp.warm_up(caches[0])
+    assert comp.compiled and not any(t.any() for t in caches[0].k + caches[0].v)
+    graphs = counters["stats"]["unique_graphs"]
+    ids = torch.randint(3, 128, (8, 9), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([9 - b % 4 for b in range(8)])
+    tokens = [m.prefill(ids, lengths, c, list(range(8))).argmax(-1) for m, c in zip((comp, eager), caches)]
+    for step, n in enumerate((8, 5, 3, 1)):
+        got, want = (m.decode(tok[:n], lengths[:n] + step, c) for m, tok, c in zip((comp, eager), tokens, caches))
+        close(got, want)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert counters["stats"]["unique_graphs"] == graphs  # no graph compiled after the warm-up
+    lane1 = [t[1].clone() for t in caches[0].k + caches[0].v]
+    comp.decode(tokens[0][:1], lengths[:1] + 4, caches[0])
+    assert all(torch.equal(t[1], was) for t, was in zip(caches[0].k + caches[0].v, lane1))
 
 
 FALLBACK = """

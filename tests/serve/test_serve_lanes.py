@@ -13,6 +13,7 @@ import torch
 from loraplex import models
 from loraplex.functional import tolerance
 from loraplex.runtime import AdapterPool
+from loraplex.runtime.compiled import DenseLora
 from loraplex.serve import CompactLlama, Engine, EngineConfig, SamplingParams
 from loraplex.serve.lanes import LaneBatch, LaneLora
 from loraplex.serve.sequence import finite_rows
@@ -94,6 +95,36 @@ def test_lane_rows_equal_the_pool_plan_at_every_layer(dtype):
                 close(got, want)
 
 
+@pytest.mark.parametrize("pad_rows, pad_rank", [(0, 0), (1, 0), (2, 3)])
+def test_lane_rows_as_dense_stacks_equal_the_pool_plan(pad_rows, pad_rank):
+    """What the compiled decode step reads (runtime/compiled.py DenseLora over `row_stacks`): the lane stacks
+    themselves when rows and rank are theirs, zero-padded copies otherwise; the pad rows get no LoRA."""
+    _, model, pool, lora = setup()
+    a, b = add_random(pool, model, "a", 2, 1), add_random(pool, model, "b", 4, 2, every=2)
+    layout = [((b, 1.0),), ((a, 0.5), (b, 2.0)), (), ((a, 1.0),)]
+    batch, plan = lora.rows(layout, range(4)), pool.plan(layout)
+    rows, rank = 4 + pad_rows, batch.max_rank + pad_rank
+    assert batch.max_rank == lora.rank == 6 and batch.rescale_stacks("lm_head", rows) is None
+    dense = DenseLora(batch, rows) if pad_rank == 0 else None
+    g = torch.Generator().manual_seed(0)
+    for key, (fin, fout) in model.layer_shapes().items():
+        stacks = batch.row_stacks(key, rows, rank)
+        if key not in lora.A:
+            assert stacks is None
+            continue
+        A, Bt = stacks
+        assert A.shape == (rows, rank, fin) and Bt.shape == (rows, rank, fout)
+        assert (A.data_ptr() == lora.A[key].data_ptr()) == (pad_rows == pad_rank == 0)  # views: no copy
+        x, y = torch.randn(rows, 1, fin, generator=g), torch.randn(rows, 1, fout, generator=g)
+        want = plan.apply_(key, x[:4], y[:4].clone())
+        close(y[:4] + torch.bmm(torch.bmm(x[:4], A[:4].transpose(1, 2)), Bt[:4]), want)
+        assert not A[4:].any() and not Bt[4:].any()
+        if dense is not None:
+            got = dense.apply_(key, x, y.clone())
+            close(got[:4], want)
+            assert torch.equal(got[4:], y[4:])
+
+
 def test_an_assignment_that_is_not_plain_lora_is_refused():
     _, model, pool, lora = setup(2)
     a = add_random(pool, model, "a", 2, 1)
@@ -128,6 +159,48 @@ def test_engine_on_lane_stacks_equals_each_request_alone():
     for i, h in enumerate(handles):
         alone = Engine(model, pool, codec, base_ids=("base",), config=EngineConfig(**config)).generate(reqs[i][0], reqs[i][1], params[i])
         assert h.result().token_ids == alone.token_ids, f"request {i} ({reqs[i][1]})"
+
+
+@pytest.mark.compile
+def test_compiled_engine_on_lane_stacks_equals_the_eager_engine():
+    """With the compiled decode step, a batch of distinct adapters still runs on the lane stacks (read without a
+    copy), with the greedy tokens of the eager engine; one graph for base steps, one for the LoRA plans."""
+    from torch._dynamo.utils import counters
+
+    hf = models.tiny_llama(seed=0)
+    tokens = {}
+    for compiled in (False, True):
+        model = CompactLlama(hf, compile=compiled)
+        pool = AdapterPool(model.layer_shapes(), dtype=model.dtype, max_plans=4)
+        for i, n in enumerate(["a", "b", "c"]):
+            g = torch.Generator().manual_seed(10 + i)
+            t = {k: (torch.randn(2 + i, fin, generator=g) * 0.3, torch.randn(fout, 2 + i, generator=g) * 0.3)
+                 for k, (fin, fout) in model.layer_shapes().items() if k != "lm_head"}  # head LoRA runs eagerly
+            pool.add(n, f"{n}-{i}", t, {k: 0.5 for k in t})
+        codec = TextCodec.for_model(None, hf.config)
+        eng = Engine(model, pool, codec, base_ids=("base",),
+                     config=EngineConfig(max_batch=4, admit_min=1, max_prompt_tokens=48, max_new_tokens=32))
+        if compiled:
+            torch._dynamo.reset()
+            model.warm_up(eng.cache)
+            graphs = counters["stats"]["unique_graphs"]
+        g = torch.Generator().manual_seed(5)
+        specs = ["a", "b", "base", "a:0.5+c:0.5", "c", "b"]
+        reqs = [(torch.randint(3, 128, (3 + 2 * i,), generator=g).tolist(), m) for i, m in enumerate(specs)]
+        handles, on_lanes = [], 0
+        for step in range(300):
+            if step % 2 == 0 and len(handles) < len(reqs):
+                i = len(handles)
+                handles.append(eng.submit(reqs[i][0], reqs[i][1],
+                                          SamplingParams(max_tokens=4 + 3 * (i % 3), temperature=0.0, ignore_eos=True)))
+            eng.step()
+            on_lanes += isinstance(eng._plan, LaneBatch)
+            if len(handles) == len(reqs) and all(h.done for h in handles):
+                break
+        assert on_lanes > 0 and model.compiled == compiled
+        tokens[compiled] = [h.result().token_ids for h in handles]
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # the LoRA graph; base steps reused the warm-up's
+    assert tokens[True] == tokens[False]
 
 
 def test_finite_rows_equals_the_elementwise_check():

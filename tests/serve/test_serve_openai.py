@@ -245,14 +245,27 @@ def test_models_retrieve(served, client):
 
 @pytest.mark.compile
 def test_serve_compile_flag(one_thread):
-    """--compile serves through the compiled decode step, with the greedy tokens of --no-compile (the default)."""
+    """--compile serves through the compiled decode step, compiled at start (the request compiles nothing more), with
+    the greedy tokens of --no-compile (the default)."""
+    from torch._dynamo.utils import counters
+
     servers = [build_server(cli.build_parser().parse_args(
         ["serve", "--base", "tiny-llama", "--max-prompt-tokens", "64", "--max-new-tokens", "32", *flag]))
         for flag in (["--compile"], ["--no-compile"], [])]
     assert [s.model.compiled for s in servers] == [True, False, False]
-    got = [s.engine.generate([5, 9, 13], "tiny-llama", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).token_ids
-           for s in servers[:2]]
+    torch._dynamo.reset()  # an earlier test's graph for the same config would otherwise be reused
+    before = counters["stats"]["unique_graphs"]
+    servers[0].start()  # warm-up: the one decode graph
+    try:
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled == before + 1
+        got = [s.engine.generate([5, 9, 13], "tiny-llama",
+                                 SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).token_ids
+               for s in servers[:2]]
+    finally:
+        servers[0].stop()
     assert servers[0].model.compiled and got[0] == got[1]
+    assert counters["stats"]["unique_graphs"] == compiled
 
 
 def test_max_prefill_tokens_flag_reaches_the_engine(one_thread):

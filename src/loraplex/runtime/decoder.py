@@ -19,7 +19,7 @@ Two entry points share one layer loop:
     cache lanes lanes[0..n-1] at positions 0..L-1; returns the logits of each one's last real token.
   - `decode(tokens (B,), positions (B,), cache, plan)`: one token for each of lanes 0..B-1 at its position;
     attention reads that lane's cache up to and including the position.
-    With compile=True the decode step runs as torch.compile graphs over padded shapes (runtime.compiled).
+    With compile=True it runs as one torch.compile graph of dynamic shapes (runtime.compiled; `warm_up` compiles it).
 `logits(ids (B, L), plan)` is the plain full-sequence forward (no cache), used to check parity with
 transformers.
 
@@ -234,11 +234,16 @@ class CompactLlama:
                plan: BatchPlan | None = None) -> torch.Tensor:
         """tokens (B,), positions (B,) for lanes 0..B-1 -> next-token logits (B, V). With compile on, the step
         runs as a compiled graph (runtime.compiled; eager when it cannot be compiled)."""
-        if self._static is not None and graph_ready(plan):
+        if self._static is not None and graph_ready(plan) and self._static.runs(tokens.shape[0], positions, cache):
             return self._static.decode(tokens, positions, cache, plan)
         span = int(positions.max()) + 1
         cache.reserve(tokens.shape[0], span)
         return self.step(tokens.to(self.device), positions.to(self.device), cache.k, cache.v, span, plan)
+
+    def warm_up(self, cache: KVCache) -> None:
+        """With compile on, compile the base-only decode graph for `cache` now (runtime.compiled.StaticDecode)."""
+        if self._static is not None:
+            self._static.warm_up(cache)
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor],
              span: int, plan, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -353,8 +358,7 @@ def saved_places(hf_model: nn.Module | CompactLlama) -> frozenset[str]:
 
 
 def _linear_copy(h: torch.Tensor, copy: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """A modules_to_save copy of a Linear (lm_head) applied to h (..., in)."""
-    return F.linear(h, copy["weight"], copy.get("bias"))
+    return F.linear(h, copy["weight"], copy.get("bias"))  # a modules_to_save copy of a Linear (lm_head) on h
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -363,8 +367,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     softmax(q k^T * scale + mask) v. Up to MATMUL_ATTENTION_MAX_SPAN[dtype] as two fp32 matmuls (bf16 inputs
     upcast, the result rounded back once): with a few query positions per lane this is ~2.5x faster on CPU than
     SDPA's flash kernel at span 32 in fp32 and ~1.5x at span 17 in bf16 (same math; fp32 rounding ~5e-7, bf16
-    within one bf16 step of SDPA, whose scores are fp32 as well). Longer spans and other dtypes keep SDPA."""
-    if k.shape[-2] > MATMUL_ATTENTION_MAX_SPAN.get(q.dtype, 0):
+    within one bf16 step of SDPA, whose scores are fp32 as well). Longer spans and other dtypes keep SDPA, except in
+    a compiled graph (one graph for every span: runtime.compiled)."""
+    if not torch.compiler.is_compiling() and k.shape[-2] > MATMUL_ATTENTION_MAX_SPAN.get(q.dtype, 0):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     dtype = q.dtype
     if dtype != torch.float32:

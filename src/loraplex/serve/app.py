@@ -44,7 +44,7 @@ from ..runtime.decoder import CompactLlama
 from .metrics import Metrics
 from .protocol import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody, refused
 from .text import TextCodec
-from .threads import to_fresh_thread
+from .threads import in_fresh_thread, to_fresh_thread
 
 BASE_ALIAS = "base"
 
@@ -89,7 +89,10 @@ class Server:
         })
 
     def start(self) -> None:
+        """Load the adapters, compile the decode graph when compiling (on a thread that ends: serve/threads.py),
+        then start the engine."""
         _, self.skipped = self.store.load_all()
+        in_fresh_thread(self.model.warm_up, self.engine.cache)
         self.engine.start()
 
     def stop(self) -> None:

@@ -24,8 +24,9 @@ error in the batched forward itself (a bug) fails every request and stops the en
 Lanes and LoRA. A request keeps its KV-cache lane (= its batch row) from admission to finish; a finished
 request leaves a dead row behind (decoded and ignored) until a new request takes the lane. With two or more
 distinct assignments running, the batch's LoRA lives in per-lane stacks (serve/lanes.py) that admission
-writes one lane at a time; with one (or for rows a stack cannot hold: DoRA, biases, copies, the compiled
-decoder) it is the pool's `BatchPlan`. Admission happens when nothing runs, when at least `admit_min` lanes
+writes one lane at a time; with one (or for rows a stack cannot hold: DoRA, biases, copies) it is the pool's
+`BatchPlan`. The compiled decode step reads the lane stacks as they are, so it uses them for one distinct
+assignment too. Admission happens when nothing runs, when at least `admit_min` lanes
 are free, or when the oldest waiting request has waited `admit_wait_steps` steps.
 
 `single_adapter=True` is the naive baseline for benchmarks: the batch holds one `model` value at a time
@@ -248,7 +249,7 @@ class Engine:
         distinct = {a for a in assignments if a}
         if not distinct:
             return None
-        if len(distinct) > 1 and not self.model.compiled:
+        if len(distinct) > 1 or self.model.compiled:  # a compiled step reads dense per-row stacks either way
             batch = self.lora.rows(assignments, lanes)
             if batch is not None:
                 return batch

@@ -34,7 +34,8 @@ from ..runtime.strategies import GatherLayer
 
 class LaneBatch:
     """The LoRA of a batch whose row i is lane rows[i]; has the part of `BatchPlan`'s interface that
-    `CompactLlama` reads (`apply_`, `layers`, and no saved copies, embedding rows, biases or DoRA rows)."""
+    `CompactLlama` reads (`apply_`, `layers`, and no saved copies, embedding rows, biases or DoRA rows), and the
+    dense per-row stacks its compiled step reads (`max_rank`, `row_stacks`, `rescale_stacks`)."""
 
     saved: dict = {}
     embeddings: dict = {}
@@ -54,6 +55,29 @@ class LaneBatch:
         elif layer is not None:
             layer.apply_(x, y)
         return y
+
+    @property
+    def max_rank(self) -> int:
+        """R, the stacks' rank (0 when no lane has LoRA)."""
+        return max((layer.A.shape[1] for layer in self.layers.values()), default=0)
+
+    def row_stacks(self, key: str, rows: int, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`BatchPlan.row_stacks`' contract (what the compiled decode step reads, runtime/compiled.py): the lane
+        stacks themselves (views, no copy) when `rows` and `rank` are theirs, else zero-padded copies."""
+        layer = self.layers.get(key)
+        if layer is None:
+            return None
+        n, r = layer.A.shape[:2]
+        if (rows, rank) == (n, r):
+            return layer.A, layer.Bt
+        A = layer.A.new_zeros(rows, rank, layer.A.shape[2])
+        Bt = layer.Bt.new_zeros(rows, rank, layer.Bt.shape[2])
+        A[:n, :r], Bt[:n, :r] = layer.A, layer.Bt
+        return A, Bt
+
+    def rescale_stacks(self, key: str, rows: int) -> None:
+        """`BatchPlan.rescale_stacks`' contract: None, since lane stacks hold no DoRA rows."""
+        return None
 
 
 class LaneLora:
