@@ -69,7 +69,8 @@ def random_pool(model: CompactLlama, n: int, r: int, dtype: torch.dtype) -> Adap
     return pool
 
 
-def bench(models_: dict[str, CompactLlama], plan, args) -> list[list[str]]:
+def bench(models_: dict[str, CompactLlama], plan, args) -> tuple[list[list[str]], list[str]]:
+    """(the table's rows, with --profile: one torch.profiler table per variant, of `--steps` steps after the timing)."""
     B, P = args.batch, args.prompt
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 1000, (B, P), generator=gen)
@@ -99,7 +100,13 @@ def bench(models_: dict[str, CompactLlama], plan, args) -> list[list[str]]:
         med = statistics.median(times[k])
         rows.append([k, f"{1000 * med:.1f}", f"{B / med:.0f}",
                      f"{statistics.median(ratios[k]):.2f} [{min(ratios[k]):.2f}-{max(ratios[k]):.2f}]"])
-    return rows
+    profiles = []
+    for k in names if args.profile else ():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run(k)
+        profiles.append(f"{k}, {args.steps} steps:\n"
+                        + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+    return rows, profiles
 
 
 def main() -> None:
@@ -114,6 +121,8 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {list(DTYPES)}")
     p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all)")
     p.add_argument("--baseline", help="another decoder.py to time as variant 'baseline'")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, torch.profiler over --steps steps of each variant: its N costliest ops")
     p.add_argument("--variants", help=f"comma-separated variants to run (default: the eager ones); {REFERENCE} "
                    "is always run")
     args = p.parse_args()
@@ -130,8 +139,10 @@ def main() -> None:
             plan = pool.plan([b % n for b in range(args.batch)]) if n else None
             print(f"\n{dname}, {n} adapter(s){f' ({plan.strategy})' if plan else ''}")
             print(f"  {'variant':<16}{'ms/step':>9}{'tok/s':>7}  ratio")
-            for row in bench(ms, plan, args):
+            rows, profiles = bench(ms, plan, args)
+            for row in rows:
                 print(f"  {row[0]:<16}{row[1]:>9}{row[2]:>7}  {row[3]}", flush=True)
+            print(*profiles, sep="\n")
 
 
 if __name__ == "__main__":
