@@ -214,10 +214,10 @@ def target_rows(records: list[dict], startups: dict[str, list[float]], ks: list[
             for lp in (f"loraplex-{dtype}", f"loraplex-{dtype}-compile")]
     for dtype, target, lp in runs:
         for w in ["base"] + [str(k) for k in ks]:
-            peer = best_vllm(records, dtype, w)
-            if SPECS[lp].compile and not series(records, lp, w, "tok_s"):
+            peer, ran = best_vllm(records, dtype, w), series(records, lp, w, "tok_s")
+            if SPECS[lp].compile and not ran:
                 continue  # the opt-in compiled server did not run
-            if peer is None or not series(records, lp, w, "tok_s"):
+            if peer is None or not ran:
                 rows.append([f"{dtype} K={w}: {lp} vs vLLM", "-", "", "n/a (a server did not run)"])
                 continue
             add(f"{dtype} K={w}: tok/s {lp} / {peer}", ratio(records, lp, peer, w, "tok_s"), target)

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECOMPILE_LIMIT = 64  # graphs per compiled function before dynamo gives up (its default, 8, is too few here)
+RECOMPILE_LIMIT = 64  # graphs per compiled function before dynamo gives up: the base graph + one per plan structure
 
 
 def resolve(compile: bool | str) -> bool:
@@ -128,7 +128,7 @@ class StaticDecode:
             return  # a 2-row step at position 1 does not fit this cache: its steps run eagerly or in later graphs
         two = torch.zeros(2, dtype=torch.long)
         self.model.decode(two, two + 1, cache, None)
-        for lane in range(min(2, cache.max_lanes)):
+        for lane in (0, 1):
             cache.clear_lane(lane)
 
     def _lora(self, plan: BatchPlan, rows: int) -> DenseLora:

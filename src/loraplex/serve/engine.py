@@ -245,7 +245,8 @@ class Engine:
 
     def _batch_plan(self, assignments: Sequence[tuple], lanes: Sequence[int]) -> LaneBatch | BatchPlan | None:
         """The LoRA of a batch whose row i runs assignments[i] in lane lanes[i] (see the module docstring); for one
-        distinct assignment the pool's segment plan reads the pool's own tensors and copies nothing."""
+        distinct assignment, eager decode uses the pool's segment plan, which reads the pool's own tensors and copies
+        nothing."""
         distinct = {a for a in assignments if a}
         if not distinct:
             return None
